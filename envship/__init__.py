@@ -1,0 +1,1 @@
+"""envship: ship packed environments to Dask workers and restart them inside."""
