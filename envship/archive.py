@@ -13,6 +13,7 @@ This module knows nothing of conda, venvs or Dask.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tarfile
@@ -128,7 +129,9 @@ class ArchiveWriter:
         if exc_type is None:
             self.close()
         else:
-            self._stream.close()
+            # The original error matters, not a second one from flushing.
+            with contextlib.suppress(Exception):
+                self._stream.close()
 
     def _header(self, target: str, st: os.stat_result | None, size: int = 0):
         info = tarfile.TarInfo(target)
@@ -234,7 +237,9 @@ def open_archive(fileobj: BinaryIO) -> tarfile.TarFile:
     return tarfile.open(fileobj=reader, mode="r|")
 
 
-def iter_members(fileobj: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+def iter_members(
+    fileobj: BinaryIO,
+) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     """Yield ``(info, tar)`` for each member; read a file with ``tar.extractfile``."""
     with open_archive(fileobj) as tar:
         for info in tar:

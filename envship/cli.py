@@ -1,0 +1,133 @@
+"""The ``envship`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+
+import click
+from dask.utils import format_bytes
+
+from .errors import EnvshipError
+from .store import ArtifactStore
+
+
+class _Group(click.Group):
+    """Turns an EnvshipError into its message and exit status 1, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EnvshipError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(1)
+
+
+store_option = click.option(
+    "--store",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Artifact store folder (default: dask config envship.store).",
+)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="envship")
+def main():
+    """Pack environments and ship them to Dask workers."""
+
+
+@main.command()
+@click.argument("env")
+@click.option("--name", default=None, help="Name to record (default: the folder name).")
+@click.option("--level", type=int, default=None, help="zstandard level (default 3).")
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="Compression threads (default: all cores).",
+)
+@click.option(
+    "--ignore-editable", is_flag=True, help="Pack even with editable installs."
+)
+@store_option
+def pack(env, name, level, threads, ignore_editable, store):
+    """Pack ENV (a conda environment name, or a conda env or venv path)."""
+    from .pack import pack as pack_env
+
+    artifact = pack_env(
+        env,
+        name=name,
+        store=store,
+        level=level,
+        threads=threads,
+        ignore_editable=ignore_editable,
+        progress=sys.stderr.isatty(),
+    )
+    m = artifact.manifest
+    click.echo(
+        f"{artifact.name}  {artifact.id}  {format_bytes(m['packed_size'])} "
+        f"({format_bytes(m['unpacked_size'])} unpacked, {m['file_count']} files, "
+        f"python {m['python']})"
+    )
+    click.echo(str(artifact.path))
+
+
+@main.command("list")
+@store_option
+def list_artifacts(store):
+    """List the packed environments in the store."""
+    from rich.console import Console
+    from rich.table import Table
+
+    store = ArtifactStore(store)
+    names: dict[str, list[str]] = {}
+    for name, artifact_id in store.names().items():
+        names.setdefault(artifact_id, []).append(name)
+    table = Table("name", "id", "size", "unpacked", "python", "created", box=None)
+    for a in store.artifacts():
+        m = a.manifest
+        created = datetime.fromisoformat(m["created"]).astimezone()
+        table.add_row(
+            ", ".join(names.get(a.id, [])) or "-",
+            a.short_id,
+            format_bytes(a.path.stat().st_size),
+            format_bytes(m["unpacked_size"]),
+            m["python"],
+            created.strftime("%Y-%m-%d %H:%M"),
+        )
+    Console().print(table)
+
+
+def _find(store: ArtifactStore, name_or_id: str):
+    artifact = store.resolve(name_or_id)
+    if artifact is None:
+        raise EnvshipError(
+            name_or_id,
+            f"no artifact of that name or id in the store {store.root}",
+            "see `envship list`, or pack it first with `envship pack`",
+        )
+    return artifact
+
+
+@main.command()
+@click.argument("name_or_id")
+@store_option
+def inspect(name_or_id, store):
+    """Print the manifest of an artifact."""
+    artifact = _find(ArtifactStore(store), name_or_id)
+    click.echo(json.dumps(artifact.manifest, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.argument("name_or_id")
+@store_option
+def rm(name_or_id, store):
+    """Remove an artifact and the names pointing to it."""
+    artifact = ArtifactStore(store).remove(name_or_id)
+    click.echo(f"removed {artifact.name} {artifact.id}")
+
+
+if __name__ == "__main__":
+    main()

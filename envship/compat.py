@@ -1,0 +1,166 @@
+"""Can workers of this cluster run inside an environment? Checked before any restart.
+
+Compares an artifact's manifest with the client (Python major.minor), the
+scheduler (the packages that must agree on the wire) and the nodes (OS,
+machine, libc). Pure functions over plain dicts, so they are tested without
+a cluster.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from .errors import IncompatibleEnvironmentError
+
+#: Packages whose versions must match the scheduler's: they serialise tasks
+#: and messages between client, scheduler and workers.
+WIRE_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "toolz")
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    what: str
+    environment: str
+    cluster: str
+    fatal: bool  # True: cannot work even with strict=False
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for p in version.split("."):
+        if not p.isdigit():
+            break
+        parts.append(int(p))
+    return tuple(parts)
+
+
+def find_mismatches(
+    manifest: dict,
+    client_python: str,
+    scheduler_packages: dict[str, str | None],
+    node_platforms: list[dict],
+) -> list[Mismatch]:
+    """Everything that differs between the environment and the cluster.
+
+    Examples
+    --------
+    >>> manifest = {"python": "3.12.1", "packages": {"distributed": "2026.8.0"},
+    ...             "platform": {"os": "linux", "machine": "x86_64",
+    ...                          "libc": "glibc", "libc_version": "2.36"}}
+    >>> [m.what for m in find_mismatches(manifest, "3.11.7",
+    ...                                  {"distributed": "2026.8.0"}, [])]
+    ['python']
+    """
+    found = []
+    env_python = manifest["python"]
+    if _major_minor(env_python) < (3,):
+        found.append(Mismatch("python", env_python, client_python, fatal=True))
+    elif _major_minor(env_python) != _major_minor(client_python):
+        found.append(Mismatch("python", env_python, client_python, fatal=False))
+
+    packages = manifest.get("packages", {})
+    for name in WIRE_PACKAGES:
+        theirs = scheduler_packages.get(name)
+        ours = packages.get(name)
+        if ours is None and name == "distributed":
+            found.append(Mismatch(name, "not installed", str(theirs), fatal=True))
+        elif ours is not None and theirs is not None and ours != theirs:
+            found.append(Mismatch(name, ours, theirs, fatal=False))
+
+    env_platform = manifest.get("platform", {})
+    for node in node_platforms:
+        for key in ("os", "machine"):
+            if env_platform.get(key) != node.get(key):
+                found.append(
+                    Mismatch(key, str(env_platform.get(key)), str(node.get(key)), True)
+                )
+        env_libc = _version_tuple(env_platform.get("libc_version", ""))
+        node_libc = _version_tuple(node.get("libc_version", ""))
+        if env_libc and node_libc and env_libc > node_libc:
+            found.append(
+                Mismatch(
+                    "libc",
+                    f"{env_platform.get('libc')} {env_platform.get('libc_version')}",
+                    f"{node.get('libc')} {node.get('libc_version')}",
+                    fatal=False,
+                )
+            )
+    # One line per kind of difference is enough, however many nodes share it.
+    unique = {(m.what, m.environment, m.cluster): m for m in found}
+    return list(unique.values())
+
+
+def _table(mismatches: list[Mismatch]) -> str:
+    rows = [("", "environment", "cluster")] + [
+        (m.what, m.environment, m.cluster) for m in mismatches
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        "  "
+        + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    )
+
+
+def _fix(name: str, manifest: dict, mismatches: list[Mismatch]) -> str:
+    whats = {m.what for m in mismatches}
+    if "python" in whats and _major_minor(manifest["python"]) < (3,):
+        return (
+            "Dask workers cannot run on Python 2.7: distributed dropped Python 2 "
+            "in 2019 (version 2.0) and today needs Python 3.10 or newer, so no "
+            "worker of this cluster can start in it. Port the code to Python 3 "
+            "and build the environment with the client's Python "
+            f"({'.'.join(map(str, _major_minor(mismatches[0].cluster)))})."
+        )
+    steps = []
+    if "python" in whats:
+        steps.append("build the environment with the client's Python version")
+    pinned = [f"{m.what}=={m.cluster}" for m in mismatches if m.what in WIRE_PACKAGES]
+    if pinned:
+        steps.append(f"install {' '.join(pinned)} into {name!r}")
+    if whats & {"os", "machine"}:
+        steps.append("pack the environment on a machine like the workers' nodes")
+    if "libc" in whats:
+        steps.append("build the environment on a system no newer than the nodes'")
+    fix = "; ".join(steps)
+    if not any(m.fatal for m in mismatches):
+        fix += "; or pass strict=False to go on anyway"
+    return fix
+
+
+def check_compatibility(
+    name: str,
+    manifest: dict,
+    client_python: str,
+    scheduler_packages: dict[str, str | None],
+    node_platforms: list[dict],
+    strict: bool = True,
+) -> list[Mismatch]:
+    """Raise ``IncompatibleEnvironmentError`` with a table of differences.
+
+    With ``strict=False``, differences that can still work (package versions,
+    Python minor version, a newer libc) only warn.
+    """
+    mismatches = find_mismatches(
+        manifest, client_python, scheduler_packages, node_platforms
+    )
+    if not mismatches:
+        return []
+    fatal = any(m.fatal for m in mismatches)
+    problem = "it does not match the cluster, so workers would fail in it:\n" + _table(
+        mismatches
+    )
+    if strict or fatal:
+        raise IncompatibleEnvironmentError(
+            name, problem, _fix(name, manifest, mismatches)
+        )
+    warnings.warn(
+        f"environment {name!r}: {problem}\ngoing on because strict=False",
+        stacklevel=3,
+    )
+    return mismatches

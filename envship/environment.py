@@ -1,0 +1,171 @@
+"""What a source environment is: its kind, its Python, and the versions in it.
+
+Read from files only (conda-meta, pyvenv.cfg, dist-info folders), never by
+running the environment's interpreter, so that describing an environment is
+fast and works for environments that cannot run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EnvshipError
+
+#: Packages whose versions must agree between client, scheduler and workers,
+#: and numpy, which users often care about.
+TRACKED_PACKAGES = (
+    "dask",
+    "distributed",
+    "cloudpickle",
+    "msgpack",
+    "tornado",
+    "toolz",
+    "numpy",
+)
+
+_python_dir = re.compile(r"^python(\d+)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class SourceEnvironment:
+    """An environment on the packing machine.
+
+    Examples
+    --------
+    >>> env = SourceEnvironment.from_prefix(sys.prefix)  # doctest: +SKIP
+    >>> env.kind
+    'venv'
+    """
+
+    prefix: Path
+    kind: str  # "conda" or "venv"
+    python: str  # "3.11.7", or "3.11" when only the folder name tells
+    site_packages: Path | None
+
+    @classmethod
+    def from_prefix(cls, prefix: str | os.PathLike, name: str | None = None):
+        prefix = Path(prefix).absolute()
+        label = name or str(prefix)
+        if not prefix.exists():
+            raise EnvshipError(
+                label,
+                f"the path {prefix} does not exist",
+                "give the prefix of an existing conda environment or venv, "
+                "or the name of a conda environment",
+            )
+        if (prefix / "conda-meta").is_dir():
+            kind = "conda"
+        elif (prefix / "pyvenv.cfg").is_file():
+            kind = "venv"
+        else:
+            raise EnvshipError(
+                label,
+                f"{prefix} is neither a conda environment (no conda-meta folder) "
+                "nor a venv (no pyvenv.cfg)",
+                "point envship at the environment's root folder (the one that "
+                "holds bin/python)",
+            )
+        if not (prefix / "bin" / "python").exists():
+            raise EnvshipError(
+                label,
+                f"there is no Python in it ({prefix / 'bin' / 'python'} is missing)",
+                "install python into the environment, e.g. `conda install -p "
+                f"{prefix} python`",
+            )
+        site_packages = _find_site_packages(prefix)
+        python = _python_version(prefix, kind, site_packages)
+        return cls(prefix, kind, python, site_packages)
+
+    def package_versions(self) -> dict[str, str]:
+        """Versions of the tracked packages found in the environment."""
+        found = _dist_info_versions(self.site_packages) if self.site_packages else {}
+        if self.kind == "conda":
+            for name, version in _conda_versions(self.prefix).items():
+                found.setdefault(name, version)
+        return {name: found[name] for name in TRACKED_PACKAGES if name in found}
+
+    def editable_packages(self) -> list[str]:
+        """Names of packages installed in development (editable) mode."""
+        if self.site_packages is None:
+            return []
+        names = set()
+        for entry in self.site_packages.iterdir():
+            if entry.suffix == ".egg-link":
+                names.add(_dist_name(entry.name))
+            elif entry.name.startswith("__editable__.") and entry.suffix == ".pth":
+                names.add(_dist_name(entry.name.removeprefix("__editable__.")))
+            elif entry.suffix == ".dist-info":
+                direct_url = entry / "direct_url.json"
+                if direct_url.is_file():
+                    try:
+                        info = json.loads(direct_url.read_text())
+                    except ValueError:
+                        continue
+                    if info.get("dir_info", {}).get("editable"):
+                        names.add(_dist_name(entry.name))
+        return sorted(names)
+
+
+def _dist_name(filename: str) -> str:
+    stem = filename.split(".dist-info")[0].split(".egg-link")[0].split(".pth")[0]
+    return re.split(r"-\d", stem, maxsplit=1)[0].replace("_", "-").lower()
+
+
+def _find_site_packages(prefix: Path) -> Path | None:
+    lib = prefix / "lib"
+    if not lib.is_dir():
+        return None
+    for entry in sorted(lib.iterdir()):
+        if _python_dir.match(entry.name) and (entry / "site-packages").is_dir():
+            return entry / "site-packages"
+    return None
+
+
+def _python_version(prefix: Path, kind: str, site_packages: Path | None) -> str:
+    if kind == "conda":
+        for record in (prefix / "conda-meta").glob("python-[0-9]*.json"):
+            return json.loads(record.read_text())["version"]
+    else:
+        config = (prefix / "pyvenv.cfg").read_text()
+        match = re.search(r"^version(?:_info)?\s*=\s*(\d+\.\d+\.\d+)", config, re.M)
+        if match:
+            return match.group(1)
+    if site_packages is not None:
+        major, minor = _python_dir.match(site_packages.parent.name).groups()
+        return f"{major}.{minor}"
+    return "unknown"
+
+
+def _dist_info_versions(site_packages: Path) -> dict[str, str]:
+    versions = {}
+    for entry in site_packages.glob("*.dist-info"):
+        name, _, version = entry.name[: -len(".dist-info")].partition("-")
+        versions[name.replace("_", "-").lower()] = version
+    return versions
+
+
+def _conda_versions(prefix: Path) -> dict[str, str]:
+    versions = {}
+    for record in (prefix / "conda-meta").glob("*.json"):
+        parts = record.stem.rsplit("-", 2)
+        if len(parts) == 3:
+            name, version, _build = parts
+            versions[name.removesuffix("-python")] = version
+    return versions
+
+
+def platform_facts() -> dict[str, str]:
+    """OS, machine and libc of this machine, as recorded in manifests."""
+    libc, libc_version = platform.libc_ver()
+    return {
+        "os": sys.platform,
+        "machine": platform.machine(),
+        "libc": libc or "unknown",
+        "libc_version": libc_version or "unknown",
+    }

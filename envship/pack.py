@@ -1,0 +1,289 @@
+"""Pack a conda environment or a venv into a content-addressed artifact.
+
+Conda environments go through conda-pack's own file selection and prefix
+handling (``CondaEnv`` and ``Packer``); venvs are packed the way venv-pack does
+it, without the base interpreter, plus a small ``.envship/unpack.json`` that
+tells the node cache how to fix them up. Either way the bytes are written by
+``ArchiveWriter``: a zstandard-compressed tar whose content id is computed
+while it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import xxhash
+from conda_pack.core import CondaEnv, CondaPackException, Packer
+
+from . import config
+from .archive import ArchiveWriter
+from .environment import SourceEnvironment, platform_facts
+from .errors import EnvshipError
+from .locate import find_named, looks_like_path, where_looked
+from .progress import progress_bar
+from .store import Artifact, ArtifactStore
+
+FORMAT_VERSION = 1
+VENV_UNPACK_FILE = ".envship/unpack.json"
+
+
+def pack(
+    env: str | os.PathLike,
+    *,
+    name: str | None = None,
+    store: str | os.PathLike | ArtifactStore | None = None,
+    level: int | None = None,
+    threads: int | None = None,
+    ignore_editable: bool = False,
+    progress: bool = False,
+) -> Artifact:
+    """Pack an environment into the artifact store, or find it there unchanged.
+
+    Parameters
+    ----------
+    env : str or path
+        A conda environment name, the prefix of a conda environment or venv, or
+        the name of an artifact already in the store.
+    name : str, optional
+        The name to record; defaults to the environment's folder name.
+    store : path or ArtifactStore, optional
+        Defaults to dask config ``envship.store``.
+    level : int, optional
+        zstandard level, default ``envship.pack.level`` (3).
+    threads : int, optional
+        Compression threads, default every core available.
+    ignore_editable : bool
+        Pack even if packages are installed in editable mode (their sources
+        outside the environment are not included).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Artifact
+        With ``id`` (content hash), ``name``, ``path`` (the archive) and
+        ``manifest``.
+
+    Examples
+    --------
+    >>> artifact = envship.pack("sklearn-dev")  # doctest: +SKIP
+    >>> artifact.manifest["python"]  # doctest: +SKIP
+    '3.11.7'
+    """
+    store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
+    prefix = _resolve(env, store)
+    if isinstance(prefix, Artifact):
+        return prefix
+    name = name or prefix.name
+    source = SourceEnvironment.from_prefix(prefix, name)
+
+    signature = _signature(source)
+    known = store.by_signature(signature)
+    if known is not None:
+        store.set_name(name, known)
+        return store.get(known, name)
+
+    editable = source.editable_packages()
+    if editable and not ignore_editable:
+        raise EnvshipError(
+            name,
+            "packages are installed in editable (development) mode, so their "
+            f"code lives outside the environment: {', '.join(editable)}",
+            "install them normally (`pip install .` rather than `pip install -e "
+            ".`), or pack anyway with --ignore-editable (ignore_editable=True)",
+        )
+
+    level = config.get("pack.level") if level is None else level
+    threads = config.default_threads() if threads is None else threads
+    started = time.perf_counter()
+    with store.writing(name) as (f, tmp):
+        with ArchiveWriter(f, level=level, threads=threads) as writer:
+            if source.kind == "conda":
+                _pack_conda(source, name, writer, ignore_editable, progress)
+            else:
+                _pack_venv(source, name, writer, progress)
+        summary = writer.summary
+        packed_size = f.tell()
+    manifest = {
+        "format": FORMAT_VERSION,
+        "id": summary.id,
+        "name": name,
+        "kind": source.kind,
+        "source_prefix": str(source.prefix),
+        "python": source.python,
+        "packages": source.package_versions(),
+        "platform": platform_facts(),
+        "file_count": summary.file_count,
+        "unpacked_size": summary.unpacked_size,
+        "packed_size": packed_size,
+        "level": level,
+        "pack_seconds": round(time.perf_counter() - started, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if store.has(summary.id):
+        tmp.unlink()
+        store.set_name(name, summary.id)
+        artifact = store.get(summary.id, name)
+    else:
+        artifact = store.add(tmp, manifest)
+    store.remember_signature(signature, artifact.id, name)
+    return artifact
+
+
+def _resolve(env: str | os.PathLike, store: ArtifactStore) -> Path | Artifact:
+    if looks_like_path(env):
+        return Path(env).expanduser().absolute()
+    prefix = find_named(str(env))
+    if prefix is not None:
+        return prefix
+    artifact = store.resolve(str(env))
+    if artifact is not None:
+        return artifact
+    if Path(env).exists():
+        return Path(env).absolute()
+    places = "\n  ".join(where_looked() + [f"{store.root} (artifact names)"])
+    raise EnvshipError(
+        str(env),
+        f"no conda environment, venv or stored artifact of that name; looked in:\n  {places}",
+        "give the environment's path, create it, or check `conda env list` and "
+        "`envship list`",
+    )
+
+
+def _signature(source: SourceEnvironment) -> str:
+    """A cheap fingerprint: the stat of every file, not its bytes.
+
+    Any change that conda or pip makes changes a size, an mtime or an inode.
+    """
+    h = xxhash.xxh3_128()
+    h.update(f"{FORMAT_VERSION}\0{source.kind}\0{source.prefix}\n".encode())
+    stack = [str(source.prefix)]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                st = entry.stat(follow_symlinks=False)
+                h.update(
+                    f"{entry.path}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}"
+                    f"\0{st.st_ino}\n".encode("utf-8", "surrogateescape")
+                )
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+    return h.hexdigest()
+
+
+def _pack_conda(source, name, writer, ignore_editable, progress) -> None:
+    try:
+        conda_env = CondaEnv.from_prefix(
+            str(source.prefix), ignore_editable_packages=ignore_editable
+        )
+        packer = Packer(str(source.prefix), _Checked(writer, source.prefix, name))
+        with progress_bar(f"packing {name}", len(conda_env.files), progress) as bar:
+            for file in conda_env.files:
+                packer.add(file)
+                bar.advance()
+        packer.finish()
+    except CondaPackException as e:
+        raise EnvshipError(
+            name, f"conda-pack refused it: {e}", _conda_fix(str(e))
+        ) from e
+
+
+def _conda_fix(message: str) -> str:
+    if "deleted/overwritten" in message:
+        return (
+            "files that conda installed were changed or removed by hand or by pip; "
+            "reinstall the packages named above (`conda install --force-reinstall "
+            "NAME`)"
+        )
+    return "repair the environment as conda-pack says, then pack again"
+
+
+class _Checked:
+    """Refuses symlinks that would point outside the unpacked environment."""
+
+    def __init__(self, writer: ArchiveWriter, prefix: Path, name: str):
+        self._writer = writer
+        self._prefix = prefix
+        self._name = name
+        self.add_bytes = writer.add_bytes
+
+    def add(self, source: str, target: str) -> None:
+        if os.path.islink(source):
+            link = os.readlink(source)
+            inside = os.path.normpath(os.path.join(os.path.dirname(target), link))
+            if os.path.isabs(link) or inside.startswith(".."):
+                raise EnvshipError(
+                    self._name,
+                    f"{target} is a symlink to {link}, outside the environment; it "
+                    "would dangle on the workers",
+                    f"replace it by a copy of what it points to (`cp --remove-"
+                    f"destination {os.path.realpath(source)} {source}`)",
+                )
+        self._writer.add(source, target)
+
+
+def _pack_venv(source: SourceEnvironment, name: str, writer, progress) -> None:
+    prefix = source.prefix
+    old = str(prefix).encode()
+    links: dict[str, str] = {}
+    text_files: list[str] = []
+    checked = _Checked(writer, prefix, name)
+    paths = sorted(_walk(prefix))
+    with progress_bar(f"packing {name}", len(paths), progress) as bar:
+        for path in paths:
+            target = os.path.relpath(path, prefix)
+            bar.advance()
+            if target.startswith("bin/python") and os.path.islink(path):
+                link = os.readlink(path)
+                resolved = os.path.normpath(os.path.join(os.path.dirname(path), link))
+                if not resolved.startswith(str(prefix) + os.sep):
+                    # The base interpreter: recreated on the node, like venv-pack.
+                    links[target] = resolved
+                    continue
+            if (
+                _may_hold_prefix(target)
+                and os.path.isfile(path)
+                and not os.path.islink(path)
+            ):
+                data = Path(path).read_bytes()
+                if old in data and b"\0" not in data:
+                    text_files.append(target)
+                writer.add_bytes(path, data, target)
+            else:
+                checked.add(path, target)
+    if not links:
+        raise EnvshipError(
+            name,
+            "the venv has no bin/python link to a base interpreter",
+            "recreate it with `python -m venv` (without --copies)",
+        )
+    unpack = {"prefix": str(prefix), "text_files": text_files, "links": links}
+    writer.add_bytes(
+        None, json.dumps(unpack, indent=1, sort_keys=True).encode(), VENV_UNPACK_FILE
+    )
+
+
+def _may_hold_prefix(target: str) -> bool:
+    return (
+        target.startswith("bin/") or target.endswith(".pth") or target == "pyvenv.cfg"
+    )
+
+
+def _walk(prefix: Path):
+    """Files, symlinks and empty folders under ``prefix``, not following links."""
+    for root, dirs, files in os.walk(prefix):
+        for d in list(dirs):
+            full = os.path.join(root, d)
+            if os.path.islink(full):
+                dirs.remove(d)
+                yield full
+        if not dirs and not files and root != str(prefix):
+            yield root
+        for f in files:
+            yield os.path.join(root, f)

@@ -1,0 +1,208 @@
+"""The local artifact store: packed environments, their manifests and names.
+
+Layout::
+
+    <store>/<id>.tar.zst        the compressed archive
+    <store>/<id>.json           its manifest
+    <store>/names/<name>        the id a name points to
+    <store>/signatures/<sig>    the id of an environment whose files had this
+                                cheap signature (stat of every file)
+
+Every write goes to a temporary file in the store and is renamed into place,
+so an interrupted pack leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from . import config
+from .errors import EnvshipError
+
+_id_pattern = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A packed environment: its content id, its name, its archive and manifest.
+
+    Examples
+    --------
+    >>> artifact = envship.pack("sklearn-dev")  # doctest: +SKIP
+    >>> artifact.short_id  # doctest: +SKIP
+    '5f0c2d9a1b7e'
+    """
+
+    id: str
+    name: str
+    path: Path
+    manifest: dict
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the compressed archive."""
+        return self.manifest["packed_size"]
+
+
+def is_id(text: str) -> bool:
+    return bool(_id_pattern.match(text))
+
+
+class ArtifactStore:
+    """Packed environments on the client machine.
+
+    Parameters
+    ----------
+    root : path, optional
+        Defaults to dask config ``envship.store`` or ``~/.cache/envship/store``.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root else config.store_directory()
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({str(self.root)!r})"
+
+    def _ensure_dirs(self) -> None:
+        for sub in ("names", "signatures"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def archive_path(self, artifact_id: str) -> Path:
+        return self.root / f"{artifact_id}.tar.zst"
+
+    def manifest_path(self, artifact_id: str) -> Path:
+        return self.root / f"{artifact_id}.json"
+
+    # -- writing -----------------------------------------------------------
+
+    @contextmanager
+    def writing(self, label: str) -> Iterator[tuple[BinaryIO, Path]]:
+        """A temporary file in the store; the caller renames it into place.
+
+        The file is removed if the block fails, and a full disk becomes an
+        ``EnvshipError`` naming the environment.
+        """
+        self._ensure_dirs()
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".part")
+        path = Path(tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f, path
+        except BaseException as e:
+            path.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise EnvshipError(
+                    label,
+                    f"the disk holding the store {self.root} is full; nothing "
+                    "was written",
+                    "free some space, remove old artifacts with `envship rm`, or "
+                    "pack into another store with --store DIR",
+                ) from e
+            raise
+
+    def _write_text(self, path: Path, text: str, label: str) -> None:
+        with self.writing(label) as (f, tmp):
+            f.write(text.encode())
+        os.replace(tmp, path)
+
+    def add(self, archive_tmp: Path, manifest: dict) -> Artifact:
+        """Move a fully written archive into place and record its manifest."""
+        artifact_id = manifest["id"]
+        os.replace(archive_tmp, self.archive_path(artifact_id))
+        self._write_text(
+            self.manifest_path(artifact_id),
+            json.dumps(manifest, indent=2, sort_keys=True),
+            manifest["name"],
+        )
+        self.set_name(manifest["name"], artifact_id)
+        return self.get(artifact_id)
+
+    def set_name(self, name: str, artifact_id: str) -> None:
+        self._write_text(self.root / "names" / name, artifact_id, name)
+
+    def remember_signature(self, signature: str, artifact_id: str, name: str) -> None:
+        self._write_text(self.root / "signatures" / signature, artifact_id, name)
+
+    # -- reading -----------------------------------------------------------
+
+    def get(self, artifact_id: str, name: str | None = None) -> Artifact:
+        """The artifact with this id (its manifest's name unless ``name``)."""
+        manifest = json.loads(self.manifest_path(artifact_id).read_text())
+        return Artifact(
+            artifact_id,
+            name or manifest["name"],
+            self.archive_path(artifact_id),
+            manifest,
+        )
+
+    def has(self, artifact_id: str) -> bool:
+        return (
+            self.archive_path(artifact_id).is_file()
+            and self.manifest_path(artifact_id).is_file()
+        )
+
+    def by_signature(self, signature: str) -> str | None:
+        try:
+            artifact_id = (self.root / "signatures" / signature).read_text()
+        except OSError:
+            return None
+        return artifact_id if self.has(artifact_id) else None
+
+    def names(self) -> dict[str, str]:
+        """Every name in the store and the id it points to."""
+        folder = self.root / "names"
+        if not folder.is_dir():
+            return {}
+        return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+    def resolve(self, name_or_id: str) -> Artifact | None:
+        """An artifact by name, full id or unambiguous id prefix; None if unknown."""
+        names = self.names()
+        if name_or_id in names and self.has(names[name_or_id]):
+            return self.get(names[name_or_id], name_or_id)
+        if is_id(name_or_id) and self.has(name_or_id):
+            return self.get(name_or_id)
+        if len(name_or_id) >= 6 and re.fullmatch(r"[0-9a-f]+", name_or_id):
+            matches = [a for a in self.artifacts() if a.id.startswith(name_or_id)]
+            if len(matches) == 1:
+                return matches[0]
+        return None
+
+    def artifacts(self) -> list[Artifact]:
+        """Every artifact in the store, newest first."""
+        if not self.root.is_dir():
+            return []
+        ids = [p.stem for p in self.root.glob("*.json") if is_id(p.stem)]
+        found = [self.get(i) for i in ids if self.has(i)]
+        return sorted(found, key=lambda a: a.manifest["created"], reverse=True)
+
+    def remove(self, name_or_id: str) -> Artifact:
+        """Delete an artifact and every name and signature pointing to it."""
+        artifact = self.resolve(name_or_id)
+        if artifact is None:
+            raise EnvshipError(
+                name_or_id,
+                f"no artifact of that name or id in the store {self.root}",
+                "see `envship list` for what the store holds",
+            )
+        for sub in ("names", "signatures"):
+            folder = self.root / sub
+            for entry in folder.iterdir() if folder.is_dir() else ():
+                if entry.read_text() == artifact.id:
+                    entry.unlink()
+        self.archive_path(artifact.id).unlink(missing_ok=True)
+        self.manifest_path(artifact.id).unlink(missing_ok=True)
+        return artifact
