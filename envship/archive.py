@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import struct
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,7 +146,10 @@ class ArchiveWriter:
         return info
 
     def _write_header(self, info: tarfile.TarInfo) -> None:
-        self._stream.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._stream.write(
+            _ustar_header(info)
+            or info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        )
 
     def _pad(self, size: int) -> None:
         remainder = size % BLOCK
@@ -229,6 +233,47 @@ class ArchiveWriter:
                 self._hasher.hexdigest(), self._file_count, self._unpacked_size
             )
         return self.summary
+
+
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+
+
+def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
+    """A plain ustar header, several times faster than ``TarInfo.tobuf``.
+
+    None when the entry needs more than ustar offers (long names, huge
+    files); the caller then lets tarfile write a pax header.
+    """
+    name = info.name.encode("utf-8", "surrogateescape")
+    link = info.linkname.encode("utf-8", "surrogateescape")
+    prefix = b""
+    if len(name) > 100:
+        cut = name.rfind(b"/", 0, 156)
+        if cut <= 0 or len(name) - cut - 1 > 100:
+            return None
+        prefix, name = name[:cut], name[cut + 1 :]
+    if len(link) > 100 or info.size >= 0o77777777777 or info.mtime < 0:
+        return None
+    fields = [
+        name,
+        b"%07o\0" % info.mode,
+        b"0000000\0",
+        b"0000000\0",
+        b"%011o\0" % info.size,
+        b"%011o\0" % info.mtime,
+        b" " * 8,
+        info.type,
+        link,
+        b"ustar\x0000",
+        b"",
+        b"",
+        b"",
+        b"",
+        prefix,
+    ]
+    header = bytearray(_USTAR.pack(*fields))
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
 
 
 def open_archive(fileobj: BinaryIO) -> tarfile.TarFile:
