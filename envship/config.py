@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import dask.config
+import dask.utils
 import yaml
 
 _defaults_file = Path(__file__).with_name("envship.yaml")
@@ -49,3 +50,8 @@ def default_threads() -> int:
     if configured:
         return int(configured)
     return len(os.sched_getaffinity(0))
+
+
+def chunk_size() -> int:
+    """Bytes per message when artifacts are streamed: ``envship.transfer.chunk-size``."""
+    return dask.utils.parse_bytes(get("transfer.chunk-size"))

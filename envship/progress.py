@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,10 +45,20 @@ def progress_bar(description: str, total: float | None, enabled: bool) -> Iterat
         task = progress.add_task(description, total=total)
 
         class _Bar:
+            # Hot loops advance per file: hand rich a sum a few times a second.
+            pending = 0.0
+            flushed = time.monotonic()
+
             def advance(self, amount: float = 1) -> None:
-                progress.advance(task, amount)
+                self.pending += amount
+                now = time.monotonic()
+                if now - self.flushed > 0.1:
+                    progress.advance(task, self.pending)
+                    self.pending, self.flushed = 0.0, now
 
             def update(self, completed: float, total: float | None = None) -> None:
                 progress.update(task, completed=completed, total=total)
 
-        yield _Bar()
+        bar = _Bar()
+        yield bar
+        progress.advance(task, bar.pending)

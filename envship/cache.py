@@ -1,0 +1,972 @@
+"""The node cache: each environment unpacked once per machine, shared by its nannies.
+
+Nannies that share a cache folder form one node. For each content id the cache
+keeps the received artifact and, once installed, the unpacked environment,
+read-only, at its final path. Layout under the root::
+
+    <id>/                    an installed environment; exists only when complete
+    archives/<id>.tar.zst    a received artifact ...
+    archives/<id>.json       ... and its manifest (name, kind, unpacked_size, ...)
+    tmp/                     installs, removals and downloads in progress
+    locks/<id>.lock          one lock per id: install, lease and removal take it
+    leases/<id>/<pid>        a process using the environment: its create time
+    used/<id>                touched on every use: its mtime orders eviction
+    installed/<id>.json      what the install found: size on disk, file count
+    installs.log             one JSON line per extraction
+
+Everything is made in ``tmp/`` (same filesystem) and renamed into place, so
+nobody ever sees half an environment, and a crashed install leaves only a
+temp folder that the next one for that id removes.
+
+This module knows nothing of Dask: it can be driven from tests or a CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import BinaryIO
+
+import psutil
+from dask.utils import format_bytes, parse_bytes
+from filelock import FileLock, Timeout
+
+from envship import config
+from envship.errors import EnvshipError
+from envship.extract import Progress, extract_archive, remove_tree
+
+logger = logging.getLogger("envship.cache")
+
+_ID = re.compile(r"[0-9a-f]{16,128}")
+# Seconds to wait for another process's install of the same id.
+LOCK_TIMEOUT = 3600.0
+FIXUP_TIMEOUT = 600.0
+# Create times of one process, read at different moments, agree to well
+# within this (the kernel's boot time estimate can move by a second).
+CREATE_TIME_SLACK = 1.0
+
+# Runs conda-pack's conda-unpack inside the environment's own python, but
+# with the FINAL prefix as the new one: conda-unpack itself would use its own
+# folder, which is still the temp folder. Python 2 and 3.
+_CONDA_DRIVER = r"""
+import os, stat, sys, types
+tree, final = sys.argv[1], sys.argv[2]
+# conda-unpack only needs the progress bar when run as a script; its module
+# is not valid Python 2 in conda-pack 0.9.
+stub = types.ModuleType('conda_unpack_progress')
+stub.progressbar = None
+sys.modules['conda_unpack_progress'] = stub
+# Executed in a namespace we keep, not with runpy: Python 2's runpy clears
+# the globals of the functions it hands back.
+script = os.path.join(tree, 'bin', 'conda-unpack')
+with open(script, 'rb') as f:
+    code = compile(f.read(), script, 'exec')
+unpack = {'__name__': 'envship_conda_unpack', '__file__': script}
+exec(code, unpack)
+for path, placeholder, mode in unpack['_prefix_records']:
+    if os.path.isabs(path) or '..' in path.replace('\\', '/').split('/'):
+        sys.exit('refusing prefix record outside the environment: %r' % (path,))
+    target = os.path.join(tree, path)
+    st = os.stat(target)
+    if not st.st_mode & stat.S_IWUSR:
+        os.chmod(target, st.st_mode | stat.S_IWUSR)
+    unpack['update_prefix'](target, final, placeholder, mode=mode)
+    if not st.st_mode & stat.S_IWUSR:
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+"""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One id in the cache, as :meth:`EnvCache.entries` reports it.
+
+    Attributes
+    ----------
+    id : str
+        The content id.
+    name : str or None
+        The environment's name from its manifest.
+    size : int
+        Bytes on disk: the installed tree plus the archive and manifest.
+    last_used : float or None
+        Unix time of the last ``ensure`` or archive write.
+    leases : tuple of int
+        PIDs of live processes that use it.
+    has_tree, has_archive : bool
+        Whether it is installed, and whether its artifact is kept.
+    """
+
+    id: str
+    name: str | None
+    size: int
+    last_used: float | None
+    leases: tuple[int, ...]
+    has_tree: bool
+    has_archive: bool
+
+
+class EnvCache:
+    """The per-node cache of unpacked environments, keyed by content id.
+
+    Safe to use from many processes at once: installs of one id are
+    serialized by a file lock and done once; removals never touch an
+    environment that a live process has leased.
+
+    Parameters
+    ----------
+    root : path, optional
+        The cache folder; default ``envship.cache.directory`` (see
+        :func:`envship.config.cache_directory`). Created with mode 0700.
+    max_size : int or str, optional
+        The budget for trees and archives, in bytes or as ``"20 GB"``;
+        default ``envship.cache.max-size``. Least recently used, unleased
+        entries are evicted above it.
+    lock_timeout : float
+        Seconds to wait for another process's install of the same id.
+
+    Examples
+    --------
+    >>> cache = EnvCache("/tmp/envship-cache", max_size="5 GB")  # doctest: +SKIP
+    >>> with cache.archive_writer(artifact_id, manifest) as f:  # doctest: +SKIP
+    ...     f.write(data)
+    >>> prefix = cache.ensure(artifact_id, lease_pid=worker_pid)  # doctest: +SKIP
+    >>> str(prefix / "bin" / "python")  # doctest: +SKIP
+    '/tmp/envship-cache/6f1c.../bin/python'
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        max_size: int | str | None = None,
+        *,
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
+        default = root is None
+        self.root = (
+            config.cache_directory() if default else Path(root).expanduser()
+        ).absolute()
+        if max_size is None:
+            max_size = config.get("cache.max-size")
+        self.max_size = float("inf") if max_size is None else parse_bytes(max_size)
+        self.lock_timeout = lock_timeout
+        self._locks: dict[str, FileLock] = {}
+        self._make_layout(check_owner=default)
+
+    def __repr__(self) -> str:
+        return f"EnvCache({str(self.root)!r}, max_size={self.max_size!r})"
+
+    def _make_layout(self, check_owner: bool) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if check_owner and self.root.stat().st_uid != os.geteuid():
+            # The default lives in the shared temp folder: never use one
+            # that another user made for us.
+            raise EnvshipError(
+                "node cache",
+                f"the cache folder {self.root} belongs to another user",
+                "set envship.cache.directory (DASK_ENVSHIP__CACHE__DIRECTORY) "
+                "to a folder of your own",
+            )
+        for sub in ("archives", "tmp", "locks", "leases", "used", "installed"):
+            (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+
+    # -- where things are ------------------------------------------------------
+
+    def path(self, id: str) -> Path:
+        """The final prefix of environment ``id`` (which may not exist yet)."""
+        return self.root / _check_id(id)
+
+    def has(self, id: str) -> bool:
+        """Whether ``id`` is installed (complete: trees appear in one rename)."""
+        return self.path(id).is_dir()
+
+    def archive_path(self, id: str) -> Path:
+        """Where the artifact of ``id`` is kept: ``archives/<id>.tar.zst``."""
+        return self.root / "archives" / f"{_check_id(id)}.tar.zst"
+
+    def manifest_path(self, id: str) -> Path:
+        """Where the manifest of ``id`` is kept: ``archives/<id>.json``."""
+        return self.root / "archives" / f"{_check_id(id)}.json"
+
+    def has_archive(self, id: str) -> bool:
+        """Whether the artifact and its manifest of ``id`` are both here."""
+        return self.archive_path(id).is_file() and self.manifest_path(id).is_file()
+
+    def manifest(self, id: str) -> dict | None:
+        """The manifest of ``id``, or None if there is none (or it is unreadable)."""
+        try:
+            with open(self.manifest_path(id), encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            logger.warning("ignoring unreadable manifest %s", self.manifest_path(id))
+            return None
+        return data if isinstance(data, dict) else None
+
+    # -- receiving artifacts ---------------------------------------------------
+
+    @contextmanager
+    def archive_writer(
+        self, id: str, manifest: dict | None = None
+    ) -> Iterator[BinaryIO]:
+        """Write the artifact of ``id``; it appears only if the block succeeds.
+
+        Parameters
+        ----------
+        id : str
+            The artifact's content id (checked when it is installed).
+        manifest : dict, optional
+            Its manifest, stored next to it. Without one, call
+            :meth:`put_manifest` before :meth:`ensure`.
+
+        Examples
+        --------
+        >>> with cache.archive_writer(artifact_id, manifest) as f:  # doctest: +SKIP
+        ...     for chunk in chunks:
+        ...         f.write(chunk)
+        """
+        _check_id(id)
+        if manifest is not None and manifest.get("id", id) != id:
+            raise ValueError(f"manifest of {manifest.get('id')} given for {id}")
+        part = self.root / "tmp" / f"{id}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        f = open(part, "xb")
+        try:
+            yield f
+            f.close()
+            if manifest is not None:
+                self.put_manifest(id, manifest)
+            os.replace(part, self.archive_path(id))
+        except BaseException:
+            f.close()
+            part.unlink(missing_ok=True)
+            raise
+        self._touch(id)
+
+    def put_manifest(self, id: str, manifest: dict) -> None:
+        """Store the manifest of ``id`` (atomically)."""
+        if manifest.get("id", id) != id:
+            raise ValueError(f"manifest of {manifest.get('id')} given for {id}")
+        _write_json(self.manifest_path(id), manifest)
+
+    def add_archive(self, id: str, source: str | os.PathLike, manifest: dict) -> None:
+        """Copy an artifact file (and its manifest) into the cache."""
+        with open(source, "rb") as src, self.archive_writer(id, manifest) as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+
+    # -- installing ------------------------------------------------------------
+
+    def ensure(
+        self,
+        id: str,
+        *,
+        env: str | None = None,
+        lease_pid: int | None = None,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Return the prefix of environment ``id``, installing it if needed.
+
+        The first caller on a node extracts the stored artifact into a temp
+        folder, verifies it (see :func:`envship.extract.extract_archive`),
+        fixes up absolute prefixes for the final path, makes the tree
+        read-only and renames it into place; callers at the same time wait
+        for it and reuse the result. Then entries over budget are evicted.
+
+        Parameters
+        ----------
+        id : str
+            The content id; its artifact must be in the cache already.
+        env : str, optional
+            A name for messages; default the manifest's name.
+        lease_pid : int, optional
+            Lease the environment for this process (taken under the id's
+            lock, so no eviction can slip in between).
+        progress : callable, optional
+            ``progress(stage, done, total)`` with stages ``"extract"``
+            (bytes) and ``"fixup"``.
+
+        Returns
+        -------
+        Path
+            The environment's final prefix.
+
+        Raises
+        ------
+        EnvshipError
+            The artifact is missing, unsafe, corrupt or can't be fixed up on
+            this node. A bad artifact is deleted, so it is never tried again.
+
+        Examples
+        --------
+        >>> prefix = cache.ensure(artifact_id, lease_pid=os.getpid())  # doctest: +SKIP
+        """
+        final = self.path(id)
+        if lease_pid is None and final.is_dir():
+            self._touch(id)
+            return final
+        installed = False
+        with self._locked(id, env):
+            if not final.is_dir():
+                self._install(id, env, progress)
+                installed = True
+            if lease_pid is not None:
+                self.lease(id, lease_pid)
+            self._touch(id)
+        if installed:
+            try:
+                self.evict(keep=(id,))
+            except OSError as e:
+                logger.warning("could not evict from %s: %s", self.root, e)
+        return final
+
+    def _install(self, id: str, env: str | None, progress: Progress | None) -> None:
+        manifest = self.manifest(id)
+        name = env or (manifest or {}).get("name") or id
+        if manifest is None or not self.archive_path(id).is_file():
+            raise EnvshipError(
+                name,
+                f"this node's cache ({self.root}) has no artifact {id}",
+                "send the artifact to this node before installing it",
+            )
+        limit = manifest.get("unpacked_size")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            self._discard_archive(id)
+            raise EnvshipError(
+                name,
+                f"the manifest of {id} has no valid unpacked_size",
+                "pack the environment again with envship",
+            )
+        self._remove_temp(id)
+        try:
+            self.evict(needed=limit, keep=(id,))
+        except OSError as e:
+            logger.warning("could not evict from %s: %s", self.root, e)
+        final = self.path(id)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{id}-install-", dir=self.root / "tmp"))
+        record = self._record_path(id)
+        start = time.perf_counter()
+        try:
+            try:
+                summary = extract_archive(
+                    self.archive_path(id),
+                    tmp,
+                    expected_id=id,
+                    max_unpacked_bytes=limit,
+                    env=name,
+                    progress=progress,
+                )
+                if progress is not None:
+                    progress("fixup", 0, 1)
+                self._fixup(tmp, final, manifest, name)
+                if progress is not None:
+                    progress("fixup", 1, 1)
+            except EnvshipError:
+                # Never try a bad artifact again: the sender must send a good one.
+                self._discard_archive(id)
+                raise
+            except OSError as e:
+                raise EnvshipError(
+                    name,
+                    f"could not unpack it into {self.root}: {e}",
+                    "free disk space on this node, or set envship.cache.max-size lower",
+                ) from e
+            disk = _seal(tmp)
+            seconds = time.perf_counter() - start
+            info = {
+                "id": id,
+                "name": manifest.get("name"),
+                "size": disk,
+                "files": summary.file_count,
+                "unpacked_size": summary.unpacked_size,
+                "installed": time.time(),
+                "seconds": round(seconds, 3),
+            }
+            _write_json(record, info)
+            os.rename(tmp, final)
+        except BaseException:
+            record.unlink(missing_ok=True)
+            remove_tree(tmp)
+            raise
+        # Folders can't be renamed without write permission on themselves.
+        os.chmod(final, 0o500)
+        line = json.dumps(dict(info, pid=os.getpid())) + "\n"
+        fd = os.open(
+            self.root / "installs.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+        )
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+        logger.info(
+            "installed %s (%s) in %.1f s: %d files, %s on disk",
+            name,
+            id,
+            seconds,
+            summary.file_count,
+            format_bytes(disk),
+        )
+
+    def _fixup(self, tree: Path, final: Path, manifest: dict, name: str) -> None:
+        kind = manifest.get("kind")
+        if kind == "conda":
+            _fixup_conda(tree, final, name)
+        elif kind == "venv":
+            fixup_venv(tree, final, env=name)
+        else:
+            raise EnvshipError(
+                name,
+                f"its manifest names an unknown kind of environment {kind!r}",
+                "use the same envship version on the client and on the nodes",
+            )
+
+    def installs(self, id: str | None = None) -> list[dict]:
+        """Past extractions on this node (all, or of ``id``), oldest first."""
+        try:
+            with open(self.root / "installs.log", encoding="utf-8") as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+        return [r for r in lines if id is None or r.get("id") == id]
+
+    # -- leases ----------------------------------------------------------------
+
+    def lease(self, id: str, pid: int) -> None:
+        """Record that process ``pid`` uses environment ``id``.
+
+        The lease holds the process's create time, so it dies with the
+        process (even after SIGKILL) and a later process that reuses the PID
+        does not inherit it.
+        """
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess:
+            raise ValueError(f"there is no process {pid} to lease {id} to") from None
+        folder = self.root / "leases" / _check_id(id)
+        with self._locked(id):
+            folder.mkdir(mode=0o700, exist_ok=True)
+            _write_atomic(folder / str(pid), repr(created).encode())
+
+    def release(self, id: str, pid: int) -> None:
+        """Drop the lease of process ``pid`` on ``id``, if it has one."""
+        (self.root / "leases" / _check_id(id) / str(pid)).unlink(missing_ok=True)
+
+    def live_leases(self, id: str) -> list[int]:
+        """PIDs of live processes leasing ``id``; dead leases are removed."""
+        if self._try_lock(id):
+            try:
+                return self._live_leases(id, prune=True)
+            finally:
+                self._lock(id).release()
+        return self._live_leases(id, prune=False)
+
+    def _live_leases(self, id: str, *, prune: bool) -> list[int]:
+        folder = self.root / "leases" / _check_id(id)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        live = []
+        for name in names:
+            if not name.isdigit():
+                continue
+            try:
+                created = float((folder / name).read_text())
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                created = None
+            if created is not None and _alive(int(name), created):
+                live.append(int(name))
+            elif prune:
+                (folder / name).unlink(missing_ok=True)
+        return sorted(live)
+
+    # -- budget and removal ----------------------------------------------------
+
+    def entries(self) -> list[CacheEntry]:
+        """Every id with a tree or an archive here, least recently used first."""
+        result = [self._entry(id) for id in self._ids()]
+        result.sort(key=lambda e: e.last_used or 0.0)
+        return result
+
+    def size(self) -> int:
+        """Bytes on disk of all trees and archives (tree sizes as recorded)."""
+        return sum(self._size(id)[0] for id in self._ids())
+
+    def evict(self, needed: int = 0, keep: Iterable[str] = ()) -> list[str]:
+        """Remove least recently used entries until ``needed`` more bytes fit.
+
+        Never removes a leased environment, one in ``keep`` or one another
+        process is installing right now.
+
+        Returns
+        -------
+        list of str
+            The ids removed.
+        """
+        budget = self.max_size - needed
+        sizes = {id: self._size(id)[0] for id in self._ids()}
+        total = sum(sizes.values())
+        removed: list[str] = []
+        if total <= budget:
+            return removed
+        keep = set(keep)
+        for id in sorted(sizes, key=self._last_used):
+            if total <= budget:
+                break
+            if id in keep or not self._try_lock(id):
+                continue
+            try:
+                if self._live_leases(id, prune=True):
+                    continue
+                self._remove_locked(id)
+            finally:
+                self._lock(id).release()
+            total -= sizes[id]
+            removed.append(id)
+            logger.info(
+                "evicted %s (%s) from %s", id, format_bytes(sizes[id]), self.root
+            )
+        if total > budget:
+            logger.warning(
+                "node cache %s holds %s, over its budget of %s: the rest is in use",
+                self.root,
+                format_bytes(total),
+                format_bytes(self.max_size),
+            )
+        return removed
+
+    def remove(self, id: str, *, force: bool = False) -> None:
+        """Remove ``id`` (tree and archive); refuse if leased unless ``force``."""
+        with self._locked(id):
+            leases = self._live_leases(id, prune=True)
+            if leases and not force:
+                manifest = self.manifest(id) or {}
+                raise EnvshipError(
+                    manifest.get("name") or id,
+                    f"it is in use by processes {leases} on this node",
+                    "stop the workers that use it first, or remove it with force",
+                )
+            self._remove_locked(id)
+
+    def clear(self) -> list[str]:
+        """Remove every entry that no live process leases; return their ids."""
+        removed = []
+        for id in self._ids():
+            with self._locked(id):
+                if self._live_leases(id, prune=True):
+                    continue
+                self._remove_locked(id)
+            removed.append(id)
+        return removed
+
+    def gc(self) -> list[str]:
+        """Remove leftovers of crashed processes, dead leases, then evict.
+
+        Returns
+        -------
+        list of str
+            The ids evicted.
+        """
+        for name in os.listdir(self.root / "tmp"):
+            path = self.root / "tmp" / name
+            if name.endswith(".part"):
+                # <id>.<pid>.<random>.part: a download whose writer is gone.
+                fields = name.split(".")
+                if len(fields) == 4 and fields[1].isdigit():
+                    if psutil.pid_exists(int(fields[1])):
+                        continue
+                path.unlink(missing_ok=True)
+                continue
+            id = name.split("-", 1)[0]
+            if _ID.fullmatch(id) and self._try_lock(id):
+                try:
+                    remove_tree(path)
+                finally:
+                    self._lock(id).release()
+        for id in os.listdir(self.root / "leases"):
+            if not _ID.fullmatch(id) or not self._try_lock(id):
+                continue
+            try:
+                if not self._live_leases(id, prune=True):
+                    remove_tree(self.root / "leases" / id)
+            finally:
+                self._lock(id).release()
+        return self.evict()
+
+    # -- internals -------------------------------------------------------------
+
+    def _lock(self, id: str) -> FileLock:
+        lock = self._locks.get(id)
+        if lock is None:
+            path = self.root / "locks" / f"{_check_id(id)}.lock"
+            lock = self._locks[id] = FileLock(str(path))
+        return lock
+
+    @contextmanager
+    def _locked(self, id: str, env: str | None = None) -> Iterator[None]:
+        lock = self._lock(id)
+        try:
+            lock.acquire(timeout=self.lock_timeout)
+        except Timeout:
+            raise EnvshipError(
+                env or id,
+                f"another process has held {lock.lock_file} for over "
+                f"{self.lock_timeout:.0f} s",
+                "look for a hung envship process on this node",
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _try_lock(self, id: str) -> bool:
+        try:
+            self._lock(id).acquire(timeout=0)
+        except Timeout:
+            return False
+        return True
+
+    def _ids(self) -> list[str]:
+        ids = {name for name in os.listdir(self.root) if _ID.fullmatch(name)}
+        for name in os.listdir(self.root / "archives"):
+            if name.endswith(".tar.zst") and _ID.fullmatch(name[: -len(".tar.zst")]):
+                ids.add(name[: -len(".tar.zst")])
+        return sorted(ids)
+
+    def _record_path(self, id: str) -> Path:
+        return self.root / "installed" / f"{id}.json"
+
+    def _size(self, id: str) -> tuple[int, bool, bool]:
+        """(bytes, has_tree, has_archive) of ``id``."""
+        total = 0
+        has_tree = self.path(id).is_dir()
+        if has_tree:
+            try:
+                with open(self._record_path(id), encoding="utf-8") as f:
+                    total += int(json.load(f)["size"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                total += _disk_usage(self.path(id))
+        has_archive = False
+        for path in (self.archive_path(id), self.manifest_path(id)):
+            try:
+                total += os.stat(path).st_size
+            except FileNotFoundError:
+                continue
+            if path.name.endswith(".tar.zst"):
+                has_archive = True
+        return total, has_tree, has_archive
+
+    def _entry(self, id: str) -> CacheEntry:
+        size, has_tree, has_archive = self._size(id)
+        manifest = self.manifest(id) or {}
+        return CacheEntry(
+            id=id,
+            name=manifest.get("name"),
+            size=size,
+            last_used=self._last_used(id) or None,
+            leases=tuple(self.live_leases(id)),
+            has_tree=has_tree,
+            has_archive=has_archive,
+        )
+
+    def _last_used(self, id: str) -> float:
+        for path in (self.root / "used" / id, self.archive_path(id), self.path(id)):
+            try:
+                return os.stat(path).st_mtime
+            except FileNotFoundError:
+                pass
+        return 0.0
+
+    def _touch(self, id: str) -> None:
+        path = self.root / "used" / id
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            path.touch()
+
+    def _remove_temp(self, id: str) -> None:
+        """Remove what crashed installs or removals of ``id`` left (lock held)."""
+        for name in os.listdir(self.root / "tmp"):
+            if name.startswith(f"{id}-"):
+                logger.info("removing leftover %s", self.root / "tmp" / name)
+                remove_tree(self.root / "tmp" / name)
+
+    def _discard_archive(self, id: str) -> None:
+        for path in (self.archive_path(id), self.manifest_path(id)):
+            path.unlink(missing_ok=True)
+        (self.root / "used" / id).unlink(missing_ok=True)
+
+    def _remove_locked(self, id: str) -> None:
+        tree = self.path(id)
+        if tree.is_dir():
+            # Disappear in one step, then delete at leisure.
+            doomed = self.root / "tmp" / f"{id}-remove-{secrets.token_hex(4)}"
+            os.chmod(tree, 0o700)
+            os.rename(tree, doomed)
+            remove_tree(doomed)
+        self._record_path(id).unlink(missing_ok=True)
+        self._discard_archive(id)
+        remove_tree(self.root / "leases" / id)
+
+
+def fixup_venv(
+    tree: str | os.PathLike, final_prefix: str | os.PathLike, *, env: str | None = None
+) -> None:
+    """Make an unpacked venv work at ``final_prefix``.
+
+    The packer leaves ``.envship/unpack.json`` in the tree::
+
+        {"prefix": "/old/prefix",
+         "text_files": ["bin/activate", "bin/dask", ...],
+         "links": {"bin/python": "/usr/bin/python3.11", ...}}
+
+    Every ``/old/prefix`` in the listed text files becomes ``final_prefix``,
+    and the ``bin/python*`` symlinks to the base interpreter are made; that
+    interpreter must exist on this node.
+
+    Parameters
+    ----------
+    tree : path
+        Where the venv is unpacked now (a temp folder).
+    final_prefix : path
+        Where it will live.
+    env : str, optional
+        The environment's name, for messages.
+
+    Raises
+    ------
+    EnvshipError
+        ``unpack.json`` is missing or malformed, or a base interpreter is
+        missing on this node.
+
+    Examples
+    --------
+    >>> fixup_venv("/cache/tmp/abc-install-x", "/cache/abc")  # doctest: +SKIP
+    """
+    tree = Path(tree)
+    final = os.fspath(final_prefix)
+    name = env or tree.name
+    spec_path = tree / ".envship" / "unpack.json"
+    repack = "pack the environment again with envship"
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EnvshipError(
+            name, "the venv artifact has no .envship/unpack.json", repack
+        ) from None
+    except ValueError as e:
+        raise EnvshipError(
+            name, f".envship/unpack.json is not valid JSON ({e})", repack
+        ) from None
+    old = spec.get("prefix") if isinstance(spec, dict) else None
+    text_files = spec.get("text_files", []) if isinstance(spec, dict) else None
+    links = spec.get("links", {}) if isinstance(spec, dict) else None
+    if (
+        not isinstance(old, str)
+        or not os.path.isabs(old)
+        or not isinstance(text_files, list)
+        or not all(isinstance(p, str) for p in text_files)
+        or not isinstance(links, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in links.items())
+    ):
+        raise EnvshipError(name, ".envship/unpack.json is malformed", repack)
+    root = os.path.realpath(tree)
+    old_bytes = os.fsencode(old)
+    new_bytes = os.fsencode(final)
+    for rel in text_files:
+        path = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or not path.startswith(root + os.sep):
+            raise EnvshipError(
+                name, f"unpack.json lists {rel!r}, outside the environment", repack
+            )
+        _replace_in_file(path, old_bytes, new_bytes)
+    for rel, target in links.items():
+        if not fnmatchcase(rel, "bin/python*") or "/" in rel[len("bin/") :]:
+            raise EnvshipError(
+                name,
+                f"unpack.json asks for a link {rel!r}; only bin/python* links are made",
+                repack,
+            )
+        if not os.path.isabs(target) or not os.access(target, os.X_OK):
+            raise EnvshipError(
+                name,
+                f"the venv needs the base interpreter {target} on this node, and "
+                "it is not there",
+                f"use a conda environment (it carries its own python), or install "
+                f"{target} on every node",
+            )
+        link = tree / rel
+        if link.is_symlink():
+            link.unlink()
+        elif os.path.lexists(link):
+            raise EnvshipError(
+                name, f"{rel} is in the archive and also listed as a link", repack
+            )
+        os.symlink(target, link)
+
+
+def _replace_in_file(path: str, old: bytes, new: bytes) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & stat.S_IWUSR:
+        os.chmod(path, mode | stat.S_IWUSR)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "r+b") as f:
+            data = f.read()
+            if old in data:
+                f.seek(0)
+                f.write(data.replace(old, new))
+                f.truncate()
+    finally:
+        if not mode & stat.S_IWUSR:
+            os.chmod(path, mode)
+
+
+def _fixup_conda(tree: Path, final: Path, name: str) -> None:
+    """Run the archive's conda-unpack with ``final`` as the new prefix."""
+    if not (tree / "bin" / "conda-unpack").is_file():
+        return  # packed for a fixed destination: nothing to rewrite
+    python = tree / "bin" / "python"
+    if not python.exists():
+        raise EnvshipError(
+            name,
+            "the conda environment has no bin/python to run conda-unpack with",
+            "pack an environment that has python installed",
+        )
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PYTHON", "CONDA", "__PYVENV")) and key != "VIRTUAL_ENV"
+    }
+    command = [
+        str(python),
+        "-E",
+        "-s",
+        "-B",
+        "-c",
+        _CONDA_DRIVER,
+        str(tree),
+        str(final),
+    ]
+    try:
+        done = subprocess.run(
+            command,
+            env=environ,
+            cwd=tree,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=FIXUP_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise EnvshipError(
+            name,
+            f"conda-unpack did not finish within {FIXUP_TIMEOUT:.0f} s",
+            "look for a hung process on this node and try again",
+        ) from None
+    except OSError as e:
+        raise EnvshipError(
+            name,
+            f"its python could not run on this node to fix prefixes ({e})",
+            "pack the environment on the platform of the nodes (same OS and CPU)",
+        ) from None
+    if done.returncode != 0:
+        stderr = done.stderr.decode("utf-8", "replace").strip()
+        raise EnvshipError(
+            name,
+            f"conda-unpack failed on this node (exit code {done.returncode}):\n"
+            + stderr[-4000:],
+            "pack the environment on the platform of the nodes; if it was, "
+            "pack it again",
+        )
+
+
+def _seal(tree: Path) -> int:
+    """Remove every write bit below ``tree``; return its bytes on disk.
+
+    ``tree`` itself stays writable: it is renamed into place afterwards.
+    """
+    top = os.lstat(tree)
+    total = top.st_blocks * 512
+    seen: set[int] = set()
+    stack = [os.fspath(tree)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                kind = stat.S_IFMT(st.st_mode)
+                if kind == stat.S_IFDIR:
+                    stack.append(entry.path)
+                elif st.st_nlink > 1 and kind == stat.S_IFREG:
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                total += st.st_blocks * 512
+                if kind == stat.S_IFLNK:
+                    continue  # chmod would follow it
+                mode = stat.S_IMODE(st.st_mode)
+                if mode & 0o222:
+                    os.chmod(entry.path, mode & ~0o222)
+    return total
+
+
+def _disk_usage(tree: Path) -> int:
+    seen: set[int] = set()
+    total = 0
+    for folder, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(folder, name))
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                if st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
+
+
+def _alive(pid: int, created: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        if abs(process.create_time() - created) > CREATE_TIME_SLACK:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _check_id(id: str) -> str:
+    if not isinstance(id, str) or not _ID.fullmatch(id):
+        raise ValueError(f"not a content id: {id!r}")
+    return id
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())

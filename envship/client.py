@@ -1,0 +1,303 @@
+"""``client.use_environment``: pack, check, ship, switch, wait, report.
+
+Runs on the client. Packing happens in the calling thread (it is a cache hit
+when the environment is unchanged); everything that talks to the cluster runs
+on the client's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+from distributed import Client
+from distributed.core import clean_exception
+from distributed.protocol.pickle import dumps
+
+from . import transport
+from .compat import check_compatibility
+from .errors import EnvshipError
+from .nanny import NannySetup, UseEnvironment
+from .pack import pack
+from .progress import progress_bar
+from .store import Artifact
+
+PLUGIN_NAME = "envship"
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """How one worker's switch went."""
+
+    name: str
+    nanny: str
+    address: str | None
+    environment: str | None  # the id it runs in; None: the nannies' own
+    seconds: float
+    ok: bool
+    error: str | None = None
+
+
+class SwitchReport(dict):
+    """Worker name -> ``WorkerReport``, shown as a table."""
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.values())
+
+    def __repr__(self) -> str:
+        lines = [f"{'worker':<12} {'environment':<14} {'seconds':>7}  status"]
+        for name, r in sorted(self.items(), key=lambda kv: str(kv[0])):
+            env = r.environment[:12] if r.environment else "(nanny's own)"
+            status = "ok" if r.ok else f"FAILED: {r.error}"
+            lines.append(f"{str(name):<12} {env:<14} {r.seconds:>7.2f}  {status}")
+        return "\n".join(lines)
+
+
+def use_environment(
+    client: Client,
+    env,
+    *,
+    workers=None,
+    strict: bool = True,
+    timeout: float | None = None,
+    progress: bool | None = None,
+) -> SwitchReport:
+    """Restart workers inside an environment, shipping it to their nodes first.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    env : str, path, Artifact or None
+        A conda environment name or prefix, a venv path, an artifact or the
+        name or id of one in the store; ``None`` goes back to the nannies' own
+        environment.
+    workers : list of str, optional
+        Worker addresses or names; default all.
+    strict : bool
+        Refuse an environment whose versions differ from the cluster's. With
+        False, differences that may still work only warn.
+    timeout : float, optional
+        Seconds to wait for the whole switch.
+    progress : bool, optional
+        Progress bars; default when attached to a terminal or Jupyter.
+
+    Returns
+    -------
+    SwitchReport
+        Per worker: the environment id it runs in, seconds, ok or the error.
+
+    Raises
+    ------
+    EnvshipError
+        Before any restart when the environment is incompatible or cannot be
+        shipped; after all workers have settled when some could not start in
+        it (those run in the nannies' own environment again).
+
+    Examples
+    --------
+    >>> import envship
+    >>> client.use_environment("sklearn-dev")  # doctest: +SKIP
+    worker       environment    seconds  status
+    0            5f0c2d9a1b7e      2.31  ok
+    """
+    if progress is None:
+        progress = sys.stderr.isatty() or "ipykernel" in sys.modules
+    artifact = None if env is None else _as_artifact(env, progress)
+    label = artifact.name if artifact else "the nannies' own environment"
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def run(coro):
+        left = None if deadline is None else max(deadline - time.monotonic(), 0)
+        return client.sync(asyncio.wait_for, coro, left)
+
+    targets, infos, lost = run(_prepare(client, artifact, workers, strict, label))
+    if lost:
+        warnings.warn(
+            f"switching to {label} restarts workers that alone hold {lost} "
+            "keys (scattered data or persisted results): futures of computed "
+            "results will be recomputed, scattered data is lost",
+            stacklevel=2,
+        )
+    return run(_switch(client, artifact, workers, targets, infos, progress, label))
+
+
+def _as_artifact(env, progress: bool) -> Artifact:
+    if isinstance(env, Artifact):
+        return env
+    return pack(env, progress=progress)
+
+
+async def _prepare(client, artifact, workers, strict, label):
+    """Everything that must hold before any worker restarts."""
+    targets = await _targets(client, workers, label)
+    infos = await _nanny_side(client, targets, artifact, label)
+    if artifact is not None:
+        versions = await client.scheduler.versions(packages=[])
+        check_compatibility(
+            artifact.name,
+            artifact.manifest,
+            client_python=".".join(map(str, sys.version_info[:3])),
+            scheduler_packages=versions["packages"],
+            node_platforms=[info["platform"] for info in infos.values()],
+            strict=strict,
+        )
+    return targets, infos, await _keys_only_on(client, targets)
+
+
+async def _switch(client, artifact, workers, targets, infos, progress, label):
+    if artifact is not None:
+        await _ship(client, artifact, infos, progress)
+        await _install(client, artifact, infos, progress)
+
+    started = time.perf_counter()
+    plugin = UseEnvironment(
+        None if artifact is None else {"id": artifact.id, "name": artifact.name},
+        nannies=None if workers is None else [t["nanny"] for t in targets.values()],
+        sources=list(infos),
+    )
+    with progress_bar(f"restarting {len(targets)} workers", None, progress):
+        responses = await client.scheduler.register_nanny_plugin(
+            plugin=dumps(plugin), name=PLUGIN_NAME, idempotent=False
+        )
+    for response in responses.values():
+        if response.get("status") == "error":
+            _, exc, _ = clean_exception(response["exception"], response["traceback"])
+            raise EnvshipError(label, f"a nanny could not switch: {exc}") from exc
+    report = await _report(client, targets, time.perf_counter() - started)
+    failed = [r for r in report.values() if not r.ok]
+    if failed:
+        details = "\n".join(f"  {r.name}: {r.error}" for r in failed)
+        error = EnvshipError(
+            label,
+            f"{len(failed)} of {len(report)} workers could not start in it and "
+            f"run in the nannies' own environment again:\n{details}",
+            "fix the environment (does `python -c 'import distributed'` work in "
+            "it?), pack it again and call use_environment again",
+        )
+        error.report = report
+        raise error
+    return report
+
+
+async def _targets(client, workers, label) -> dict[str, dict]:
+    """Worker address -> {"name", "nanny"} of the workers to switch."""
+    info = await client.scheduler.identity()
+    found = {}
+    wanted = None if workers is None else {str(w) for w in workers}
+    for address, w in info["workers"].items():
+        if (
+            wanted is not None
+            and address not in wanted
+            and str(w["name"]) not in wanted
+        ):
+            continue
+        if not w.get("nanny"):
+            raise EnvshipError(
+                label,
+                f"worker {w['name']} ({address}) has no nanny, so nothing can "
+                "restart it in another environment",
+                "start workers with a nanny (`dask worker --nanny`, the default)",
+            )
+        found[address] = {"name": w["name"], "nanny": w["nanny"]}
+    if wanted is not None:
+        missing = wanted - set(found) - {str(t["name"]) for t in found.values()}
+        if missing:
+            raise EnvshipError(
+                label,
+                f"no such workers: {', '.join(sorted(missing))}",
+                "pass addresses or names from client.scheduler_info()['workers']",
+            )
+    if not found:
+        raise EnvshipError(label, "the cluster has no workers", "start some first")
+    return found
+
+
+async def _nanny_side(client, targets, artifact, label) -> dict[str, dict]:
+    """Nanny address -> its ``envship_info``, installing the nanny side if needed."""
+    nannies = [t["nanny"] for t in targets.values()]
+    artifact_id = artifact.id if artifact else None
+
+    async def info(nanny):
+        return await client.rpc(nanny).envship_info(artifact_id=artifact_id)
+
+    results = await asyncio.gather(*map(info, nannies), return_exceptions=True)
+    # A nanny without envship's handlers answers an error or nothing.
+    if not all(isinstance(r, dict) for r in results):
+        try:
+            await client._register_nanny_plugin(
+                NannySetup(), name=NannySetup.name, idempotent=False
+            )
+        except (ImportError, AttributeError) as e:
+            raise EnvshipError(
+                label,
+                f"the nannies cannot load envship ({e})",
+                "install envship where the workers run (`pip install envship`) "
+                "and start them with `dask worker --preload-nanny envship`",
+            ) from e
+        results = await asyncio.gather(*map(info, nannies))
+    return dict(zip(nannies, results, strict=True))
+
+
+async def _keys_only_on(client, targets) -> int:
+    """How many keys in memory only the ``targets`` workers hold."""
+    has_what = await client.scheduler.has_what()
+    elsewhere = {k for w, keys in has_what.items() if w not in targets for k in keys}
+    return len({k for w in targets for k in has_what.get(w, ()) if k not in elsewhere})
+
+
+async def _ship(client, artifact, infos, progress) -> None:
+    lacking: dict[str, list[str]] = {}
+    for nanny, info in infos.items():
+        lacking.setdefault(info["node"], [])
+        if not (info["installed"] or info["archive"]):
+            lacking[info["node"]].append(nanny)
+    holders = {node: nannies for node, nannies in lacking.items() if nannies}
+    # A node where some nanny already holds it needs nothing.
+    for node in list(holders):
+        if len(holders[node]) < sum(1 for i in infos.values() if i["node"] == node):
+            del holders[node]
+    if not holders:
+        return
+    total = artifact.size * len(holders)
+    with progress_bar(
+        f"shipping {artifact.name} to {len(holders)} node(s)", total, progress
+    ) as bar:
+        await transport.distribute(client.rpc, artifact, holders, bar.advance)
+
+
+async def _install(client, artifact, infos, progress) -> None:
+    with progress_bar(f"unpacking {artifact.name}", len(infos), progress) as bar:
+
+        async def install(nanny):
+            result = await client.rpc(nanny).envship_install(artifact_id=artifact.id)
+            bar.advance()
+            return result
+
+        await asyncio.gather(*map(install, infos))
+
+
+async def _report(client, targets, seconds) -> SwitchReport:
+    async def status(address, target):
+        s = await client.rpc(target["nanny"]).envship_status()
+        return WorkerReport(
+            name=target["name"],
+            nanny=target["nanny"],
+            address=s["worker"],
+            environment=s["running"],
+            seconds=s.get("seconds") or seconds,
+            ok=s["ok"],
+            error=s["error"],
+        )
+
+    reports = await asyncio.gather(*(status(a, t) for a, t in targets.items()))
+    return SwitchReport({r.name: r for r in reports})
+
+
+# ``client.use_environment(...)`` is the same function, bound to the client.
+Client.use_environment = use_environment
+
+__all__ = ["SwitchReport", "WorkerReport", "use_environment"]

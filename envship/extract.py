@@ -1,0 +1,701 @@
+"""Safe, verifying extraction of an artifact that came from another machine.
+
+An archive is untrusted input until its content id checks out, and the id can
+only be checked once every entry has been read. So extraction and verification
+happen in one streaming pass: each entry is checked before anything is written
+for it, written without ever following a symlink, and hashed exactly as
+:class:`envship.archive.ArchiveWriter` hashed it; a mismatch at the end undoes
+everything.
+
+Refused: absolute paths, ``..`` and other non-canonical paths, duplicates,
+symlinks that point out of the tree, hard links to anything but an earlier
+regular file, devices, fifos and other special entries, setuid, setgid and
+sticky bits, and more unpacked bytes than the caller allows.
+
+This module writes only inside the destination folder it is given. It knows
+nothing of the node cache, conda or Dask.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import xxhash
+import zstandard
+
+from envship.archive import BLOCK, READ_SIZE, ContentHasher, ContentSummary
+from envship.errors import EnvshipError, UnsafeArchiveError
+
+# Files up to this size are read, hashed and written in one piece.
+WHOLE_FILE = 4 << 20
+# Report progress about this often (unpacked bytes).
+PROGRESS_STEP = 16 << 20
+# A writer thread's batch: files of one folder, up to this many or this size.
+BATCH_FILES = 64
+BATCH_BYTES = 4 << 20
+# Batches handed out and not yet written; bounds memory to about 64 MiB.
+MAX_PENDING_BATCHES = 16
+# No single read is larger: a forged extended header can't claim gigabytes.
+MAX_READ = 64 << 20
+
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Progress = Callable[[str, int, int], None]
+
+
+def extract_archive(
+    archive_path: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    expected_id: str,
+    max_unpacked_bytes: int,
+    env: str,
+    progress: Progress | None = None,
+    threads: int | None = None,
+) -> ContentSummary:
+    """Extract an artifact into ``dest``, refusing unsafe entries and checking its id.
+
+    The archive is decompressed and read once. Regular files get the permission
+    bits and modification time of their entry (``.pyc`` files compare the
+    source's mtime), directories their mode once everything inside is written.
+
+    Parameters
+    ----------
+    archive_path : path
+        The compressed tar (``<id>.tar.zst``).
+    dest : path
+        An empty or missing folder, private to the caller. On any error the
+        entries written into it are removed again (and ``dest`` itself if this
+        function created it).
+    expected_id : str
+        The content id the archive claims; the tree read must hash to it.
+    max_unpacked_bytes : int
+        Most bytes of regular files to write; more is treated as a bomb.
+    env : str
+        The environment's name, for messages.
+    progress : callable, optional
+        Called as ``progress("extract", bytes_written, max_unpacked_bytes)``
+        every few megabytes and once at the end.
+    threads : int, optional
+        Threads that create files (the kernel creates files in different
+        folders in parallel); default one per usable core, at most 8.
+
+    Returns
+    -------
+    ContentSummary
+        The id, number of regular files and their total size.
+
+    Raises
+    ------
+    UnsafeArchiveError
+        An entry that must never be extracted; the message names it.
+    EnvshipError
+        The archive is corrupt, or its content does not match ``expected_id``.
+
+    Examples
+    --------
+    >>> summary = extract_archive(  # doctest: +SKIP
+    ...     "abc.tar.zst", "/tmp/x", expected_id="abc...", max_unpacked_bytes=2**30,
+    ...     env="sklearn-dev",
+    ... )
+    >>> summary.file_count  # doctest: +SKIP
+    5495
+    """
+    dest = os.fspath(dest)
+    created = not os.path.lexists(dest)
+    if created:
+        os.mkdir(dest, 0o700)
+    elif os.path.islink(dest) or not os.path.isdir(dest) or os.listdir(dest):
+        raise ValueError(f"{dest} must be an empty directory or not exist")
+    try:
+        with open(archive_path, "rb") as f:
+            if threads is None:
+                threads = default_threads()
+            extractor = _Extractor(dest, env, max_unpacked_bytes, progress, threads)
+            summary = extractor.run(f)
+        if summary.id != expected_id:
+            raise EnvshipError(
+                env,
+                f"archive does not match its id: it should be {expected_id} "
+                f"but its content hashes to {summary.id} (corrupted in transit, "
+                "or changed after packing)",
+                "send the artifact again; if that fails, pack the environment again",
+            )
+        return summary
+    except BaseException:
+        if created:
+            remove_tree(dest)
+        else:
+            for name in os.listdir(dest):
+                remove_tree(os.path.join(dest, name))
+        raise
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a file or tree, also if its folders were made read-only.
+
+    Symlinks are removed, never followed. A missing ``path`` is not an error.
+    """
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
+    try:
+        shutil.rmtree(path)
+    except PermissionError:
+        _make_dirs_writable(path)
+        shutil.rmtree(path)
+
+
+def _make_dirs_writable(path: str) -> None:
+    os.chmod(path, 0o700)
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                _make_dirs_writable(entry.path)
+
+
+class _ForwardReader:
+    """A file over a decompressing stream: big reads in, forward seeks only.
+
+    Headers are read 512 bytes at a time; buffering here avoids one call into
+    the decompressor for each.
+    """
+
+    def __init__(self, raw) -> None:
+        self._raw = raw
+        self._buf = b""
+        self._pos = 0
+        self._base = 0  # stream offset of self._buf[0]
+
+    def tell(self) -> int:
+        return self._base + self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            raise ValueError("unbounded reads are not supported")
+        if size > MAX_READ:
+            raise _Corrupt(f"a header claims {size} bytes of metadata")
+        buf, pos = self._buf, self._pos
+        end = pos + size
+        if end <= len(buf):
+            self._pos = end
+            return buf[pos:end]
+        parts = [buf[pos:]]
+        have = len(buf) - pos
+        self._base += len(buf)
+        self._buf, self._pos = b"", 0
+        while have < size:
+            chunk = self._raw.read(max(READ_SIZE, size - have))
+            if not chunk:
+                break
+            need = size - have
+            if len(chunk) > need:
+                # Keep the rest; self._base is already this chunk's offset.
+                parts.append(chunk[:need])
+                self._buf, self._pos = chunk, need
+                break
+            parts.append(chunk)
+            have += len(chunk)
+            self._base += len(chunk)
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self.tell()
+        elif whence != os.SEEK_SET:
+            raise OSError("only forward seeks are supported")
+        skip = offset - self.tell()
+        if skip < 0:
+            raise OSError("only forward seeks are supported")
+        while skip:
+            got = len(self.read(min(skip, READ_SIZE)))
+            if not got:
+                break
+            skip -= got
+        return self.tell()
+
+
+class _Corrupt(Exception):
+    """The stream is not a well-formed artifact (as opposed to an unsafe one)."""
+
+
+@dataclass
+class _Member:
+    """One tar entry, as far as extraction cares."""
+
+    name: str
+    type: bytes
+    mode: int
+    size: int
+    mtime: float
+    linkname: str
+
+
+_REGULAR = (b"0", b"\0")
+_DIR, _SYMLINK, _HARDLINK, _PAX = b"5", b"2", b"1", b"x"
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+_ZERO_BLOCK = bytes(BLOCK)
+_MAX_PAX = 1 << 20
+_SPECIAL = {
+    b"3": "a character device",
+    b"4": "a block device",
+    b"6": "a fifo",
+    b"7": "a contiguous file",
+    b"g": "a global pax header",
+    b"L": "a GNU long name",
+    b"K": "a GNU long link",
+    b"S": "a sparse file",
+}
+
+
+def _read_members(reader: _ForwardReader) -> Iterator[_Member]:
+    """Parse the tar stream ``ArchiveWriter`` writes: POSIX ustar plus pax.
+
+    Deliberately smaller than ``tarfile``: no global headers, GNU
+    extensions, sparse maps or base-256 numbers, which envship never writes.
+    Entries of those kinds are still yielded so that the caller refuses them
+    by name. After each yield the stream is moved past the entry's data,
+    however much of it the caller read.
+    """
+    while True:
+        block = reader.read(BLOCK)
+        if block == _ZERO_BLOCK:
+            return
+        member = _parse_header(block)
+        if member.type == _PAX:
+            pax = _read_pax(reader, member.size)
+            member = _parse_header(reader.read(BLOCK))
+            if member.type == _PAX:
+                raise _Corrupt(f"two pax headers in a row before {member.name!r}")
+            _apply_pax(member, pax)
+        start = reader.tell()
+        yield member
+        if member.type in _REGULAR:
+            reader.seek(start + _blocks(member.size))
+
+
+def _parse_header(block: bytes) -> _Member:
+    if len(block) < BLOCK:
+        raise _Corrupt("it ends in the middle (no end-of-archive marker)")
+    if block == _ZERO_BLOCK:
+        raise _Corrupt("an empty header where an entry should follow")
+    (
+        name,
+        mode,
+        _uid,
+        _gid,
+        size,
+        mtime,
+        checksum,
+        kind,
+        linkname,
+        magic,
+        version,
+        _uname,
+        _gname,
+        _major,
+        _minor,
+        prefix,
+    ) = _HEADER.unpack(block)
+    if magic != b"ustar\0" or version != b"00":
+        raise _Corrupt("a header that is not POSIX ustar")
+    stored = _octal(checksum, "checksum")
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if stored != unsigned:
+        signed = sum(struct.unpack_from("148b8x356b", block)) + 8 * 32
+        if stored != signed:
+            raise _Corrupt("a header with a wrong checksum")
+    name = _text(name)
+    if prefix[0]:
+        name = _text(prefix) + "/" + name
+    if kind == _DIR:
+        name = name.rstrip("/")
+    return _Member(
+        name,
+        kind,
+        _octal(mode, "mode"),
+        _octal(size, "size"),
+        _octal(mtime, "mtime"),
+        _text(linkname),
+    )
+
+
+def _octal(field: bytes, what: str) -> int:
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise _Corrupt(f"a header whose {what} is not an octal number") from None
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _blocks(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def _read_pax(reader: _ForwardReader, size: int) -> dict[str, bytes]:
+    if size > _MAX_PAX:
+        raise _Corrupt(f"a pax header claims {size} bytes")
+    data = reader.read(_blocks(size))[:size]
+    if len(data) < size:
+        raise _Corrupt("it ends inside a pax header")
+    records: dict[str, bytes] = {}
+    pos = 0
+    while pos < size:
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise _Corrupt("a malformed pax record") from None
+        record = data[space + 1 : pos + length]
+        if length <= 0 or pos + length > size or not record.endswith(b"\n"):
+            raise _Corrupt("a malformed pax record")
+        key, sep, value = record[:-1].partition(b"=")
+        if not sep:
+            raise _Corrupt("a malformed pax record")
+        records[key.decode("utf-8", "surrogateescape")] = value
+        pos += length
+    return records
+
+
+def _apply_pax(member: _Member, pax: dict[str, bytes]) -> None:
+    if any(key.startswith("GNU.sparse.") for key in pax):
+        member.type = b"S"
+    try:
+        if "path" in pax:
+            member.name = pax["path"].decode("utf-8", "surrogateescape")
+            if member.type == _DIR:
+                member.name = member.name.rstrip("/")
+        if "linkpath" in pax:
+            member.linkname = pax["linkpath"].decode("utf-8", "surrogateescape")
+        if "size" in pax:
+            member.size = int(pax["size"])
+        if "mtime" in pax:
+            member.mtime = float(pax["mtime"])
+    except ValueError:
+        raise _Corrupt(f"a pax header with a bad number for {member.name!r}") from None
+
+
+class _Extractor:
+    """One extraction: checks and hashes in the calling thread, writes in a pool.
+
+    Creating a file costs far more kernel time than parsing its header, and
+    the kernel creates files in different folders in parallel, so small files
+    and symlinks are handed to writer threads in batches of one folder each.
+    Folders are made here, before any batch that needs them is handed out.
+    """
+
+    def __init__(
+        self, dest: str, env: str, limit: int, progress: Progress | None, threads: int
+    ) -> None:
+        self.dest = dest
+        self.env = env
+        self.limit = limit
+        self.progress = progress
+        self.hasher = ContentHasher()
+        self.kinds: dict[str, str] = {}  # entry -> "f", "h", "l" or "d"
+        self.dirs: set[str] = {""}  # every folder made, listed or not
+        self.dir_times: dict[str, tuple[int, float]] = {}  # listed folders
+        self.odd_links: list[str] = []
+        self.written = 0
+        self.file_count = 0
+        self.next_report = PROGRESS_STEP
+        self.batch: list[tuple] = []
+        self.batch_dir: str | None = None
+        self.batch_bytes = 0
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.pending: deque[Future] = deque()
+        self.slots = threading.Semaphore(MAX_PENDING_BATCHES)
+
+    def refuse(self, name: str, problem: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(
+            self.env,
+            f"the archive holds an unsafe entry {name!r}: {problem}; "
+            "nothing was extracted",
+            "pack the environment again with envship; an archive made "
+            "otherwise, or altered, is never unpacked",
+        )
+
+    def run(self, fileobj) -> ContentSummary:
+        try:
+            self.read_all(fileobj)
+            self.flush()
+            self.drain()
+        finally:
+            if self.pool is not None:
+                # On an error, let running batches end before the caller
+                # removes the tree under them.
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        self.check_odd_links()
+        self.finish_dirs()
+        if self.progress is not None:
+            self.progress("extract", self.written, self.limit)
+        return ContentSummary(self.hasher.hexdigest(), self.file_count, self.written)
+
+    def read_all(self, fileobj) -> None:
+        decompressor = zstandard.ZstdDecompressor()
+        raw = decompressor.stream_reader(fileobj, read_size=READ_SIZE)
+        self.reader = _ForwardReader(raw)
+        try:
+            for member in _read_members(self.reader):
+                self.member(member)
+        except (_Corrupt, zstandard.ZstdError, EOFError) as e:
+            raise EnvshipError(
+                self.env,
+                f"the archive is not a readable envship artifact: {e}",
+                "send the artifact again; if that fails, pack the environment again",
+            ) from None
+
+    def member(self, info: _Member) -> None:
+        name = info.name
+        self.check_name(name, name)
+        mode = info.mode & 0o7777
+        if mode & 0o7000:
+            raise self.refuse(name, f"setuid, setgid or sticky bits (mode {mode:o})")
+        kind = info.type
+        if name in self.kinds or (name in self.dirs and kind != _DIR):
+            raise self.refuse(name, "a duplicate entry")
+        if kind in _REGULAR:
+            self.make_parents(name)
+            self.regular(info, name, mode)
+            return
+        if kind not in (_DIR, _SYMLINK, _HARDLINK):
+            what = _SPECIAL.get(kind, f"an entry of tar type {kind!r}")
+            raise self.refuse(
+                name, f"{what}; only files, folders and links are allowed"
+            )
+        if info.size:
+            raise self.refuse(name, "a folder or link entry that carries data")
+        self.make_parents(name)
+        if kind == _DIR:
+            if name not in self.dirs:
+                os.mkdir(self.path(name), 0o700)
+                self.dirs.add(name)
+            self.kinds[name] = "d"
+            self.dir_times[name] = (mode, info.mtime)
+            self.hasher.add_dir(name, mode)
+        elif kind == _SYMLINK:
+            self.symlink(info, name)
+        else:
+            self.hardlink(info, name)
+
+    def check_name(self, name: str, entry: str) -> None:
+        if not name:
+            raise self.refuse(entry, "an empty path")
+        if "\0" in name:
+            raise self.refuse(entry, "a NUL byte in a path")
+        if name.startswith("/"):
+            raise self.refuse(entry, "an absolute path")
+        parts = name.split("/")
+        if ".." in parts:
+            raise self.refuse(entry, "a '..' component leaves the folder")
+        if "." in parts or "" in parts:
+            raise self.refuse(entry, "not a plain relative path ('.' or '//')")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dest, name)
+
+    def make_parents(self, name: str) -> None:
+        """Create the folders above ``name``; each must be a real folder."""
+        parent = name.rpartition("/")[0]
+        missing = []
+        while parent not in self.dirs:
+            if parent in self.kinds:
+                raise self.refuse(
+                    name, f"its parent {parent!r} is a link or a file, not a folder"
+                )
+            missing.append(parent)
+            parent = parent.rpartition("/")[0]
+        for parent in reversed(missing):
+            os.mkdir(self.path(parent), 0o700)
+            self.dirs.add(parent)
+
+    def regular(self, info: _Member, name: str, mode: int) -> None:
+        size = info.size
+        if size < 0:
+            raise self.refuse(name, "a negative size")
+        if self.written + size > self.limit:
+            raise self.refuse(
+                name,
+                f"more than the {self.limit} unpacked bytes the artifact "
+                "declares (an archive bomb?)",
+            )
+        if size <= WHOLE_FILE:
+            data = self.reader.read(size)
+            if len(data) != size:
+                raise EOFError(f"{name} is cut short")
+            digest = xxhash.xxh3_128_hexdigest(data)
+            self.queue(name, (name, data, mode, info.mtime, None), size)
+        else:
+            digest = self.write_large(name, size, mode, info.mtime)
+        self.kinds[name] = "f"
+        self.hasher.add_file(name, mode, digest)
+        self.file_count += 1
+        self.written += size
+        if self.progress is not None and self.written >= self.next_report:
+            self.next_report = self.written + PROGRESS_STEP
+            self.progress("extract", self.written, self.limit)
+
+    def write_large(self, name: str, size: int, mode: int, mtime: float) -> str:
+        """Stream a big file to disk here, hashing it on the way."""
+        h = xxhash.xxh3_128()
+        fd = os.open(self.path(name), _OPEN_FLAGS, 0o600)
+        try:
+            left = size
+            while left:
+                data = self.reader.read(min(left, READ_SIZE))
+                if not data:
+                    raise EOFError(f"{name} is cut short")
+                h.update(data)
+                _write_all(fd, data)
+                left -= len(data)
+            os.fchmod(fd, mode)
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+        return h.hexdigest()
+
+    def symlink(self, info: _Member, name: str) -> None:
+        target = info.linkname
+        if not target:
+            raise self.refuse(name, "a symlink with an empty target")
+        if "\0" in target:
+            raise self.refuse(name, "a NUL byte in a symlink target")
+        if target.startswith("/"):
+            raise self.refuse(name, f"a symlink to the absolute path {target!r}")
+        # Walk the target lexically from the link's folder. A '..' after a
+        # normal component could climb out through another symlink, so such
+        # links are checked again on disk once every entry exists.
+        level = name.count("/")
+        descended = odd = False
+        for part in target.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                odd = odd or descended
+                level -= 1
+                if level < 0:
+                    raise self.refuse(
+                        name, f"a symlink to {target!r}, outside the environment"
+                    )
+            else:
+                descended = True
+                level += 1
+        if odd:
+            self.odd_links.append(name)
+        self.queue(name, (name, None, 0, info.mtime, target), 0)
+        self.kinds[name] = "l"
+        self.hasher.add_symlink(name, target)
+
+    def hardlink(self, info: _Member, name: str) -> None:
+        target = info.linkname
+        self.check_name(target, name)
+        if self.kinds.get(target) not in ("f", "h"):
+            raise self.refuse(
+                name, f"a hard link to {target!r}, which is not an earlier file"
+            )
+        # Rare: wait until the target is surely on disk.
+        self.flush()
+        self.drain()
+        os.link(self.path(target), self.path(name), follow_symlinks=False)
+        self.kinds[name] = "h"
+        self.hasher.add_hardlink(name, target)
+
+    def queue(self, name: str, item: tuple, size: int) -> None:
+        folder = name.rpartition("/")[0]
+        if folder != self.batch_dir or len(self.batch) >= BATCH_FILES:
+            self.flush()
+            self.batch_dir = folder
+        self.batch.append(item)
+        self.batch_bytes += size
+        if self.batch_bytes >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        batch = self.batch
+        if not batch:
+            return
+        self.batch, self.batch_bytes, self.batch_dir = [], 0, None
+        if self.pool is None:
+            _write_batch(self.dest, batch)
+            return
+        while self.pending and self.pending[0].done():
+            self.pending.popleft().result()  # raises a writer's error here
+        self.slots.acquire()
+        future = self.pool.submit(_write_batch, self.dest, batch)
+        future.add_done_callback(lambda _: self.slots.release())
+        self.pending.append(future)
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def check_odd_links(self) -> None:
+        root = os.path.realpath(self.dest)
+        for name in self.odd_links:
+            resolved = os.path.realpath(self.path(name))
+            if resolved != root and not resolved.startswith(root + os.sep):
+                target = os.readlink(self.path(name))
+                raise self.refuse(
+                    name, f"a symlink to {target!r}, which resolves outside"
+                )
+
+    def finish_dirs(self) -> None:
+        # Deepest first: setting a folder's mode could lock out its children,
+        # and creating children changes a folder's mtime.
+        for name in sorted(self.dirs, key=lambda d: d.count("/"), reverse=True):
+            if not name:
+                continue
+            path = self.path(name)
+            if name in self.dir_times:
+                mode, mtime = self.dir_times[name]
+                os.chmod(path, mode)
+                os.utime(path, (mtime, mtime))
+            else:
+                os.chmod(path, 0o755)
+
+
+def _write_batch(dest: str, batch: list[tuple]) -> None:
+    """Create files and symlinks: ``(name, data, mode, mtime, link_target)``."""
+    for name, data, mode, mtime, target in batch:
+        path = os.path.join(dest, name)
+        if target is not None:
+            os.symlink(target, path)
+            os.utime(path, (mtime, mtime), follow_symlinks=False)
+            continue
+        fd = os.open(path, _OPEN_FLAGS, 0o600)
+        try:
+            if data:
+                _write_all(fd, data)
+            os.fchmod(fd, mode)
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def default_threads() -> int:
+    """Writer threads: one per usable core, at most 8."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # macOS
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))

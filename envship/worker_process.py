@@ -1,0 +1,659 @@
+"""Restart a nanny's worker process inside another Python environment.
+
+A nanny normally starts its worker with multiprocessing in its own interpreter.
+:class:`EnvWorkerProcess` replaces the nanny's ``WorkerProcess``: while its
+``target`` is an unpacked environment, it runs ``<prefix>/bin/python -s
+bootstrap/worker.py`` as a plain subprocess instead, which builds the Worker
+with that environment's own distributed. The worker keeps its name and its
+nanny, so ``restart_workers``, restart after a crash and the memory monitor
+work as before, and the target persists through all of them. A target whose
+python cannot start a worker is dropped: the error is kept in ``last_error``
+and the stock worker starts in the nanny's interpreter, so the nanny never dies
+of a bad environment.
+
+This is the only envship module that touches distributed's internals; it must
+not unpack, download or verify environments. It relies on, from distributed
+2026.8.0:
+
+- ``distributed.nanny.WorkerProcess`` (replaced at module level by
+  :func:`install`): its constructor arguments and attributes ``worker_kwargs``,
+  ``Worker``, ``silence_logs``, ``env``, ``pre_spawn_env``, ``config``,
+  ``on_exit``, ``status``, ``running``, ``stopped``, ``process``,
+  ``worker_address``, ``worker_dir``; its methods ``start``, ``kill``,
+  ``_on_exit`` and ``mark_stopped``, and their status transitions.
+- ``Nanny.instantiate`` building a ``WorkerProcess`` only while
+  ``nanny.process`` is None, so one object lives through restarts;
+  ``Nanny.restart`` (kill then instantiate) and ``Nanny._on_worker_exit``
+  (instantiate after a crash).
+- What ``WorkerProcess``, ``Nanny`` and ``NannyMemoryManager.memory_monitor``
+  use of ``AsyncProcess`` (``pid``, ``exitcode``, ``is_alive``, ``terminate``
+  and ``kill`` returning awaitables, ``join``, ``close``,
+  ``set_exit_callback``), offered by :class:`WorkerSubprocess`.
+- ``distributed.proctitle.enable_proctitle_on_children``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib.resources
+import json
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import distributed.nanny
+from distributed.core import Status
+from distributed.nanny import WorkerProcess
+from distributed.proctitle import enable_proctitle_on_children
+
+logger = logging.getLogger(__name__)
+
+#: Variables of the nanny's environment that would make the environment's
+#: python load the nanny's packages or startup code. CONDA_* goes too.
+DROPPED_VARIABLES = (
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PYTHONUSERBASE",
+    "PYTHONEXECUTABLE",
+    "VIRTUAL_ENV",
+)
+
+_FRAME_HEADER = struct.Struct(">Q")
+_STDERR_TAIL_LINES = 30
+
+
+@dataclass(frozen=True)
+class TargetEnvironment:
+    """An unpacked environment that a nanny's worker can run in.
+
+    Parameters
+    ----------
+    id : str
+        The environment's content id.
+    prefix : Path
+        Where it is unpacked; its python is ``<prefix>/bin/python``.
+    kind : {"conda", "venv"}
+        Sets ``CONDA_PREFIX`` or ``VIRTUAL_ENV`` for the worker.
+    name : str
+        A name for people, used in messages.
+    """
+
+    id: str
+    prefix: Path
+    kind: Literal["conda", "venv"]
+    name: str
+
+    @property
+    def python(self) -> Path:
+        return Path(self.prefix) / "bin" / "python"
+
+
+def bootstrap_script() -> Path:
+    """The path of ``bootstrap/worker.py``, which the environment's python runs."""
+    script = importlib.resources.files("envship._bootstrap") / "worker.py"
+    return Path(os.fspath(script))
+
+
+def _inside(path: str, prefix: Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(prefix)
+    except (OSError, ValueError):
+        return False
+
+
+def child_environ(target: TargetEnvironment, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables of a worker that runs in ``target``.
+
+    ``base`` (the nanny's variables) less what would steer the environment's
+    python back to the nanny's packages, with ``<prefix>/bin`` first on PATH.
+    """
+    env = {
+        k: v
+        for k, v in base.items()
+        if k not in DROPPED_VARIABLES and not k.startswith("CONDA_")
+    }
+    prefix = Path(target.prefix)
+    bin_dir = str(prefix / "bin")
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+    env["PATH"] = os.pathsep.join([bin_dir, *path])
+    if target.kind == "conda":
+        env["CONDA_PREFIX"] = str(prefix)
+    else:
+        env["VIRTUAL_ENV"] = str(prefix)
+
+    # Libraries of the nanny's own prefix would shadow the environment's.
+    nanny_prefix = Path(sys.prefix).resolve()
+    target_prefix = prefix.resolve()
+    library_path = [
+        p
+        for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+        if p and (not _inside(p, nanny_prefix) or _inside(p, target_prefix))
+    ]
+    if library_path:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(library_path)
+    else:
+        env.pop("LD_LIBRARY_PATH", None)
+    return env
+
+
+def _frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=4)
+    return _FRAME_HEADER.pack(len(data)) + data
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class WorkerSubprocess:
+    """The environment's python running ``bootstrap/worker.py``.
+
+    Offers what ``WorkerProcess``, ``Nanny`` and the nanny's memory monitor use
+    of ``AsyncProcess``. Threads wait for the exit, read the one-line report
+    and copy stderr to the nanny's stderr while keeping its last lines; they
+    hand results to the event loop that created this object.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.args = args
+        self.env = env
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+        self._loop = asyncio.get_running_loop()
+        self._popen: subprocess.Popen | None = None
+        self._exit_callback: Callable[[WorkerSubprocess], None] | None = None
+        self._exit = self._loop.create_future()
+        self._report = self._loop.create_future()
+        self._stderr_done = self._loop.create_future()
+        self._stderr_tail: collections.deque[bytes] = collections.deque(
+            maxlen=_STDERR_TAIL_LINES
+        )
+        self._stdin_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<WorkerSubprocess {self.args[0]} pid={self.pid}>"
+
+    def start(self, setup: bytes) -> None:
+        """Launch the child and send it ``setup`` (a frame); OSError if it can't."""
+        read_fd, write_fd = os.pipe()
+        try:
+            self._popen = subprocess.Popen(
+                [*self.args, str(write_fd)],
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env,
+                pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.pid = self._popen.pid
+        for target, args in (
+            (self._wait_exit, ()),
+            (self._read_report, (read_fd,)),
+            (self._copy_stderr, ()),
+            (self._send, (setup,)),
+        ):
+            name = f"envship worker {self.pid} {target.__name__.strip('_')}"
+            threading.Thread(target=target, args=args, name=name, daemon=True).start()
+
+    def _call_in_loop(self, func: Callable, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(func, *args)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    def _wait_exit(self) -> None:
+        assert self._popen is not None
+        self.exitcode = self._popen.wait()
+        self._call_in_loop(self._on_exit)
+
+    def _on_exit(self) -> None:
+        # Same order as AsyncProcess: callback first, then wake join().
+        if self._exit_callback is not None:
+            self._exit_callback(self)
+        _set_result(self._exit, self.exitcode)
+
+    def _read_report(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as f:
+            line = f.readline()
+        self._call_in_loop(_set_result, self._report, line)
+
+    def _copy_stderr(self) -> None:
+        assert self._popen is not None and self._popen.stderr is not None
+        for line in iter(self._popen.stderr.readline, b""):
+            self._stderr_tail.append(line)
+            view = memoryview(line)
+            try:
+                while view:
+                    view = view[os.write(2, view) :]
+            except OSError:
+                pass
+        self._popen.stderr.close()
+        self._call_in_loop(_set_result, self._stderr_done, None)
+
+    def _send(self, frame: bytes) -> None:
+        assert self._popen is not None and self._popen.stdin is not None
+        with self._stdin_lock:
+            try:
+                self._popen.stdin.write(frame)
+                self._popen.stdin.flush()
+            except (OSError, ValueError):
+                pass  # the child is gone; its exit tells the rest
+
+    async def wait_report(self, timeout: float) -> bytes:
+        """The child's report line; empty if it exited without reporting."""
+        return await asyncio.wait_for(asyncio.shield(self._report), timeout)
+
+    async def wait_stderr(self, timeout: float) -> None:
+        """Wait until the child's stderr is read to its end."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stderr_done), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def stderr_tail(self) -> str:
+        return b"".join(self._stderr_tail).decode(errors="replace")
+
+    def send_stop(self, message: dict) -> None:
+        """Ask the worker to close; closing stdin afterwards is harmless."""
+        self._send(_frame(message))
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        if self._popen is not None and self._popen.stdin is not None:
+            with self._stdin_lock:
+                try:
+                    self._popen.stdin.close()
+                except OSError:
+                    pass
+
+    def _done(self) -> asyncio.Future[None]:
+        # AsyncProcess returns futures; the memory monitor calls without await.
+        future = self._loop.create_future()
+        future.set_result(None)
+        return future
+
+    def terminate(self) -> asyncio.Future[None]:
+        if self._popen is not None and self.exitcode is None:
+            self._popen.terminate()
+        return self._done()
+
+    def kill(self) -> asyncio.Future[None]:
+        if self._popen is not None and self.exitcode is None:
+            self._popen.kill()
+        return self._done()
+
+    async def join(self, timeout: float | None = None) -> None:
+        assert self.pid is not None, "can only join a started process"
+        await asyncio.wait_for(asyncio.shield(self._exit), timeout)
+
+    def is_alive(self) -> bool:
+        return self.pid is not None and self.exitcode is None
+
+    def close(self) -> None:
+        """Release the pipe to the child; does not wait for it to exit."""
+        if not self._closed:
+            self._closed = True
+            self._close_stdin()
+
+    def set_exit_callback(self, func: Callable[[WorkerSubprocess], None]) -> None:
+        assert self.pid is None, "cannot set exit callback when process already started"
+        self._exit_callback = func
+
+
+def _class_path(cls: Any) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+class EnvWorkerProcess(WorkerProcess):
+    """A nanny's ``WorkerProcess`` that can run its worker in another environment.
+
+    With ``target`` None everything is the stock ``WorkerProcess``. Otherwise
+    ``start`` runs the worker under ``target``'s python and ``kill`` stops it
+    the way the stock worker is stopped. Status transitions are the stock
+    ones, so the nanny's restart, crash restart and memory monitor are
+    unchanged. The nanny keeps this object across restarts, so ``target``
+    persists until it is changed or dropped after a failure.
+
+    Attributes
+    ----------
+    target : TargetEnvironment or None
+        Where the next worker starts; None for the nanny's own interpreter.
+    last_error : str or None
+        Why the last start in ``target`` failed (with the child's stderr), if
+        it did; ``target`` is then None.
+    worker_python : str or None
+        The interpreter of the current worker.
+    start_timeout : float
+        Seconds the environment's worker has to report its address.
+    """
+
+    # Class attributes, so that an instance converted by install() has them.
+    target: TargetEnvironment | None = None
+    last_error: str | None = None
+    worker_python: str | None = None
+    start_timeout: float = 60.0
+    _switch_lock: asyncio.Lock | None = None
+
+    def __init__(self, worker_kwargs, *args, **kwargs):
+        super().__init__(worker_kwargs, *args, **kwargs)
+        # A nanny that joined with a target set by a plugin before its first
+        # worker process existed (see set_initial_target).
+        self.target = _initial_targets.pop(worker_kwargs.get("nanny"), None)
+
+    @property
+    def switch_lock(self) -> asyncio.Lock:
+        if self._switch_lock is None:
+            self._switch_lock = asyncio.Lock()
+        return self._switch_lock
+
+    async def start(self) -> Status:
+        target = self.target
+        if target is None:
+            self.worker_python = sys.executable
+            return await super().start()
+        if self.status == Status.running:
+            return self.status
+        if self.status == Status.starting:
+            await self.running.wait()
+            return self.status
+
+        enable_proctitle_on_children()
+        self.running = running = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.status = Status.starting
+        self.last_error = None
+        try:
+            error = await self._start_in(target)
+        except BaseException:
+            running.set()
+            raise
+        if error is None:
+            self.status = Status.running
+            running.set()
+            return self.status
+
+        logger.error("%s", error)
+        self.last_error = error
+        self.target = None
+        # Start from scratch; whoever waits on the old event wakes up below.
+        self.status = Status.init
+        try:
+            return await self.start()
+        finally:
+            running.set()
+
+    async def _start_in(self, target: TargetEnvironment) -> str | None:
+        """Start the worker under ``target``'s python; an error text on failure."""
+        python = target.python
+        what = f"environment {target.name!r} ({target.id} at {target.prefix})"
+        fallback = f"The worker runs in the nanny's interpreter ({sys.executable})."
+        if not os.access(python, os.X_OK):
+            return f"{what}: {python} is missing or not executable. {fallback}"
+
+        environ = child_environ(
+            target, {**os.environ, **self.pre_spawn_env, **self.env}
+        )
+        try:
+            setup = _frame(
+                {
+                    "worker_kwargs": self.worker_kwargs,
+                    "worker_class": _class_path(self.Worker),
+                    "silence_logs": self.silence_logs,
+                    "env": {k: environ[k] for k in self.env if k in environ},
+                    "config": self.config,
+                }
+            )
+        except Exception as e:
+            return f"{what}: cannot send the worker's settings: {e!r}. {fallback}"
+        process = WorkerSubprocess(
+            [str(python), "-s", str(bootstrap_script())], environ
+        )
+        process.set_exit_callback(self._on_exit)
+        try:
+            process.start(setup)
+        except OSError as e:
+            return f"{what}: could not run {python}: {e!r}. {fallback}"
+        self.process = process
+
+        problem = None
+        timed_out = False
+        try:
+            line = await process.wait_report(self.start_timeout)
+        except asyncio.TimeoutError:
+            problem = f"no worker address reported within {self.start_timeout:g} s"
+            timed_out = True
+        except BaseException:
+            # Cancelled, e.g. by the nanny's death_timeout: don't leak the child.
+            process.kill()
+            self.status = Status.failed
+            raise
+        if problem is None:
+            report = _parse_report(line)
+            if report is None:
+                problem = "the process exited before reporting a worker address"
+            elif "error" in report:
+                problem = "the worker failed to start:\n" + report["error"].rstrip()
+            elif not process.is_alive():
+                problem = "the worker exited right after starting"
+            else:
+                self.worker_address = report["address"]
+                self.worker_dir = report["dir"]
+                self.worker_python = report.get("python", str(python))
+                return None
+
+        # Detach first so that its exit is not taken for a crash of the worker.
+        self.process = None
+        if timed_out:
+            process.kill()
+        # One that reported an error exits by itself: keep its exit code.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await process.join(5)
+        if process.is_alive():
+            process.kill()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await process.join(5)
+        await process.wait_stderr(2)
+        process.close()
+        message = f"{what}: {python} could not start a worker: {problem}"
+        if "No module named 'distributed'" in problem:
+            message += (
+                f"\nFix: install distributed (the cluster runs "
+                f"{distributed.__version__}) in that environment."
+            )
+        message += f"\nExit code: {process.exitcode}."
+        tail = process.stderr_tail().rstrip()
+        if tail:
+            message += f"\nLast lines of its stderr:\n{tail}"
+        return f"{message}\n{fallback}"
+
+    def _on_exit(self, proc: Any) -> None:
+        if (
+            isinstance(proc, WorkerSubprocess)
+            and proc is self.process
+            and self.status == Status.starting
+        ):
+            return  # died while starting: start() falls back instead
+        super()._on_exit(proc)
+
+    async def kill(
+        self,
+        timeout: float = 5,
+        executor_wait: bool = True,
+        reason: str = "workerprocess-kill",
+    ) -> None:
+        if self.status == Status.starting:
+            await self.running.wait()
+        process = self.process
+        if not isinstance(process, WorkerSubprocess):
+            await super().kill(
+                timeout=timeout, executor_wait=executor_wait, reason=reason
+            )
+            return
+
+        # From here on, WorkerProcess.kill with a stop message on stdin.
+        assert self.status in (
+            Status.stopping,
+            Status.stopped,
+            Status.running,
+            Status.failed,
+            Status.closing_gracefully,
+        ), self.status
+        if self.status == Status.stopped:
+            return
+        if self.status == Status.stopping:
+            await self.stopped.wait()
+            return
+        self.status = Status.stopping
+        logger.info("Nanny asking worker to close. Reason: %s", reason)
+        wait_timeout = timeout * 0.8
+        process.send_stop(
+            {
+                "op": "stop",
+                "timeout": wait_timeout,
+                "executor_wait": executor_wait,
+                "reason": reason,
+            }
+        )
+        try:
+            await process.join(wait_timeout)
+            return
+        except asyncio.TimeoutError:
+            pass
+        logger.warning(
+            f"Worker process still alive after {wait_timeout:.1f} seconds, killing"
+        )
+        await process.kill()
+        await process.join(timeout)
+
+
+def _parse_report(line: bytes) -> dict | None:
+    if not line.strip():
+        return None
+    try:
+        report = json.loads(line)
+    except ValueError:
+        return {"error": f"unreadable report {line[:200]!r}"}
+    return report if isinstance(report, dict) else None
+
+
+#: nanny address -> target for the first worker process of a nanny that has
+#: none yet (a nanny joining the cluster gets plugins before its worker).
+_initial_targets: dict[str, TargetEnvironment | None] = {}
+
+
+def set_initial_target(
+    nanny: distributed.Nanny, target: TargetEnvironment | None
+) -> None:
+    """Start ``nanny``'s first worker process in ``target``."""
+    install(nanny)
+    _initial_targets[nanny.address] = target
+
+
+def install(nanny: distributed.Nanny) -> EnvWorkerProcess | None:
+    """Make ``nanny`` (and every nanny of this process) use EnvWorkerProcess.
+
+    Replaces ``distributed.nanny.WorkerProcess``, which is the stock one while
+    no target is set, and converts the nanny's current ``WorkerProcess``.
+    Idempotent.
+
+    Returns
+    -------
+    The nanny's EnvWorkerProcess, or None while the nanny has no worker
+    process (not started yet, or closed): its first one will be one.
+    """
+    distributed.nanny.WorkerProcess = EnvWorkerProcess
+    process = nanny.process
+    if process is None or isinstance(process, EnvWorkerProcess):
+        return process
+    if type(process) is not WorkerProcess:
+        raise TypeError(
+            f"nanny {nanny.address_safe} uses {type(process).__qualname__}, "
+            "a WorkerProcess subclass envship does not know; cannot install"
+        )
+    process.__class__ = EnvWorkerProcess
+    return process
+
+
+async def switch(
+    nanny: distributed.Nanny,
+    target: TargetEnvironment | None,
+    reason: str = "envship-switch",
+    timeout: float | None = None,
+) -> dict:
+    """Restart ``nanny``'s worker in ``target`` (None: the nanny's interpreter).
+
+    The worker keeps its name and nanny but gets a new address; data held only
+    by it is lost. If ``target`` cannot start a worker, the worker comes back
+    in the nanny's interpreter and the result says why.
+
+    Parameters
+    ----------
+    nanny : distributed.Nanny
+        A running nanny of this process.
+    target : TargetEnvironment or None
+        The environment to run the worker in.
+    reason : str
+        Logged by the nanny and the worker.
+    timeout : float, optional
+        Seconds to wait for the restart; by default the start timeout plus 30.
+
+    Returns
+    -------
+    dict with ``ok``, ``target`` (the id the worker runs in, or None), ``error``
+    (str or None), ``seconds``, ``worker_address`` and ``python``.
+    """
+    started = time.perf_counter()
+    process = install(nanny)
+
+    def result(error: str | None) -> dict:
+        current = nanny.process
+        in_target = isinstance(current, EnvWorkerProcess) and current.target
+        return {
+            "ok": error is None,
+            "target": in_target.id if in_target else None,
+            "error": error,
+            "seconds": time.perf_counter() - started,
+            "worker_address": nanny.worker_address,
+            "python": getattr(current, "worker_python", None),
+        }
+
+    if process is None or nanny.status != Status.running:
+        return result(
+            f"nanny {nanny.address_safe} has no running worker process "
+            f"(status {nanny.status.name}); start it first"
+        )
+    if timeout is None:
+        timeout = process.start_timeout + 30
+    async with process.switch_lock:
+        process.target = target
+        process.last_error = None
+        outcome = await nanny.restart(timeout=timeout, reason=reason)
+
+    if outcome == "timed out":
+        return result(f"the restart did not finish within {timeout:g} s")
+    if outcome != "OK":
+        text = outcome.get("exception_text") if isinstance(outcome, dict) else None
+        return result(f"the restart failed: {text or outcome}")
+    if process.last_error:
+        return result(process.last_error)
+    if process.status != Status.running:
+        return result(f"the worker is {process.status.name} after the restart")
+    return result(None)

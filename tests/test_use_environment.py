@@ -1,0 +1,276 @@
+"""client.use_environment on a real cluster: two nodes (cache directories) with
+two nannies each, started with ``dask worker --preload-nanny envship``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import zstandard
+
+import envship
+from envship.archive import ContentHasher, file_digest
+from envship.cache import EnvCache
+from envship.errors import EnvshipError, IncompatibleEnvironmentError
+from envship.store import Artifact
+from fixtures.cluster import local_cluster
+
+# Functions of this module run on workers inside shipped environments, where
+# the module itself cannot be imported: send them by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+NODES = {"node-a": 2, "node-b": 2}
+
+
+def prefix_and_sklearn() -> tuple[str, str | None]:
+    try:
+        import sklearn
+    except ImportError:
+        return sys.prefix, None
+    return sys.prefix, sklearn.__version__
+
+
+def fit_score() -> float:
+    from sklearn.linear_model import LinearRegression
+
+    return float(LinearRegression().fit([[0], [1], [2]], [0, 2, 4]).coef_[0])
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cluster")
+    with local_cluster(folder, NODES) as (client, caches):
+        yield client, caches
+
+
+@pytest.fixture(scope="module")
+def sklearn_dev(env_prefix, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    return envship.pack(env_prefix("sklearn-dev"), name="sklearn-dev", store=store)
+
+
+def node_of(name: str) -> str:
+    return name.rsplit("-", 1)[0]
+
+
+def where(client) -> dict[str, tuple[str, str | None]]:
+    """Worker name -> (sys.prefix, scikit-learn version), asked inside each worker."""
+    names = {
+        a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+    }
+    return {names[a]: tuple(v) for a, v in client.run(prefix_and_sklearn).items()}
+
+
+def wait_until(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.2)
+
+
+def test_switch_there_and_back(cluster, sklearn_dev):
+    client, caches = cluster
+    report = client.use_environment(sklearn_dev)
+    assert report.ok and set(report) == {f"{n}-{i}" for n in NODES for i in range(2)}
+    assert {r.environment for r in report.values()} == {sklearn_dev.id}
+
+    for name, (prefix, version) in where(client).items():
+        assert prefix == str(caches[node_of(name)] / sklearn_dev.id)
+        assert version == "1.9.1"
+    # A lambda: plain pickle (tried first) would send fit_score by reference.
+    assert client.submit(lambda: fit_score(), pure=False).result() == pytest.approx(2)
+
+    # Shipped once per node and extracted once per node, not per nanny.
+    archives = {}
+    for node, cache in caches.items():
+        assert len(EnvCache(cache).installs(sklearn_dev.id)) == 1
+        archive = EnvCache(cache).archive_path(sklearn_dev.id)
+        archives[node] = archive.stat().st_ino
+
+    report = client.use_environment(None)
+    assert report.ok and {r.environment for r in report.values()} == {None}
+    assert {prefix for prefix, _ in where(client).values()} == {sys.prefix}
+
+    report = client.use_environment(sklearn_dev)
+    assert report.ok
+    for node, cache in caches.items():
+        assert len(EnvCache(cache).installs(sklearn_dev.id)) == 1  # no extraction
+        assert (
+            EnvCache(cache).archive_path(sklearn_dev.id).stat().st_ino == archives[node]
+        )
+    assert {v for _, v in where(client).values()} == {"1.9.1"}
+
+
+def test_environment_survives_crash_and_restart(cluster, sklearn_dev):
+    client, caches = cluster
+    client.use_environment(sklearn_dev)
+    pids = client.run(worker_pid)
+    victim, pid = next(iter(pids.items()))
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: victim not in client.scheduler_info(n_workers=-1)["workers"])
+    client.wait_for_workers(4, timeout=60)
+    assert {v for _, v in where(client).values()} == {"1.9.1"}
+
+    client.restart_workers(list(client.scheduler_info(n_workers=-1)["workers"]))
+    client.wait_for_workers(4, timeout=60)
+    for name, (prefix, version) in where(client).items():
+        assert prefix == str(caches[node_of(name)] / sklearn_dev.id)
+        assert version == "1.9.1"
+
+
+def test_incompatible_python_is_refused_before_any_restart(cluster, env_prefix, store):
+    client, _ = cluster
+    before = set(client.scheduler_info(n_workers=-1)["workers"])
+    with pytest.raises(IncompatibleEnvironmentError) as info:
+        client.use_environment(env_prefix("py312"))
+    assert "python" in str(info.value) and "3.12" in str(info.value)
+    with pytest.raises(IncompatibleEnvironmentError, match="Python 2.7"):
+        client.use_environment(env_prefix("py27"))
+    with pytest.raises(IncompatibleEnvironmentError, match="distributed"):
+        client.use_environment(env_prefix("no-distributed"))
+    assert set(client.scheduler_info(n_workers=-1)["workers"]) == before
+
+
+def broken_copy(prefix: Path, dest: Path) -> Path:
+    """A venv whose distributed fails on import, though its metadata looks fine."""
+    subprocess.run(["cp", "-a", prefix, dest], check=True)
+    init = next(dest.glob("lib/python3.*/site-packages/distributed/__init__.py"))
+    init.write_text("raise ImportError('broken on purpose')\n")
+    shutil.rmtree(init.parent / "__pycache__")
+    return dest
+
+
+def test_broken_environment_falls_back_and_reports(
+    cluster, env_prefix, store, tmp_path
+):
+    client, _ = cluster
+    broken = broken_copy(env_prefix("venv"), tmp_path / "broken-venv")
+    with pytest.raises(EnvshipError) as info:
+        client.use_environment(broken)
+    report = info.value.report
+    assert not any(r.ok for r in report.values())
+    assert all("broken on purpose" in r.error for r in report.values())
+    assert {r.environment for r in report.values()} == {None}
+    client.wait_for_workers(4, timeout=60)
+    assert {prefix for prefix, _ in where(client).values()} == {sys.prefix}
+    assert client.submit(sum, [1, 2, 3]).result() == 6
+
+
+def malicious_artifact(store: Path, kind: str) -> Artifact:
+    """A hand-made archive that claims to be a fine environment."""
+    hasher = ContentHasher()
+    raw = io.BytesIO()
+    declared = 1000
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+
+        def add(name, data=b"", **attrs):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            for key, value in attrs.items():
+                setattr(info, key, value)
+            tar.addfile(info, io.BytesIO(data))
+            if info.issym():
+                hasher.add_symlink(name, info.linkname)
+            else:
+                hasher.add_file(name, info.mode, file_digest(data))
+
+        add("bin/python", b"#!/bin/sh\n", mode=0o755)
+        if kind == "traversal":
+            add("../../escaped.txt", b"gotcha")
+        elif kind == "symlink":
+            add("lib/evil", type=tarfile.SYMTYPE, linkname="../../../../etc")
+        elif kind == "bomb":
+            add("lib/big.bin", b"\0" * (declared * 100))
+    artifact_id = hasher.hexdigest()
+    path = store / f"{artifact_id}.tar.zst"
+    store.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
+    manifest = {
+        "id": artifact_id,
+        "name": f"evil-{kind}",
+        "kind": "venv",
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}.0",
+        "packages": {"distributed": __import__("distributed").__version__},
+        "platform": envship.environment.platform_facts(),
+        "file_count": 2,
+        "unpacked_size": declared,
+        "packed_size": path.stat().st_size,
+        "created": "2026-01-01T00:00:00+00:00",
+    }
+    (store / f"{artifact_id}.json").write_text(json.dumps(manifest))
+    return Artifact(artifact_id, manifest["name"], path, manifest)
+
+
+@pytest.mark.parametrize("kind", ["traversal", "symlink", "bomb"])
+def test_malicious_archives_leave_workers_and_cache_intact(
+    cluster, sklearn_dev, store, kind
+):
+    client, caches = cluster
+    client.use_environment(sklearn_dev)
+    before = set(client.scheduler_info(n_workers=-1)["workers"])
+    evil = malicious_artifact(store, kind)
+    with pytest.raises(EnvshipError) as info:
+        client.use_environment(evil, strict=False)
+    assert f"evil-{kind}" in str(info.value) or evil.id in str(info.value)
+    assert set(client.scheduler_info(n_workers=-1)["workers"]) == before
+    for cache in caches.values():
+        node = EnvCache(cache)
+        assert not node.has(evil.id) and not node.has_archive(evil.id)
+        assert node.has(sklearn_dev.id)
+        assert not list((cache / "tmp").iterdir())
+    assert not (caches["node-a"].parent / "escaped.txt").exists()
+    assert {v for _, v in where(client).values()} == {"1.9.1"}
+
+
+def test_data_only_on_switched_workers_gives_a_warning(cluster, sklearn_dev):
+    client, _ = cluster
+    client.use_environment(sklearn_dev)
+    future = client.scatter({"numbers": list(range(1000))})
+    with pytest.warns(UserWarning, match="1 keys"):
+        client.use_environment(sklearn_dev)
+    del future
+
+
+def test_nannies_without_preload_get_the_plugin(tmp_path, env_prefix, store):
+    base = envship.pack(env_prefix("base"), store=store)
+    with local_cluster(tmp_path / "c", {"solo": 1}, preload=False) as (client, caches):
+        report = client.use_environment(base)
+        assert report.ok
+        assert where(client) == {"solo-0": (str(caches["solo"] / base.id), None)}
+
+
+def test_eviction_never_removes_an_environment_in_use(tmp_path, env_prefix, store):
+    base = envship.pack(env_prefix("base"), store=store)
+    venv = envship.pack(env_prefix("venv"), store=store)
+    budget = {"DASK_ENVSHIP__CACHE__MAX_SIZE": "1 MB"}  # smaller than either
+    with local_cluster(tmp_path / "c", {"tiny": 1}, node_env=budget) as (
+        client,
+        caches,
+    ):
+        cache = EnvCache(caches["tiny"], max_size="1 MB")
+        assert client.use_environment(base).ok
+        assert client.use_environment(venv).ok
+        # base was in use while venv was installed over budget: still there.
+        assert cache.has(base.id) and cache.has(venv.id)
+        assert where(client)["tiny-0"][0] == str(caches["tiny"] / venv.id)
+        assert client.use_environment(base).ok
+        assert where(client)["tiny-0"][0] == str(caches["tiny"] / base.id)
+        # Now venv is unused: the next install over budget may evict it, base never.
+        cache.gc()
+        assert cache.has(base.id)
+        assert not cache.has(venv.id)
