@@ -129,5 +129,64 @@ def rm(name_or_id, store):
     click.echo(f"removed {artifact.name} {artifact.id}")
 
 
+@main.group()
+def cache():
+    """The node cache of unpacked environments (run on a worker's machine)."""
+
+
+directory_option = click.option(
+    "--directory",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Cache folder (default: dask config envship.cache.directory).",
+)
+
+
+@cache.command("list")
+@directory_option
+def cache_list(directory):
+    """List the environments cached on this node."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .cache import EnvCache
+
+    node = EnvCache(directory)
+    table = Table("name", "id", "size", "last used", "in use by", box=None)
+    for e in node.entries():
+        used = datetime.fromtimestamp(e.last_used) if e.last_used else None
+        table.add_row(
+            e.name or "-",
+            e.id[:12],
+            format_bytes(e.size),
+            used.strftime("%Y-%m-%d %H:%M") if used else "-",
+            ", ".join(map(str, e.leases)) or "-",
+        )
+    Console().print(table)
+    click.echo(
+        f"{node.root}: {format_bytes(node.size())} of {format_bytes(node.max_size)}"
+    )
+
+
+@cache.command("gc")
+@directory_option
+def cache_gc(directory):
+    """Remove leftovers of crashed installs and evict down to the budget."""
+    from .cache import EnvCache
+
+    evicted = EnvCache(directory).gc()
+    click.echo(f"evicted {len(evicted)} environment(s)")
+
+
+@cache.command("clear")
+@directory_option
+def cache_clear(directory):
+    """Remove every cached environment that no running worker uses."""
+    from .cache import EnvCache
+
+    removed = EnvCache(directory).clear()
+    click.echo(f"removed {len(removed)} environment(s)")
+
+
 if __name__ == "__main__":
     main()

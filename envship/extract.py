@@ -19,6 +19,7 @@ nothing of the node cache, conda or Dask.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import struct
 import threading
@@ -184,7 +185,7 @@ class _ForwardReader:
         if size is None or size < 0:
             raise ValueError("unbounded reads are not supported")
         if size > MAX_READ:
-            raise _Corrupt(f"a header claims {size} bytes of metadata")
+            raise _Corrupt(f"a read of {size} bytes was asked for")
         buf, pos = self._buf, self._pos
         end = pos + size
         if end <= len(buf):
@@ -223,6 +224,56 @@ class _ForwardReader:
                 break
             skip -= got
         return self.tell()
+
+
+class _Prefetcher:
+    """Decompresses ahead in a thread (zstandard releases the GIL meanwhile).
+
+    ``read`` returns the next chunk, whatever size is asked for; errors of
+    the thread are raised there.
+    """
+
+    def __init__(self, raw, depth: int = 8) -> None:
+        self._raw = raw
+        self._chunks: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="envship-decompress", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                chunk = self._raw.read(READ_SIZE)
+                if not self._put(chunk) or not chunk:
+                    return
+        except BaseException as e:  # handed to the reading thread
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read(self, size: int = -1) -> bytes:
+        if self._stop.is_set():
+            return b""
+        item = self._chunks.get()
+        if isinstance(item, BaseException):
+            self._stop.set()
+            raise item
+        if not item:
+            self._stop.set()
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class _Corrupt(Exception):
@@ -448,7 +499,8 @@ class _Extractor:
     def read_all(self, fileobj) -> None:
         decompressor = zstandard.ZstdDecompressor()
         raw = decompressor.stream_reader(fileobj, read_size=READ_SIZE)
-        self.reader = _ForwardReader(raw)
+        prefetcher = _Prefetcher(raw)
+        self.reader = _ForwardReader(prefetcher)
         try:
             for member in _read_members(self.reader):
                 self.member(member)

@@ -72,7 +72,9 @@ class NannySide:
         return f"{os.uname().nodename}:{st.st_dev}:{st.st_ino}"
 
     def _upload_path(self, artifact_id: str, upload: str) -> Path:
-        name = f"upload-{_checked(artifact_id)}-{uuid.UUID(upload).hex}"
+        # <id>.<pid>.<random>.part: `envship cache gc` removes it once this
+        # nanny is gone.
+        name = f"{_checked(artifact_id)}.{os.getpid()}.{uuid.UUID(upload).hex}.part"
         return self.cache.root / "tmp" / name
 
     # -- comm handlers ------------------------------------------------------
