@@ -231,7 +231,7 @@ async def _nanny_side(client, targets, artifact, label) -> dict[str, dict]:
             await client._register_nanny_plugin(
                 NannySetup(), name=NannySetup.name, idempotent=False
             )
-        except (ImportError, AttributeError) as e:
+        except Exception as e:  # whatever unpickling the plugin raised there
             raise EnvshipError(
                 label,
                 f"the nannies cannot load envship ({e})",

@@ -274,3 +274,30 @@ def test_eviction_never_removes_an_environment_in_use(tmp_path, env_prefix, stor
         cache.gc()
         assert cache.has(base.id)
         assert not cache.has(venv.id)
+
+
+def test_switch_some_workers_only(cluster, sklearn_dev):
+    client, caches = cluster
+    client.use_environment(None)
+    report = client.use_environment(sklearn_dev, workers=["node-a-0", "node-b-1"])
+    assert set(report) == {"node-a-0", "node-b-1"} and report.ok
+    found = where(client)
+    assert found["node-a-0"] == (str(caches["node-a"] / sklearn_dev.id), "1.9.1")
+    assert found["node-b-1"] == (str(caches["node-b"] / sklearn_dev.id), "1.9.1")
+    assert found["node-a-1"] == found["node-b-0"] == (sys.prefix, None)
+    with pytest.raises(EnvshipError, match="no such workers: nobody"):
+        client.use_environment(sklearn_dev, workers=["nobody"])
+
+
+def test_nannies_that_cannot_import_envship(tmp_path, env_prefix, store):
+    # Scheduler and nannies run in the base fixture: distributed, no envship.
+    python = str(env_prefix("base") / "bin" / "python")
+    artifact = envship.pack(env_prefix("base"), store=store)
+    with local_cluster(tmp_path / "c", {"bare": 1}, preload=False, python=python) as (
+        client,
+        _,
+    ):
+        with pytest.raises(EnvshipError, match="cannot load envship") as info:
+            client.use_environment(artifact)
+        assert "pip install envship" in str(info.value)
+        assert client.submit(sum, [1, 2]).result() == 3
