@@ -137,7 +137,8 @@ class ArchiveWriter:
     def _header(self, target: str, st: os.stat_result | None, size: int = 0):
         info = tarfile.TarInfo(target)
         if st is not None:
-            info.mode = stat.S_IMODE(st.st_mode)
+            # No setuid, setgid or sticky bits: nodes refuse them anyway.
+            info.mode = stat.S_IMODE(st.st_mode) & 0o777
             info.mtime = int(st.st_mtime)
         else:
             info.mode = 0o644

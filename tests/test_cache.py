@@ -521,3 +521,6 @@ def test_packed_fixture_runs_at_its_final_prefix(tmp_path, fixture, code):
     else:
         assert str(prefix) in (prefix / "bin" / "activate").read_text()
     assert_read_only(prefix)
+    # Big trees: don't leave them for pytest's own clean-up of old runs.
+    cache.remove(artifact.id)
+    remove_tree(tmp_path / "store")

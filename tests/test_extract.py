@@ -12,7 +12,7 @@ import zstandard
 
 from envship.archive import ArchiveWriter, ContentHasher, file_digest
 from envship.errors import EnvshipError, UnsafeArchiveError
-from envship.extract import extract_archive, remove_tree
+from envship.extract import _make_dirs_writable, extract_archive, remove_tree
 
 MTIME = 1_600_000_000
 
@@ -395,6 +395,20 @@ def test_not_an_archive_is_an_error(tmp_path):
             env="forged-env",
         )
     outside_untouched(tmp_path)
+
+
+def test_folders_are_made_writable_for_removal(tmp_path):
+    # As root, rmtree never meets the PermissionError that triggers this.
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir(mode=0o555)
+    for path in (tree / "a" / "b", tree / "a", tree):
+        path.chmod(0o555)
+    _make_dirs_writable(str(tree))
+    for path in (tree / "a" / "b", tree / "a", tree):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "elsewhere").stat().st_mode) == 0o555
 
 
 def test_remove_tree_handles_read_only_folders(tmp_path):
