@@ -18,29 +18,14 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from envship.archive import ArchiveWriter
 from envship.cache import EnvCache, fixup_venv
 from envship.errors import EnvshipError
 from envship.extract import remove_tree
+from fixtures.trees import pack_tree
 
 OLD_PREFIX = "/home/someone/envs/old-prefix"
 BASE_PYTHON = os.path.realpath(sys.executable)
 LAYOUT = {"archives", "tmp", "locks", "leases", "used", "installed"}
-
-
-def pack_tree(src, out):
-    """Pack every entry under ``src`` as the packer would; return the summary."""
-    with open(out, "wb") as f, ArchiveWriter(f) as writer:
-        for root, dirs, files in os.walk(src):
-            dirs.sort()
-            rel = os.path.relpath(root, src)
-            if rel != ".":
-                writer.add(root, rel)
-            links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
-            for name in sorted(files) + links:
-                target = os.path.normpath(os.path.join(rel, name))
-                writer.add(os.path.join(root, name), target)
-    return writer.summary
 
 
 def make_venv_tree(root, *, files=3, size=1000, base_python=BASE_PYTHON, seed=b""):

@@ -10,28 +10,12 @@ import tarfile
 import pytest
 import zstandard
 
-from envship.archive import ArchiveWriter, ContentHasher, file_digest
+from envship.archive import ContentHasher, file_digest
 from envship.errors import EnvshipError, UnsafeArchiveError
 from envship.extract import _make_dirs_writable, extract_archive, remove_tree
+from fixtures.trees import pack_tree
 
 MTIME = 1_600_000_000
-
-
-def pack_tree(src, out):
-    """Pack every entry under ``src`` as the packer would; return the summary."""
-    with open(out, "wb") as f, ArchiveWriter(f) as writer:
-        for root, dirs, files in os.walk(src):
-            dirs.sort()
-            rel = os.path.relpath(root, src)
-            if rel != ".":
-                writer.add(root, rel)
-            for name in sorted(files) + [
-                d for d in dirs if os.path.islink(os.path.join(root, d))
-            ]:
-                writer.add(
-                    os.path.join(root, name), os.path.normpath(os.path.join(rel, name))
-                )
-    return writer.summary
 
 
 def make_tree(root):
