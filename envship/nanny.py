@@ -185,9 +185,11 @@ class NannySide:
             name=wanted["name"],
         )
 
-    def _release_unused(self, previous: str | None) -> None:
-        if previous and previous not in _targets.values():
-            self.cache.release(previous, os.getpid())
+    def _release_unused(self, *ids: str | None) -> None:
+        """Drop this process's lease on environments none of its nannies use."""
+        for artifact_id in ids:
+            if artifact_id and artifact_id not in _targets.values():
+                self.cache.release(artifact_id, os.getpid())
 
     async def switch(self, wanted: dict | None) -> None:
         started = time.perf_counter()
@@ -205,7 +207,7 @@ class NannySide:
             outcome = await switch(self.nanny, target, reason="envship-switch")
             if not outcome["ok"]:
                 _targets[self.nanny.address] = None
-        self._release_unused(previous)
+        self._release_unused(previous, target.id if target else None)
         self.last_switch = {
             "ok": outcome["ok"],
             "error": outcome["error"],
