@@ -11,6 +11,7 @@ import asyncio
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from distributed import Client
@@ -42,7 +43,13 @@ class WorkerReport:
 
 
 class SwitchReport(dict):
-    """Worker name -> ``WorkerReport``, shown as a table."""
+    """Worker name -> ``WorkerReport``, shown as a table.
+
+    ``stages`` holds the seconds spent packing, checking, shipping, unpacking
+    and restarting.
+    """
+
+    stages: dict[str, float]
 
     @property
     def ok(self) -> bool:
@@ -54,6 +61,9 @@ class SwitchReport(dict):
             env = r.environment[:12] if r.environment else "(nanny's own)"
             status = "ok" if r.ok else f"FAILED: {r.error}"
             lines.append(f"{str(name):<12} {env:<14} {r.seconds:>7.2f}  {status}")
+        stages = getattr(self, "stages", {})
+        if stages:
+            lines.append(", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
         return "\n".join(lines)
 
 
@@ -106,7 +116,9 @@ def use_environment(
     """
     if progress is None:
         progress = sys.stderr.isatty() or "ipykernel" in sys.modules
-    artifact = None if env is None else _as_artifact(env, progress)
+    stages: dict[str, float] = {}
+    with _stage(stages, "pack"):
+        artifact = None if env is None else _as_artifact(env, progress)
     label = artifact.name if artifact else "the nannies' own environment"
     deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -114,7 +126,8 @@ def use_environment(
         left = None if deadline is None else max(deadline - time.monotonic(), 0)
         return client.sync(asyncio.wait_for, coro, left)
 
-    targets, infos, lost = run(_prepare(client, artifact, workers, strict, label))
+    with _stage(stages, "check"):
+        targets, infos, lost = run(_prepare(client, artifact, workers, strict, label))
     if lost:
         warnings.warn(
             f"switching to {label} restarts workers that alone hold {lost} "
@@ -122,7 +135,16 @@ def use_environment(
             "results will be recomputed, scattered data is lost",
             stacklevel=2,
         )
-    return run(_switch(client, artifact, workers, targets, infos, progress, label))
+    return run(
+        _switch(client, artifact, workers, targets, infos, progress, label, stages)
+    )
+
+
+@contextmanager
+def _stage(stages: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    stages[name] = time.perf_counter() - start
 
 
 def _as_artifact(env, progress: bool) -> Artifact:
@@ -148,10 +170,12 @@ async def _prepare(client, artifact, workers, strict, label):
     return targets, infos, await _keys_only_on(client, targets)
 
 
-async def _switch(client, artifact, workers, targets, infos, progress, label):
+async def _switch(client, artifact, workers, targets, infos, progress, label, stages):
     if artifact is not None:
-        await _ship(client, artifact, infos, progress)
-        await _install(client, artifact, infos, progress)
+        with _stage(stages, "ship"):
+            await _ship(client, artifact, infos, progress)
+        with _stage(stages, "unpack"):
+            await _install(client, artifact, infos, progress)
 
     started = time.perf_counter()
     plugin = UseEnvironment(
@@ -167,7 +191,9 @@ async def _switch(client, artifact, workers, targets, infos, progress, label):
         if response.get("status") == "error":
             _, exc, _ = clean_exception(response["exception"], response["traceback"])
             raise EnvshipError(label, f"a nanny could not switch: {exc}") from exc
-    report = await _report(client, targets, time.perf_counter() - started)
+    stages["restart"] = time.perf_counter() - started
+    report = await _report(client, targets, stages["restart"])
+    report.stages = stages
     failed = [r for r in report.values() if not r.ok]
     if failed:
         details = "\n".join(f"  {r.name}: {r.error}" for r in failed)

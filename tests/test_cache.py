@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from envship.cache import EnvCache, fixup_venv
+from envship.cache import EnvCache
 from envship.errors import EnvshipError
 from envship.extract import remove_tree
+from envship.relocate import fixup_venv
 from fixtures.trees import pack_tree
 
 OLD_PREFIX = "/home/someone/envs/old-prefix"
