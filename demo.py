@@ -7,12 +7,16 @@ cluster, switch the workers into it, use it, and switch back.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from pathlib import Path
 
+import dask
 from distributed import Client, LocalCluster
 
 import envship
 import fixtures
+from envship.extract import remove_tree
 
 
 def where() -> str:
@@ -60,6 +64,16 @@ def main() -> None:
         f"{m['unpacked_size'] / 1e6:.0f} MB -> {m['packed_size'] / 1e6:.0f} MB"
     )
 
+    # A cache of its own, so that every run shows the first shipment to a node.
+    cache = Path(tempfile.mkdtemp(prefix="envship-demo-cache-"))
+    dask.config.set({"envship.cache.directory": str(cache)})
+    try:
+        run_cluster(artifact)
+    finally:
+        remove_tree(cache)
+
+
+def run_cluster(artifact: envship.Artifact) -> None:
     with (
         LocalCluster(
             n_workers=2,
