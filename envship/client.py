@@ -275,39 +275,41 @@ async def _keys_only_on(client, targets) -> int:
     return len({k for w in targets for k in has_what.get(w, ()) if k not in elsewhere})
 
 
-async def _ship(client, artifact, infos, progress) -> None:
-    lacking: dict[str, list[str]] = {}
+def _one_nanny_per_node(infos, missing_only: bool) -> dict[str, str]:
+    """Node -> one of its nannies (only nodes that lack the artifact, if asked)."""
+    chosen: dict[str, str] = {}
     for nanny, info in infos.items():
-        lacking.setdefault(info["node"], [])
-        if not (info["installed"] or info["archive"]):
-            lacking[info["node"]].append(nanny)
-    holders = {node: nannies for node, nannies in lacking.items() if nannies}
-    # A node where some nanny already holds it needs nothing.
-    for node in list(holders):
-        if len(holders[node]) < sum(1 for i in infos.values() if i["node"] == node):
-            del holders[node]
-    if not holders:
+        if not missing_only or not (info["installed"] or info["archive"]):
+            chosen.setdefault(info["node"], nanny)
+    return chosen
+
+
+async def _ship(client, artifact, infos, progress) -> None:
+    nodes = _one_nanny_per_node(infos, missing_only=True)
+    if not nodes:
         return
-    total = artifact.size * len(holders)
     with progress_bar(
-        f"shipping {artifact.name} to {len(holders)} node(s)", total, progress
+        f"shipping {artifact.name} to {len(nodes)} node(s)",
+        artifact.size * len(nodes),
+        progress,
     ) as bar:
-        await transport.distribute(client.rpc, artifact, holders, bar.advance)
+        await transport.distribute(client.rpc, artifact, nodes, bar.advance)
 
 
 async def _install(client, artifact, infos, progress) -> None:
-    with progress_bar(f"unpacking {artifact.name}", len(infos), progress) as bar:
+    """Unpack on every node; its other nannies share the result."""
+    nodes = _one_nanny_per_node(infos, missing_only=False)
+    with progress_bar(f"unpacking {artifact.name}", len(nodes), progress) as bar:
 
         async def install(nanny):
-            result = await client.rpc(nanny).envship_install(artifact_id=artifact.id)
+            await client.rpc(nanny).envship_install(artifact_id=artifact.id)
             bar.advance()
-            return result
 
-        await asyncio.gather(*map(install, infos))
+        await asyncio.gather(*map(install, nodes.values()))
 
 
 async def _report(client, targets, seconds) -> SwitchReport:
-    async def status(address, target):
+    async def status(target):
         s = await client.rpc(target["nanny"]).envship_status()
         return WorkerReport(
             name=target["name"],
@@ -319,7 +321,7 @@ async def _report(client, targets, seconds) -> SwitchReport:
             error=s["error"],
         )
 
-    reports = await asyncio.gather(*(status(a, t) for a, t in targets.items()))
+    reports = await asyncio.gather(*map(status, targets.values()))
     return SwitchReport({r.name: r for r in reports})
 
 

@@ -76,15 +76,14 @@ async def push(
 async def distribute(
     rpc,
     artifact: Artifact,
-    holders: dict[str, list[str]],
+    nodes: dict[str, str],
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> dict[str, int]:
-    """Push to one nanny of each node in ``holders`` (node -> nannies lacking it).
+    """Push to each node of ``nodes`` (node -> the nanny to send to), at once.
 
     Returns the bytes sent per node.
     """
-    nodes = list(holders)
     sent = await asyncio.gather(
-        *(push(rpc, artifact, holders[node][0], on_bytes) for node in nodes)
+        *(push(rpc, artifact, nanny, on_bytes) for nanny in nodes.values())
     )
     return dict(zip(nodes, sent, strict=True))
