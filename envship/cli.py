@@ -129,6 +129,36 @@ def rm(name_or_id, store):
     click.echo(f"removed {artifact.name} {artifact.id}")
 
 
+@main.command()
+@click.argument("env")
+@click.option(
+    "--scheduler",
+    envvar="DASK_SCHEDULER_ADDRESS",
+    required=True,
+    help="Scheduler address (or DASK_SCHEDULER_ADDRESS).",
+)
+@click.option(
+    "--worker", "workers", multiple=True, help="Only this worker (repeatable)."
+)
+@click.option("--no-strict", is_flag=True, help="Warn on version differences, go on.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait at most.")
+def use(env, scheduler, workers, no_strict, timeout):
+    """Restart the cluster's workers inside ENV ("none": the nannies' own)."""
+    from distributed import Client
+
+    from .client import use_environment
+
+    with Client(scheduler, timeout=timeout or 30) as client:
+        report = use_environment(
+            client,
+            None if env.lower() == "none" else env,
+            workers=list(workers) or None,
+            strict=not no_strict,
+            timeout=timeout,
+        )
+    click.echo(repr(report))
+
+
 @main.group()
 def cache():
     """The node cache of unpacked environments (run on a worker's machine)."""

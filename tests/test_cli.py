@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,31 @@ def test_cache_list_gc_clear(env_prefix, store, tmp_path):
     assert cleared.stdout.startswith("removed 1")
     assert not node.has(artifact.id)
     assert "tools" not in cache_cli("list", "--directory", node.root).stdout
+
+
+def test_use_from_the_command_line(env_prefix, store, tmp_path):
+    from fixtures.cluster import local_cluster
+
+    with local_cluster(tmp_path / "c", {"node": 1}) as (client, caches):
+        result = subprocess.run(
+            [sys.executable, "-m", "envship.cli", "use", env_prefix("venv")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DASK_SCHEDULER_ADDRESS": client.scheduler.address},
+        )
+        assert result.returncode == 0, result.stderr
+        artifact_id = envship.pack(env_prefix("venv"), store=store).id
+        assert artifact_id[:12] in result.stdout and "ok" in result.stdout
+        assert set(client.run(lambda: __import__("sys").prefix).values()) == {
+            str(caches["node"] / artifact_id)
+        }
+        back = subprocess.run(
+            [sys.executable, "-m", "envship.cli", "use", "none"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DASK_SCHEDULER_ADDRESS": client.scheduler.address},
+        )
+        assert back.returncode == 0, back.stderr
+        assert set(client.run(lambda: __import__("sys").prefix).values()) == {
+            sys.prefix
+        }
