@@ -213,13 +213,19 @@ class EnvCache:
         try:
             yield f
             f.close()
-            if manifest is not None:
-                self.put_manifest(id, manifest)
-            os.replace(part, self.archive_path(id))
+            self.adopt_archive(id, part, manifest)
         except BaseException:
             f.close()
             part.unlink(missing_ok=True)
             raise
+
+    def adopt_archive(
+        self, id: str, part: str | os.PathLike, manifest: dict | None
+    ) -> None:
+        """Move a complete artifact file from ``tmp/`` into place (a rename)."""
+        if manifest is not None:
+            self.put_manifest(id, manifest)
+        os.replace(part, self.archive_path(id))
         self._touch(id)
 
     def put_manifest(self, id: str, manifest: dict) -> None:

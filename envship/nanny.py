@@ -111,8 +111,7 @@ class NannySide:
                 f"({received} of {size} bytes)",
                 "call use_environment again",
             )
-        self.cache.put_manifest(artifact_id, manifest)
-        os.replace(path, self.cache.archive_path(artifact_id))
+        self.cache.adopt_archive(artifact_id, path, manifest)
         return "OK"
 
     def read(self, artifact_id: str, offset: int, length: int):
