@@ -44,12 +44,19 @@ def cache_directory() -> Path:
     return Path(tempfile.gettempdir()) / f"envship-{user}"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS
+
+
 def default_threads() -> int:
     """Threads for compression: ``envship.pack.threads`` or the usable cores."""
     configured = get("pack.threads")
     if configured:
         return int(configured)
-    return len(os.sched_getaffinity(0))
+    return usable_cores()
 
 
 def chunk_size() -> int:

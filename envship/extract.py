@@ -32,6 +32,7 @@ import xxhash
 import zstandard
 
 from envship.archive import BLOCK, READ_SIZE, ContentHasher, ContentSummary
+from envship.config import usable_cores
 from envship.errors import EnvshipError, UnsafeArchiveError
 
 # Files up to this size are read, hashed and written in one piece.
@@ -746,8 +747,4 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def default_threads() -> int:
     """Writer threads: one per usable core, at most 8."""
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:  # macOS
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cores()))
