@@ -25,19 +25,28 @@ __all__ = [
 ]
 
 
-def dask_setup(nanny):
-    """Preload hook: ``dask worker --nanny --preload-nanny envship``.
+def dask_setup(server):
+    """Preload hook for nannies and schedulers.
 
-    Gives the nanny envship's handlers and its worker process class so that
-    ``client.use_environment`` can switch its worker.
+    ``dask worker --nanny --preload-nanny envship`` gives the nanny envship's
+    handlers and its worker process class, so that ``client.use_environment``
+    can switch its worker. ``dask scheduler --preload envship`` starts the
+    registry that tells nannies joining later which environment to run in
+    (clients register it themselves otherwise).
     """
-    from distributed import Nanny
+    from distributed import Nanny, Scheduler
 
-    if not isinstance(nanny, Nanny):
+    if isinstance(server, Scheduler):
+        from .registry import Registry
+
+        return server.register_scheduler_plugin(
+            Registry(), name=Registry.name, idempotent=True
+        )
+    if not isinstance(server, Nanny):
         raise TypeError(
-            "envship is a nanny preload: use `--preload-nanny envship`, not "
-            "`--preload envship`"
+            "envship is a nanny or scheduler preload: use `--preload-nanny "
+            "envship` on workers, not `--preload envship`"
         )
     from .nanny import setup_nanny
 
-    setup_nanny(nanny)
+    setup_nanny(server)

@@ -153,7 +153,7 @@ class EnvCache:
 
     def path(self, id: str) -> Path:
         """The final prefix of environment ``id`` (which may not exist yet)."""
-        return self.root / _check_id(id)
+        return self.root / check_id(id)
 
     def has(self, id: str) -> bool:
         """Whether ``id`` is installed (complete: trees appear in one rename)."""
@@ -161,11 +161,11 @@ class EnvCache:
 
     def archive_path(self, id: str) -> Path:
         """Where the artifact of ``id`` is kept: ``archives/<id>.tar.zst``."""
-        return self.root / "archives" / f"{_check_id(id)}.tar.zst"
+        return self.root / "archives" / f"{check_id(id)}.tar.zst"
 
     def manifest_path(self, id: str) -> Path:
         """Where the manifest of ``id`` is kept: ``archives/<id>.json``."""
-        return self.root / "archives" / f"{_check_id(id)}.json"
+        return self.root / "archives" / f"{check_id(id)}.json"
 
     def has_archive(self, id: str) -> bool:
         """Whether the artifact and its manifest of ``id`` are both here."""
@@ -205,7 +205,7 @@ class EnvCache:
         ...     for chunk in chunks:
         ...         f.write(chunk)
         """
-        _check_id(id)
+        check_id(id)
         if manifest is not None and manifest.get("id", id) != id:
             raise ValueError(f"manifest of {manifest.get('id')} given for {id}")
         part = self.root / "tmp" / f"{id}.{os.getpid()}.{secrets.token_hex(4)}.part"
@@ -222,11 +222,28 @@ class EnvCache:
     def adopt_archive(
         self, id: str, part: str | os.PathLike, manifest: dict | None
     ) -> None:
-        """Move a complete artifact file from ``tmp/`` into place (a rename)."""
-        if manifest is not None:
-            self.put_manifest(id, manifest)
-        os.replace(part, self.archive_path(id))
-        self._touch(id)
+        """Move a complete artifact file from ``tmp/`` into place (a rename).
+
+        The one way an incoming blob enters the cache. What is held for an id
+        is never replaced: if the archive is here already, ``part`` is
+        dropped.
+        """
+        with self._locked(id):
+            if self.archive_path(id).is_file() and self.manifest_path(id).is_file():
+                os.unlink(part)
+            else:
+                if manifest is not None:
+                    self.put_manifest(id, manifest)
+                os.replace(part, self.archive_path(id))
+            self._touch(id)
+
+    def fetch_lock(self, id: str) -> FileLock:
+        """The lock one nanny of the node holds while it downloads ``id``.
+
+        Not thread-local: an event loop takes and releases it from any thread.
+        """
+        path = self.root / "locks" / f"{check_id(id)}.fetch.lock"
+        return FileLock(str(path), thread_local=False)
 
     def put_manifest(self, id: str, manifest: dict) -> None:
         """Store the manifest of ``id`` (atomically)."""
@@ -427,14 +444,14 @@ class EnvCache:
             created = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess:
             raise ValueError(f"there is no process {pid} to lease {id} to") from None
-        folder = self.root / "leases" / _check_id(id)
+        folder = self.root / "leases" / check_id(id)
         with self._locked(id):
             folder.mkdir(mode=0o700, exist_ok=True)
             _write_atomic(folder / str(pid), repr(created).encode())
 
     def release(self, id: str, pid: int) -> None:
         """Drop the lease of process ``pid`` on ``id``, if it has one."""
-        (self.root / "leases" / _check_id(id) / str(pid)).unlink(missing_ok=True)
+        (self.root / "leases" / check_id(id) / str(pid)).unlink(missing_ok=True)
 
     def live_leases(self, id: str) -> list[int]:
         """PIDs of live processes leasing ``id``; dead leases are removed."""
@@ -446,7 +463,7 @@ class EnvCache:
         return self._live_leases(id, prune=False)
 
     def _live_leases(self, id: str, *, prune: bool) -> list[int]:
-        folder = self.root / "leases" / _check_id(id)
+        folder = self.root / "leases" / check_id(id)
         try:
             names = os.listdir(folder)
         except FileNotFoundError:
@@ -556,6 +573,21 @@ class EnvCache:
         """
         for name in os.listdir(self.root / "tmp"):
             path = self.root / "tmp" / name
+            if name.endswith(".partial"):
+                # <id>.<digest>.partial: a download, resumable until its
+                # fetcher is gone; then it is only taking space.
+                id = name.split(".", 1)[0]
+                if _ID.fullmatch(id):
+                    lock = self.fetch_lock(id)
+                    try:
+                        lock.acquire(timeout=0)
+                    except Timeout:
+                        continue
+                    try:
+                        path.unlink(missing_ok=True)
+                    finally:
+                        lock.release()
+                continue
             if name.endswith(".part"):
                 # <id>.<pid>.<random>.part: a download whose writer is gone.
                 fields = name.split(".")
@@ -585,7 +617,7 @@ class EnvCache:
     def _lock(self, id: str) -> FileLock:
         lock = self._locks.get(id)
         if lock is None:
-            path = self.root / "locks" / f"{_check_id(id)}.lock"
+            path = self.root / "locks" / f"{check_id(id)}.lock"
             lock = self._locks[id] = FileLock(str(path))
         return lock
 
@@ -751,7 +783,7 @@ def _alive(pid: int, created: float) -> bool:
         return True
 
 
-def _check_id(id: str) -> str:
+def check_id(id: str) -> str:
     if not isinstance(id, str) or not _ID.fullmatch(id):
         raise ValueError(f"not a content id: {id!r}")
     return id

@@ -14,17 +14,20 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from dask.utils import format_bytes
 from distributed import Client
 from distributed.core import clean_exception
 from distributed.protocol.pickle import dumps
 
-from . import transport
+from . import config
 from .compat import check_compatibility
 from .errors import EnvshipError
 from .nanny import NannySetup, UseEnvironment
 from .pack import pack
 from .progress import progress_bar
+from .registry import Registry
 from .store import Artifact
+from .transfer import Offer, Peer, ShipReport, broadcast
 
 PLUGIN_NAME = "envship"
 
@@ -46,10 +49,12 @@ class SwitchReport(dict):
     """Worker name -> ``WorkerReport``, shown as a table.
 
     ``stages`` holds the seconds spent packing, checking, shipping, unpacking
-    and restarting.
+    and restarting; ``transfer`` the bytes the client sent and, per fetching
+    nanny, where its bytes came from (a :class:`envship.transfer.ShipReport`).
     """
 
     stages: dict[str, float]
+    transfer: ShipReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -64,6 +69,11 @@ class SwitchReport(dict):
         stages = getattr(self, "stages", {})
         if stages:
             lines.append(", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
+        if self.transfer is not None and self.transfer.nodes:
+            lines.append(
+                f"shipped to {len(self.transfer.nodes)} node(s); the client sent "
+                f"{format_bytes(self.transfer.client_bytes)}"
+            )
         return "\n".join(lines)
 
 
@@ -135,9 +145,16 @@ def use_environment(
             "results will be recomputed, scattered data is lost",
             stacklevel=2,
         )
-    return run(
+    report = run(
         _switch(client, artifact, workers, targets, infos, progress, label, stages)
     )
+    if report.transfer is not None and report.transfer.left_out:
+        warnings.warn(
+            f"not switched: workers {', '.join(report.transfer.left_out)}, whose "
+            "node left the cluster while it was being sent",
+            stacklevel=2,
+        )
+    return report
 
 
 @contextmanager
@@ -157,6 +174,7 @@ async def _prepare(client, artifact, workers, strict, label):
     """Everything that must hold before any worker restarts."""
     targets = await _targets(client, workers, label)
     infos = await _nanny_side(client, targets, artifact, label)
+    await _ensure_registry(client, label)
     if artifact is not None:
         versions = await client.scheduler.versions(packages=[])
         check_compatibility(
@@ -171,17 +189,22 @@ async def _prepare(client, artifact, workers, strict, label):
 
 
 async def _switch(client, artifact, workers, targets, infos, progress, label, stages):
+    shipped = None
     if artifact is not None:
         with _stage(stages, "ship"):
-            await _ship(client, artifact, infos, progress)
+            shipped = await _ship(client, artifact, infos, progress)
+        lost = _leave_out_lost(targets, infos, shipped)
         with _stage(stages, "unpack"):
-            await _install(client, artifact, infos, progress)
+            await _install(client, artifact, _without(infos, lost), progress)
+    names = None if workers is None else [t["name"] for t in targets.values()]
+    await client.scheduler.envship_desire(
+        id=None if artifact is None else artifact.id, names=names
+    )
 
     started = time.perf_counter()
     plugin = UseEnvironment(
         None if artifact is None else {"id": artifact.id, "name": artifact.name},
         nannies=None if workers is None else [t["nanny"] for t in targets.values()],
-        sources=list(infos),
     )
     with progress_bar(f"restarting {len(targets)} workers", None, progress):
         responses = await client.scheduler.register_nanny_plugin(
@@ -194,6 +217,7 @@ async def _switch(client, artifact, workers, targets, infos, progress, label, st
     stages["restart"] = time.perf_counter() - started
     report = await _report(client, targets, stages["restart"])
     report.stages = stages
+    report.transfer = shipped
     failed = [r for r in report.values() if not r.ok]
     if failed:
         details = "\n".join(f"  {r.name}: {r.error}" for r in failed)
@@ -207,6 +231,21 @@ async def _switch(client, artifact, workers, targets, infos, progress, label, st
         error.report = report
         raise error
     return report
+
+
+async def _ensure_registry(client, label) -> None:
+    """Register envship's registry on the scheduler, unless it is there already."""
+    try:
+        await client.scheduler.register_scheduler_plugin(
+            plugin=dumps(Registry()), name=Registry.name, idempotent=True
+        )
+    except Exception as e:  # whatever unpickling the plugin raised there
+        raise EnvshipError(
+            label,
+            f"the scheduler cannot load envship ({e})",
+            "install envship where the scheduler runs (`pip install envship`); "
+            "administrators may start it with `dask scheduler --preload envship`",
+        ) from e
 
 
 async def _targets(client, workers, label) -> dict[str, dict]:
@@ -284,16 +323,66 @@ def _one_nanny_per_node(infos, missing_only: bool) -> dict[str, str]:
     return chosen
 
 
-async def _ship(client, artifact, infos, progress) -> None:
+async def _ship(client, artifact, infos, progress) -> ShipReport:
+    """Broadcast the archive to every node that lacks it, peer to peer.
+
+    Raises (before any restart) when a node that is still there could not get
+    it; nodes whose nanny left meanwhile are only left out.
+    """
     nodes = _one_nanny_per_node(infos, missing_only=True)
     if not nodes:
-        return
+        return ShipReport()
+    offer = await asyncio.to_thread(Offer.of_artifact, artifact)
+    await client.scheduler.envship_publish(offer=offer.to_msg())
+    holders = [
+        Peer(nanny, infos[nanny]["site"])
+        for node, nanny in _one_nanny_per_node(
+            {n: i for n, i in infos.items() if i["archive"]}, missing_only=False
+        ).items()
+    ]
+    fetchers = [Peer(nanny, infos[nanny]["site"]) for nanny in nodes.values()]
+    pieces = offer.table.count * len(fetchers)
     with progress_bar(
-        f"shipping {artifact.name} to {len(nodes)} node(s)",
-        artifact.size * len(nodes),
-        progress,
+        f"shipping {artifact.name} to {len(fetchers)} node(s)", pieces, progress
     ) as bar:
-        await transport.distribute(client.rpc, artifact, nodes, bar.advance)
+        shipped = await broadcast(
+            client.rpc,
+            artifact.path,
+            offer,
+            fetchers,
+            holders,
+            peer_to_peer=config.get("transfer.peer-to-peer"),
+            on_progress=lambda held: bar.update(held, pieces),
+        )
+    stuck = {n: why for n, why in shipped.failed.items() if not why.startswith("lost")}
+    if stuck:
+        raise EnvshipError(
+            artifact.name,
+            "these nodes could not get it, so no worker was restarted:\n"
+            + "\n".join(f"  {nanny}: {why}" for nanny, why in stuck.items()),
+            "check that the nodes can reach each other and have disk space, "
+            "then call use_environment again",
+        )
+    return shipped
+
+
+def _leave_out_lost(targets, infos, shipped: ShipReport) -> set[str]:
+    """Leave out the nodes whose nanny left during the transfer; their nannies."""
+    lost_nodes = {infos[n]["node"] for n in shipped.failed if n in infos}
+    lost = {n for n, info in infos.items() if info["node"] in lost_nodes}
+    for address in [a for a, t in targets.items() if t["nanny"] in lost]:
+        shipped.left_out.append(str(targets.pop(address)["name"]))
+    if not targets:
+        raise EnvshipError(
+            "the environment",
+            "every node left the cluster during the transfer",
+            "start workers, then call use_environment again",
+        )
+    return lost
+
+
+def _without(infos: dict, nannies: set[str]) -> dict:
+    return {n: info for n, info in infos.items() if n not in nannies}
 
 
 async def _install(client, artifact, infos, progress) -> None:

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import dask.config
-import dask.utils
 import yaml
 
 _defaults_file = Path(__file__).with_name("envship.yaml")
@@ -57,8 +56,3 @@ def default_threads() -> int:
     if configured:
         return int(configured)
     return usable_cores()
-
-
-def chunk_size() -> int:
-    """Bytes per message when artifacts are streamed: ``envship.transfer.chunk-size``."""
-    return dask.utils.parse_bytes(get("transfer.chunk-size"))

@@ -1,9 +1,12 @@
-"""The nanny side: comm handlers that receive and install artifacts, and the
-plugin that switches a nanny's worker into an environment.
+"""The nanny side: envship's handlers on a nanny, and the plugin that switches
+its worker into an environment.
 
-Artifacts never travel through the scheduler or inside a plugin: the client
-(or a peer nanny) streams them straight to a nanny's ``envship_put`` handler,
-and the plugin carries only an id, a name and the nannies to fetch from.
+Blobs never travel through the scheduler or inside a plugin: the client and
+peer nannies move them through the transfer handlers
+(:class:`envship.transfer.BlobServer`), and the plugin carries only an id, a
+name and which nannies to switch. A nanny that joins later asks the
+scheduler's registry (:mod:`envship.registry`) what its worker should run in
+and who holds it now.
 
 Turned on by ``dask worker --preload-nanny envship`` (``dask_setup`` in
 ``envship/__init__.py``) or, for nannies started without it, by the small
@@ -16,22 +19,22 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 
+import dask.utils
 from distributed.diagnostics.plugin import NannyPlugin
-from distributed.protocol import to_serialize
 
 from . import config
-from .cache import EnvCache
+from .cache import EnvCache, check_id
 from .environment import platform_facts
 from .errors import EnvshipError
-from .store import is_id
+from .transfer import BlobServer, Download, Offer, Peer
 from .worker_process import TargetEnvironment, install, set_initial_target, switch
 
 logger = logging.getLogger("envship")
 
-HANDLERS = ("info", "put", "commit", "read", "install", "status")
+HANDLERS = ("info", "install", "status")
+BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
 
 #: nanny address -> the environment id its worker should run in, for every
 #: nanny of this process: a lease is released only when none still uses it.
@@ -46,24 +49,29 @@ def setup_nanny(nanny) -> NannySide:
         nanny._envship = side
         for name in HANDLERS:
             nanny.handlers[f"envship_{name}"] = getattr(side, name)
+        for name in BLOB_HANDLERS:
+            nanny.handlers[f"envship_{name}"] = getattr(side.blobs, name)
         install(nanny)
-        logger.info("envship: nanny %s uses cache %s", nanny.address, side.cache.root)
+        logger.info(
+            "envship: nanny %s uses cache %s (site %s)",
+            nanny.address,
+            side.cache.root,
+            side.site,
+        )
     return side
 
 
-def _checked(artifact_id: str) -> str:
-    if not is_id(artifact_id):
-        raise ValueError(f"not an artifact id: {artifact_id!r}")
-    return artifact_id
-
-
 class NannySide:
-    """Per-nanny state: the node cache, uploads, the outcome of the last switch."""
+    """Per-nanny state: the node cache, transfers, the outcome of the last switch."""
 
     def __init__(self, nanny):
         self.nanny = nanny
         self.cache = EnvCache()
+        self.site = config.get("site")
+        self.blobs = BlobServer(self.cache, nanny.rpc, nanny.address, self.site)
+        self.blobs.on_event = self._report_holding
         self.last_switch: dict = {"ok": True, "error": None, "seconds": None}
+        self.running: dict = {"id": None, "name": None, "since": time.time()}
 
     @property
     def node(self) -> str:
@@ -71,108 +79,92 @@ class NannySide:
         st = os.stat(self.cache.root)
         return f"{os.uname().nodename}:{st.st_dev}:{st.st_ino}"
 
-    def _upload_path(self, artifact_id: str, upload: str) -> Path:
-        # <id>.<pid>.<random>.part: `envship cache gc` removes it once this
-        # nanny is gone.
-        name = f"{_checked(artifact_id)}.{os.getpid()}.{uuid.UUID(upload).hex}.part"
-        return self.cache.root / "tmp" / name
-
     # -- comm handlers ------------------------------------------------------
 
     def info(self, artifact_id: str | None = None) -> dict:
-        """Which node this nanny is on and whether it holds ``artifact_id``."""
+        """Which node and site this nanny is on and whether it holds ``artifact_id``."""
         held = {}
         if artifact_id is not None:
             held = {
-                "installed": self.cache.has(_checked(artifact_id)),
+                "installed": self.cache.has(check_id(artifact_id)),
                 "archive": self.cache.has_archive(artifact_id),
             }
-        return {"node": self.node, "platform": platform_facts(), **held}
-
-    def put(self, artifact_id: str, upload: str, offset: int, data) -> int:
-        """Write one chunk of an upload at ``offset``."""
-        fd = os.open(
-            self._upload_path(artifact_id, upload), os.O_WRONLY | os.O_CREAT, 0o600
-        )
-        try:
-            return os.pwrite(fd, data, offset)
-        finally:
-            os.close(fd)
-
-    def commit(self, artifact_id: str, upload: str, size: int, manifest: dict) -> str:
-        """Move a complete upload into the node cache."""
-        path = self._upload_path(artifact_id, upload)
-        received = path.stat().st_size if path.exists() else 0
-        if received != size or manifest.get("id") != artifact_id:
-            path.unlink(missing_ok=True)
-            raise EnvshipError(
-                manifest.get("name", artifact_id),
-                f"the transfer to {self.nanny.address} was incomplete "
-                f"({received} of {size} bytes)",
-                "call use_environment again",
-            )
-        self.cache.adopt_archive(artifact_id, path, manifest)
-        return "OK"
-
-    def read(self, artifact_id: str, offset: int, length: int):
-        """A chunk of a held archive (``length`` 0: its manifest), for peers."""
-        if length == 0:
-            return self.cache.manifest(_checked(artifact_id))
-        with open(self.cache.archive_path(_checked(artifact_id)), "rb") as f:
-            f.seek(offset)
-            return to_serialize(f.read(length))
+        return {
+            "node": self.node,
+            "site": self.site,
+            "platform": platform_facts(),
+            **held,
+        }
 
     async def install(self, artifact_id: str) -> dict:
         """Unpack a held archive into the node cache (once per node)."""
         started = time.perf_counter()
-        await asyncio.to_thread(self.cache.ensure, _checked(artifact_id))
+        await asyncio.to_thread(self.cache.ensure, check_id(artifact_id))
         return {"seconds": time.perf_counter() - started}
 
     def status(self) -> dict:
-        """The outcome of the last switch and what the worker runs in now."""
+        """The last switch, what the worker runs in since when, cache and transfers."""
         target = getattr(self.nanny.process, "target", None)
         return {
             **self.last_switch,
             "running": target.id if target else None,
+            "name": target.name if target else None,
+            "since": self.running["since"],
             "worker": self.nanny.worker_address,
+            "node": self.node,
+            "site": self.site,
+            "cache": {"root": str(self.cache.root), "size": self.cache.size()},
+            "transfers": [
+                {
+                    "id": d.offer.id,
+                    "name": d.offer.name,
+                    "have": d.count,
+                    "count": d.table.count,
+                    "bytes": d.table.size,
+                    "sources": sorted(d.received),
+                    "error": d.error,
+                }
+                for d in self.blobs.downloads.values()
+                if not d.done.is_set()
+            ],
         }
+
+    # -- talking to the scheduler's registry ----------------------------------
+
+    async def _registry(self, op: str, **msg):
+        """Call a registry handler; None if the scheduler has no registry."""
+        try:
+            return await getattr(self.nanny.scheduler, f"envship_{op}")(**msg)
+        except Exception as e:  # no registry (an old client), or a scheduler gone
+            logger.debug("envship: registry %s failed: %s", op, e)
+            return None
+
+    def _report_holding(self, download: Download, event: str) -> None:
+        complete = {"started": False, "complete": True, "failed": None}[event]
+        asyncio.ensure_future(
+            self._registry(
+                "hold",
+                nanny=self.nanny.address,
+                id=download.offer.id,
+                complete=complete,
+                site=self.site,
+                node=self.node,
+            )
+        )
 
     # -- used by the plugin -------------------------------------------------
 
-    async def fetch(self, artifact_id: str, sources: list[str]) -> None:
-        """Copy an archive from a nanny that holds it (for nannies that join later)."""
-        chunk = config.chunk_size()
-        for source in sources:
-            if source == self.nanny.address:
-                continue
-            try:
-                peer = self.nanny.rpc(source)
-                manifest = await peer.envship_read(
-                    artifact_id=artifact_id, offset=0, length=0
-                )
-                if manifest is None:
-                    continue
-                with self.cache.archive_writer(artifact_id, manifest) as f:
-                    offset = 0
-                    while data := await peer.envship_read(
-                        artifact_id=artifact_id, offset=offset, length=chunk
-                    ):
-                        f.write(data)
-                        offset += len(data)
-                return
-            except OSError as e:  # that peer left or lost it; try the next
-                logger.info("envship: no %s from %s: %s", artifact_id, source, e)
-        raise EnvshipError(
-            artifact_id,
-            "no nanny that holds this environment could be reached",
-            "call use_environment again so that the client sends it",
-        )
+    async def wanted_on_joining(self) -> dict | None:
+        """What the registry says this nanny's first worker should run in."""
+        where = await self._registry("where", name=str(self.nanny.name))
+        offer = (where or {}).get("offer")
+        return None if offer is None else {"id": offer["id"], "name": offer["name"]}
 
     async def target_for(self, wanted: dict) -> TargetEnvironment:
         """Make sure the node holds ``wanted`` unpacked; lease it for this process."""
-        artifact_id = wanted["id"]
+        artifact_id = check_id(wanted["id"])
         if not self.cache.has(artifact_id) and not self.cache.has_archive(artifact_id):
-            await self.fetch(artifact_id, wanted["sources"])
+            await self.fetch(artifact_id, wanted["name"])
         prefix = await asyncio.to_thread(
             self.cache.ensure, artifact_id, lease_pid=os.getpid()
         )
@@ -183,6 +175,20 @@ class NannySide:
             kind=manifest.get("kind", "conda"),
             name=wanted["name"],
         )
+
+    async def fetch(self, artifact_id: str, name: str) -> None:
+        """Get an archive from the nodes that hold it now (no client involved)."""
+        where = await self._registry("where", id=artifact_id)
+        if not where or not where.get("offer"):
+            raise EnvshipError(
+                name,
+                "this node lacks it and the scheduler knows no node that holds it",
+                "call use_environment again so that the client sends it",
+            )
+        offer = Offer.from_msg(where["offer"])
+        holders = [Peer.from_msg(p) for p in where["holders"]]
+        stall = dask.utils.parse_timedelta(config.get("transfer.stall-timeout"))
+        await self.blobs.fetch(offer, holders, stall)
 
     def _release_unused(self, *ids: str | None) -> None:
         """Drop this process's lease on environments none of its nannies use."""
@@ -196,6 +202,7 @@ class NannySide:
         try:
             target = None if wanted is None else await self.target_for(wanted)
         except Exception as e:
+            logger.warning("envship: cannot switch to %s: %s", wanted, e)
             self.last_switch = {"ok": False, "error": str(e), "seconds": None}
             return
         _targets[self.nanny.address] = target.id if target else None
@@ -207,6 +214,15 @@ class NannySide:
             if not outcome["ok"]:
                 _targets[self.nanny.address] = None
         self._release_unused(previous, target.id if target else None)
+        running = _targets[self.nanny.address]
+        if running != self.running["id"]:
+            self.running = {"id": running, "since": time.time()}
+        await self._registry(
+            "runs",
+            nanny=self.nanny.address,
+            id=running,
+            name=target.name if target and running else None,
+        )
         self.last_switch = {
             "ok": outcome["ok"],
             "error": outcome["error"],
@@ -227,36 +243,32 @@ class UseEnvironment(NannyPlugin):
     """Switch nannies' workers into an environment (or back, with ``None``).
 
     Tiny on purpose: the scheduler keeps it and gives it to every nanny that
-    joins later, which then fetches the archive from one of ``sources``.
+    joins later. Such a nanny ignores what it carries and asks the scheduler's
+    registry what its first worker should run in (the cluster default, or a
+    rule for its worker name), then fetches it from whichever nodes hold it.
 
     Parameters
     ----------
     environment : dict or None
         ``{"id": ..., "name": ...}`` of the artifact; None for the nannies'
-        own environment.
+        own environment. The nodes hold its archive already.
     nannies : list of str, optional
-        Addresses of the nannies to switch; None for all, joiners included.
-    sources : list of str
-        Nannies whose node holds the archive.
+        Addresses of the nannies to switch; None for all.
 
     Examples
     --------
-    >>> plugin = UseEnvironment({"id": artifact.id, "name": "sklearn-dev"},
-    ...                         sources=["tcp://127.0.0.1:40123"])  # doctest: +SKIP
+    >>> plugin = UseEnvironment({"id": artifact.id, "name": "sklearn-dev"})  # doctest: +SKIP
     """
 
     name = "envship"
 
-    def __init__(self, environment: dict | None, nannies=None, sources=()):
+    def __init__(self, environment: dict | None, nannies=None):
         self.environment = environment
         self.nannies = None if nannies is None else set(nannies)
-        self.sources = list(sources)
 
     async def setup(self, nanny):
         side = setup_nanny(nanny)
-        if self.nannies is not None and nanny.address not in self.nannies:
-            return
-        wanted = None
-        if self.environment is not None:
-            wanted = {**self.environment, "sources": self.sources}
-        await side.switch(wanted)
+        if nanny.process is None:  # joining (or back after a reboot)
+            await side.switch(await side.wanted_on_joining())
+        elif self.nannies is None or nanny.address in self.nannies:
+            await side.switch(self.environment)

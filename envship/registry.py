@@ -1,0 +1,189 @@
+"""The scheduler's record: which environment workers should run, and who holds what.
+
+A small scheduler plugin, registered by the first client that switches (or by
+``dask scheduler --preload envship``). It keeps
+
+- the *desired* environment: a cluster default, and rules by worker name for
+  workers switched on their own, so a nanny that joins or comes back later
+  (adaptive scaling, a job scheduler starting more workers, a rebooted node)
+  starts its first worker in the right environment;
+- each environment's *offer* (id, name, manifest, piece table: a few KiB);
+- which nannies hold which blobs, complete or still downloading, as the
+  nannies report it, so a node fetches from whoever holds it *now*;
+- what each nanny's worker runs in, and since when.
+
+It never sees a blob's bytes, and it trusts no message: every handler checks
+types and sizes before it stores anything.
+"""
+
+from __future__ import annotations
+
+import time
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from .transfer import Offer, Peer
+
+#: Offers kept beyond those that rules point to (the most recent ones).
+SPARE_OFFERS = 16
+#: Seconds a holder that has no worker in the cluster stays listed (its worker
+#: may be restarting).
+HOLDER_GRACE = 120.0
+MAX_TEXT = 1024
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        raise ValueError(f"{what} must be a short string, not {value!r}")
+    return value
+
+
+def _site(value) -> str | None:
+    return None if value is None else _text(value, "a site")
+
+
+class Registry(SchedulerPlugin):
+    """envship's state on the scheduler, served through ``envship_*`` handlers.
+
+    Examples
+    --------
+    >>> client.register_plugin(Registry(), name=Registry.name)  # doctest: +SKIP
+    >>> client.sync(client.scheduler.envship_where, name="worker-0")  # doctest: +SKIP
+    {'offer': None, 'holders': []}
+    """
+
+    name = "envship-registry"
+
+    def __init__(self) -> None:
+        self.offers: dict[str, dict] = {}
+        self.default: str | None = None
+        self.by_name: dict[str, str | None] = {}
+        self.holders: dict[str, dict[str, dict]] = {}
+        self.running: dict[str, dict] = {}
+        self.scheduler = None
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers.update(
+            {
+                "envship_publish": self.publish,
+                "envship_desire": self.desire,
+                "envship_where": self.where,
+                "envship_hold": self.hold,
+                "envship_runs": self.runs,
+                "envship_registry": self.snapshot,
+            }
+        )
+
+    # -- handlers ----------------------------------------------------------------
+
+    def publish(self, offer: dict) -> str:
+        """Keep an environment's offer, so nanny reports and joiners can use it."""
+        parsed = Offer.from_msg(offer)
+        self.offers.pop(parsed.id, None)
+        self.offers[parsed.id] = parsed.to_msg()  # most recent last
+        self._forget_spare_offers()
+        return "OK"
+
+    def desire(self, id: str | None = None, names: list | None = None) -> str:
+        """Record that workers (``names``, or all) should run in ``id`` (None: their own)."""
+        if id is not None and id not in self.offers:
+            raise ValueError(f"publish the offer of {id!r} first")
+        if names is None:
+            self.default = id
+            self.by_name.clear()
+        else:
+            if not isinstance(names, list | tuple) or len(names) > 100_000:
+                raise ValueError("names must be a list of worker names")
+            for name in names:
+                self.by_name[_text(str(name), "a worker name")] = id
+        self._forget_spare_offers()
+        return "OK"
+
+    def where(self, id: str | None = None, name: str | None = None) -> dict:
+        """The offer of ``id`` (or of what worker ``name`` should run) and its holders."""
+        if id is None:
+            id = (
+                self.by_name.get(str(name), self.default)
+                if name is not None
+                else self.default
+            )
+        offer = self.offers.get(id) if id is not None else None
+        return {"offer": offer, "holders": self.live_holders(id) if offer else []}
+
+    def hold(
+        self,
+        nanny: str,
+        id: str,
+        complete: bool | None,
+        site: str | None = None,
+        node: str | None = None,
+    ) -> str:
+        """A nanny holds blob ``id`` (``complete`` or downloading; None: no more)."""
+        nanny = _text(nanny, "a nanny address")
+        _text(id, "an id")
+        if complete is None:
+            self.holders.get(id, {}).pop(nanny, None)
+            return "OK"
+        if id not in self.offers and id not in self.holders:
+            return "unknown"  # nothing to point anyone to
+        self.holders.setdefault(id, {})[nanny] = {
+            "complete": bool(complete),
+            "site": _site(site),
+            "node": None if node is None else _text(node, "a node"),
+            "time": time.time(),
+        }
+        return "OK"
+
+    def runs(self, nanny: str, id: str | None, name: str | None = None) -> str:
+        """A nanny's worker now runs in ``id`` (None: the nanny's own environment)."""
+        nanny = _text(nanny, "a nanny address")
+        if id is not None:
+            _text(id, "an id")
+        previous = self.running.get(nanny)
+        if previous is None or previous["id"] != id:
+            self.running[nanny] = {
+                "id": id,
+                "name": None if name is None else _text(name, "a name"),
+                "since": time.time(),
+            }
+        return "OK"
+
+    def snapshot(self) -> dict:
+        """Everything above, for ``envship.status``."""
+        return {
+            "default": self.default,
+            "by_name": dict(self.by_name),
+            "offers": {
+                id: {"name": o["name"], "size": o["table"]["size"]}
+                for id, o in self.offers.items()
+            },
+            "holders": {
+                id: self.live_holders(id, as_peers=False) for id in self.holders
+            },
+            "running": dict(self.running),
+        }
+
+    # -- helpers -------------------------------------------------------------------
+
+    def live_holders(self, id: str, as_peers: bool = True) -> list:
+        """Holders of ``id`` whose nanny has a worker, or reported lately."""
+        nannies = {ws.nanny for ws in self.scheduler.workers.values() if ws.nanny}
+        now = time.time()
+        found = {
+            nanny: h
+            for nanny, h in self.holders.get(id, {}).items()
+            if nanny in nannies or now - h["time"] < HOLDER_GRACE
+        }
+        # Complete holders first: they can serve every piece.
+        ordered = sorted(found.items(), key=lambda kv: not kv[1]["complete"])
+        if as_peers:
+            return [Peer(nanny, h["site"]).to_msg() for nanny, h in ordered]
+        return [{"nanny": nanny, **h} for nanny, h in ordered]
+
+    def _forget_spare_offers(self) -> None:
+        wanted = {self.default, *self.by_name.values()}
+        spare = [id for id in self.offers if id not in wanted]
+        for id in spare[: max(len(spare) - SPARE_OFFERS, 0)]:
+            del self.offers[id]
+            self.holders.pop(id, None)

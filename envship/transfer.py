@@ -1,0 +1,1051 @@
+"""Transfer: make many nodes hold a blob, the client sending each byte about once.
+
+A blob (an environment's archive) travels in pieces of
+``envship.transfer.piece-size`` bytes. Its :class:`PieceTable` lists the
+xxh3-128 digest of every piece and is bound to the blob by its own digest; it
+comes from the client (directly, or through the scheduler's registry), never
+from a peer, so every piece is verified on arrival whoever sent it.
+
+The client seeds: it pushes each piece once, round robin, to the nodes that
+fetch. Meanwhile every fetching node pulls the pieces it lacks from any peer
+that holds them, including peers still downloading (a piece is served as soon
+as it is verified), rarest piece first, spreading its requests over its peers
+and preferring peers of its own site (dask config ``envship.site``). A peer that
+dies, stalls or sends a bad piece is dropped for that blob; a piece that no
+live peer holds is pushed again by the client, or, for a node that joins later
+with no client around, fetched from whichever node holds it now.
+
+Pieces go straight to a partial file in the node cache's ``tmp/``
+(``<id>.<digest>.partial``, one per node, guarded by the cache's fetch lock); a
+download that is interrupted resumes from the verified pieces already there;
+only a complete, verified blob is handed to the cache
+(:meth:`EnvCache.adopt_archive`). No process holds a whole blob in memory, and
+blob bytes never pass through the scheduler.
+
+Every handler here takes ids, digests, indices and bytes from other processes:
+each is checked for type and bounds before anything is read, written or
+allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import dask.utils
+import xxhash
+from distributed.protocol import to_serialize
+
+from . import config
+from .cache import EnvCache, check_id
+from .errors import EnvshipError
+
+logger = logging.getLogger("envship.transfer")
+
+#: Bounds on what a piece table may declare.
+MIN_PIECE_SIZE = 64 * 1024
+MAX_PIECE_SIZE = 64 * 1024 * 1024
+MAX_BLOB_SIZE = 1 << 40
+#: Requests a fetching node keeps in flight, in all and per peer.
+IN_FLIGHT = 6
+IN_FLIGHT_PER_PEER = 2
+#: Pieces a nanny serves at once; more requests are answered "busy".
+SERVE_SLOTS = 6
+#: Seconds a ``have`` request waits for news before answering.
+HAVE_WAIT = 1.0
+#: Seconds a busy peer is left alone.
+BUSY_BACKOFF = 0.05
+#: Seconds a node waits for a same-site peer to fetch a piece across sites
+#: before it fetches that piece across sites itself.
+CROSS_SITE_DELAY = 2.0
+
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+_MISSING = {"missing": True}
+_BUSY = {"busy": True}
+
+
+# -- the piece table ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PieceTable:
+    """The size of a blob, its piece size and the digest of every piece.
+
+    Examples
+    --------
+    >>> table = PieceTable.of_bytes(b"x" * 100_000, piece_size=65536)
+    >>> table.count, table.span(1)
+    (2, (65536, 34464))
+    >>> PieceTable.from_msg(table.to_msg(), table.digest) == table
+    True
+    """
+
+    size: int
+    piece_size: int
+    digests: tuple[str, ...]
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike, piece_size: int) -> PieceTable:
+        digests = []
+        with open(path, "rb") as f:
+            while piece := f.read(piece_size):
+                digests.append(xxhash.xxh3_128_hexdigest(piece))
+        return cls(os.path.getsize(path), piece_size, tuple(digests))
+
+    @classmethod
+    def of_bytes(cls, data: bytes, piece_size: int) -> PieceTable:
+        digests = tuple(
+            xxhash.xxh3_128_hexdigest(data[i : i + piece_size])
+            for i in range(0, len(data), piece_size)
+        )
+        return cls(len(data), piece_size, digests)
+
+    @cached_property
+    def digest(self) -> str:
+        """xxh3-128 of the whole table: what binds it to the blob."""
+        h = xxhash.xxh3_128(f"{self.size} {self.piece_size}\n".encode())
+        for d in self.digests:
+            h.update(d.encode())
+        return h.hexdigest()
+
+    @property
+    def count(self) -> int:
+        return len(self.digests)
+
+    def span(self, index: int) -> tuple[int, int]:
+        """(offset, length) of piece ``index``."""
+        offset = index * self.piece_size
+        return offset, min(self.piece_size, self.size - offset)
+
+    def verify(self, index: int, data: bytes) -> bool:
+        return (
+            len(data) == self.span(index)[1]
+            and xxhash.xxh3_128_hexdigest(data) == self.digests[index]
+        )
+
+    def to_msg(self) -> dict:
+        return {
+            "size": self.size,
+            "piece_size": self.piece_size,
+            "digests": list(self.digests),
+            "digest": self.digest,
+        }
+
+    @classmethod
+    def from_msg(cls, msg, digest: str | None = None) -> PieceTable:
+        """Check a table received from another process; ValueError if wrong."""
+        if not isinstance(msg, dict):
+            raise ValueError("a piece table must be a dict")
+        size, piece_size, digests = (
+            msg.get("size"),
+            msg.get("piece_size"),
+            msg.get("digests"),
+        )
+        if not _int_in(size, 0, MAX_BLOB_SIZE):
+            raise ValueError(f"blob size out of bounds: {size!r}")
+        if not _int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
+            raise ValueError(f"piece size out of bounds: {piece_size!r}")
+        expected = -(-size // piece_size)
+        if not isinstance(digests, list | tuple) or len(digests) != expected:
+            raise ValueError(f"a blob of {size} bytes has {expected} pieces")
+        if not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in digests):
+            raise ValueError("piece digests must be 32 hex digits")
+        table = cls(size, piece_size, tuple(digests))
+        if table.digest != (digest if digest is not None else msg.get("digest")):
+            raise ValueError("the piece table does not match its digest")
+        return table
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    )
+
+
+def piece_size() -> int:
+    """``envship.transfer.piece-size``, within the bounds every node accepts."""
+    size = dask.utils.parse_bytes(config.get("transfer.piece-size"))
+    return min(max(size, MIN_PIECE_SIZE), MAX_PIECE_SIZE)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a node needs to fetch and install a blob: from the client, or the registry.
+
+    ``id`` is the environment's content id (checked again when it is
+    unpacked); ``table`` binds every piece of the archive.
+    """
+
+    id: str
+    name: str
+    manifest: dict
+    table: PieceTable
+
+    @classmethod
+    def of_artifact(cls, artifact) -> Offer:
+        return cls(
+            artifact.id,
+            artifact.name,
+            artifact.manifest,
+            PieceTable.of_file(artifact.path, piece_size()),
+        )
+
+    def to_msg(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "manifest": self.manifest,
+            "table": self.table.to_msg(),
+        }
+
+    @classmethod
+    def from_msg(cls, msg) -> Offer:
+        if not isinstance(msg, dict):
+            raise ValueError("an offer must be a dict")
+        name, manifest = msg.get("name"), msg.get("manifest")
+        if not isinstance(name, str) or len(name) > 1024:
+            raise ValueError("an offer needs a name")
+        if not isinstance(manifest, dict) or manifest.get("id") != msg.get("id"):
+            raise ValueError("an offer needs the manifest of its id")
+        return cls(
+            check_id(msg.get("id")),
+            name,
+            manifest,
+            PieceTable.from_msg(msg.get("table")),
+        )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A nanny to fetch from: its address and site label."""
+
+    address: str
+    site: str | None = None
+
+    @classmethod
+    def from_msg(cls, msg) -> Peer:
+        if not isinstance(msg, dict) or not isinstance(msg.get("address"), str):
+            raise ValueError(f"not a peer: {msg!r}")
+        site = msg.get("site")
+        if site is not None and not isinstance(site, str):
+            raise ValueError(f"a site is a string: {site!r}")
+        return cls(msg["address"], site)
+
+    def to_msg(self) -> dict:
+        return {"address": self.address, "site": self.site}
+
+
+def _peers_from_msg(peers) -> list[Peer]:
+    if not isinstance(peers, list | tuple) or len(peers) > 100_000:
+        raise ValueError("peers must be a list")
+    return [Peer.from_msg(p) for p in peers]
+
+
+# -- one download on a node --------------------------------------------------------
+
+
+class _RateLimit:
+    """A token bucket: ``await take(n)`` keeps the average at ``rate`` bytes/s."""
+
+    def __init__(self, rate: float | None):
+        self.rate = rate
+        self.next_free = 0.0
+
+    async def take(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        start = max(now, self.next_free)
+        self.next_free = start + nbytes / self.rate
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+@dataclass
+class _PeerState:
+    peer: Peer
+    have: bytearray | None = None
+    complete: bool = False
+    in_flight: int = 0
+    busy_until: float = 0.0
+    dropped: str | None = None
+    poller: asyncio.Task | None = None
+
+
+@dataclass
+class Download:
+    """The pieces of one blob arriving on one node, from the client and peers."""
+
+    offer: Offer
+    path: Path
+    node_site: str | None
+    have: bytearray = field(init=False)
+    received: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self.have = bytearray(self.table.count)
+        self.peers: dict[str, _PeerState] = {}
+        self.changed = asyncio.Event()  # wakes the fetch loop
+        self.news = asyncio.Event()  # replaced on every new piece: for `have`
+        self.opened = asyncio.Event()  # the partial file is ready for pieces
+        self.done = asyncio.Event()
+        self.in_flight: set[int] = set()
+        self.waiting_since: dict[int, float] = {}
+        self.fd: int | None = None
+
+    @property
+    def table(self) -> PieceTable:
+        return self.offer.table
+
+    @property
+    def count(self) -> int:
+        return sum(self.have)
+
+    @property
+    def complete(self) -> bool:
+        return self.count == self.table.count
+
+    def add_peers(self, peers: Iterable[Peer], me: str) -> None:
+        for peer in peers:
+            if peer.address != me and peer.address not in self.peers:
+                self.peers[peer.address] = _PeerState(peer)
+        self.changed.set()
+
+    def unavailable(self) -> list[int]:
+        """Pieces that this node lacks and no live peer is known to hold."""
+        live = [p for p in self.peers.values() if not p.dropped]
+        return [
+            i
+            for i in range(self.table.count)
+            if not self.have[i]
+            and i not in self.in_flight
+            and not any(p.complete or (p.have and p.have[i]) for p in live)
+        ]
+
+    def state(self) -> dict:
+        """For whoever waits: ``complete`` once the blob is in the node cache."""
+        return {
+            "complete": self.done.is_set() and self.error is None,
+            "have": self.count,
+            "count": self.table.count,
+            "received": dict(self.received),
+            "rejected": dict(self.rejected),
+            "dropped": {a: p.dropped for a, p in self.peers.items() if p.dropped},
+            "unavailable": [] if self.complete else self.unavailable(),
+            "error": self.error,
+        }
+
+    def bitmap(self) -> bytes:
+        return bytes(self.have)
+
+    async def accept(self, index: int, data, source: str) -> bool:
+        """Verify and write one piece; False (and a strike) if it is bad."""
+        data = bytes(data) if not isinstance(data, bytes) else data
+        if self.have[index]:
+            return True
+        if not self.table.verify(index, data):
+            self.rejected[source] = self.rejected.get(source, 0) + 1
+            logger.warning(
+                "envship: piece %d of %s from %s failed verification",
+                index,
+                self.offer.name,
+                source,
+            )
+            return False
+        offset, _ = self.table.span(index)
+        try:
+            await asyncio.to_thread(_pwrite_all, self.fd, data, offset)
+        except OSError as e:
+            raise _disk_error(self, self.path.parent, e) from e
+        if not self.have[index]:
+            self.have[index] = 1
+            self.received[source] = self.received.get(source, 0) + len(data)
+            self.changed.set()
+            news, self.news = self.news, asyncio.Event()
+            news.set()
+        return True
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+# -- the node side: handlers and the fetch loop -------------------------------------
+
+
+class BlobServer:
+    """A nanny's side of transfers: receive pushes, fetch from peers, serve pieces.
+
+    Handlers (installed on the nanny as ``envship_<name>``): ``offer``,
+    ``put``, ``wait``, ``piece`` and ``have``.
+
+    Parameters
+    ----------
+    cache : EnvCache
+        The node cache that partial and complete blobs live in.
+    rpc : callable
+        A connection pool (``nanny.rpc``) to reach peers.
+    address : str
+        This nanny's address, so it never fetches from itself.
+    site : str, optional
+        This node's site label; peers of the same site are asked first.
+    """
+
+    def __init__(self, cache: EnvCache, rpc, address: str, site: str | None = None):
+        self.cache = cache
+        self.rpc = rpc
+        self.address = address
+        self.site = site
+        self.downloads: dict[tuple[str, str], Download] = {}
+        self._tasks: dict[tuple[str, str], asyncio.Task] = {}
+        self._tables: dict[tuple[str, int, int], PieceTable] = {}
+        self._serving = 0
+        max_rate = config.get("transfer.max-rate")
+        self._limit = _RateLimit(_parse_rate(max_rate))
+        #: Called with a download and "started", "complete" or "failed".
+        self.on_event: Callable[[Download, str], None] = lambda d, event: None
+
+    # -- handlers ----------------------------------------------------------------
+
+    async def offer(self, offer: dict, peers: list | None = None) -> dict:
+        """Start (or resume, or join) fetching a blob; answer at once."""
+        parsed = Offer.from_msg(offer)
+        if self.cache.has_archive(parsed.id):
+            return {"complete": True, "have": parsed.table.count}
+        download = self.start(parsed, _peers_from_msg(peers or []))
+        return {"complete": download.complete, "have": download.count}
+
+    async def put(self, id: str, digest: str, index: int, data) -> bool:
+        """A piece pushed by the client into a download started by ``offer``."""
+        download = self.downloads.get((check_id(id), _check_digest(digest)))
+        if download is None:
+            raise ValueError(f"no download of {id} here: offer it first")
+        _check_index(index, download.table)
+        await download.opened.wait()
+        if download.fd is None:  # ended meanwhile: complete, or failed
+            return bool(download.have[index])
+        return await download.accept(index, data, "client")
+
+    async def wait(self, id: str, digest: str, timeout: float = 1.0) -> dict:
+        """The state of a download, once complete or after ``timeout`` seconds."""
+        key = (check_id(id), _check_digest(digest))
+        download = self.downloads.get(key)
+        if download is None:
+            if self.cache.has_archive(id):
+                return {"complete": True, "error": None}
+            return {"complete": False, "error": f"no download of {id} here"}
+        if not isinstance(timeout, int | float) or not 0 <= timeout <= 60:
+            raise ValueError(f"timeout out of bounds: {timeout!r}")
+        try:
+            await asyncio.wait_for(download.done.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return download.state()
+
+    async def piece(self, id: str, digest: str, piece_size: int, index: int):
+        """One verified piece of a blob this nanny holds, for a peer."""
+        key = (check_id(id), _check_digest(digest))
+        if not _int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
+            raise ValueError(f"piece size out of bounds: {piece_size!r}")
+        source = self._source(key, piece_size)
+        if source is None:
+            return _MISSING
+        path, table = source
+        _check_index(index, table)
+        download = self.downloads.get(key)
+        if table is not None and download is not None and path == download.path:
+            if not download.have[index]:
+                return _MISSING
+        if self._serving >= SERVE_SLOTS:
+            return _BUSY
+        self._serving += 1
+        try:
+            offset, length = table.span(index)
+            await self._limit.take(length)
+            data = await asyncio.to_thread(_pread, path, offset, length)
+        finally:
+            self._serving -= 1
+        return {"data": to_serialize(data)}
+
+    async def have(
+        self, id: str, digest: str, piece_size: int, known: int = -1
+    ) -> dict:
+        """Which pieces this nanny holds; waits a little for news beyond ``known``."""
+        key = (check_id(id), _check_digest(digest))
+        if not _int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
+            raise ValueError(f"piece size out of bounds: {piece_size!r}")
+        if not _int_in(known, -1, 1 << 30):
+            raise ValueError(f"known out of bounds: {known!r}")
+        download = self.downloads.get(key)
+        if download is not None and not download.complete:
+            if download.count <= known:
+                try:
+                    await asyncio.wait_for(download.news.wait(), HAVE_WAIT)
+                except asyncio.TimeoutError:
+                    pass
+            if not download.complete:
+                return {"complete": False, "have": download.bitmap()}
+        source = self._source(key, piece_size)
+        return {"complete": source is not None, "have": None}
+
+    # -- serving helpers -----------------------------------------------------------
+
+    def _source(self, key: tuple[str, str], piece_size: int):
+        """(path, table) to serve ``key`` from, or None if this node lacks it."""
+        id, digest = key
+        download = self.downloads.get(key)
+        if download is not None and not download.complete:
+            return download.path, download.table
+        path = self.cache.archive_path(id)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        cache_key = (id, piece_size, st.st_ino)
+        table = self._tables.get(cache_key)
+        if table is None:
+            # Complete archives are served for any piece size, once their
+            # table (xxh3 at ~10 GB/s) is the one asked for.
+            table = self._tables[cache_key] = PieceTable.of_file(path, piece_size)
+        return (path, table) if table.digest == digest else None
+
+    # -- fetching ----------------------------------------------------------------
+
+    def start(self, offer: Offer, peers: list[Peer]) -> Download:
+        """The download of ``offer`` on this nanny, started if needed."""
+        key = (offer.id, offer.table.digest)
+        download = self.downloads.get(key)
+        if download is None:
+            path = (
+                self.cache.root
+                / "tmp"
+                / f"{offer.id}.{offer.table.digest[:16]}.partial"
+            )
+            download = self.downloads[key] = Download(offer, path, self.site)
+            self._tasks[key] = asyncio.create_task(self._run(download))
+        download.add_peers(peers, self.address)
+        return download
+
+    async def fetch(self, offer: Offer, peers: list[Peer], stall: float) -> dict:
+        """Fetch ``offer`` from peers alone (no client); its state when done.
+
+        Raises
+        ------
+        EnvshipError
+            When the blob cannot be completed: pieces that no live peer holds
+            for ``stall`` seconds, or a local failure.
+        """
+        if self.cache.has_archive(offer.id):
+            return {"complete": True}
+        download = self.start(offer, peers)
+        last, since = download.count, time.monotonic()
+        while not download.done.is_set():
+            try:
+                await asyncio.wait_for(download.done.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            if download.count != last:
+                last, since = download.count, time.monotonic()
+            elif time.monotonic() - since > stall and download.unavailable():
+                self.cancel(download, "no live peer holds the missing pieces")
+        if download.error:
+            raise EnvshipError(
+                offer.name,
+                f"this node could not get it: {download.error} "
+                f"({download.count} of {download.table.count} pieces; peers "
+                f"tried: {', '.join(download.peers) or 'none'})",
+                "call use_environment again from a client that holds it",
+            )
+        return download.state()
+
+    def cancel(self, download: Download, reason: str) -> None:
+        key = (download.offer.id, download.table.digest)
+        task = self._tasks.get(key)
+        if download.error is None:
+            download.error = reason
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _run(self, download: Download) -> None:
+        key = (download.offer.id, download.table.digest)
+        lock = self.cache.fetch_lock(download.offer.id)
+        locked = False
+        try:
+            # Polled, not a blocking acquire in a thread: cancellable, and
+            # the nannies of a node that wait here cost nothing.
+            while not (locked := _try_acquire(lock)):
+                await asyncio.sleep(0.2)
+            if self.cache.has_archive(download.offer.id):
+                # Another nanny of this node got it meanwhile.
+                download.have[:] = b"\1" * download.table.count
+            else:
+                await self._download(download)
+        except asyncio.CancelledError:
+            download.error = download.error or "cancelled"
+        except EnvshipError as e:
+            download.error = e.problem
+        except Exception as e:  # a full disk, a bug: report it to whoever waits
+            logger.exception("envship: download of %s failed", download.offer.name)
+            download.error = f"{type(e).__name__}: {e}"
+        finally:
+            for p in download.peers.values():
+                if p.poller is not None:
+                    p.poller.cancel()
+            if download.fd is not None:
+                os.close(download.fd)
+                download.fd = None
+            if locked:
+                lock.release()
+            download.opened.set()
+            download.done.set()
+            self._tasks.pop(key, None)
+            if download.error is not None:
+                self.on_event(download, "failed")
+            # Keep a failed download's state until its waiters have read it;
+            # a later offer starts a fresh one that resumes the partial file.
+            loop = asyncio.get_running_loop()
+            loop.call_later(30, self._forget, key, download)
+
+    def _forget(self, key, download: Download) -> None:
+        if self.downloads.get(key) is download:
+            del self.downloads[key]
+
+    async def _download(self, download: Download) -> None:
+        table = download.table
+        download.fd = os.open(download.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.to_thread(_resume, download)
+            await asyncio.to_thread(os.ftruncate, download.fd, table.size)
+        except OSError as e:
+            raise _disk_error(download, self.cache.root, e) from e
+        download.opened.set()
+        download.changed.set()
+        self.on_event(download, "started")
+        requests: set[asyncio.Task] = set()
+        while not download.complete:
+            for p in download.peers.values():
+                if p.poller is None and not p.dropped:
+                    p.poller = asyncio.create_task(self._poll(download, p))
+            for index, p in self._choose(download):
+                requests.add(asyncio.create_task(self._request(download, p, index)))
+            download.changed.clear()
+            changed = asyncio.create_task(download.changed.wait())
+            done, _ = await asyncio.wait(
+                {changed, *requests}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED
+            )
+            changed.cancel()
+            for task in done - {changed}:
+                requests.discard(task)
+                task.result()  # a local failure (disk) ends the download
+        for task in requests:
+            task.cancel()
+        try:
+            await asyncio.to_thread(os.fsync, download.fd)
+        except OSError as e:
+            raise _disk_error(download, self.cache.root, e) from e
+        os.close(download.fd)
+        download.fd = None
+        await asyncio.to_thread(
+            self.cache.adopt_archive,
+            download.offer.id,
+            download.path,
+            download.offer.manifest,
+        )
+        self.on_event(download, "complete")
+        logger.info(
+            "envship: %s arrived (%d pieces; from %s)",
+            download.offer.name,
+            table.count,
+            ", ".join(f"{s}: {n} B" for s, n in download.received.items()) or "disk",
+        )
+
+    def _choose(self, download: Download) -> list[tuple[int, _PeerState]]:
+        """Requests to make now: rarest pieces first, spread over peers."""
+        budget = IN_FLIGHT - len(download.in_flight)
+        if budget <= 0:
+            return []
+        now = time.monotonic()
+        live = [
+            p
+            for p in download.peers.values()
+            if not p.dropped
+            and p.in_flight < IN_FLIGHT_PER_PEER
+            and p.busy_until <= now
+        ]
+        if not live:
+            return []
+        table = download.table
+        needed = [
+            i
+            for i in range(table.count)
+            if not download.have[i] and i not in download.in_flight
+        ]
+        random.shuffle(needed)
+        holders = {
+            i: [p for p in live if p.complete or (p.have is not None and p.have[i])]
+            for i in needed
+        }
+        needed.sort(key=lambda i: len(holders[i]) or 1 << 30)
+        chosen = []
+        for i in needed:
+            candidates = self._by_site(download, i, holders[i], now)
+            candidates = [p for p in candidates if p.in_flight < IN_FLIGHT_PER_PEER]
+            if not candidates:
+                continue
+            peer = min(candidates, key=lambda p: (p.in_flight, random.random()))
+            peer.in_flight += 1
+            download.in_flight.add(i)
+            chosen.append((i, peer))
+            if len(chosen) >= budget:
+                break
+        return chosen
+
+    def _by_site(self, download: Download, index: int, holders, now: float):
+        """Peers of this site first; another site's only when none of ours will do."""
+        if download.node_site is None:
+            return holders
+        ours = [p for p in holders if p.peer.site == download.node_site]
+        if ours:
+            download.waiting_since.pop(index, None)
+            return ours
+        if not holders:
+            return holders
+        # Only one node of our site fetches each piece across sites (chosen by
+        # the piece's number); the others wait for it, unless it takes long.
+        fetchers = sorted(
+            [self.address]
+            + [
+                a
+                for a, p in download.peers.items()
+                if p.peer.site == download.node_site
+                and not p.dropped
+                and not p.complete
+            ]
+        )
+        if fetchers[index % len(fetchers)] == self.address:
+            return holders
+        first = download.waiting_since.setdefault(index, now)
+        return holders if now - first > CROSS_SITE_DELAY else []
+
+    async def _request(self, download: Download, p: _PeerState, index: int) -> None:
+        """Ask ``p`` for piece ``index``; a peer's fault drops it, a local one raises."""
+        d = download
+        try:
+            try:
+                reply = await self._ask_piece(d, p, index)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncio.TimeoutError) as e:
+                self._drop(d, p, f"unreachable or stalled ({type(e).__name__})")
+                return
+            except Exception as e:  # the peer raised: no source for this blob
+                self._drop(d, p, f"failed: {e}")
+                return
+            if not isinstance(reply, dict):
+                self._drop(d, p, "answered nonsense")
+            elif reply.get("busy"):
+                p.busy_until = time.monotonic() + BUSY_BACKOFF
+            elif reply.get("missing"):
+                if p.have is not None:
+                    p.have[index] = 0
+                p.complete = False
+            elif not await d.accept(index, reply.get("data", b""), p.peer.address):
+                self._drop(d, p, f"sent a bad piece {index}")
+        finally:
+            p.in_flight -= 1
+            d.in_flight.discard(index)
+            d.changed.set()
+
+    async def _ask_piece(self, d: Download, p: _PeerState, index: int):
+        return await asyncio.wait_for(
+            self.rpc(p.peer.address).envship_piece(
+                id=d.offer.id,
+                digest=d.table.digest,
+                piece_size=d.table.piece_size,
+                index=index,
+            ),
+            _piece_timeout(),
+        )
+
+    async def _poll(self, download: Download, p: _PeerState) -> None:
+        """Keep ``p.have`` current (long polls) until the download ends."""
+        d = download
+        known = -1
+        while not d.complete and not p.dropped and not p.complete:
+            try:
+                reply = await asyncio.wait_for(
+                    self.rpc(p.peer.address).envship_have(
+                        id=d.offer.id,
+                        digest=d.table.digest,
+                        piece_size=d.table.piece_size,
+                        known=known,
+                    ),
+                    HAVE_WAIT + _piece_timeout(),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._drop(d, p, f"unreachable ({type(e).__name__})")
+                return
+            if not isinstance(reply, dict):
+                self._drop(d, p, "answered nonsense")
+                return
+            have = reply.get("have")
+            if reply.get("complete"):
+                p.complete = True
+            elif isinstance(have, bytes) and len(have) == d.table.count:
+                p.have = bytearray(have)
+                known = sum(p.have)
+            else:
+                p.have = None
+                await asyncio.sleep(HAVE_WAIT)  # it holds nothing yet
+            d.changed.set()
+
+    def _drop(self, download: Download, p: _PeerState, reason: str) -> None:
+        if p.dropped is None:
+            p.dropped = reason
+            logger.info(
+                "envship: not fetching %s from %s any more: %s",
+                download.offer.name,
+                p.peer.address,
+                reason,
+            )
+            if p.poller is not None:
+                p.poller.cancel()
+
+
+def _resume(download: Download) -> None:
+    """Mark the pieces a previous, interrupted download already wrote."""
+    size = os.fstat(download.fd).st_size
+    table = download.table
+    for i in range(table.count):
+        offset, length = table.span(i)
+        if offset + length > size:
+            break
+        if table.verify(i, os.pread(download.fd, length, offset)):
+            download.have[i] = 1
+            download.received["disk"] = download.received.get("disk", 0) + length
+
+
+def _disk_error(download: Download, root: Path, e: OSError) -> EnvshipError:
+    return EnvshipError(
+        download.offer.name,
+        f"could not write its archive into this node's cache {root}: {e}",
+        "free disk space on the node, or set envship.cache.directory to a larger disk",
+    )
+
+
+def _try_acquire(lock) -> bool:
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
+
+
+def _check_digest(digest) -> str:
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ValueError(f"not a piece table digest: {digest!r}")
+    return digest
+
+
+def _check_index(index, table: PieceTable) -> None:
+    if not _int_in(index, 0, table.count - 1):
+        raise ValueError(f"piece index out of bounds: {index!r}")
+
+
+def _parse_rate(value) -> float | None:
+    if value in (None, "", 0):
+        return None
+    return (
+        float(dask.utils.parse_bytes(value)) if isinstance(value, str) else float(value)
+    )
+
+
+def _piece_timeout() -> float:
+    return dask.utils.parse_timedelta(config.get("transfer.piece-timeout"))
+
+
+# -- the client side: seeding ------------------------------------------------------
+
+
+@dataclass
+class ShipReport:
+    """What a broadcast moved: bytes the client sent, and per node where bytes came from."""
+
+    client_bytes: int = 0
+    nodes: dict[str, dict] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)  # workers not switched
+
+    def crossing(self, sites: dict[str, str | None], client_site: str | None) -> int:
+        """Bytes that nodes received from a source of another site."""
+        total = 0
+        for nanny, state in self.nodes.items():
+            for source, nbytes in state.get("received", {}).items():
+                site = client_site if source == "client" else sites.get(source)
+                if source != "disk" and site != sites.get(nanny):
+                    total += nbytes
+        return total
+
+
+async def broadcast(
+    rpc,
+    path: str | os.PathLike,
+    offer: Offer,
+    fetchers: list[Peer],
+    holders: Iterable[Peer] = (),
+    *,
+    peer_to_peer: bool = True,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> ShipReport:
+    """Make every nanny of ``fetchers`` hold the blob at ``path``.
+
+    The client pushes each piece once, round robin over the fetchers (every
+    piece to every fetcher when not ``peer_to_peer``, as a plain push would),
+    while the fetchers pull the rest from each other and from ``holders``.
+    Pieces that no live node holds are pushed again to whoever lacks them.
+
+    Parameters
+    ----------
+    rpc : callable
+        A connection pool, such as ``client.rpc``.
+    fetchers : list of Peer
+        One nanny per node that lacks the blob.
+    holders : list of Peer
+        Nannies that hold the complete blob already.
+    on_progress : callable
+        Called with the number of pieces (summed over nodes) now held.
+
+    Returns
+    -------
+    ShipReport
+        ``failed`` names the nannies that could not get the blob and why.
+    """
+    table = offer.table
+    holders = list(holders)
+    report = ShipReport()
+    peers = [p.to_msg() for p in fetchers + holders] if peer_to_peer else []
+    msg = offer.to_msg()
+
+    async def start(peer: Peer) -> None:
+        await rpc(peer.address).envship_offer(offer=msg, peers=peers)
+
+    alive: list[Peer] = []
+    for peer, outcome in zip(
+        fetchers,
+        await asyncio.gather(*map(start, fetchers), return_exceptions=True),
+        strict=True,
+    ):
+        if isinstance(outcome, BaseException):
+            report.failed[peer.address] = f"could not start the transfer: {outcome}"
+        else:
+            alive.append(peer)
+
+    async def push(peer: Peer, index: int, f) -> None:
+        offset, length = table.span(index)
+        data = await asyncio.to_thread(_pread_fd, f, offset, length)
+        await rpc(peer.address).envship_put(
+            id=offer.id, digest=table.digest, index=index, data=to_serialize(data)
+        )
+        report.client_bytes += length
+
+    lost: set[str] = set()
+
+    async def seed(f) -> None:
+        if holders and peer_to_peer:
+            return  # nodes that hold it already seed the others
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        plan = (
+            [(alive[i % len(alive)], i) for i in range(table.count)]
+            if peer_to_peer
+            else [(p, i) for i in range(table.count) for p in alive]
+        )
+
+        async def one(peer, index):
+            async with slots:
+                if peer.address in lost:
+                    return
+                try:
+                    await push(peer, index, f)
+                except OSError as e:
+                    lost.add(peer.address)
+                    report.failed.setdefault(
+                        peer.address, f"lost during the transfer: {e}"
+                    )
+
+        await asyncio.gather(*(one(p, i) for p, i in plan))
+
+    held = {p.address: 0 for p in alive}
+
+    async def follow(peer: Peer, f) -> None:
+        """Wait for ``peer`` to complete; push what no live node holds."""
+        stuck = 0
+        while peer.address not in lost:
+            try:
+                state = await rpc(peer.address).envship_wait(
+                    id=offer.id, digest=table.digest, timeout=1.0
+                )
+            except OSError as e:
+                lost.add(peer.address)
+                report.failed.setdefault(peer.address, f"lost during the transfer: {e}")
+                return
+            held[peer.address] = (
+                state.get("have", table.count) if not state["complete"] else table.count
+            )
+            on_progress(sum(held.values()))
+            if state["complete"]:
+                report.nodes[peer.address] = state
+                return
+            if state.get("error"):
+                report.failed[peer.address] = state["error"]
+                return
+            missing = state.get("unavailable") or []
+            stuck = stuck + 1 if missing and seeding.done() else 0
+            if stuck >= 2:
+                for index in missing:
+                    try:
+                        await push(peer, index, f)
+                    except OSError as e:
+                        lost.add(peer.address)
+                        report.failed.setdefault(peer.address, f"lost: {e}")
+                        return
+                stuck = 0
+
+    if not alive:
+        return report
+    with open(path, "rb") as f:
+        seeding = asyncio.ensure_future(seed(f))
+        await asyncio.gather(seeding, *(follow(p, f) for p in alive))
+    return report
+
+
+def _pread_fd(f, offset: int, length: int) -> bytes:
+    return os.pread(f.fileno(), length, offset)
