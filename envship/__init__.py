@@ -12,15 +12,18 @@ from . import config as _config  # noqa: F401  (registers the config defaults)
 from .client import SwitchReport, WorkerReport, use_environment
 from .errors import EnvshipError
 from .pack import pack
+from .status import ClusterStatus, status
 from .store import Artifact, ArtifactStore
 
 __all__ = [
     "Artifact",
     "ArtifactStore",
+    "ClusterStatus",
     "EnvshipError",
     "SwitchReport",
     "WorkerReport",
     "pack",
+    "status",
     "use_environment",
 ]
 

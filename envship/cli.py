@@ -159,6 +159,23 @@ def use(env, scheduler, workers, no_strict, timeout):
     click.echo(repr(report))
 
 
+@main.command()
+@click.option(
+    "--scheduler",
+    envvar="DASK_SCHEDULER_ADDRESS",
+    required=True,
+    help="Scheduler address (or DASK_SCHEDULER_ADDRESS).",
+)
+def status(scheduler):
+    """What every worker runs in, each node's cache, who holds which environment."""
+    from distributed import Client
+
+    from .status import status as cluster_status
+
+    with Client(scheduler, timeout=30) as client:
+        click.echo(repr(cluster_status(client)))
+
+
 @main.group()
 def cache():
     """The node cache of unpacked environments (run on a worker's machine)."""

@@ -334,12 +334,7 @@ async def _ship(client, artifact, infos, progress) -> ShipReport:
         return ShipReport()
     offer = await asyncio.to_thread(Offer.of_artifact, artifact)
     await client.scheduler.envship_publish(offer=offer.to_msg())
-    holders = [
-        Peer(nanny, infos[nanny]["site"])
-        for node, nanny in _one_nanny_per_node(
-            {n: i for n, i in infos.items() if i["archive"]}, missing_only=False
-        ).items()
-    ]
+    holders = await _holders(client, artifact.id, infos)
     fetchers = [Peer(nanny, infos[nanny]["site"]) for nanny in nodes.values()]
     pieces = offer.table.count * len(fetchers)
     with progress_bar(
@@ -364,6 +359,19 @@ async def _ship(client, artifact, infos, progress) -> ShipReport:
             "then call use_environment again",
         )
     return shipped
+
+
+async def _holders(client, artifact_id: str, infos: dict) -> list[Peer]:
+    """Nannies that hold the whole archive: among the targets, and any the registry knows."""
+    where = await client.scheduler.envship_where(id=artifact_id)
+    holding = _one_nanny_per_node(
+        {n: i for n, i in infos.items() if i["archive"]}, missing_only=False
+    )
+    holders = {nanny: Peer(nanny, infos[nanny]["site"]) for nanny in holding.values()}
+    for msg in where["holders"]:
+        if msg["complete"] and msg["address"] not in infos:
+            holders[msg["address"]] = Peer.from_msg(msg)
+    return list(holders.values())
 
 
 def _leave_out_lost(targets, infos, shipped: ShipReport) -> set[str]:

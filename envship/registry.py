@@ -159,26 +159,32 @@ class Registry(SchedulerPlugin):
                 for id, o in self.offers.items()
             },
             "holders": {
-                id: self.live_holders(id, as_peers=False) for id in self.holders
+                id: self.live_holders(id, as_peers=False, grace=0)
+                for id in self.holders
             },
             "running": dict(self.running),
         }
 
     # -- helpers -------------------------------------------------------------------
 
-    def live_holders(self, id: str, as_peers: bool = True) -> list:
-        """Holders of ``id`` whose nanny has a worker, or reported lately."""
+    def live_holders(
+        self, id: str, as_peers: bool = True, grace: float = HOLDER_GRACE
+    ) -> list:
+        """Holders of ``id`` whose nanny has a worker, or reported within ``grace`` s."""
         nannies = {ws.nanny for ws in self.scheduler.workers.values() if ws.nanny}
         now = time.time()
         found = {
             nanny: h
             for nanny, h in self.holders.get(id, {}).items()
-            if nanny in nannies or now - h["time"] < HOLDER_GRACE
+            if nanny in nannies or now - h["time"] < grace
         }
         # Complete holders first: they can serve every piece.
         ordered = sorted(found.items(), key=lambda kv: not kv[1]["complete"])
         if as_peers:
-            return [Peer(nanny, h["site"]).to_msg() for nanny, h in ordered]
+            return [
+                {**Peer(nanny, h["site"]).to_msg(), "complete": h["complete"]}
+                for nanny, h in ordered
+            ]
         return [{"nanny": nanny, **h} for nanny, h in ordered]
 
     def _forget_spare_offers(self) -> None:

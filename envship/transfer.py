@@ -34,6 +34,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import dask.utils
 import xxhash
+from dask.utils import format_bytes
 from distributed.protocol import to_serialize
 
 from . import config
@@ -432,7 +434,10 @@ class BlobServer:
         parsed = Offer.from_msg(offer)
         if self.cache.has_archive(parsed.id):
             return {"complete": True, "have": parsed.table.count}
-        download = self.start(parsed, _peers_from_msg(peers or []))
+        peers = _peers_from_msg(peers or [])
+        if (parsed.id, parsed.table.digest) not in self.downloads:
+            self._check_room(parsed)
+        download = self.start(parsed, peers)
         return {"complete": download.complete, "have": download.count}
 
     async def put(self, id: str, digest: str, index: int, data) -> bool:
@@ -508,6 +513,19 @@ class BlobServer:
         source = self._source(key, piece_size)
         return {"complete": source is not None, "have": None}
 
+    def _check_room(self, offer: Offer) -> None:
+        """Refuse a blob larger than the free disk up front, not once it is full."""
+        size = offer.table.size
+        free = shutil.disk_usage(self.cache.root).free
+        if size > free:
+            raise EnvshipError(
+                offer.name,
+                f"its archive ({format_bytes(size)}) does not fit on the disk of "
+                f"this node's cache {self.cache.root} ({format_bytes(free)} free)",
+                "free disk space on the node, or set envship.cache.directory "
+                "to a larger disk",
+            )
+
     # -- serving helpers -----------------------------------------------------------
 
     def _source(self, key: tuple[str, str], piece_size: int):
@@ -557,6 +575,12 @@ class BlobServer:
         """
         if self.cache.has_archive(offer.id):
             return {"complete": True}
+        if not [p for p in peers if p.address != self.address]:
+            raise EnvshipError(
+                offer.name,
+                "this node lacks it and no node that holds it is left",
+                "call use_environment again so that the client sends it",
+            )
         download = self.start(offer, peers)
         last, since = download.count, time.monotonic()
         while not download.done.is_set():
@@ -637,33 +661,37 @@ class BlobServer:
 
     async def _download(self, download: Download) -> None:
         table = download.table
-        download.fd = os.open(download.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            download.fd = os.open(download.path, os.O_RDWR | os.O_CREAT, 0o600)
             await asyncio.to_thread(_resume, download)
-            await asyncio.to_thread(os.ftruncate, download.fd, table.size)
         except OSError as e:
             raise _disk_error(download, self.cache.root, e) from e
         download.opened.set()
         download.changed.set()
         self.on_event(download, "started")
         requests: set[asyncio.Task] = set()
-        while not download.complete:
-            for p in download.peers.values():
-                if p.poller is None and not p.dropped:
-                    p.poller = asyncio.create_task(self._poll(download, p))
-            for index, p in self._choose(download):
-                requests.add(asyncio.create_task(self._request(download, p, index)))
-            download.changed.clear()
-            changed = asyncio.create_task(download.changed.wait())
-            done, _ = await asyncio.wait(
-                {changed, *requests}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED
-            )
-            changed.cancel()
-            for task in done - {changed}:
-                requests.discard(task)
-                task.result()  # a local failure (disk) ends the download
-        for task in requests:
-            task.cancel()
+        try:
+            while not download.complete:
+                for p in download.peers.values():
+                    if p.poller is None and not p.dropped:
+                        p.poller = asyncio.create_task(self._poll(download, p))
+                for index, p in self._choose(download):
+                    request = self._request(download, p, index)
+                    requests.add(asyncio.create_task(request))
+                download.changed.clear()
+                changed = asyncio.create_task(download.changed.wait())
+                done, _ = await asyncio.wait(
+                    {changed, *requests},
+                    timeout=0.2,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                changed.cancel()
+                for task in done - {changed}:
+                    requests.discard(task)
+                    task.result()  # a local failure (disk) ends the download
+        finally:
+            for task in requests:
+                task.cancel()
         try:
             await asyncio.to_thread(os.fsync, download.fd)
         except OSError as e:
@@ -965,7 +993,8 @@ async def broadcast(
         strict=True,
     ):
         if isinstance(outcome, BaseException):
-            report.failed[peer.address] = f"could not start the transfer: {outcome}"
+            reason = getattr(outcome, "problem", None) or str(outcome)
+            report.failed[peer.address] = f"could not start the transfer: {reason}"
         else:
             alive.append(peer)
 

@@ -301,18 +301,3 @@ def test_nannies_that_cannot_import_envship(tmp_path, env_prefix, store):
             client.use_environment(artifact)
         assert "pip install envship" in str(info.value)
         assert client.submit(sum, [1, 2]).result() == 3
-
-
-def test_nanny_joining_later_starts_in_the_environment(tmp_path, env_prefix, store):
-    base = envship.pack(env_prefix("base"), store=store)
-    with local_cluster(tmp_path / "c", {"first": 1}) as cluster:
-        client, caches = cluster
-        assert client.use_environment(base).ok
-        # A new node: no archive, no client push; it copies from a peer nanny.
-        cluster.add_node("late", 1)
-        client.wait_for_workers(2, timeout=60)
-        assert where(client) == {
-            "first-0": (str(caches["first"] / base.id), None),
-            "late-0": (str(caches["late"] / base.id), None),
-        }
-        assert EnvCache(caches["late"]).has_archive(base.id)

@@ -1,0 +1,551 @@
+"""Benchmark: shipping one artifact to 2, 4 and 8 nodes over 100 MB/s links, in one run.
+
+Needs root and iproute2 (``ip``, ``tc``); CI need not run it::
+
+    sudo .venv/bin/python bench/broadcast.py [--size 256MB] [--json out.json]
+
+Simulated hosts: one network namespace per host, ``esb-client``,
+``esb-scheduler`` and ``esb-node0`` .. ``esb-node7`` (addresses in
+10.213.0.0/24), each joined by a veth pair to the bridge of its site; both
+ends of every host link are limited with ``tc tbf`` to ``--rate``. The two site
+bridges, ``esb-br-east`` and ``esb-br-west``, live in one more namespace,
+``esb-switch``, and are joined by one veth pair limited to ``--slow-rate``:
+the slow link between the sites. The client and the scheduler are on site
+east. Nothing is added to the root namespace, and every namespace (hence every
+veth) and process is removed when the script ends, also on error or Ctrl-C.
+
+The scheduler and one nanny per node (``--preload-nanny envship``, a fresh
+cache directory each) run in their own namespaces. This script moves its own
+thread into ``esb-client`` (``setns``) before it connects, so the client and
+every thread it starts send through the client's link.
+
+1. Scaling, all nodes on the east bridge and no site labels, so the slow link
+   plays no part. For N in ``--nodes`` (2, 4, 8; the first N nodes): envship
+   peer to peer (:func:`envship.transfer.broadcast`), today's direct push (the
+   same call with ``peer_to_peer=False``: the client sends every piece to every
+   node) and ``client.scatter(blob, workers=..., broadcast=True)``.
+2. Two sites: the second half of the nodes moved onto the west bridge and all
+   nannies restarted with ``DASK_ENVSHIP__SITE`` set; envship peer to peer and
+   the direct push to every node, counting the bytes that cross the slow link
+   each way (its veth counters) and envship's own count
+   (:meth:`ShipReport.crossing`).
+
+The blob is ``--size`` random bytes. Each envship run ships it under a fresh
+id, and the nodes' archives are deleted after it. Scatter uses ``hash=False``
+(a fresh key each run) and waits until the workers have released it. Bytes
+sent are read from the client link's counters, so they include protocol
+overhead. The scheduler's RSS is sampled every 20 ms during each run: its peak
+rise is reported for envship runs and, separately, for scatter runs (whose
+bytes pass through the scheduler). "cpu" is the whole machine's busy share
+during a run, to tell a CPU-bound run from a link-bound one.
+
+Targets: the client sends at most 1.1x the artifact whatever the node count;
+8 nodes take at most 1.3x the time of 2; at 8 nodes at least 3x faster than
+scatter(broadcast=True) and than the direct push; across two sites the slow
+link carries at most 1.2x the artifact into each site; scheduler RSS rises by
+under 50 MB during envship runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import psutil
+import xxhash
+from dask.utils import parse_bytes
+from distributed import Client
+
+from envship.transfer import Offer, Peer, PieceTable, broadcast, piece_size
+
+PREFIX = "esb-"
+SWITCH = "esb-switch"
+SITES = ("east", "west")
+BRIDGE = {site: f"esb-br-{site}" for site in SITES}
+#: The slow link's two ends, by the bridge each sits on: what ``esb-x-east``
+#: transmits goes from east to west.
+SLOW_END = {site: f"esb-x-{site}" for site in SITES}
+HOST_DEV = "esb-eth0"
+SUBNET = "10.213.0"
+SCHEDULER = f"tcp://{SUBNET}.2:8786"
+CLIENT_SITE = "east"
+ENV = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "30s"}
+RUN_TIMEOUT = 900
+CLONE_NEWNET = 0x40000000
+
+
+def sh(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def namespaces() -> list[str]:
+    return [line.split()[0] for line in sh("ip", "netns", "list").splitlines()]
+
+
+def tx_bytes(ns: str, dev: str) -> int:
+    (link,) = json.loads(sh("ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev))
+    return link["stats64"]["tx"]["bytes"]
+
+
+def limit(ns: str, dev: str, rate: int) -> None:
+    """Limit what ``dev`` sends to ``rate`` bytes/s."""
+    burst = max(2 * 2**20, rate // 50)  # 20 ms of traffic: far above rate/HZ
+    sh(
+        *("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf"),
+        *("rate", f"{rate * 8}bit", "burst", str(burst), "latency", "100ms"),
+    )
+
+
+def enter_netns(name: str) -> None:
+    """Move this thread, and every thread it starts from now on, into ``name``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/run/netns/{name}") as f:
+        if libc.setns(f.fileno(), CLONE_NEWNET):
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without envship settings: the script sets those."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DASK_ENVSHIP__")}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End ``proc`` and the rest of its process group (a nanny's worker)."""
+    with suppress(ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# -- the simulated hosts ------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    name: str
+    worker: str
+    nanny: str
+    site: str | None
+    cache: Path
+
+
+class Testbed:
+    """Namespaces, links and processes of one run; :meth:`close` removes them all."""
+
+    def __init__(self, workdir: Path, count: int, rate: int, slow_rate: int):
+        self.workdir = workdir
+        self.count = count
+        self.rate = rate
+        self.slow_rate = slow_rate
+        self.created: list[str] = []
+        self.scheduler: subprocess.Popen | None = None
+        self.nannies: list[subprocess.Popen] = []
+        self.sites: dict[str, str | None] = {}
+        self.caches: dict[str, Path] = {}
+
+    def build(self) -> None:
+        self._add_ns(SWITCH)
+        for site in SITES:
+            sh("ip", "-n", SWITCH, "link", "add", BRIDGE[site], "type", "bridge")
+            sh("ip", "-n", SWITCH, "link", "set", BRIDGE[site], "up")
+        east, west = SLOW_END["east"], SLOW_END["west"]
+        sh("ip", "-n", SWITCH, "link", "add", east, "type", "veth", "peer", west)
+        for site in SITES:
+            sh(
+                "ip",
+                "-n",
+                SWITCH,
+                "link",
+                "set",
+                SLOW_END[site],
+                "master",
+                BRIDGE[site],
+            )
+            sh("ip", "-n", SWITCH, "link", "set", SLOW_END[site], "up")
+            limit(SWITCH, SLOW_END[site], self.slow_rate)
+        self._add_host("client", f"{SUBNET}.1")
+        self._add_host("scheduler", f"{SUBNET}.2")
+        for k in range(self.count):
+            self._add_host(f"node{k}", self.ip(k))
+
+    @staticmethod
+    def ip(k: int) -> str:
+        return f"{SUBNET}.{10 + k}"
+
+    def _add_ns(self, name: str) -> None:
+        sh("ip", "netns", "add", name)
+        self.created.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+
+    def _add_host(self, host: str, ip: str) -> None:
+        ns = port = PREFIX + host
+        self._add_ns(ns)
+        sh(
+            *("ip", "-n", SWITCH, "link", "add", port, "type", "veth"),
+            *("peer", "name", HOST_DEV, "netns", ns),
+        )
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", HOST_DEV)
+        sh("ip", "-n", ns, "link", "set", HOST_DEV, "up")
+        sh("ip", "-n", SWITCH, "link", "set", port, "up")
+        limit(ns, HOST_DEV, self.rate)
+        limit(SWITCH, port, self.rate)
+        self.attach(host, "east")
+
+    def attach(self, host: str, site: str) -> None:
+        sh("ip", "-n", SWITCH, "link", "set", PREFIX + host, "master", BRIDGE[site])
+
+    def counters(self) -> dict[str, int]:
+        """Bytes sent so far by the client, and over the slow link into each site."""
+        return {
+            "client": tx_bytes(PREFIX + "client", HOST_DEV),
+            "into_west": tx_bytes(SWITCH, SLOW_END["east"]),
+            "into_east": tx_bytes(SWITCH, SLOW_END["west"]),
+        }
+
+    def _start(self, host: str, argv: list[str], env: dict) -> subprocess.Popen:
+        with open(self.workdir / f"{host}.log", "ab") as log:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", PREFIX + host, sys.executable, "-m", *argv],
+                env={**base_env(), **ENV, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def start_scheduler(self) -> None:
+        self.scheduler = self._start(
+            "scheduler",
+            ["distributed.cli.dask_scheduler", "--host", f"{SUBNET}.2"]
+            + ["--port", "8786", "--no-dashboard"],
+            {},
+        )
+
+    def start_nodes(self, sites: bool) -> None:
+        """A nanny per node, west the second half if ``sites`` else all east."""
+        for k in range(self.count):
+            name = f"node{k}"
+            site = SITES[2 * k // self.count] if sites else None
+            self.attach(name, site or "east")
+            self.sites[name] = site
+            home = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
+            self.caches[name] = home / "cache"
+            env = {"DASK_ENVSHIP__CACHE__DIRECTORY": str(self.caches[name])}
+            if site:
+                env["DASK_ENVSHIP__SITE"] = site
+            argv = ["distributed.cli.dask_worker", SCHEDULER, "--nanny"]
+            argv += ["--nthreads", "1", "--host", self.ip(k), "--no-dashboard"]
+            argv += ["--preload-nanny", "envship", "--name", name]
+            argv += ["--local-directory", str(home / "scratch")]
+            self.nannies.append(self._start(name, argv, env))
+
+    def stop_nodes(self) -> None:
+        while self.nannies:
+            stop(self.nannies.pop())
+
+    def nodes(self, client: Client) -> list[Node]:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        by_name = {w["name"]: (addr, w["nanny"]) for addr, w in workers.items()}
+        return [
+            Node(name, *by_name[name], self.sites[name], self.caches[name])
+            for name in (f"node{k}" for k in range(self.count))
+        ]
+
+    def close(self) -> None:
+        self.stop_nodes()
+        if self.scheduler is not None:
+            stop(self.scheduler)
+            self.scheduler = None
+        while self.created:
+            sh("ip", "netns", "del", self.created.pop())
+
+    def show_logs(self, lines: int = 15) -> None:
+        for log in sorted(self.workdir.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            print(f"--- {log.name}", *tail, sep="\n", file=sys.stderr)
+
+
+# -- measuring --------------------------------------------------------------------
+
+
+class RssPeak:
+    """The highest RSS of a process while the block runs, sampled every 20 ms."""
+
+    def __init__(self, pid: int):
+        self.process = psutil.Process(pid)
+
+    def __enter__(self) -> RssPeak:
+        self.before = self.peak = self.process.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+@contextmanager
+def measuring(bed: Testbed):
+    """Time the block; fill the dict it gets with seconds, bytes, RSS and CPU."""
+    m: dict = {}
+    before = bed.counters()
+    psutil.cpu_percent()
+    start = time.perf_counter()
+    with RssPeak(bed.scheduler.pid) as rss:
+        yield m
+    m["seconds"] = time.perf_counter() - start
+    m["cpu"] = psutil.cpu_percent()
+    m["rss_rise"] = rss.peak - rss.before
+    after = bed.counters()
+    m.update({k: after[k] - before[k] for k in after})
+
+
+@dataclass
+class Blob:
+    path: Path
+    size: int
+    table: PieceTable
+
+
+def make_blob(path: Path, size: int) -> Blob:
+    with open(path, "wb") as f:
+        for offset in range(0, size, 2**24):
+            f.write(os.urandom(min(2**24, size - offset)))
+    return Blob(path, size, PieceTable.of_file(path, piece_size()))
+
+
+def ship(client, bed, blob, nodes, label: str, peer_to_peer: bool) -> dict:
+    """One envship broadcast to ``nodes`` under a fresh id."""
+    id = xxhash.xxh3_128_hexdigest(label.encode())
+    offer = Offer(id, "bench-blob", {"id": id, "name": "bench-blob"}, blob.table)
+    fetchers = [Peer(n.nanny, n.site) for n in nodes]
+    with measuring(bed) as m:
+        report = client.sync(
+            broadcast,
+            client.rpc,
+            blob.path,
+            offer,
+            fetchers,
+            peer_to_peer=peer_to_peer,
+            callback_timeout=RUN_TIMEOUT,
+        )
+    if report.failed:
+        raise RuntimeError(f"{label}: {report.failed}")
+    client_site = CLIENT_SITE if nodes[0].site else None
+    m["envship_client_bytes"] = report.client_bytes
+    m["crossing"] = report.crossing({n.nanny: n.site for n in nodes}, client_site)
+    for node in nodes:
+        for f in (node.cache / "archives").iterdir():
+            f.unlink()
+    return m
+
+
+def scatter(client, bed, data: bytes, nodes) -> dict:
+    """``client.scatter(broadcast=True)`` to ``nodes``, then release it."""
+    workers = [n.worker for n in nodes]
+    with measuring(bed) as m:
+        future = client.scatter(data, workers=workers, broadcast=True, hash=False)
+    holders = client.who_has(future)[future.key]
+    if sorted(holders) != sorted(workers):
+        raise RuntimeError(f"scatter left the blob on {holders}, not {workers}")
+    client.cancel(future)
+    deadline = time.monotonic() + 60
+    while any(client.has_what().values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the workers kept the scattered blob")
+        time.sleep(0.2)
+    return m
+
+
+def measure_all(bed: Testbed, blob: Blob, counts: list[int], sites: bool) -> dict:
+    bed.start_scheduler()
+    bed.start_nodes(sites=False)
+    enter_netns(PREFIX + "client")
+    results: dict = {"nodes": bed.count}
+    with Client(SCHEDULER, timeout="120s") as client:
+        client.wait_for_workers(bed.count, timeout=120)
+        results["scheduler_rss_start"] = (
+            psutil.Process(bed.scheduler.pid).memory_info().rss
+        )
+        data = blob.path.read_bytes()
+        scaling = results["scaling"] = {}
+        for n in counts:
+            nodes = bed.nodes(client)[:n]
+            print(f"{n} nodes ...", flush=True)
+            scaling[n] = {
+                "envship": ship(client, bed, blob, nodes, f"p2p-{n}", True),
+                "push": ship(client, bed, blob, nodes, f"push-{n}", False),
+                "scatter": scatter(client, bed, data, nodes),
+            }
+        del data
+        if sites:
+            print("two sites ...", flush=True)
+            bed.stop_nodes()
+            while client.scheduler_info(n_workers=-1)["workers"]:
+                time.sleep(0.2)
+            bed.start_nodes(sites=True)
+            client.wait_for_workers(bed.count, timeout=120)
+            nodes = bed.nodes(client)
+            results["sites"] = {
+                "envship": ship(client, bed, blob, nodes, "sites-p2p", True),
+                "push": ship(client, bed, blob, nodes, "sites-push", False),
+            }
+    return results
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def checks(results: dict, size: int) -> list[tuple[str, float, str, bool]]:
+    """(target, measured value, bound, met) for each target."""
+    scaling = results["scaling"]
+    low, high = min(scaling), max(scaling)
+    p2p = {n: r["envship"] for n, r in scaling.items()}
+    envship_runs = [r for by in scaling.values() for r in (by["envship"], by["push"])]
+    envship_runs += list(results.get("sites", {}).values())
+    rows = [
+        (
+            "client sends / artifact, worst N",
+            max(r["client"] for r in p2p.values()) / size,
+            "<= 1.1",
+            max(r["client"] for r in p2p.values()) <= 1.1 * size,
+        ),
+        (
+            f"time {high} nodes / time {low} nodes",
+            p2p[high]["seconds"] / p2p[low]["seconds"],
+            "<= 1.3",
+            p2p[high]["seconds"] <= 1.3 * p2p[low]["seconds"],
+        ),
+    ]
+    for other, what in (
+        ("scatter", "scatter(broadcast=True)"),
+        ("push", "direct push"),
+    ):
+        speedup = scaling[high][other]["seconds"] / p2p[high]["seconds"]
+        rows.append((f"{high} nodes: {what} / envship", speedup, ">= 3", speedup >= 3))
+    if "sites" in results:
+        r = results["sites"]["envship"]
+        worst = max(r["into_west"], r["into_east"]) / size
+        rows.append(("slow link into a site / artifact", worst, "<= 1.2", worst <= 1.2))
+    rise = max(r["rss_rise"] for r in envship_runs) / 1e6
+    rows.append(("scheduler RSS rise, envship (MB)", rise, "< 50", rise < 50))
+    return rows
+
+
+def print_report(results: dict, blob: Blob, rates: tuple[int, int]) -> None:
+    size = blob.size
+    print(
+        f"\nblob {size / 1e6:.0f} MB in {blob.table.count} pieces; host links "
+        f"{rates[0] / 1e6:.0f} MB/s, slow link {rates[1] / 1e6:.0f} MB/s; "
+        f"{os.cpu_count()} cores"
+    )
+    print("sent: bytes out of the client's link / blob; cpu: machine busy, %\n")
+    kinds = ("envship", "push", "scatter")
+    print(
+        f"{'nodes':>5}"
+        + "".join(f"{k + ' s':>14}{'sent':>6}{'cpu':>5}" for k in kinds)
+        + f"{'push/envship':>14}{'scatter/envship':>17}"
+    )
+    for n, by in results["scaling"].items():
+        cells = "".join(
+            f"{by[k]['seconds']:14.2f}{by[k]['client'] / size:6.2f}{by[k]['cpu']:5.0f}"
+            for k in kinds
+        )
+        t = by["envship"]["seconds"]
+        print(
+            f"{n:>5}{cells}{by['push']['seconds'] / t:14.1f}"
+            f"{by['scatter']['seconds'] / t:17.1f}"
+        )
+    if "sites" in results:
+        print(
+            f"\ntwo sites, {results['nodes']} nodes half east half west, client "
+            "in east; slow link bytes into each site / blob"
+        )
+        print(
+            f"{'':>12}{'s':>8}{'sent':>6}{'into west':>11}{'into east':>11}"
+            f"{'envship crossing':>18}{'cpu':>5}"
+        )
+        for kind, r in results["sites"].items():
+            print(
+                f"{kind:>12}{r['seconds']:8.2f}{r['client'] / size:6.2f}"
+                f"{r['into_west'] / size:11.2f}{r['into_east'] / size:11.2f}"
+                f"{r['crossing'] / size:18.2f}{r['cpu']:5.0f}"
+            )
+    scatter_rise = max(by["scatter"]["rss_rise"] for by in results["scaling"].values())
+    print(
+        f"\nscheduler RSS {results['scheduler_rss_start'] / 1e6:.0f} MB at start; "
+        f"peak rise during scatter runs {scatter_rise / 1e6:.0f} MB"
+    )
+    print("\ntargets")
+    for target, value, bound, met in results["checks"]:
+        print(f"  {target:<42}{value:8.2f}  {bound:<7}{'PASS' if met else 'MISS'}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="256MB", type=parse_bytes)
+    parser.add_argument("--rate", default="100MB", type=parse_bytes)
+    parser.add_argument("--slow-rate", default="50MB", type=parse_bytes)
+    parser.add_argument(
+        "--nodes", default=[2, 4, 8], type=lambda s: [int(n) for n in s.split(",")]
+    )
+    parser.add_argument(
+        "--no-sites", dest="sites", action="store_false", help="skip the two-site run"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if os.geteuid():
+        sys.exit("needs root: sudo .venv/bin/python bench/broadcast.py")
+    if stale := [ns for ns in namespaces() if ns.startswith(PREFIX)]:
+        sys.exit(f"namespaces {stale} exist: another run, or left over (ip netns del)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    dask.config.set({"distributed.comm.timeouts.connect": "30s"})
+    with tempfile.TemporaryDirectory(prefix=PREFIX) as tmp:
+        bed = Testbed(Path(tmp), max(args.nodes), args.rate, args.slow_rate)
+        atexit.register(bed.close)
+        try:
+            bed.build()
+            blob = make_blob(Path(tmp) / "blob", args.size)
+            results = measure_all(bed, blob, sorted(args.nodes), args.sites)
+        except BaseException:
+            bed.show_logs()
+            raise
+        finally:
+            bed.close()
+    results["checks"] = checks(results, blob.size)
+    print_report(results, blob, (args.rate, args.slow_rate))
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        args.json.write_text(json.dumps({"config": config, **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""``envship.status(client)``: what every worker runs in, each node's cache, each blob.
+
+Runs on the client: asks the scheduler's registry and every nanny, never
+moves a blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from dask.utils import format_bytes, format_time
+from distributed import Client
+
+
+@dataclass
+class ClusterStatus:
+    """Per worker, per node and per blob; shown as three tables.
+
+    Attributes
+    ----------
+    workers : list of dict
+        ``name``, ``address``, ``nanny``, ``node``, ``site``, ``environment``
+        (a name, or None for the nannies' own), ``id`` and ``since`` (unix
+        time).
+    nodes : list of dict
+        ``node``, ``site``, ``nannies``, ``cache`` (its folder) and
+        ``cache_size`` (bytes).
+    blobs : list of dict
+        ``id``, ``name``, ``size``, ``complete`` and ``partial`` (how many
+        nannies hold it whole, or are fetching it), and ``transfers``: the
+        downloads in progress, with pieces held and the sources so far.
+
+    Examples
+    --------
+    >>> envship.status(client)  # doctest: +SKIP
+    worker     node             site   environment        since
+    node-a-0   host1:2049:1234  east   sklearn-dev (5f0c)  3.2 m
+    ...
+    """
+
+    workers: list[dict]
+    nodes: list[dict]
+    blobs: list[dict]
+
+    def __repr__(self) -> str:
+        now = time.time()
+        lines = [f"{'worker':<16} {'node':<28} {'site':<10} {'environment':<28} since"]
+        for w in self.workers:
+            env = f"{w['environment']} ({w['id'][:8]})" if w["id"] else "(nanny's own)"
+            since = format_time(now - w["since"]) if w["since"] else "?"
+            lines.append(
+                f"{str(w['name']):<16} {str(w['node']):<28} {str(w['site']):<10} "
+                f"{env:<28} {since}"
+            )
+        lines += ["", f"{'node':<28} {'site':<10} {'nannies':>7}  cache"]
+        for n in self.nodes:
+            lines.append(
+                f"{n['node']:<28} {str(n['site']):<10} {n['nannies']:>7}  "
+                f"{format_bytes(n['cache_size'])} in {n['cache']}"
+            )
+        lines += ["", f"{'blob':<34} {'name':<20} {'size':>10}  holders"]
+        for b in self.blobs:
+            line = (
+                f"{b['id']:<34} {b['name']:<20} {format_bytes(b['size']):>10}  "
+                f"{b['complete']} whole, {b['partial']} fetching"
+            )
+            for t in b["transfers"]:
+                line += f"\n    {t['nanny']}: {t['have']}/{t['count']} pieces from {', '.join(t['sources']) or '-'}"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def status(client: Client) -> ClusterStatus:
+    """What every worker runs in, each node's cache use, and who holds which blob.
+
+    Examples
+    --------
+    >>> print(envship.status(client))  # doctest: +SKIP
+    """
+    return client.sync(_status, client)
+
+
+async def _status(client: Client) -> ClusterStatus:
+    identity = await client.scheduler.identity()
+    try:
+        registry = await client.scheduler.envship_registry()
+    except Exception:  # no client has switched yet: no registry
+        registry = {"offers": {}, "holders": {}, "running": {}}
+    workers = {
+        w["nanny"]: (address, w["name"])
+        for address, w in identity["workers"].items()
+        if w.get("nanny")
+    }
+
+    async def ask(nanny):
+        try:
+            return await client.rpc(nanny).envship_status()
+        except Exception as e:  # no envship there, or gone
+            return {"error": str(e)}
+
+    answers = dict(zip(workers, await asyncio.gather(*map(ask, workers)), strict=True))
+    rows, nodes = [], {}
+    for nanny, (address, name) in sorted(workers.items(), key=lambda kv: str(kv[1][1])):
+        s = answers[nanny]
+        rows.append(
+            {
+                "name": name,
+                "address": address,
+                "nanny": nanny,
+                "node": s.get("node"),
+                "site": s.get("site"),
+                "environment": s.get("name"),
+                "id": s.get("running"),
+                "since": s.get("since"),
+            }
+        )
+        if s.get("node"):
+            n = nodes.setdefault(
+                s["node"],
+                {
+                    "node": s["node"],
+                    "site": s["site"],
+                    "nannies": 0,
+                    "cache": s["cache"]["root"],
+                    "cache_size": s["cache"]["size"],
+                },
+            )
+            n["nannies"] += 1
+    blobs = []
+    for id, offer in registry["offers"].items():
+        holders = registry["holders"].get(id, [])
+        transfers = [
+            {"nanny": nanny, **t}
+            for nanny, s in answers.items()
+            for t in s.get("transfers", ())
+            if t["id"] == id
+        ]
+        blobs.append(
+            {
+                "id": id,
+                "name": offer["name"],
+                "size": offer["size"],
+                "complete": sum(h["complete"] for h in holders),
+                "partial": sum(not h["complete"] for h in holders),
+                "transfers": transfers,
+            }
+        )
+    return ClusterStatus(rows, list(nodes.values()), blobs)

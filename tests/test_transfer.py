@@ -1,0 +1,397 @@
+"""Peer-to-peer broadcast on real clusters on 127.0.0.1 (one cache folder per
+node, nannies started with ``--preload-nanny envship``): every piece verified
+on arrival, the client sending each byte about once, dead and lying peers,
+sites, TLS, and nodes that join later."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import dask.config
+import pytest
+import xxhash
+
+import envship
+from envship.cache import EnvCache
+from envship.transfer import Offer, Peer, PieceTable, broadcast
+from fixtures.cluster import local_cluster
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def base(env_prefix, tmp_path_factory):
+    return envship.pack(env_prefix("base"), store=tmp_path_factory.mktemp("store"))
+
+
+def offer_of(artifact, piece_size="1 MiB") -> Offer:
+    with dask.config.set({"envship.transfer.piece-size": piece_size}):
+        return Offer.of_artifact(artifact)
+
+
+def nannies(client) -> dict[str, str]:
+    """Worker name -> its nanny's address."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {w["name"]: w["nanny"] for w in workers}
+
+
+def ship(client, artifact, offer, fetchers, holders=()):
+    return client.sync(
+        broadcast, client.rpc, artifact.path, offer, list(fetchers), list(holders)
+    )
+
+
+def file_hash(path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prefix() -> str:
+    return sys.prefix
+
+
+def prefixes(client) -> dict[str, str]:
+    names = {
+        a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+    }
+    return {names[a]: p for a, p in client.run(prefix).items()}
+
+
+def wait_until(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.2)
+
+
+# -- the piece table, alone -----------------------------------------------------
+
+
+def test_piece_table_round_trip_and_refusals():
+    data = os.urandom(300_000)
+    table = PieceTable.of_bytes(data, 65536)
+    assert table.count == 5 and table.span(4) == (262144, 300_000 - 262144)
+    assert PieceTable.from_msg(table.to_msg()) == table
+    assert table.verify(0, data[:65536]) and not table.verify(0, data[1:65537])
+    assert not table.verify(4, data[262144:] + b"x")
+
+    def lie(**changes):
+        return {**table.to_msg(), **changes}
+
+    for msg, problem in [
+        (lie(digest="0" * 32), "does not match"),
+        (lie(digests=table.to_msg()["digests"][:-1]), "pieces"),
+        (lie(piece_size=1), "piece size"),
+        (lie(piece_size=True), "piece size"),
+        (lie(size=-1), "size"),
+        (lie(size=1 << 50), "size"),
+        (lie(digests=["zz" * 16] * 5), "hex"),
+        (lie(digests=[d + "\n" for d in table.digests]), "hex"),
+        ("not a dict", "dict"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            PieceTable.from_msg(msg)
+
+
+# -- broadcast on real clusters -------------------------------------------------
+
+
+def test_six_nodes_get_it_while_the_client_sends_it_about_once(tmp_path, base):
+    nodes = {f"n{i}": 1 for i in range(6)}
+    with local_cluster(tmp_path / "c", nodes) as (client, caches):
+        offer = offer_of(base)
+        fetchers = [Peer(nanny) for nanny in nannies(client).values()]
+        report = ship(client, base, offer, fetchers)
+
+        assert not report.failed and len(report.nodes) == 6
+        assert base.size <= report.client_bytes <= 1.1 * base.size
+        for state in report.nodes.values():
+            # Every piece arrived once, verified, from the client or a peer.
+            assert state["have"] == state["count"] == offer.table.count
+            assert sum(state["received"].values()) == base.size
+            assert not state["rejected"] and not state["dropped"]
+        from_peers = sum(
+            n
+            for state in report.nodes.values()
+            for source, n in state["received"].items()
+            if source != "client"
+        )
+        assert from_peers >= 4 * base.size  # the nodes passed pieces on
+        for cache in caches.values():
+            held = EnvCache(cache)
+            assert file_hash(held.archive_path(base.id)) == file_hash(base.path)
+            assert held.manifest(base.id) == base.manifest
+            assert not list((cache / "tmp").iterdir())
+
+
+def test_a_serving_nanny_killed_mid_transfer(tmp_path, base):
+    # Slow links (4 MB/s out of each nanny) so that the transfer is long.
+    slow = {"DASK_ENVSHIP__TRANSFER__MAX_RATE": "4 MB"}
+    nodes = {f"n{i}": 1 for i in range(4)}
+    with local_cluster(tmp_path / "c", nodes, node_env=slow) as cluster:
+        client, caches = cluster
+        offer = offer_of(base, "256 KiB")
+        by_name = nannies(client)
+        victim = by_name["n0-0"]
+        fetchers = [Peer(by_name[f"n{i}-0"]) for i in range(4)]
+
+        async def kill_while_it_serves():
+            transfer = asyncio.ensure_future(
+                broadcast(client.rpc, base.path, offer, fetchers)
+            )
+            others = [by_name[f"n{i}-0"] for i in range(1, 4)]
+            while True:
+                await asyncio.sleep(0.1)
+                states = [await client.rpc(o).envship_status() for o in others]
+                sources = {
+                    s for st in states for t in st["transfers"] for s in t["sources"]
+                }
+                if victim in sources:
+                    break
+            cluster.kill_node("n0")
+            return await transfer
+
+        report = client.sync(kill_while_it_serves)
+        assert set(report.failed) == {victim}
+        assert "lost" in report.failed[victim]
+        for i in range(1, 4):
+            archive = EnvCache(caches[f"n{i}"]).archive_path(base.id)
+            assert file_hash(archive) == file_hash(base.path)
+
+        # Its partial download stays, and a new nanny there resumes it.
+        assert list((caches["n0"] / "tmp").glob(f"{base.id}.*.partial"))
+        cluster.add_node("n0", 1)
+        client.wait_for_workers(4, timeout=60)
+        newcomer = nannies(client)["n0-1"]
+        again = ship(client, base, offer, [Peer(newcomer)], [Peer(by_name["n1-0"])])
+        state = again.nodes[newcomer]
+        assert 0 < state["received"]["disk"] < base.size
+        assert sum(state["received"].values()) == base.size
+        assert again.client_bytes == 0  # a node that holds it seeded instead
+        archive = EnvCache(caches["n0"]).archive_path(base.id)
+        assert file_hash(archive) == file_hash(base.path)
+
+
+def test_a_peer_serving_corrupt_pieces_is_dropped(tmp_path, base):
+    with local_cluster(tmp_path / "c", {"a": 1, "b": 1, "c": 1}) as (client, caches):
+        by_name = nannies(client)
+        offer = offer_of(base)
+        with dask.config.set({"envship.transfer.piece-size": "1 MiB"}):
+            assert client.use_environment(base, workers=["a-0", "b-0"]).ok
+        # Node a reads its table once (as when it serves), then its disk
+        # rots: one byte of every piece changes.
+        table = offer.table
+        client.sync(
+            client.rpc(by_name["a-0"]).envship_have,
+            id=base.id,
+            digest=table.digest,
+            piece_size=table.piece_size,
+        )
+        archive = EnvCache(caches["a"]).archive_path(base.id)
+        with open(archive, "r+b") as f:
+            for i in range(table.count):
+                offset, _ = table.span(i)
+                f.seek(offset + 7)
+                byte = f.read(1)
+                f.seek(offset + 7)
+                f.write(bytes([byte[0] ^ 0xFF]))
+
+        with dask.config.set({"envship.transfer.piece-size": "1 MiB"}):
+            report = client.use_environment(base, workers=["c-0"])
+        assert report.ok
+        state = report.transfer.nodes[by_name["c-0"]]
+        assert set(state["rejected"]) == {by_name["a-0"]}
+        assert "bad piece" in state["dropped"][by_name["a-0"]]
+        assert by_name["a-0"] not in state["received"]
+        assert state["received"][by_name["b-0"]] == base.size
+        assert prefixes(client)["c-0"] == str(caches["c"] / base.id)
+
+
+def test_nodes_joining_later_fetch_from_whoever_holds_it_now(tmp_path, base):
+    with local_cluster(tmp_path / "c", {"first": 1}) as cluster:
+        client, caches = cluster
+        assert client.use_environment(base).ok
+
+        # No client call from here on: each newcomer asks the registry.
+        cluster.add_node("second", 1)
+        client.wait_for_workers(2, timeout=60)
+        assert prefixes(client)["second-0"] == str(caches["second"] / base.id)
+
+        cluster.kill_node("first")  # the node the client sent it to
+        wait_until(lambda: len(client.scheduler_info()["workers"]) == 1)
+        cluster.add_node("third", 1)
+        client.wait_for_workers(2, timeout=60)
+        assert prefixes(client) == {
+            "second-0": str(caches["second"] / base.id),
+            "third-0": str(caches["third"] / base.id),
+        }
+        assert EnvCache(caches["third"]).has_archive(base.id)
+
+        status = envship.status(client)
+        assert {w["name"]: w["id"] for w in status.workers} == {
+            "second-0": base.id,
+            "third-0": base.id,
+        }
+        assert all(w["environment"] == base.name for w in status.workers)
+        (blob,) = status.blobs
+        assert blob["id"] == base.id and blob["complete"] >= 2
+        assert {n["nannies"] for n in status.nodes} == {1}
+
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "envship.cli",
+                "status",
+                "--scheduler",
+                client.scheduler.address,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "third-0" in out and base.name in out and "2 whole" in out
+
+
+def test_the_whole_flow_over_tls(tmp_path, base):
+    with local_cluster(tmp_path / "c", {"a": 1, "b": 1}, tls=True) as cluster:
+        client, caches = cluster
+        assert client.scheduler.address.startswith("tls://")
+        report = client.use_environment(base)
+        assert report.ok and report.transfer.client_bytes <= 1.1 * base.size
+        assert len(report.transfer.nodes) == 2
+        cluster.add_node("c", 1)
+        client.wait_for_workers(3, timeout=60)
+        assert prefixes(client) == {
+            name: str(caches[name[0]] / base.id) for name in ("a-0", "b-0", "c-0")
+        }
+
+
+def test_two_sites_each_get_it_across_the_slow_link_about_once(tmp_path, base):
+    with local_cluster(tmp_path / "c", {}) as cluster:
+        client, _ = cluster
+        for site in ("east", "west"):
+            for i in range(2):
+                cluster.add_node(f"{site}{i}", 1, env={"DASK_ENVSHIP__SITE": site})
+        client.wait_for_workers(4, timeout=60)
+        sites = {nanny: name[:4] for name, nanny in nannies(client).items()}
+        offer = offer_of(base)
+        fetchers = [Peer(nanny, site) for nanny, site in sites.items()]
+        report = ship(client, base, offer, fetchers)
+        assert not report.failed
+
+        def into(site):
+            return sum(
+                n
+                for nanny, state in report.nodes.items()
+                if sites[nanny] == site
+                for source, n in state["received"].items()
+                if (sites.get(source) or "east") != site  # the client is in east
+            )
+
+        assert into("west") <= 1.2 * base.size
+        assert into("east") <= 1.2 * base.size
+        assert report.crossing(sites, "east") == into("west") + into("east")
+
+
+def test_blob_handlers_refuse_lies(tmp_path, base):
+    with local_cluster(tmp_path / "c", {"solo": 1}) as (client, caches):
+        rpc = client.rpc(nannies(client)["solo-0"])
+        offer = offer_of(base)
+        good = offer.to_msg()
+        table = offer.table
+
+        def call(op, **msg):
+            return client.sync(getattr(rpc, f"envship_{op}"), **msg)
+
+        lies = [
+            {**good, "id": base.id + "\n"},
+            {**good, "id": "../../etc"},
+            {**good, "manifest": {**base.manifest, "id": "0" * 32}},
+            {**good, "table": {**good["table"], "digest": "0" * 32}},
+            {**good, "table": {**good["table"], "size": 1 << 45}},
+            {**good, "table": {**good["table"], "piece_size": 10}},
+        ]
+        for lie in lies:
+            with pytest.raises(ValueError):
+                call("offer", offer=lie, peers=[])
+        with pytest.raises(ValueError):
+            call("offer", offer=good, peers=[{"address": 5}])
+
+        assert call("offer", offer=good, peers=[]) == {"complete": False, "have": 0}
+        key = {"id": base.id, "digest": table.digest}
+        for index in (-1, table.count, True, "0", 2**62):
+            with pytest.raises(ValueError):
+                call("put", **key, index=index, data=b"x")
+        # Bytes that are not the piece are refused and never written.
+        assert call("put", **key, index=0, data=b"\0" * table.span(0)[1]) is False
+        assert call("put", **key, index=0, data=b"\0" * (1 << 20 + 1)) is False
+        state = call("wait", **key, timeout=0)
+        assert state["have"] == 0 and state["rejected"] == {"client": 2}
+        for timeout in (-1, 1e9, "1"):
+            with pytest.raises(ValueError):
+                call("wait", **key, timeout=timeout)
+        for lie in [
+            {"piece_size": 0, "index": 0},
+            {"piece_size": table.piece_size, "index": -1},
+            {"piece_size": table.piece_size, "index": table.count},
+        ]:
+            with pytest.raises(ValueError):
+                call("piece", **key, **lie)
+        with pytest.raises(ValueError):
+            call(
+                "piece",
+                id=base.id,
+                digest="Z" * 32,
+                piece_size=table.piece_size,
+                index=0,
+            )
+        # It holds no piece yet: it says so rather than sending zeros.
+        assert call("piece", **key, piece_size=table.piece_size, index=0) == {
+            "missing": True
+        }
+        with pytest.raises(ValueError):
+            call("have", **key, piece_size=table.piece_size, known=-5)
+
+        # The real pieces still go in, and the nanny lives on.
+        with open(base.path, "rb") as f:
+            for i in range(table.count):
+                offset, length = table.span(i)
+                f.seek(offset)
+                assert call("put", **key, index=i, data=f.read(length)) is True
+        wait_until(lambda: EnvCache(caches["solo"]).has_archive(base.id))
+        assert client.submit(sum, [1, 2]).result() == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_a_node_that_cannot_hold_it_is_named_and_nobody_restarts(tmp_path, base):
+    folder = tmp_path / "c"
+    tiny = folder / "tiny-cache"
+    tiny.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", tiny], check=True)
+    try:
+        with local_cluster(folder, {"roomy": 1}) as cluster:
+            client, caches = cluster
+            cluster.add_node("tiny", 1)
+            client.wait_for_workers(2, timeout=60)
+            before = set(client.scheduler_info(n_workers=-1)["workers"])
+            with pytest.raises(envship.EnvshipError) as info:
+                client.use_environment(base)
+            message = str(info.value)
+            assert nannies(client)["tiny-0"] in message and "does not fit" in message
+            assert "roomy" not in message and nannies(client)["roomy-0"] not in message
+            # Nobody restarted; nothing half-written stays on the small disk.
+            assert set(client.scheduler_info(n_workers=-1)["workers"]) == before
+            assert set(prefixes(client).values()) == {sys.prefix}
+            assert not list((tiny / "tmp").iterdir())
+    finally:
+        subprocess.run(["umount", tiny], check=True)
