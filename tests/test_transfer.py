@@ -9,7 +9,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 
 import cloudpickle
 import dask.config
@@ -19,7 +18,7 @@ import xxhash
 import envship
 from envship.cache import EnvCache
 from envship.transfer import Offer, Peer, PieceTable, broadcast
-from fixtures.cluster import local_cluster
+from fixtures.cluster import local_cluster, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -63,14 +62,6 @@ def prefixes(client) -> dict[str, str]:
         a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
     }
     return {names[a]: p for a, p in client.run(prefix).items()}
-
-
-def wait_until(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.2)
 
 
 # -- the piece table, alone -----------------------------------------------------

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import cloudpickle
@@ -23,7 +22,7 @@ from envship.archive import ContentHasher, file_digest
 from envship.cache import EnvCache
 from envship.errors import EnvshipError, IncompatibleEnvironmentError
 from envship.store import Artifact
-from fixtures.cluster import local_cluster
+from fixtures.cluster import local_cluster, wait_until
 
 # Functions of this module run on workers inside shipped environments, where
 # the module itself cannot be imported: send them by value.
@@ -73,14 +72,6 @@ def where(client) -> dict[str, tuple[str, str | None]]:
         a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
     }
     return {names[a]: tuple(v) for a, v in client.run(prefix_and_sklearn).items()}
-
-
-def wait_until(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.2)
 
 
 def test_switch_there_and_back(cluster, sklearn_dev):
