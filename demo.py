@@ -16,7 +16,7 @@ from distributed import Client, LocalCluster
 
 import envship
 import fixtures
-from envship.extract import remove_tree
+from envship.node.extract import remove_tree
 
 
 def where() -> str:

@@ -25,7 +25,7 @@ import conda_pack  # noqa: E402
 
 import envship  # noqa: E402
 import fixtures  # noqa: E402
-from envship.extract import extract_archive  # noqa: E402
+from envship.node.extract import extract_archive  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):

@@ -8,12 +8,13 @@ Examples
 
 from __future__ import annotations
 
+from envship.client.pack import pack
+from envship.client.status import ClusterStatus, status
+from envship.client.store import Artifact, ArtifactStore
+from envship.client.use import SwitchReport, WorkerReport, use_environment
+from envship.errors import EnvshipError
+
 from . import config as _config  # noqa: F401  (registers the config defaults)
-from .client import SwitchReport, WorkerReport, use_environment
-from .errors import EnvshipError
-from .pack import pack
-from .status import ClusterStatus, status
-from .store import Artifact, ArtifactStore
 
 __all__ = [
     "Artifact",
@@ -40,7 +41,7 @@ def dask_setup(server):
     from distributed import Nanny, Scheduler
 
     if isinstance(server, Scheduler):
-        from .registry import Registry
+        from envship.scheduler.registry import Registry
 
         return server.register_scheduler_plugin(
             Registry(), name=Registry.name, idempotent=True
@@ -50,6 +51,6 @@ def dask_setup(server):
             "envship is a nanny or scheduler preload: use `--preload-nanny "
             "envship` on workers, not `--preload envship`"
         )
-    from .nanny import setup_nanny
+    from envship.node.nanny import setup_nanny
 
     setup_nanny(server)

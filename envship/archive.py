@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import struct
 import tarfile
@@ -27,6 +28,8 @@ import zstandard
 
 BLOCK = tarfile.BLOCKSIZE
 READ_SIZE = 1 << 20
+#: What a content id looks like (xxh3-128 today; longer hashes stay valid).
+ID_PATTERN = re.compile(r"[0-9a-f]{16,128}")
 
 
 class ContentHasher:
@@ -290,3 +293,10 @@ def iter_members(
     with open_archive(fileobj) as tar:
         for info in tar:
             yield info, tar
+
+
+def check_id(id: str) -> str:
+    """``id`` if it is a content id (whole string, no newline); ValueError if not."""
+    if not isinstance(id, str) or not ID_PATTERN.fullmatch(id):
+        raise ValueError(f"not a content id: {id!r}")
+    return id

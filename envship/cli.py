@@ -9,8 +9,8 @@ from datetime import datetime
 import click
 from dask.utils import format_bytes
 
-from .errors import EnvshipError
-from .store import ArtifactStore
+from envship.client.store import ArtifactStore
+from envship.errors import EnvshipError
 
 
 class _Group(click.Group):
@@ -54,7 +54,7 @@ def main():
 @store_option
 def pack(env, name, level, threads, ignore_editable, store):
     """Pack ENV (a conda environment name, or a conda env or venv path)."""
-    from .pack import pack as pack_env
+    from envship.client.pack import pack as pack_env
 
     artifact = pack_env(
         env,
@@ -146,7 +146,7 @@ def use(env, scheduler, workers, no_strict, timeout):
     """Restart the cluster's workers inside ENV ("none": the nannies' own)."""
     from distributed import Client
 
-    from .client import use_environment
+    from envship.client.use import use_environment
 
     with Client(scheduler, timeout=timeout or 30) as client:
         report = use_environment(
@@ -170,7 +170,7 @@ def status(scheduler):
     """What every worker runs in, each node's cache, who holds which environment."""
     from distributed import Client
 
-    from .status import status as cluster_status
+    from envship.client.status import status as cluster_status
 
     with Client(scheduler, timeout=30) as client:
         click.echo(repr(cluster_status(client)))
@@ -196,7 +196,7 @@ def cache_list(directory):
     from rich.console import Console
     from rich.table import Table
 
-    from .cache import EnvCache
+    from envship.node.cache import EnvCache
 
     node = EnvCache(directory)
     table = Table("name", "id", "size", "last used", "in use by", box=None)
@@ -219,7 +219,7 @@ def cache_list(directory):
 @directory_option
 def cache_gc(directory):
     """Remove leftovers of crashed installs and evict down to the budget."""
-    from .cache import EnvCache
+    from envship.node.cache import EnvCache
 
     evicted = EnvCache(directory).gc()
     click.echo(f"evicted {len(evicted)} environment(s)")
@@ -229,7 +229,7 @@ def cache_gc(directory):
 @directory_option
 def cache_clear(directory):
     """Remove every cached environment that no running worker uses."""
-    from .cache import EnvCache
+    from envship.node.cache import EnvCache
 
     removed = EnvCache(directory).clear()
     click.echo(f"removed {len(removed)} environment(s)")

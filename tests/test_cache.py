@@ -1,4 +1,4 @@
-"""envship.cache: real archives, real processes, real kills; no mocks."""
+"""envship.node.cache: real archives, real processes, real kills; no mocks."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from envship.cache import EnvCache
 from envship.errors import EnvshipError
-from envship.extract import remove_tree
-from envship.relocate import fixup_venv
+from envship.node.cache import EnvCache
+from envship.node.extract import remove_tree
+from envship.node.relocate import fixup_venv
 from fixtures.trees import pack_tree
 
 OLD_PREFIX = "/home/someone/envs/old-prefix"

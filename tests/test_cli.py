@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import envship
-from envship.cache import EnvCache
+from envship.node.cache import EnvCache
 
 
 def cache_cli(*args):

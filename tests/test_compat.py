@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envship.compat import check_compatibility, find_mismatches
+from envship.client.compat import check_compatibility, find_mismatches
 from envship.errors import IncompatibleEnvironmentError
 
 SCHEDULER = {

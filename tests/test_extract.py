@@ -1,4 +1,4 @@
-"""envship.extract: real trees round-trip; hand-made malicious archives are refused."""
+"""envship.node.extract: real trees round-trip; hand-made malicious archives are refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import zstandard
 
 from envship.archive import ContentHasher, file_digest
 from envship.errors import EnvshipError, UnsafeArchiveError
-from envship.extract import _make_dirs_writable, extract_archive, remove_tree
+from envship.node.extract import _make_dirs_writable, extract_archive, remove_tree
 from fixtures.trees import pack_tree
 
 MTIME = 1_600_000_000

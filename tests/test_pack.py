@@ -38,7 +38,7 @@ def unpack(archive: Path, dest: Path, kind: str, python: Path | None = None) -> 
             env={"PATH": "/usr/bin:/bin"},
         )
     else:
-        from envship.relocate import fixup_venv
+        from envship.node.relocate import fixup_venv
 
         fixup_venv(dest, dest)
 

@@ -16,7 +16,7 @@ import pytest
 import xxhash
 
 import envship
-from envship.cache import EnvCache
+from envship.node.cache import EnvCache
 from envship.transfer import Offer, Peer, PieceTable, broadcast
 from fixtures.cluster import local_cluster, wait_until
 

@@ -19,9 +19,9 @@ import zstandard
 
 import envship
 from envship.archive import ContentHasher, file_digest
-from envship.cache import EnvCache
+from envship.client.store import Artifact
 from envship.errors import EnvshipError, IncompatibleEnvironmentError
-from envship.store import Artifact
+from envship.node.cache import EnvCache
 from fixtures.cluster import local_cluster, wait_until
 
 # Functions of this module run on workers inside shipped environments, where
@@ -197,7 +197,7 @@ def malicious_artifact(store: Path, kind: str) -> Artifact:
         "kind": "venv",
         "python": f"{sys.version_info.major}.{sys.version_info.minor}.0",
         "packages": {"distributed": __import__("distributed").__version__},
-        "platform": envship.environment.platform_facts(),
+        "platform": envship.machine.platform_facts(),
         "file_count": 2,
         "unpacked_size": declared,
         "packed_size": path.stat().st_size,

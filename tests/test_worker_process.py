@@ -1,4 +1,4 @@
-"""Tests for envship.worker_process on a real cluster bound to 127.0.0.1.
+"""Tests for envship.node.worker_process on a real cluster bound to 127.0.0.1.
 
 The environments are the real prefixes of ``fixtures`` (conda envs made from
 pyenv CPythons): "base" has the nanny's distributed, "no-distributed" lacks
@@ -25,8 +25,8 @@ import pytest
 from distributed import Client, Nanny, Scheduler
 from distributed.core import Status
 
-from envship import worker_process
-from envship.worker_process import (
+from envship.node import worker_process
+from envship.node.worker_process import (
     EnvWorkerProcess,
     TargetEnvironment,
     WorkerSubprocess,
@@ -396,7 +396,7 @@ NANNY_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
 from distributed import Nanny
-from envship.worker_process import TargetEnvironment, switch
+from envship.node.worker_process import TargetEnvironment, switch
 
 async def main():
     scheduler, id, prefix, kind, name = sys.argv[1:6]

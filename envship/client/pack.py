@@ -20,10 +20,12 @@ from pathlib import Path
 import xxhash
 from conda_pack.core import CondaEnv, CondaPackException, Packer
 
-from . import config
-from .archive import ArchiveWriter
-from .environment import SourceEnvironment, platform_facts
-from .errors import EnvshipError
+from envship import config
+from envship.archive import ArchiveWriter
+from envship.errors import EnvshipError
+from envship.machine import platform_facts
+
+from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
 from .progress import progress_bar
 from .store import Artifact, ArtifactStore

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from . import config
-from .errors import EnvshipError
+from envship import config
+from envship.errors import EnvshipError
 
 _id_pattern = re.compile(r"^[0-9a-f]{32}$")
 

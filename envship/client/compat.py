@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from .errors import IncompatibleEnvironmentError
+from envship.errors import IncompatibleEnvironmentError
 
 #: Packages whose versions must match the scheduler's: they serialise tasks
 #: and messages between client, scheduler and workers.

@@ -22,7 +22,7 @@ import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from .transfer import Offer, Peer
+from envship.transfer import Offer, Peer
 
 #: Offers kept beyond those that rules point to (the most recent ones).
 SPARE_OFFERS = 16

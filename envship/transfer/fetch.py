@@ -1,30 +1,19 @@
-"""Transfer: make many nodes hold a blob, the client sending each byte about once.
+"""The node side of transfers: receive pushes, fetch from peers, serve pieces.
 
-A blob (an environment's archive) travels in pieces of
-``envship.transfer.piece-size`` bytes. Its :class:`PieceTable` lists the
-xxh3-128 digest of every piece and is bound to the blob by its own digest; it
-comes from the client (directly, or through the scheduler's registry), never
-from a peer, so every piece is verified on arrival whoever sent it.
-
-The client seeds: it pushes each piece once, round robin, to the nodes that
-fetch. Meanwhile every fetching node pulls the pieces it lacks from any peer
-that holds them, including peers still downloading (a piece is served as soon
-as it is verified), rarest piece first, spreading its requests over its peers
-and preferring peers of its own site (dask config ``envship.site``). A peer that
-dies, stalls or sends a bad piece is dropped for that blob; a piece that no
-live peer holds is pushed again by the client, or, for a node that joins later
-with no client around, fetched from whichever node holds it now.
+Every fetching node pulls the pieces it lacks from any peer that holds them,
+including peers still downloading (a piece is served as soon as it is
+verified), rarest piece first, spreading its requests over its peers and
+preferring peers of its own site (dask config ``envship.site``). A peer that
+dies, stalls or sends a bad piece is dropped for that blob.
 
 Pieces go straight to a partial file in the node cache's ``tmp/``
 (``<id>.<digest>.partial``, one per node, guarded by the cache's fetch lock); a
 download that is interrupted resumes from the verified pieces already there;
 only a complete, verified blob is handed to the cache
-(:meth:`EnvCache.adopt_archive`). No process holds a whole blob in memory, and
-blob bytes never pass through the scheduler.
+(``EnvCache.adopt_archive``). No process holds a whole blob in memory.
 
-Every handler here takes ids, digests, indices and bytes from other processes:
-each is checked for type and bounds before anything is read, written or
-allocated.
+Every handler takes ids, digests, indices and bytes from other processes: each
+is checked for type and bounds before anything is read, written or allocated.
 """
 
 from __future__ import annotations
@@ -33,29 +22,34 @@ import asyncio
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import dask.utils
-import xxhash
 from dask.utils import format_bytes
 from distributed.protocol import to_serialize
 
-from . import config
-from .cache import EnvCache, check_id
-from .errors import EnvshipError
+from envship import config
+from envship.archive import check_id
+from envship.errors import EnvshipError
+
+from .pieces import (
+    MAX_PIECE_SIZE,
+    MIN_PIECE_SIZE,
+    Offer,
+    Peer,
+    PieceTable,
+    _check_digest,
+    _check_index,
+    _int_in,
+    _peers_from_msg,
+)
 
 logger = logging.getLogger("envship.transfer")
 
-#: Bounds on what a piece table may declare.
-MIN_PIECE_SIZE = 64 * 1024
-MAX_PIECE_SIZE = 64 * 1024 * 1024
-MAX_BLOB_SIZE = 1 << 40
 #: Requests a fetching node keeps in flight, in all and per peer.
 IN_FLIGHT = 6
 IN_FLIGHT_PER_PEER = 2
@@ -69,186 +63,8 @@ BUSY_BACKOFF = 0.05
 #: before it fetches that piece across sites itself.
 CROSS_SITE_DELAY = 2.0
 
-_DIGEST = re.compile(r"[0-9a-f]{32}")
 _MISSING = {"missing": True}
 _BUSY = {"busy": True}
-
-
-# -- the piece table ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PieceTable:
-    """The size of a blob, its piece size and the digest of every piece.
-
-    Examples
-    --------
-    >>> table = PieceTable.of_bytes(b"x" * 100_000, piece_size=65536)
-    >>> table.count, table.span(1)
-    (2, (65536, 34464))
-    >>> PieceTable.from_msg(table.to_msg(), table.digest) == table
-    True
-    """
-
-    size: int
-    piece_size: int
-    digests: tuple[str, ...]
-
-    @classmethod
-    def of_file(cls, path: str | os.PathLike, piece_size: int) -> PieceTable:
-        digests = []
-        with open(path, "rb") as f:
-            while piece := f.read(piece_size):
-                digests.append(xxhash.xxh3_128_hexdigest(piece))
-        return cls(os.path.getsize(path), piece_size, tuple(digests))
-
-    @classmethod
-    def of_bytes(cls, data: bytes, piece_size: int) -> PieceTable:
-        digests = tuple(
-            xxhash.xxh3_128_hexdigest(data[i : i + piece_size])
-            for i in range(0, len(data), piece_size)
-        )
-        return cls(len(data), piece_size, digests)
-
-    @cached_property
-    def digest(self) -> str:
-        """xxh3-128 of the whole table: what binds it to the blob."""
-        h = xxhash.xxh3_128(f"{self.size} {self.piece_size}\n".encode())
-        for d in self.digests:
-            h.update(d.encode())
-        return h.hexdigest()
-
-    @property
-    def count(self) -> int:
-        return len(self.digests)
-
-    def span(self, index: int) -> tuple[int, int]:
-        """(offset, length) of piece ``index``."""
-        offset = index * self.piece_size
-        return offset, min(self.piece_size, self.size - offset)
-
-    def verify(self, index: int, data: bytes) -> bool:
-        return (
-            len(data) == self.span(index)[1]
-            and xxhash.xxh3_128_hexdigest(data) == self.digests[index]
-        )
-
-    def to_msg(self) -> dict:
-        return {
-            "size": self.size,
-            "piece_size": self.piece_size,
-            "digests": list(self.digests),
-            "digest": self.digest,
-        }
-
-    @classmethod
-    def from_msg(cls, msg, digest: str | None = None) -> PieceTable:
-        """Check a table received from another process; ValueError if wrong."""
-        if not isinstance(msg, dict):
-            raise ValueError("a piece table must be a dict")
-        size, piece_size, digests = (
-            msg.get("size"),
-            msg.get("piece_size"),
-            msg.get("digests"),
-        )
-        if not _int_in(size, 0, MAX_BLOB_SIZE):
-            raise ValueError(f"blob size out of bounds: {size!r}")
-        if not _int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
-            raise ValueError(f"piece size out of bounds: {piece_size!r}")
-        expected = -(-size // piece_size)
-        if not isinstance(digests, list | tuple) or len(digests) != expected:
-            raise ValueError(f"a blob of {size} bytes has {expected} pieces")
-        if not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in digests):
-            raise ValueError("piece digests must be 32 hex digits")
-        table = cls(size, piece_size, tuple(digests))
-        if table.digest != (digest if digest is not None else msg.get("digest")):
-            raise ValueError("the piece table does not match its digest")
-        return table
-
-
-def _int_in(value, low: int, high: int) -> bool:
-    return (
-        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-    )
-
-
-def piece_size() -> int:
-    """``envship.transfer.piece-size``, within the bounds every node accepts."""
-    size = dask.utils.parse_bytes(config.get("transfer.piece-size"))
-    return min(max(size, MIN_PIECE_SIZE), MAX_PIECE_SIZE)
-
-
-@dataclass(frozen=True)
-class Offer:
-    """What a node needs to fetch and install a blob: from the client, or the registry.
-
-    ``id`` is the environment's content id (checked again when it is
-    unpacked); ``table`` binds every piece of the archive.
-    """
-
-    id: str
-    name: str
-    manifest: dict
-    table: PieceTable
-
-    @classmethod
-    def of_artifact(cls, artifact) -> Offer:
-        return cls(
-            artifact.id,
-            artifact.name,
-            artifact.manifest,
-            PieceTable.of_file(artifact.path, piece_size()),
-        )
-
-    def to_msg(self) -> dict:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "manifest": self.manifest,
-            "table": self.table.to_msg(),
-        }
-
-    @classmethod
-    def from_msg(cls, msg) -> Offer:
-        if not isinstance(msg, dict):
-            raise ValueError("an offer must be a dict")
-        name, manifest = msg.get("name"), msg.get("manifest")
-        if not isinstance(name, str) or len(name) > 1024:
-            raise ValueError("an offer needs a name")
-        if not isinstance(manifest, dict) or manifest.get("id") != msg.get("id"):
-            raise ValueError("an offer needs the manifest of its id")
-        return cls(
-            check_id(msg.get("id")),
-            name,
-            manifest,
-            PieceTable.from_msg(msg.get("table")),
-        )
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A nanny to fetch from: its address and site label."""
-
-    address: str
-    site: str | None = None
-
-    @classmethod
-    def from_msg(cls, msg) -> Peer:
-        if not isinstance(msg, dict) or not isinstance(msg.get("address"), str):
-            raise ValueError(f"not a peer: {msg!r}")
-        site = msg.get("site")
-        if site is not None and not isinstance(site, str):
-            raise ValueError(f"a site is a string: {site!r}")
-        return cls(msg["address"], site)
-
-    def to_msg(self) -> dict:
-        return {"address": self.address, "site": self.site}
-
-
-def _peers_from_msg(peers) -> list[Peer]:
-    if not isinstance(peers, list | tuple) or len(peers) > 100_000:
-        raise ValueError("peers must be a list")
-    return [Peer.from_msg(p) for p in peers]
 
 
 # -- one download on a node --------------------------------------------------------
@@ -403,8 +219,9 @@ class BlobServer:
 
     Parameters
     ----------
-    cache : EnvCache
-        The node cache that partial and complete blobs live in.
+    cache : envship.node.cache.EnvCache
+        The node cache that partial and complete blobs live in (this module
+        sits below the node side and takes it as given).
     rpc : callable
         A connection pool (``nanny.rpc``) to reach peers.
     address : str
@@ -413,7 +230,7 @@ class BlobServer:
         This node's site label; peers of the same site are asked first.
     """
 
-    def __init__(self, cache: EnvCache, rpc, address: str, site: str | None = None):
+    def __init__(self, cache, rpc, address: str, site: str | None = None):
         self.cache = cache
         self.rpc = rpc
         self.address = address
@@ -898,17 +715,6 @@ def _try_acquire(lock) -> bool:
     return True
 
 
-def _check_digest(digest) -> str:
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise ValueError(f"not a piece table digest: {digest!r}")
-    return digest
-
-
-def _check_index(index, table: PieceTable) -> None:
-    if not _int_in(index, 0, table.count - 1):
-        raise ValueError(f"piece index out of bounds: {index!r}")
-
-
 def _parse_rate(value) -> float | None:
     if value in (None, "", 0):
         return None
@@ -919,162 +725,3 @@ def _parse_rate(value) -> float | None:
 
 def _piece_timeout() -> float:
     return dask.utils.parse_timedelta(config.get("transfer.piece-timeout"))
-
-
-# -- the client side: seeding ------------------------------------------------------
-
-
-@dataclass
-class ShipReport:
-    """What a broadcast moved: bytes the client sent, and per node where bytes came from."""
-
-    client_bytes: int = 0
-    nodes: dict[str, dict] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    left_out: list[str] = field(default_factory=list)  # workers not switched
-
-    def crossing(self, sites: dict[str, str | None], client_site: str | None) -> int:
-        """Bytes that nodes received from a source of another site."""
-        total = 0
-        for nanny, state in self.nodes.items():
-            for source, nbytes in state.get("received", {}).items():
-                site = client_site if source == "client" else sites.get(source)
-                if source != "disk" and site != sites.get(nanny):
-                    total += nbytes
-        return total
-
-
-async def broadcast(
-    rpc,
-    path: str | os.PathLike,
-    offer: Offer,
-    fetchers: list[Peer],
-    holders: Iterable[Peer] = (),
-    *,
-    peer_to_peer: bool = True,
-    on_progress: Callable[[int], None] = lambda n: None,
-) -> ShipReport:
-    """Make every nanny of ``fetchers`` hold the blob at ``path``.
-
-    The client pushes each piece once, round robin over the fetchers (every
-    piece to every fetcher when not ``peer_to_peer``, as a plain push would),
-    while the fetchers pull the rest from each other and from ``holders``.
-    Pieces that no live node holds are pushed again to whoever lacks them.
-
-    Parameters
-    ----------
-    rpc : callable
-        A connection pool, such as ``client.rpc``.
-    fetchers : list of Peer
-        One nanny per node that lacks the blob.
-    holders : list of Peer
-        Nannies that hold the complete blob already.
-    on_progress : callable
-        Called with the number of pieces (summed over nodes) now held.
-
-    Returns
-    -------
-    ShipReport
-        ``failed`` names the nannies that could not get the blob and why.
-    """
-    table = offer.table
-    holders = list(holders)
-    report = ShipReport()
-    peers = [p.to_msg() for p in fetchers + holders] if peer_to_peer else []
-    msg = offer.to_msg()
-
-    async def start(peer: Peer) -> None:
-        await rpc(peer.address).envship_offer(offer=msg, peers=peers)
-
-    alive: list[Peer] = []
-    for peer, outcome in zip(
-        fetchers,
-        await asyncio.gather(*map(start, fetchers), return_exceptions=True),
-        strict=True,
-    ):
-        if isinstance(outcome, BaseException):
-            reason = getattr(outcome, "problem", None) or str(outcome)
-            report.failed[peer.address] = f"could not start the transfer: {reason}"
-        else:
-            alive.append(peer)
-
-    async def push(peer: Peer, index: int, f) -> None:
-        offset, length = table.span(index)
-        data = await asyncio.to_thread(_pread_fd, f, offset, length)
-        await rpc(peer.address).envship_put(
-            id=offer.id, digest=table.digest, index=index, data=to_serialize(data)
-        )
-        report.client_bytes += length
-
-    lost: set[str] = set()
-
-    async def seed(f) -> None:
-        if holders and peer_to_peer:
-            return  # nodes that hold it already seed the others
-        slots = asyncio.Semaphore(IN_FLIGHT)
-        plan = (
-            [(alive[i % len(alive)], i) for i in range(table.count)]
-            if peer_to_peer
-            else [(p, i) for i in range(table.count) for p in alive]
-        )
-
-        async def one(peer, index):
-            async with slots:
-                if peer.address in lost:
-                    return
-                try:
-                    await push(peer, index, f)
-                except OSError as e:
-                    lost.add(peer.address)
-                    report.failed.setdefault(
-                        peer.address, f"lost during the transfer: {e}"
-                    )
-
-        await asyncio.gather(*(one(p, i) for p, i in plan))
-
-    held = {p.address: 0 for p in alive}
-
-    async def follow(peer: Peer, f) -> None:
-        """Wait for ``peer`` to complete; push what no live node holds."""
-        stuck = 0
-        while peer.address not in lost:
-            try:
-                state = await rpc(peer.address).envship_wait(
-                    id=offer.id, digest=table.digest, timeout=1.0
-                )
-            except OSError as e:
-                lost.add(peer.address)
-                report.failed.setdefault(peer.address, f"lost during the transfer: {e}")
-                return
-            held[peer.address] = (
-                state.get("have", table.count) if not state["complete"] else table.count
-            )
-            on_progress(sum(held.values()))
-            if state["complete"]:
-                report.nodes[peer.address] = state
-                return
-            if state.get("error"):
-                report.failed[peer.address] = state["error"]
-                return
-            missing = state.get("unavailable") or []
-            stuck = stuck + 1 if missing and seeding.done() else 0
-            if stuck >= 2:
-                for index in missing:
-                    try:
-                        await push(peer, index, f)
-                    except OSError as e:
-                        lost.add(peer.address)
-                        report.failed.setdefault(peer.address, f"lost: {e}")
-                        return
-                stuck = 0
-
-    if not alive:
-        return report
-    with open(path, "rb") as f:
-        seeding = asyncio.ensure_future(seed(f))
-        await asyncio.gather(seeding, *(follow(p, f) for p in alive))
-    return report
-
-
-def _pread_fd(f, offset: int, length: int) -> bytes:
-    return os.pread(f.fileno(), length, offset)

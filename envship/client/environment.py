@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EnvshipError
+from envship.errors import EnvshipError
 
 #: Packages whose versions must agree between client, scheduler and workers,
 #: and numpy, which users often care about.
@@ -158,14 +156,3 @@ def _conda_versions(prefix: Path) -> dict[str, str]:
             name, version, _build = parts
             versions[name.removesuffix("-python")] = version
     return versions
-
-
-def platform_facts() -> dict[str, str]:
-    """OS, machine and libc of this machine, as recorded in manifests."""
-    libc, libc_version = platform.libc_ver()
-    return {
-        "os": sys.platform,
-        "machine": platform.machine(),
-        "libc": libc or "unknown",
-        "libc_version": libc_version or "unknown",
-    }

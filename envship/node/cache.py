@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import stat
 import tempfile
@@ -42,13 +41,15 @@ from dask.utils import format_bytes, parse_bytes
 from filelock import FileLock, Timeout
 
 from envship import config
+from envship.archive import ID_PATTERN as _ID
+from envship.archive import check_id
 from envship.errors import EnvshipError
-from envship.extract import Progress, extract_archive, remove_tree
-from envship.relocate import fixup_conda, fixup_venv
+
+from .extract import Progress, extract_archive, remove_tree
+from .relocate import fixup_conda, fixup_venv
 
 logger = logging.getLogger("envship.cache")
 
-_ID = re.compile(r"[0-9a-f]{16,128}")
 # Seconds to wait for another process's install of the same id.
 LOCK_TIMEOUT = 3600.0
 # Create times of one process, read at different moments, agree to well
@@ -270,7 +271,7 @@ class EnvCache:
         """Return the prefix of environment ``id``, installing it if needed.
 
         The first caller on a node extracts the stored artifact into a temp
-        folder, verifies it (see :func:`envship.extract.extract_archive`),
+        folder, verifies it (see :func:`envship.node.extract.extract_archive`),
         fixes up absolute prefixes for the final path, makes the tree
         read-only and renames it into place; callers at the same time wait
         for it and reuse the result. Then entries over budget are evicted.
@@ -781,12 +782,6 @@ def _alive(pid: int, created: float) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-def check_id(id: str) -> str:
-    if not isinstance(id, str) or not _ID.fullmatch(id):
-        raise ValueError(f"not a content id: {id!r}")
-    return id
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -19,15 +19,16 @@ from distributed import Client
 from distributed.core import clean_exception
 from distributed.protocol.pickle import dumps
 
-from . import config
+from envship import config
+from envship.errors import EnvshipError
+from envship.node.nanny import NannySetup, UseEnvironment
+from envship.scheduler.registry import Registry
+from envship.transfer import Offer, Peer, ShipReport, broadcast
+
 from .compat import check_compatibility
-from .errors import EnvshipError
-from .nanny import NannySetup, UseEnvironment
 from .pack import pack
 from .progress import progress_bar
-from .registry import Registry
 from .store import Artifact
-from .transfer import Offer, Peer, ShipReport, broadcast
 
 PLUGIN_NAME = "envship"
 

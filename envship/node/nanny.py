@@ -5,7 +5,7 @@ Blobs never travel through the scheduler or inside a plugin: the client and
 peer nannies move them through the transfer handlers
 (:class:`envship.transfer.BlobServer`), and the plugin carries only an id, a
 name and which nannies to switch. A nanny that joins later asks the
-scheduler's registry (:mod:`envship.registry`) what its worker should run in
+scheduler's registry (:mod:`envship.scheduler.registry`) what its worker should run in
 and who holds it now.
 
 Turned on by ``dask worker --preload-nanny envship`` (``dask_setup`` in
@@ -24,11 +24,13 @@ from pathlib import Path
 import dask.utils
 from distributed.diagnostics.plugin import NannyPlugin
 
-from . import config
-from .cache import EnvCache, check_id
-from .environment import platform_facts
-from .errors import EnvshipError
-from .transfer import BlobServer, Download, Offer, Peer
+from envship import config
+from envship.archive import check_id
+from envship.errors import EnvshipError
+from envship.machine import platform_facts
+from envship.transfer import BlobServer, Download, Offer, Peer
+
+from .cache import EnvCache
 from .worker_process import TargetEnvironment, install, set_initial_target, switch
 
 logger = logging.getLogger("envship")

@@ -1,0 +1,1 @@
+"""The scheduler side: the registry of what workers should run and who holds what."""

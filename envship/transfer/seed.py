@@ -1,0 +1,179 @@
+"""The client side of transfers: seed a blob, follow the nodes until they hold it.
+
+The client pushes each piece once, round robin, to the nodes that fetch, while
+they pass pieces on to each other (see :mod:`envship.transfer.fetch`). A piece
+that no live node holds is pushed again to whoever lacks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from distributed.protocol import to_serialize
+
+from .pieces import Offer, Peer
+
+#: Pieces the client pushes at once.
+IN_FLIGHT = 6
+
+
+# -- the client side: seeding ------------------------------------------------------
+
+
+@dataclass
+class ShipReport:
+    """What a broadcast moved: bytes the client sent, and per node where bytes came from."""
+
+    client_bytes: int = 0
+    nodes: dict[str, dict] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)  # workers not switched
+
+    def crossing(self, sites: dict[str, str | None], client_site: str | None) -> int:
+        """Bytes that nodes received from a source of another site."""
+        total = 0
+        for nanny, state in self.nodes.items():
+            for source, nbytes in state.get("received", {}).items():
+                site = client_site if source == "client" else sites.get(source)
+                if source != "disk" and site != sites.get(nanny):
+                    total += nbytes
+        return total
+
+
+async def broadcast(
+    rpc,
+    path: str | os.PathLike,
+    offer: Offer,
+    fetchers: list[Peer],
+    holders: Iterable[Peer] = (),
+    *,
+    peer_to_peer: bool = True,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> ShipReport:
+    """Make every nanny of ``fetchers`` hold the blob at ``path``.
+
+    The client pushes each piece once, round robin over the fetchers (every
+    piece to every fetcher when not ``peer_to_peer``, as a plain push would),
+    while the fetchers pull the rest from each other and from ``holders``.
+    Pieces that no live node holds are pushed again to whoever lacks them.
+
+    Parameters
+    ----------
+    rpc : callable
+        A connection pool, such as ``client.rpc``.
+    fetchers : list of Peer
+        One nanny per node that lacks the blob.
+    holders : list of Peer
+        Nannies that hold the complete blob already.
+    on_progress : callable
+        Called with the number of pieces (summed over nodes) now held.
+
+    Returns
+    -------
+    ShipReport
+        ``failed`` names the nannies that could not get the blob and why.
+    """
+    table = offer.table
+    holders = list(holders)
+    report = ShipReport()
+    peers = [p.to_msg() for p in fetchers + holders] if peer_to_peer else []
+    msg = offer.to_msg()
+
+    async def start(peer: Peer) -> None:
+        await rpc(peer.address).envship_offer(offer=msg, peers=peers)
+
+    alive: list[Peer] = []
+    for peer, outcome in zip(
+        fetchers,
+        await asyncio.gather(*map(start, fetchers), return_exceptions=True),
+        strict=True,
+    ):
+        if isinstance(outcome, BaseException):
+            reason = getattr(outcome, "problem", None) or str(outcome)
+            report.failed[peer.address] = f"could not start the transfer: {reason}"
+        else:
+            alive.append(peer)
+
+    async def push(peer: Peer, index: int, f) -> None:
+        offset, length = table.span(index)
+        data = await asyncio.to_thread(_pread_fd, f, offset, length)
+        await rpc(peer.address).envship_put(
+            id=offer.id, digest=table.digest, index=index, data=to_serialize(data)
+        )
+        report.client_bytes += length
+
+    lost: set[str] = set()
+
+    async def seed(f) -> None:
+        if holders and peer_to_peer:
+            return  # nodes that hold it already seed the others
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        plan = (
+            [(alive[i % len(alive)], i) for i in range(table.count)]
+            if peer_to_peer
+            else [(p, i) for i in range(table.count) for p in alive]
+        )
+
+        async def one(peer, index):
+            async with slots:
+                if peer.address in lost:
+                    return
+                try:
+                    await push(peer, index, f)
+                except OSError as e:
+                    lost.add(peer.address)
+                    report.failed.setdefault(
+                        peer.address, f"lost during the transfer: {e}"
+                    )
+
+        await asyncio.gather(*(one(p, i) for p, i in plan))
+
+    held = {p.address: 0 for p in alive}
+
+    async def follow(peer: Peer, f) -> None:
+        """Wait for ``peer`` to complete; push what no live node holds."""
+        stuck = 0
+        while peer.address not in lost:
+            try:
+                state = await rpc(peer.address).envship_wait(
+                    id=offer.id, digest=table.digest, timeout=1.0
+                )
+            except OSError as e:
+                lost.add(peer.address)
+                report.failed.setdefault(peer.address, f"lost during the transfer: {e}")
+                return
+            held[peer.address] = (
+                state.get("have", table.count) if not state["complete"] else table.count
+            )
+            on_progress(sum(held.values()))
+            if state["complete"]:
+                report.nodes[peer.address] = state
+                return
+            if state.get("error"):
+                report.failed[peer.address] = state["error"]
+                return
+            missing = state.get("unavailable") or []
+            stuck = stuck + 1 if missing and seeding.done() else 0
+            if stuck >= 2:
+                for index in missing:
+                    try:
+                        await push(peer, index, f)
+                    except OSError as e:
+                        lost.add(peer.address)
+                        report.failed.setdefault(peer.address, f"lost: {e}")
+                        return
+                stuck = 0
+
+    if not alive:
+        return report
+    with open(path, "rb") as f:
+        seeding = asyncio.ensure_future(seed(f))
+        await asyncio.gather(seeding, *(follow(p, f) for p in alive))
+    return report
+
+
+def _pread_fd(f, offset: int, length: int) -> bytes:
+    return os.pread(f.fileno(), length, offset)
