@@ -14,10 +14,11 @@ import cloudpickle
 import dask.config
 import pytest
 import xxhash
+from distributed.core import ConnectionPool
 
 import envship
 from envship.node.cache import EnvCache
-from envship.transfer import Offer, Peer, PieceTable, broadcast
+from envship.transfer import BlobServer, Offer, Peer, PieceTable, broadcast
 from fixtures.cluster import local_cluster, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -386,3 +387,33 @@ def test_a_node_that_cannot_hold_it_is_named_and_nobody_restarts(tmp_path, base)
             assert not list((tiny / "tmp").iterdir())
     finally:
         subprocess.run(["umount", tiny], check=True)
+
+
+def test_an_offer_after_a_failed_download_starts_afresh(tmp_path, base):
+    offer = offer_of(base)
+
+    async def scenario():
+        async with ConnectionPool() as rpc:
+            server = BlobServer(EnvCache(tmp_path / "cache"), rpc, "tcp://127.0.0.1:1")
+            await server.offer(offer.to_msg(), peers=[])
+            first = server.downloads[(base.id, offer.table.digest)]
+            server.cancel(first, "gave up")
+            state = await server.wait(base.id, offer.table.digest, timeout=10)
+            assert state["error"] == "gave up" and not state["complete"]
+
+            await server.offer(offer.to_msg(), peers=[])
+            second = server.downloads[(base.id, offer.table.digest)]
+            assert second is not first and second.error is None
+            with open(base.path, "rb") as f:
+                for i in range(offer.table.count):
+                    offset, length = offer.table.span(i)
+                    f.seek(offset)
+                    await server.put(base.id, offer.table.digest, i, f.read(length))
+            state = await server.wait(base.id, offer.table.digest, timeout=10)
+            assert state["complete"] and state["error"] is None
+            await server.close()
+
+    asyncio.run(scenario())
+    assert file_hash(EnvCache(tmp_path / "cache").archive_path(base.id)) == file_hash(
+        base.path
+    )

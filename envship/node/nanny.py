@@ -188,9 +188,14 @@ class NannySide:
                 "call use_environment again so that the client sends it",
             )
         offer = Offer.from_msg(where["offer"])
-        holders = [Peer.from_msg(p) for p in where["holders"]]
         stall = dask.utils.parse_timedelta(config.get("transfer.stall-timeout"))
-        await self.blobs.fetch(offer, holders, stall)
+
+        async def holders_now() -> list[Peer]:
+            where = await self._registry("where", id=artifact_id) or {}
+            return [Peer.from_msg(p) for p in where.get("holders", ())]
+
+        holders = [Peer.from_msg(p) for p in where["holders"]]
+        await self.blobs.fetch(offer, holders, stall, more_peers=holders_now)
 
     def _release_unused(self, *ids: str | None) -> None:
         """Drop this process's lease on environments none of its nannies use."""

@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,13 +289,13 @@ class BlobServer:
         key = (check_id(id), _check_digest(digest))
         if not _int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
             raise ValueError(f"piece size out of bounds: {piece_size!r}")
-        source = self._source(key, piece_size)
+        source = await self._source(key, piece_size)
         if source is None:
             return _MISSING
         path, table = source
         _check_index(index, table)
         download = self.downloads.get(key)
-        if table is not None and download is not None and path == download.path:
+        if download is not None and path == download.path:
             if not download.have[index]:
                 return _MISSING
         if self._serving >= SERVE_SLOTS:
@@ -327,7 +327,7 @@ class BlobServer:
                     pass
             if not download.complete:
                 return {"complete": False, "have": download.bitmap()}
-        source = self._source(key, piece_size)
+        source = await self._source(key, piece_size)
         return {"complete": source is not None, "have": None}
 
     def _check_room(self, offer: Offer) -> None:
@@ -345,7 +345,7 @@ class BlobServer:
 
     # -- serving helpers -----------------------------------------------------------
 
-    def _source(self, key: tuple[str, str], piece_size: int):
+    async def _source(self, key: tuple[str, str], piece_size: int):
         """(path, table) to serve ``key`` from, or None if this node lacks it."""
         id, digest = key
         download = self.downloads.get(key)
@@ -361,7 +361,8 @@ class BlobServer:
         if table is None:
             # Complete archives are served for any piece size, once their
             # table (xxh3 at ~10 GB/s) is the one asked for.
-            table = self._tables[cache_key] = PieceTable.of_file(path, piece_size)
+            table = await asyncio.to_thread(PieceTable.of_file, path, piece_size)
+            self._tables[cache_key] = table
         return (path, table) if table.digest == digest else None
 
     # -- fetching ----------------------------------------------------------------
@@ -370,19 +371,31 @@ class BlobServer:
         """The download of ``offer`` on this nanny, started if needed."""
         key = (offer.id, offer.table.digest)
         download = self.downloads.get(key)
-        if download is None:
+        if download is None or download.done.is_set():  # none, or one that ended
             path = (
                 self.cache.root
                 / "tmp"
                 / f"{offer.id}.{offer.table.digest[:16]}.partial"
             )
             download = self.downloads[key] = Download(offer, path, self.site)
-            self._tasks[key] = asyncio.create_task(self._run(download))
+            task = self._tasks[key] = asyncio.create_task(self._run(download))
+            # Also when it is cancelled before it ever ran (no `finally` then).
+            task.add_done_callback(lambda _: _ended(download))
         download.add_peers(peers, self.address)
         return download
 
-    async def fetch(self, offer: Offer, peers: list[Peer], stall: float) -> dict:
+    async def fetch(
+        self,
+        offer: Offer,
+        peers: list[Peer],
+        stall: float,
+        more_peers: Callable[[], Awaitable[list[Peer]]] | None = None,
+    ) -> dict:
         """Fetch ``offer`` from peers alone (no client); its state when done.
+
+        ``more_peers``, if given, is asked for the nodes that hold it now
+        whenever pieces lack a live source, so that a long fetch also uses
+        nodes that got it after it began.
 
         Raises
         ------
@@ -407,7 +420,12 @@ class BlobServer:
                 pass
             if download.count != last:
                 last, since = download.count, time.monotonic()
-            elif time.monotonic() - since > stall and download.unavailable():
+                continue
+            if not download.unavailable():
+                continue
+            if more_peers is not None:
+                download.add_peers(await more_peers(), self.address)
+            if time.monotonic() - since > stall:
                 self.cancel(download, "no live peer holds the missing pieces")
         if download.error:
             raise EnvshipError(
@@ -682,6 +700,13 @@ class BlobServer:
             )
             if p.poller is not None:
                 p.poller.cancel()
+
+
+def _ended(download: Download) -> None:
+    if download.error is None and not download.complete:
+        download.error = "cancelled"
+    download.opened.set()
+    download.done.set()
 
 
 def _resume(download: Download) -> None:

@@ -105,7 +105,17 @@ async def broadcast(
         )
         report.client_bytes += length
 
-    lost: set[str] = set()
+    lost: set[str] = set()  # nannies gone, or that refused: pushed no more
+
+    def give_up(peer: Peer, error: Exception) -> None:
+        lost.add(peer.address)
+        if isinstance(error, OSError):  # the connection: the nanny is gone
+            reason = f"lost during the transfer: {error}"
+        else:  # the nanny refused the piece (its disk, say)
+            reason = (
+                getattr(error, "problem", None) or f"{type(error).__name__}: {error}"
+            )
+        report.failed.setdefault(peer.address, reason)
 
     async def seed(f) -> None:
         if holders and peer_to_peer:
@@ -123,11 +133,8 @@ async def broadcast(
                     return
                 try:
                     await push(peer, index, f)
-                except OSError as e:
-                    lost.add(peer.address)
-                    report.failed.setdefault(
-                        peer.address, f"lost during the transfer: {e}"
-                    )
+                except Exception as e:
+                    give_up(peer, e)
 
         await asyncio.gather(*(one(p, i) for p, i in plan))
 
@@ -141,9 +148,8 @@ async def broadcast(
                 state = await rpc(peer.address).envship_wait(
                     id=offer.id, digest=table.digest, timeout=1.0
                 )
-            except OSError as e:
-                lost.add(peer.address)
-                report.failed.setdefault(peer.address, f"lost during the transfer: {e}")
+            except Exception as e:
+                give_up(peer, e)
                 return
             held[peer.address] = (
                 state.get("have", table.count) if not state["complete"] else table.count
@@ -161,9 +167,8 @@ async def broadcast(
                 for index in missing:
                     try:
                         await push(peer, index, f)
-                    except OSError as e:
-                        lost.add(peer.address)
-                        report.failed.setdefault(peer.address, f"lost: {e}")
+                    except Exception as e:
+                        give_up(peer, e)
                         return
                 stuck = 0
 
