@@ -11,10 +11,18 @@ from __future__ import annotations
 from envship.client.pack import pack
 from envship.client.status import ClusterStatus, status
 from envship.client.store import Artifact, ArtifactStore
-from envship.client.use import SwitchReport, WorkerReport, use_environment
+from envship.client.use import (
+    SwitchReport,
+    WorkerReport,
+    prepare_environment,
+    use_environment,
+)
 from envship.errors import EnvshipError
 
 from . import config as _config  # noqa: F401  (registers the config defaults)
+
+#: ``envship.prepare(client, env)``: ship and install without restarting anyone.
+prepare = prepare_environment
 
 __all__ = [
     "Artifact",
@@ -24,6 +32,8 @@ __all__ = [
     "SwitchReport",
     "WorkerReport",
     "pack",
+    "prepare",
+    "prepare_environment",
     "status",
     "use_environment",
 ]

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -292,3 +293,35 @@ def test_nannies_that_cannot_import_envship(tmp_path, env_prefix, store):
             client.use_environment(artifact)
         assert "pip install envship" in str(info.value)
         assert client.submit(sum, [1, 2]).result() == 3
+
+
+def sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_prepare_ships_and_installs_while_workers_compute(cluster, env_prefix, store):
+    client, caches = cluster
+    venv = envship.pack(env_prefix("venv"), store=store)
+    pids = client.run(worker_pid)
+    # A lambda: plain pickle (tried first) would send the function by reference.
+    running = client.submit(lambda: sleep_then_pid(3), pure=False)
+
+    report = client.prepare_environment(venv)
+    assert report.ok and set(report) == {f"{n}-{i}" for n in NODES for i in range(2)}
+    assert venv.id not in {r.environment for r in report.values()}
+    assert report.transfer.client_bytes >= venv.size
+    for cache in caches.values():
+        assert EnvCache(cache).has(venv.id)
+    # Nobody restarted: the task finished where it began, every pid is the same.
+    assert running.result() in pids.values()
+    assert client.run(worker_pid) == pids
+    running.release()
+
+    switched = client.use_environment(venv)
+    assert switched.ok and switched.transfer.client_bytes == 0
+    assert {r.environment for r in switched.values()} == {venv.id}
+    for cache in caches.values():
+        assert len(EnvCache(cache).installs(venv.id)) == 1
+    with pytest.raises(EnvshipError, match="nothing to prepare"):
+        envship.prepare(client, None)

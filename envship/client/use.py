@@ -1,4 +1,5 @@
-"""``client.use_environment``: pack, check, ship, switch, wait, report.
+"""``client.use_environment``: pack, check, ship, switch, wait, report;
+``client.prepare_environment``: the same up to the switch.
 
 Runs on the client. Packing happens in the calling thread (it is a cache hit
 when the environment is unchanged); everything that talks to the cluster runs
@@ -125,20 +126,13 @@ def use_environment(
     worker       environment    seconds  status
     0            5f0c2d9a1b7e      2.31  ok
     """
-    if progress is None:
-        progress = sys.stderr.isatty() or "ipykernel" in sys.modules
-    stages: dict[str, float] = {}
-    with _stage(stages, "pack"):
-        artifact = None if env is None else _as_artifact(env, progress)
+    call = _Call(client, timeout, progress)
+    artifact = None if env is None else call.pack(env)
     label = artifact.name if artifact else "the nannies' own environment"
-    deadline = None if timeout is None else time.monotonic() + timeout
-
-    def run(coro):
-        left = None if deadline is None else max(deadline - time.monotonic(), 0)
-        return client.sync(asyncio.wait_for, coro, left)
-
-    with _stage(stages, "check"):
-        targets, infos, lost = run(_prepare(client, artifact, workers, strict, label))
+    with call.stage("check"):
+        targets, infos, lost = call.run(
+            _check(client, artifact, workers, strict, label)
+        )
     if lost:
         warnings.warn(
             f"switching to {label} restarts workers that alone hold {lost} "
@@ -146,16 +140,107 @@ def use_environment(
             "results will be recomputed, scattered data is lost",
             stacklevel=2,
         )
-    report = run(
-        _switch(client, artifact, workers, targets, infos, progress, label, stages)
+    report = call.run(
+        _switch(
+            client, artifact, workers, targets, infos, call.progress, label, call.stages
+        )
     )
+    _warn_left_out(report, "switched")
+    return report
+
+
+def prepare_environment(
+    client: Client,
+    env,
+    *,
+    workers=None,
+    strict: bool = True,
+    timeout: float | None = None,
+    progress: bool | None = None,
+) -> SwitchReport:
+    """Ship and install an environment on the workers' nodes; restart nobody.
+
+    Workers keep running their tasks meanwhile. A ``use_environment`` of the
+    same environment afterwards is a warm switch: a plain restart.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    env : str, path or Artifact
+        What ``use_environment`` takes (but not None).
+    workers, strict, timeout, progress
+        As for :func:`use_environment`: the nodes of ``workers`` get it.
+
+    Returns
+    -------
+    SwitchReport
+        Per worker: the environment it still runs in; ``stages`` and
+        ``transfer`` as for a switch.
+
+    Examples
+    --------
+    >>> client.prepare_environment("sklearn-dev")  # doctest: +SKIP
+    >>> client.use_environment("sklearn-dev")  # a restart only  # doctest: +SKIP
+    """
+    if env is None:
+        raise EnvshipError(
+            "None",
+            "there is nothing to prepare for the nannies' own environment",
+            "name an environment, or call use_environment(None) to go back",
+        )
+    call = _Call(client, timeout, progress)
+    artifact = call.pack(env)
+    with call.stage("check"):
+        targets, infos, _ = call.run(
+            _check(client, artifact, workers, strict, artifact.name)
+        )
+    started = time.perf_counter()
+    shipped = call.run(
+        _deliver(client, artifact, targets, infos, call.progress, call.stages)
+    )
+    report = call.run(
+        _report(client, targets, time.perf_counter() - started, prepared=True)
+    )
+    report.stages, report.transfer = call.stages, shipped
+    _warn_left_out(report, "prepared")
+    return report
+
+
+class _Call:
+    """One public call: its deadline, its progress setting, its stage times."""
+
+    def __init__(self, client: Client, timeout: float | None, progress: bool | None):
+        self.client = client
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        if progress is None:
+            progress = sys.stderr.isatty() or "ipykernel" in sys.modules
+        self.progress = progress
+        self.stages: dict[str, float] = {}
+
+    def run(self, coro):
+        """Run ``coro`` on the client's loop within what is left of the timeout."""
+        left = self.deadline
+        if left is not None:
+            left = max(left - time.monotonic(), 0)
+        return self.client.sync(asyncio.wait_for, coro, left)
+
+    @contextmanager
+    def stage(self, name: str):
+        with _stage(self.stages, name):
+            yield
+
+    def pack(self, env) -> Artifact:
+        with self.stage("pack"):
+            return _as_artifact(env, self.progress)
+
+
+def _warn_left_out(report: SwitchReport, done: str) -> None:
     if report.transfer is not None and report.transfer.left_out:
         warnings.warn(
-            f"not switched: workers {', '.join(report.transfer.left_out)}, whose "
+            f"not {done}: workers {', '.join(report.transfer.left_out)}, whose "
             "node left the cluster while it was being sent",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return report
 
 
 @contextmanager
@@ -171,8 +256,8 @@ def _as_artifact(env, progress: bool) -> Artifact:
     return pack(env, progress=progress)
 
 
-async def _prepare(client, artifact, workers, strict, label):
-    """Everything that must hold before any worker restarts."""
+async def _check(client, artifact, workers, strict, label):
+    """Everything that must hold before anything moves or restarts."""
     targets = await _targets(client, workers, label)
     infos = await _nanny_side(client, targets, artifact, label)
     await _ensure_registry(client, label)
@@ -189,14 +274,20 @@ async def _prepare(client, artifact, workers, strict, label):
     return targets, infos, await _keys_only_on(client, targets)
 
 
+async def _deliver(client, artifact, targets, infos, progress, stages) -> ShipReport:
+    """Ship to every node of ``targets`` and unpack there; nodes lost are left out."""
+    with _stage(stages, "ship"):
+        shipped = await _ship(client, artifact, infos, progress)
+    lost = _leave_out_lost(targets, infos, shipped)
+    with _stage(stages, "unpack"):
+        await _install(client, artifact, _without(infos, lost), progress)
+    return shipped
+
+
 async def _switch(client, artifact, workers, targets, infos, progress, label, stages):
     shipped = None
     if artifact is not None:
-        with _stage(stages, "ship"):
-            shipped = await _ship(client, artifact, infos, progress)
-        lost = _leave_out_lost(targets, infos, shipped)
-        with _stage(stages, "unpack"):
-            await _install(client, artifact, _without(infos, lost), progress)
+        shipped = await _deliver(client, artifact, targets, infos, progress, stages)
     names = None if workers is None else [t["name"] for t in targets.values()]
     await client.scheduler.envship_desire(
         id=None if artifact is None else artifact.id, names=names
@@ -337,9 +428,10 @@ async def _ship(client, artifact, infos, progress) -> ShipReport:
     await client.scheduler.envship_publish(offer=offer.to_msg())
     holders = await _holders(client, artifact.id, infos)
     fetchers = [Peer(nanny, infos[nanny]["site"]) for nanny in nodes.values()]
-    pieces = offer.table.count * len(fetchers)
+    total = offer.table.size * len(fetchers)  # bytes, over all nodes
+    piece = offer.table.piece_size
     with progress_bar(
-        f"shipping {artifact.name} to {len(fetchers)} node(s)", pieces, progress
+        f"shipping {artifact.name} to {len(fetchers)} node(s)", total, progress
     ) as bar:
         shipped = await broadcast(
             client.rpc,
@@ -348,7 +440,7 @@ async def _ship(client, artifact, infos, progress) -> ShipReport:
             fetchers,
             holders,
             peer_to_peer=config.get("transfer.peer-to-peer"),
-            on_progress=lambda held: bar.update(held, pieces),
+            on_progress=lambda held: bar.update(min(held * piece, total), total),
         )
     stuck = {n: why for n, why in shipped.failed.items() if not why.startswith("lost")}
     if stuck:
@@ -406,7 +498,9 @@ async def _install(client, artifact, infos, progress) -> None:
         await asyncio.gather(*map(install, nodes.values()))
 
 
-async def _report(client, targets, seconds) -> SwitchReport:
+async def _report(client, targets, seconds, prepared: bool = False) -> SwitchReport:
+    """What each worker runs in; how its switch went (unless only ``prepared``)."""
+
     async def status(target):
         s = await client.rpc(target["nanny"]).envship_status()
         return WorkerReport(
@@ -414,16 +508,18 @@ async def _report(client, targets, seconds) -> SwitchReport:
             nanny=target["nanny"],
             address=s["worker"],
             environment=s["running"],
-            seconds=s.get("seconds") or seconds,
-            ok=s["ok"],
-            error=s["error"],
+            seconds=seconds if prepared else s.get("seconds") or seconds,
+            ok=prepared or s["ok"],
+            error=None if prepared else s["error"],
         )
 
     reports = await asyncio.gather(*map(status, targets.values()))
     return SwitchReport({r.name: r for r in reports})
 
 
-# ``client.use_environment(...)`` is the same function, bound to the client.
+# ``client.use_environment(...)`` and ``client.prepare_environment(...)`` are
+# the same functions, bound to the client.
 Client.use_environment = use_environment
+Client.prepare_environment = prepare_environment
 
-__all__ = ["SwitchReport", "WorkerReport", "use_environment"]
+__all__ = ["SwitchReport", "WorkerReport", "prepare_environment", "use_environment"]
