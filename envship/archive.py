@@ -85,6 +85,9 @@ class ContentSummary:
     id: str
     file_count: int
     unpacked_size: int
+    #: Files (and their bytes) linked from a node's file store, not written.
+    linked_files: int = 0
+    linked_bytes: int = 0
 
 
 class ArchiveWriter:

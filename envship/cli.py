@@ -199,19 +199,22 @@ def cache_list(directory):
     from envship.node.cache import EnvCache
 
     node = EnvCache(directory)
-    table = Table("name", "id", "size", "last used", "in use by", box=None)
+    table = Table("name", "id", "own", "shared", "last used", "in use by", box=None)
     for e in node.entries():
         used = datetime.fromtimestamp(e.last_used) if e.last_used else None
         table.add_row(
             e.name or "-",
             e.id[:12],
             format_bytes(e.size),
+            format_bytes(e.shared),
             used.strftime("%Y-%m-%d %H:%M") if used else "-",
             ", ".join(map(str, e.leases)) or "-",
         )
     Console().print(table)
+    files, stored = node.files.usage()
     click.echo(
-        f"{node.root}: {format_bytes(node.size())} of {format_bytes(node.max_size)}"
+        f"{node.root}: {format_bytes(node.size())} of {format_bytes(node.max_size)}; "
+        f"its file store holds {files} files, {format_bytes(stored)}"
     )
 
 

@@ -26,7 +26,7 @@ from fixtures.trees import pack_tree
 
 OLD_PREFIX = "/home/someone/envs/old-prefix"
 BASE_PYTHON = os.path.realpath(sys.executable)
-LAYOUT = {"archives", "tmp", "locks", "leases", "used", "installed"}
+LAYOUT = {"archives", "tmp", "locks", "leases", "used", "installed", "files"}
 
 
 def make_venv_tree(root, *, files=3, size=1000, base_python=BASE_PYTHON, seed=b""):
@@ -80,7 +80,7 @@ def assert_no_trace(cache, id):
     assert not cache.archive_path(id).exists()
     assert not cache.manifest_path(id).exists()
     assert set(os.listdir(cache.root)) <= LAYOUT | {"installs.log"}
-    for sub in ("archives", "tmp", "installed", "used", "leases"):
+    for sub in ("archives", "tmp", "installed", "used", "leases", "files"):
         assert os.listdir(cache.root / sub) == [], sub
     assert cache.installs(id) == []
 

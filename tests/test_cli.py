@@ -27,6 +27,8 @@ def test_cache_list_gc_clear(env_prefix, store, tmp_path):
     listing = cache_cli("list", "--directory", node.root)
     assert listing.returncode == 0, listing.stderr
     assert "tools" in listing.stdout and artifact.id[:12] in listing.stdout
+    files, _ = node.files.usage()
+    assert files > 0 and f"its file store holds {files} files" in listing.stdout
 
     assert cache_cli("gc", "--directory", node.root).stdout.startswith("evicted 0")
     assert node.has(artifact.id)
@@ -34,7 +36,8 @@ def test_cache_list_gc_clear(env_prefix, store, tmp_path):
     cleared = cache_cli("clear", "--directory", node.root)
     assert cleared.stdout.startswith("removed 1")
     assert not node.has(artifact.id)
-    assert "tools" not in cache_cli("list", "--directory", node.root).stdout
+    listing = cache_cli("list", "--directory", node.root).stdout
+    assert "tools" not in listing and "its file store holds 0 files" in listing
 
 
 def test_use_from_the_command_line(env_prefix, store, tmp_path):

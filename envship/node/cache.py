@@ -5,6 +5,8 @@ keeps the received artifact and, once installed, the unpacked environment,
 read-only, at its final path. Layout under the root::
 
     <id>/                    an installed environment; exists only when complete
+    files/<k>/<key>          the node's file store: contents that installed
+                             environments share by hard links (filestore.py)
     archives/<id>.tar.zst    a received artifact ...
     archives/<id>.json       ... and its manifest (name, kind, unpacked_size, ...)
     tmp/                     installs, removals and downloads in progress
@@ -46,6 +48,7 @@ from envship.archive import check_id
 from envship.errors import EnvshipError
 
 from .extract import Progress, extract_archive, remove_tree
+from .filestore import FileStore
 from .relocate import fixup_conda, fixup_venv
 
 logger = logging.getLogger("envship.cache")
@@ -68,13 +71,16 @@ class CacheEntry:
     name : str or None
         The environment's name from its manifest.
     size : int
-        Bytes on disk: the installed tree plus the archive and manifest.
+        Bytes on disk that are its own: its archive and manifest, and the
+        files of its tree that no other environment links.
     last_used : float or None
         Unix time of the last ``ensure`` or archive write.
     leases : tuple of int
         PIDs of live processes that use it.
     has_tree, has_archive : bool
         Whether it is installed, and whether its artifact is kept.
+    shared : int
+        Bytes of its files that other environments link too (not in ``size``).
     """
 
     id: str
@@ -84,6 +90,7 @@ class CacheEntry:
     leases: tuple[int, ...]
     has_tree: bool
     has_archive: bool
+    shared: int = 0
 
 
 class EnvCache:
@@ -132,6 +139,7 @@ class EnvCache:
         self.lock_timeout = lock_timeout
         self._locks: dict[str, FileLock] = {}
         self._make_layout(check_owner=default)
+        self.files = FileStore(self.root, links=config.get("cache.hard-links"))
 
     def __repr__(self) -> str:
         return f"EnvCache({str(self.root)!r}, max_size={self.max_size!r})"
@@ -358,6 +366,7 @@ class EnvCache:
                     max_unpacked_bytes=limit,
                     env=name,
                     progress=progress,
+                    files=self.files,
                 )
                 if progress is not None:
                     progress("fixup", 0, 1)
@@ -374,13 +383,16 @@ class EnvCache:
                     f"could not unpack it into {self.root}: {e}",
                     "free disk space on this node, or set envship.cache.max-size lower",
                 ) from e
-            disk = _seal(tmp)
+            disk, private = _seal(tmp)
             seconds = time.perf_counter() - start
             info = {
                 "id": id,
                 "name": manifest.get("name"),
                 "size": disk,
+                "private": private,
                 "files": summary.file_count,
+                "linked_files": summary.linked_files,
+                "linked_bytes": summary.linked_bytes,
                 "unpacked_size": summary.unpacked_size,
                 "installed": time.time(),
                 "seconds": round(seconds, 3),
@@ -390,9 +402,13 @@ class EnvCache:
         except BaseException:
             record.unlink(missing_ok=True)
             remove_tree(tmp)
+            self.files.gc()  # what it stored is linked by nobody now
             raise
         # Folders can't be renamed without write permission on themselves.
         os.chmod(final, 0o500)
+        # The stored copies of files that the fix-up rewrote are linked by
+        # nobody now.
+        self.files.gc()
         line = json.dumps(dict(info, pid=os.getpid())) + "\n"
         fd = os.open(
             self.root / "installs.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
@@ -402,12 +418,15 @@ class EnvCache:
         finally:
             os.close(fd)
         logger.info(
-            "installed %s (%s) in %.1f s: %d files, %s on disk",
+            "installed %s (%s) in %.1f s: %d files, %d of them linked from the "
+            "file store; %s on disk, %s of it its own",
             name,
             id,
             seconds,
             summary.file_count,
+            summary.linked_files,
             format_bytes(disk),
+            format_bytes(private),
         )
 
     def _fixup(self, tree: Path, final: Path, manifest: dict, name: str) -> None:
@@ -488,14 +507,18 @@ class EnvCache:
     # -- budget and removal ----------------------------------------------------
 
     def entries(self) -> list[CacheEntry]:
-        """Every id with a tree or an archive here, least recently used first."""
+        """Every id with a tree or an archive here, least recently used first.
+
+        Walks every tree to tell its own bytes from those it shares.
+        """
         result = [self._entry(id) for id in self._ids()]
         result.sort(key=lambda e: e.last_used or 0.0)
         return result
 
     def size(self) -> int:
-        """Bytes on disk of all trees and archives (tree sizes as recorded)."""
-        return sum(self._size(id)[0] for id in self._ids())
+        """Bytes on disk of trees, archives and the file store, shared files once."""
+        own = sum(self._size(id)[0] for id in self._ids())
+        return own + self.files.usage()[1]
 
     def evict(self, needed: int = 0, keep: Iterable[str] = ()) -> list[str]:
         """Remove least recently used entries until ``needed`` more bytes fit.
@@ -510,7 +533,7 @@ class EnvCache:
         """
         budget = self.max_size - needed
         sizes = {id: self._size(id)[0] for id in self._ids()}
-        total = sum(sizes.values())
+        total = sum(sizes.values()) + self.files.usage()[1]
         removed: list[str] = []
         if total <= budget:
             return removed
@@ -526,7 +549,7 @@ class EnvCache:
                 self._remove_locked(id)
             finally:
                 self._lock(id).release()
-            total -= sizes[id]
+            total -= sizes[id] + self.files.gc()  # and the files only it linked
             removed.append(id)
             logger.info(
                 "evicted %s (%s) from %s", id, format_bytes(sizes[id]), self.root
@@ -552,6 +575,7 @@ class EnvCache:
                     "stop the workers that use it first, or remove it with force",
                 )
             self._remove_locked(id)
+        self.files.gc()
 
     def clear(self) -> list[str]:
         """Remove every entry that no live process leases; return their ids."""
@@ -562,6 +586,7 @@ class EnvCache:
                     continue
                 self._remove_locked(id)
             removed.append(id)
+        self.files.gc()
         return removed
 
     def gc(self) -> list[str]:
@@ -611,6 +636,7 @@ class EnvCache:
                     remove_tree(self.root / "leases" / id)
             finally:
                 self._lock(id).release()
+        self.files.gc()
         return self.evict()
 
     # -- internals -------------------------------------------------------------
@@ -657,13 +683,14 @@ class EnvCache:
         return self.root / "installed" / f"{id}.json"
 
     def _size(self, id: str) -> tuple[int, bool, bool]:
-        """(bytes, has_tree, has_archive) of ``id``."""
+        """(bytes of its own outside the file store, has_tree, has_archive) of ``id``."""
         total = 0
         has_tree = self.path(id).is_dir()
         if has_tree:
             try:
                 with open(self._record_path(id), encoding="utf-8") as f:
-                    total += int(json.load(f)["size"])
+                    record = json.load(f)
+                total += int(record.get("private", record["size"]))
             except (FileNotFoundError, ValueError, KeyError, TypeError):
                 total += _disk_usage(self.path(id))
         has_archive = False
@@ -678,6 +705,10 @@ class EnvCache:
 
     def _entry(self, id: str) -> CacheEntry:
         size, has_tree, has_archive = self._size(id)
+        shared = 0
+        if has_tree:
+            alone, shared = _stored_usage(self.path(id))
+            size += alone
         manifest = self.manifest(id) or {}
         return CacheEntry(
             id=id,
@@ -687,6 +718,7 @@ class EnvCache:
             leases=tuple(self.live_leases(id)),
             has_tree=has_tree,
             has_archive=has_archive,
+            shared=shared,
         )
 
     def _last_used(self, id: str) -> float:
@@ -729,13 +761,14 @@ class EnvCache:
         remove_tree(self.root / "leases" / id)
 
 
-def _seal(tree: Path) -> int:
+def _seal(tree: Path) -> tuple[int, int]:
     """Remove every write bit below ``tree``; return its bytes on disk.
 
+    Returns (all bytes, bytes of what is not shared with the file store).
     ``tree`` itself stays writable: it is renamed into place afterwards.
     """
     top = os.lstat(tree)
-    total = top.st_blocks * 512
+    total = private = top.st_blocks * 512
     seen: set[int] = set()
     stack = [os.fspath(tree)]
     while stack:
@@ -750,12 +783,34 @@ def _seal(tree: Path) -> int:
                         continue
                     seen.add(st.st_ino)
                 total += st.st_blocks * 512
+                if kind != stat.S_IFREG or st.st_nlink == 1:
+                    private += st.st_blocks * 512
                 if kind == stat.S_IFLNK:
                     continue  # chmod would follow it
                 mode = stat.S_IMODE(st.st_mode)
                 if mode & 0o222:
                     os.chmod(entry.path, mode & ~0o222)
-    return total
+    return total, private
+
+
+def _stored_usage(tree: Path) -> tuple[int, int]:
+    """Bytes of ``tree``'s files held in the file store: (linked by it alone, shared).
+
+    A stored file has one link in the store and one per environment using it.
+    """
+    alone = shared = 0
+    seen: set[int] = set()
+    for folder, _, files in os.walk(tree):
+        for name in files:
+            st = os.lstat(os.path.join(folder, name))
+            if st.st_nlink < 2 or st.st_ino in seen or not stat.S_ISREG(st.st_mode):
+                continue
+            seen.add(st.st_ino)
+            if st.st_nlink == 2:
+                alone += st.st_blocks * 512
+            else:
+                shared += st.st_blocks * 512
+    return alone, shared
 
 
 def _disk_usage(tree: Path) -> int:

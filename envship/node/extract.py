@@ -12,8 +12,9 @@ symlinks that point out of the tree, hard links to anything but an earlier
 regular file, devices, fifos and other special entries, setuid, setgid and
 sticky bits, and more unpacked bytes than the caller allows.
 
-This module writes only inside the destination folder it is given. It knows
-nothing of the node cache, conda or Dask.
+This module writes only inside the destination folder it is given (and, when
+given a :class:`~envship.node.filestore.FileStore`, links from and into it).
+It knows nothing of the node cache, conda or Dask.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import zstandard
 from envship.archive import BLOCK, READ_SIZE, ContentHasher, ContentSummary
 from envship.config import usable_cores
 from envship.errors import EnvshipError, UnsafeArchiveError
+
+from .filestore import FileStore
 
 # Files up to this size are read, hashed and written in one piece.
 WHOLE_FILE = 4 << 20
@@ -61,6 +64,7 @@ def extract_archive(
     env: str,
     progress: Progress | None = None,
     threads: int | None = None,
+    files: FileStore | None = None,
 ) -> ContentSummary:
     """Extract an artifact into ``dest``, refusing unsafe entries and checking its id.
 
@@ -88,11 +92,16 @@ def extract_archive(
     threads : int, optional
         Threads that create files (the kernel creates files in different
         folders in parallel); default one per usable core, at most 8.
+    files : FileStore, optional
+        A store of file contents on the same filesystem: a file it holds
+        (same bytes, mode and mtime) is linked instead of written; a file
+        written here enters it. Every file is still read and hashed.
 
     Returns
     -------
     ContentSummary
-        The id, number of regular files and their total size.
+        The id, number of regular files and their total size, and how many
+        of them were linked from ``files``.
 
     Raises
     ------
@@ -120,7 +129,9 @@ def extract_archive(
         with open(archive_path, "rb") as f:
             if threads is None:
                 threads = default_threads()
-            extractor = _Extractor(dest, env, max_unpacked_bytes, progress, threads)
+            extractor = _Extractor(
+                dest, env, max_unpacked_bytes, progress, threads, files
+            )
             summary = extractor.run(f)
         if summary.id != expected_id:
             raise EnvshipError(
@@ -451,9 +462,18 @@ class _Extractor:
     """
 
     def __init__(
-        self, dest: str, env: str, limit: int, progress: Progress | None, threads: int
+        self,
+        dest: str,
+        env: str,
+        limit: int,
+        progress: Progress | None,
+        threads: int,
+        files: FileStore | None = None,
     ) -> None:
         self.dest = dest
+        self.files = files
+        self.linked_files = 0
+        self.linked_bytes = 0
         self.env = env
         self.limit = limit
         self.progress = progress
@@ -495,7 +515,13 @@ class _Extractor:
         self.finish_dirs()
         if self.progress is not None:
             self.progress("extract", self.written, self.limit)
-        return ContentSummary(self.hasher.hexdigest(), self.file_count, self.written)
+        return ContentSummary(
+            self.hasher.hexdigest(),
+            self.file_count,
+            self.written,
+            self.linked_files,
+            self.linked_bytes,
+        )
 
     def read_all(self, fileobj) -> None:
         decompressor = zstandard.ZstdDecompressor()
@@ -591,9 +617,12 @@ class _Extractor:
             if len(data) != size:
                 raise EOFError(f"{name} is cut short")
             digest = xxhash.xxh3_128_hexdigest(data)
-            self.queue(name, (name, data, mode, info.mtime, None), size)
+            key = self.files and self.files.key(digest, mode, info.mtime)
+            self.queue(name, (name, data, mode, info.mtime, None, key), size)
         else:
             digest = self.write_large(name, size, mode, info.mtime)
+            if self.files is not None:
+                self.share_large(name, self.files.key(digest, mode, info.mtime), size)
         self.kinds[name] = "f"
         self.hasher.add_file(name, mode, digest)
         self.file_count += 1
@@ -620,6 +649,19 @@ class _Extractor:
         finally:
             os.close(fd)
         return h.hexdigest()
+
+    def share_large(self, name: str, key: str, size: int) -> None:
+        """Swap a big file just written for the stored copy, or store it."""
+        path = self.path(name)
+        if self.files.link(key, path + ".stored"):
+            os.replace(path + ".stored", path)
+            self.count_linked(1, size)
+        else:
+            self.files.add(key, path)
+
+    def count_linked(self, files: int, size: int) -> None:
+        self.linked_files += files
+        self.linked_bytes += size
 
     def symlink(self, info: _Member, name: str) -> None:
         target = info.linkname
@@ -649,7 +691,7 @@ class _Extractor:
                 level += 1
         if odd:
             self.odd_links.append(name)
-        self.queue(name, (name, None, 0, info.mtime, target), 0)
+        self.queue(name, (name, None, 0, info.mtime, target, None), 0)
         self.kinds[name] = "l"
         self.hasher.add_symlink(name, target)
 
@@ -683,18 +725,19 @@ class _Extractor:
             return
         self.batch, self.batch_bytes, self.batch_dir = [], 0, None
         if self.pool is None:
-            _write_batch(self.dest, batch)
+            self.count_linked(*_write_batch(self.dest, batch, self.files))
             return
         while self.pending and self.pending[0].done():
-            self.pending.popleft().result()  # raises a writer's error here
+            # raises a writer's error here
+            self.count_linked(*self.pending.popleft().result())
         self.slots.acquire()
-        future = self.pool.submit(_write_batch, self.dest, batch)
+        future = self.pool.submit(_write_batch, self.dest, batch, self.files)
         future.add_done_callback(lambda _: self.slots.release())
         self.pending.append(future)
 
     def drain(self) -> None:
         while self.pending:
-            self.pending.popleft().result()
+            self.count_linked(*self.pending.popleft().result())
 
     def check_odd_links(self) -> None:
         root = os.path.realpath(self.dest)
@@ -721,13 +764,24 @@ class _Extractor:
                 os.chmod(path, 0o755)
 
 
-def _write_batch(dest: str, batch: list[tuple]) -> None:
-    """Create files and symlinks: ``(name, data, mode, mtime, link_target)``."""
-    for name, data, mode, mtime, target in batch:
+def _write_batch(
+    dest: str, batch: list[tuple], files: FileStore | None
+) -> tuple[int, int]:
+    """Create files and symlinks: ``(name, data, mode, mtime, link_target, key)``.
+
+    A file whose ``key`` the store holds is linked, not written; a file
+    written enters the store. Returns the files and bytes linked.
+    """
+    linked = linked_bytes = 0
+    for name, data, mode, mtime, target, key in batch:
         path = os.path.join(dest, name)
         if target is not None:
             os.symlink(target, path)
             os.utime(path, (mtime, mtime), follow_symlinks=False)
+            continue
+        if key and files.link(key, path):
+            linked += 1
+            linked_bytes += len(data)
             continue
         fd = os.open(path, _OPEN_FLAGS, 0o600)
         try:
@@ -737,6 +791,9 @@ def _write_batch(dest: str, batch: list[tuple]) -> None:
             os.utime(fd, (mtime, mtime))
         finally:
             os.close(fd)
+        if key:
+            files.add(key, path)
+    return linked, linked_bytes
 
 
 def _write_all(fd: int, data: bytes) -> None:

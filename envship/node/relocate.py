@@ -4,6 +4,8 @@ Conda environments carry conda-pack's ``bin/conda-unpack`` and its prefix
 records; venvs carry ``.envship/unpack.json`` (written by ``envship.pack``).
 Both are applied to a tree that still sits in a temporary folder, with the
 FINAL prefix as the new one, so the tree can be renamed into place complete.
+Neither ever writes through a hard link: a file that shares its inode (with
+the node's file store) is first replaced by a private copy.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from pathlib import Path
 
 from envship.errors import EnvshipError
 
+from .filestore import unshare
+
 FIXUP_TIMEOUT = 600.0
 
 # Runs conda-pack's conda-unpack inside the environment's own python, but
 # with the FINAL prefix as the new one: conda-unpack itself would use its own
 # folder, which is still the temp folder. Python 2 and 3.
 _CONDA_DRIVER = r"""
-import os, stat, sys, types
+import os, shutil, stat, sys, types
 tree, final = sys.argv[1], sys.argv[2]
 # conda-unpack only needs the progress bar when run as a script; its module
 # is not valid Python 2 in conda-pack 0.9.
@@ -41,6 +45,12 @@ for path, placeholder, mode in unpack['_prefix_records']:
     if os.path.isabs(path) or '..' in path.replace('\\', '/').split('/'):
         sys.exit('refusing prefix record outside the environment: %r' % (path,))
     target = os.path.join(tree, path)
+    st = os.lstat(target)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        # Shared with the node's file store: rewrite a private copy.
+        copy = target + '.envship-unshare'
+        shutil.copy2(target, copy)
+        os.rename(copy, target)
     st = os.stat(target)
     if not st.st_mode & stat.S_IWUSR:
         os.chmod(target, st.st_mode | stat.S_IWUSR)
@@ -150,6 +160,7 @@ def _replace_in_file(path: str, old: bytes, new: bytes) -> None:
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         return
+    unshare(path)
     mode = stat.S_IMODE(st.st_mode)
     if not mode & stat.S_IWUSR:
         os.chmod(path, mode | stat.S_IWUSR)

@@ -1,0 +1,158 @@
+"""The node's store of file contents: environments made of hard links.
+
+Many environments of a node share most of their files (conda itself installs
+every environment by hard-linking from its package cache). The node cache
+keeps one read-only copy of each file content in ``<cache>/files/`` and
+installs an environment by linking the files the store holds already; only
+the others are written (and then enter the store). A link costs about an
+eighth of writing the file.
+
+A file is keyed by what a process inside an environment can observe of it:
+its bytes (the xxh3-128 digest that the content id uses), its permission bits
+without write bits (installed trees are sealed read-only) and its mtime,
+which a hard link shares: a ``.py`` whose mtime differs from what its ``.pyc``
+records would make every import recompile.
+
+Store files are never changed in place: whatever rewrites a file of an
+environment (the prefix fix-ups) first replaces a file that has other links
+by a private copy (:func:`unshare`). Where hard links fail (another
+filesystem, a filesystem without them), files are written in full and the
+log says so once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+
+logger = logging.getLogger("envship.cache")
+
+#: errno values that mean "this filesystem will not link here": stop trying.
+_NO_LINKS = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+class FileStore:
+    """Read-only file contents under ``<root>/files``, shared by hard links.
+
+    Parameters
+    ----------
+    root : path
+        The node cache's root; the store is its ``files/`` folder.
+    links : bool
+        False writes every file in full (``envship.cache.hard-links``).
+
+    Examples
+    --------
+    >>> store = FileStore("/tmp/envship-cache")  # doctest: +SKIP
+    >>> key = store.key(digest, 0o644, 1700000000)  # doctest: +SKIP
+    >>> store.link(key, "/tmp/envship-cache/tmp/x/lib/a.py") or write_it()  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike, links: bool = True):
+        self.root = Path(root) / "files"
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        self.links = links
+
+    @staticmethod
+    def key(digest: str, mode: int, mtime: float) -> str:
+        """The store name of a file: content, mode as sealed, mtime."""
+        sealed = mode & 0o7777 & ~0o222
+        return f"{digest}-{sealed:o}-{int(mtime * 1e9)}"
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def link(self, key: str, dest: str) -> bool:
+        """Make ``dest`` a link to the stored file ``key``; False if not stored."""
+        if not self.links:
+            return False
+        try:
+            os.link(self.path(key), dest)
+        except FileNotFoundError:
+            return False  # not stored (or removed by a concurrent gc)
+        except OSError as e:
+            self._links_failed(e)
+            return False
+        return True
+
+    def add(self, key: str, path: str) -> None:
+        """Enter a just-written, complete file: made read-only, linked from the store."""
+        if not self.links:
+            return
+        st = os.stat(path)
+        if stat.S_IMODE(st.st_mode) & 0o222:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
+        target = self.path(key)
+        try:
+            os.link(path, target)
+        except FileNotFoundError:
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            self.add(key, path)
+        except FileExistsError:
+            pass  # another install stored the same content meanwhile
+        except OSError as e:
+            self._links_failed(e)
+
+    def _links_failed(self, e: OSError) -> None:
+        if e.errno == errno.EMLINK:
+            return  # that one file has too many links: write it, go on
+        if e.errno in _NO_LINKS and self.links:
+            self.links = False
+            logger.warning(
+                "hard links fail in %s (%s): environments are written in full, "
+                "without sharing files",
+                self.root,
+                e.strerror,
+            )
+
+    def gc(self) -> int:
+        """Remove stored files that no environment links any more; bytes freed."""
+        freed = 0
+        for folder in os.scandir(self.root):
+            if not folder.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(folder.path):
+                st = entry.stat(follow_symlinks=False)
+                if st.st_nlink == 1:
+                    os.unlink(entry.path)
+                    freed += st.st_blocks * 512
+            try:
+                os.rmdir(folder.path)
+            except OSError:
+                pass  # not empty
+        return freed
+
+    def usage(self) -> tuple[int, int]:
+        """(files, bytes on disk) in the store."""
+        files = size = 0
+        for folder in os.scandir(self.root):
+            if folder.is_dir(follow_symlinks=False):
+                for entry in os.scandir(folder.path):
+                    files += 1
+                    size += entry.stat(follow_symlinks=False).st_blocks * 512
+        return files, size
+
+
+def unshare(path: str | os.PathLike) -> None:
+    """Replace ``path`` by a private copy if other links share its inode.
+
+    Called before anything rewrites a file of an environment, so that no file
+    of the store (nor of another environment) ever changes.
+    """
+    path = os.fspath(path)
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink == 1:
+        return
+    tmp = f"{path}.{secrets.token_hex(4)}.unshare"
+    try:
+        shutil.copy2(path, tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise

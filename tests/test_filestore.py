@@ -1,0 +1,180 @@
+"""The node's file store: environments made of hard links, with real
+environments packed by the real conda-pack and installed by the node cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+
+import dask.config
+import pytest
+
+import envship
+from envship.node.cache import EnvCache
+
+
+@pytest.fixture(scope="module")
+def two_envs(env_prefix, tmp_path_factory):
+    """The base fixture, and a copy of it with one more package (mtimes kept,
+    as conda's hard links from its package cache keep them)."""
+    folder = tmp_path_factory.mktemp("envs")
+    base = env_prefix("base")
+    derived = folder / "derived"
+    subprocess.run(["cp", "-a", base, derived], check=True)
+    site = next(derived.glob("lib/python3.*/site-packages"))
+    (site / "extra_pkg").mkdir()
+    (site / "extra_pkg" / "__init__.py").write_text("ANSWER = 42\n")
+    store = tmp_path_factory.mktemp("store")
+    return (
+        envship.pack(base, store=store),
+        envship.pack(derived, name="derived", store=store),
+    )
+
+
+def install(cache: EnvCache, artifact) -> dict:
+    cache.add_archive(artifact.id, artifact.path, artifact.manifest)
+    cache.ensure(artifact.id)
+    (record,) = cache.installs(artifact.id)
+    return record
+
+
+def disk_usage(*trees) -> int:
+    """Bytes on disk under ``trees``, each inode counted once."""
+    seen, total = set(), 0
+    for tree in trees:
+        for folder, dirs, files in os.walk(tree):
+            for name in dirs + files:
+                st = os.lstat(os.path.join(folder, name))
+                if st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    total += st.st_blocks * 512
+    return total
+
+
+def run_python(prefix, code: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [prefix / "bin" / "python", *flags, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": os.environ["PATH"]},
+    )
+
+
+def test_a_derived_environment_is_made_of_links(tmp_path, two_envs):
+    base, derived = two_envs
+    cache = EnvCache(tmp_path / "cache")
+    first = install(cache, base)
+    # Only files identical within the environment (empty __init__.py, ...).
+    assert first["linked_files"] < 0.05 * first["files"]
+    alone = disk_usage(cache.path(base.id))
+
+    second = install(cache, derived)
+    # Everything but the new package and the files fixed up for its prefix.
+    assert second["linked_files"] >= 0.95 * second["files"]
+    assert second["files"] - second["linked_files"] < 50
+    trees = [cache.path(base.id), cache.path(derived.id), cache.root / "files"]
+    assert disk_usage(*trees) <= 1.15 * alone
+
+    # A linked file shares the inode of the other environment's file.
+    module = "lib/python3.11/site-packages/dask/base.py"
+    a, b = (os.stat(cache.path(i) / module) for i in (base.id, derived.id))
+    assert a.st_ino == b.st_ino and a.st_nlink == 3
+    assert not a.st_mode & 0o222
+
+    # Both run; the derived one has its package; no import recompiles (a
+    # .pyc whose source mtime differed would be "stale").
+    for artifact in (base, derived):
+        out = run_python(cache.path(artifact.id), "import dask, distributed", "-v")
+        assert "bytecode is stale" not in out.stderr
+        assert "code object from" in out.stderr
+    out = run_python(
+        cache.path(derived.id), "import extra_pkg; print(extra_pkg.ANSWER)"
+    )
+    assert out.stdout.strip() == "42"
+
+    # The fix-ups wrote their prefix into private copies, never into the store.
+    for artifact in (base, derived):
+        for folder, _, files in os.walk(cache.root / "files"):
+            for name in files:
+                data = (cache.root / "files" / folder / name).read_bytes()
+                assert os.fsencode(cache.path(artifact.id)) not in data
+    fixed_up = [
+        st.st_nlink
+        for folder, _, files in os.walk(cache.path(derived.id))
+        for name in files
+        if not os.path.islink(path := os.path.join(folder, name))
+        and os.fsencode(cache.path(derived.id)) in open(path, "rb").read()
+        and (st := os.stat(path))
+    ]
+    assert fixed_up and set(fixed_up) == {1}
+
+    # Own and shared bytes, as `envship cache list` shows them.
+    entries = {e.id: e for e in cache.entries()}
+    assert entries[base.id].shared > 0.9 * alone
+    assert entries[derived.id].shared == entries[base.id].shared
+    assert cache.size() <= 1.15 * alone + base.size + derived.size + 2 * 4096
+
+    # Removing one keeps the other whole; the store drops what only it used.
+    cache.remove(derived.id)
+    assert os.stat(cache.path(base.id) / module).st_nlink == 2
+    run_python(cache.path(base.id), "import dask, distributed")
+    stored = [
+        os.path.join(folder, name)
+        for folder, _, files in os.walk(cache.root / "files")
+        for name in files
+    ]
+    assert stored and all(os.stat(path).st_nlink >= 2 for path in stored)
+    assert not [p for p in stored if open(p, "rb").read() == b"ANSWER = 42\n"]
+
+
+@pytest.mark.parametrize("how", ["config", "filesystem"])
+def test_without_hard_links_every_file_is_written(tmp_path, two_envs, how, caplog):
+    base, _ = two_envs
+    root = tmp_path / "cache"
+    (root / "files").mkdir(parents=True)
+    if how == "filesystem":
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        # The store on another filesystem: every link fails with EXDEV.
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", root / "files"],
+            check=True,
+        )
+    try:
+        with dask.config.set({"envship.cache.hard-links": how != "config"}):
+            cache = EnvCache(root)
+        with caplog.at_level(logging.WARNING, logger="envship.cache"):
+            record = install(cache, base)
+        assert record["linked_files"] == 0
+        assert os.listdir(root / "files") == []
+        run_python(cache.path(base.id), "import dask, distributed")
+        module = cache.path(base.id) / "lib/python3.11/site-packages/dask/base.py"
+        assert os.stat(module).st_nlink == 1 and not os.stat(module).st_mode & 0o222
+        warned = [r for r in caplog.records if "hard links fail" in r.message]
+        assert len(warned) == (1 if how == "filesystem" else 0)
+    finally:
+        if how == "filesystem":
+            subprocess.run(["umount", root / "files"], check=True)
+
+
+def test_a_stored_file_is_never_changed_by_a_fixup(tmp_path):
+    from envship.node.filestore import FileStore, unshare
+
+    store = FileStore(tmp_path)
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"/old/prefix here\n")
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    key = store.key("0" * 32, 0o644, 1_700_000_000)
+    store.add(key, str(path))
+    assert (
+        os.stat(path).st_nlink == 2 and not stat.S_IMODE(os.stat(path).st_mode) & 0o222
+    )
+
+    unshare(path)
+    assert os.stat(path).st_nlink == 1
+    assert os.stat(path).st_mtime == 1_700_000_000
+    assert store.path(key).read_bytes() == b"/old/prefix here\n"
+    assert store.gc() > 0 and not store.path(key).exists()
