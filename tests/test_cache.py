@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError
 from envship.node.cache import EnvCache
 from envship.node.extract import remove_tree
@@ -135,9 +136,13 @@ def test_ensure_without_artifact_is_an_error(tmp_path):
 
 def test_bad_ids_are_refused(tmp_path):
     cache = EnvCache(tmp_path / "cache", max_size=10)
-    for bad in ("../x", "archives", "ABC" * 10, "", "0" * 8):
+    bad_ids = ("../x", "archives", "ABC" * 10, "", "0" * 8, "0" * 16, "0" * 33)
+    for bad in (*bad_ids, "0" * 32 + "\n", "\n" + "0" * 32, None, 5):
         with pytest.raises(ValueError):
             cache.path(bad)
+    # The client's store knows ids by the same check.
+    store = ArtifactStore(tmp_path / "store")
+    assert store.resolve("0" * 32 + "\n") is None
 
 
 def test_archive_writer_removes_partial_file_on_error(tmp_path):

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from envship import config
+from envship.archive import is_id
 from envship.errors import EnvshipError
-
-_id_pattern = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,6 @@ class Artifact:
     def size(self) -> int:
         """Bytes of the compressed archive."""
         return self.manifest["packed_size"]
-
-
-def is_id(text: str) -> bool:
-    return bool(_id_pattern.match(text))
 
 
 class ArtifactStore:

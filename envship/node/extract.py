@@ -20,19 +20,30 @@ It knows nothing of the node cache, conda or Dask.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import xxhash
 import zstandard
 
-from envship.archive import BLOCK, READ_SIZE, ContentHasher, ContentSummary
+from envship.archive import (
+    DIRECTORY,
+    HARDLINK,
+    READ_SIZE,
+    REGULAR,
+    SPECIAL,
+    SYMLINK,
+    ContentHasher,
+    ContentSummary,
+    CorruptArchive,
+    ForwardReader,
+    Member,
+    Prefetcher,
+    read_members,
+)
 from envship.config import usable_cores
 from envship.errors import EnvshipError, UnsafeArchiveError
 
@@ -47,8 +58,6 @@ BATCH_FILES = 64
 BATCH_BYTES = 4 << 20
 # Batches handed out and not yet written; bounds memory to about 64 MiB.
 MAX_PENDING_BATCHES = 16
-# No single read is larger: a forged extended header can't claim gigabytes.
-MAX_READ = 64 << 20
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -177,281 +186,6 @@ def _make_dirs_writable(path: str) -> None:
                 _make_dirs_writable(entry.path)
 
 
-class _ForwardReader:
-    """A file over a decompressing stream: big reads in, forward seeks only.
-
-    Headers are read 512 bytes at a time; buffering here avoids one call into
-    the decompressor for each.
-    """
-
-    def __init__(self, raw) -> None:
-        self._raw = raw
-        self._buf = b""
-        self._pos = 0
-        self._base = 0  # stream offset of self._buf[0]
-
-    def tell(self) -> int:
-        return self._base + self._pos
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            raise ValueError("unbounded reads are not supported")
-        if size > MAX_READ:
-            raise _Corrupt(f"a read of {size} bytes was asked for")
-        buf, pos = self._buf, self._pos
-        end = pos + size
-        if end <= len(buf):
-            self._pos = end
-            return buf[pos:end]
-        parts = [buf[pos:]]
-        have = len(buf) - pos
-        self._base += len(buf)
-        self._buf, self._pos = b"", 0
-        while have < size:
-            chunk = self._raw.read(max(READ_SIZE, size - have))
-            if not chunk:
-                break
-            need = size - have
-            if len(chunk) > need:
-                # Keep the rest; self._base is already this chunk's offset.
-                parts.append(chunk[:need])
-                self._buf, self._pos = chunk, need
-                break
-            parts.append(chunk)
-            have += len(chunk)
-            self._base += len(chunk)
-        return b"".join(parts)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_CUR:
-            offset += self.tell()
-        elif whence != os.SEEK_SET:
-            raise OSError("only forward seeks are supported")
-        skip = offset - self.tell()
-        if skip < 0:
-            raise OSError("only forward seeks are supported")
-        while skip:
-            got = len(self.read(min(skip, READ_SIZE)))
-            if not got:
-                break
-            skip -= got
-        return self.tell()
-
-
-class _Prefetcher:
-    """Decompresses ahead in a thread (zstandard releases the GIL meanwhile).
-
-    ``read`` returns the next chunk, whatever size is asked for; errors of
-    the thread are raised there.
-    """
-
-    def __init__(self, raw, depth: int = 8) -> None:
-        self._raw = raw
-        self._chunks: queue.Queue = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="envship-decompress", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                chunk = self._raw.read(READ_SIZE)
-                if not self._put(chunk) or not chunk:
-                    return
-        except BaseException as e:  # handed to the reading thread
-            self._put(e)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._chunks.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read(self, size: int = -1) -> bytes:
-        if self._stop.is_set():
-            return b""
-        item = self._chunks.get()
-        if isinstance(item, BaseException):
-            self._stop.set()
-            raise item
-        if not item:
-            self._stop.set()
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class _Corrupt(Exception):
-    """The stream is not a well-formed artifact (as opposed to an unsafe one)."""
-
-
-@dataclass
-class _Member:
-    """One tar entry, as far as extraction cares."""
-
-    name: str
-    type: bytes
-    mode: int
-    size: int
-    mtime: float
-    linkname: str
-
-
-_REGULAR = (b"0", b"\0")
-_DIR, _SYMLINK, _HARDLINK, _PAX = b"5", b"2", b"1", b"x"
-_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
-_ZERO_BLOCK = bytes(BLOCK)
-_MAX_PAX = 1 << 20
-_SPECIAL = {
-    b"3": "a character device",
-    b"4": "a block device",
-    b"6": "a fifo",
-    b"7": "a contiguous file",
-    b"g": "a global pax header",
-    b"L": "a GNU long name",
-    b"K": "a GNU long link",
-    b"S": "a sparse file",
-}
-
-
-def _read_members(reader: _ForwardReader) -> Iterator[_Member]:
-    """Parse the tar stream ``ArchiveWriter`` writes: POSIX ustar plus pax.
-
-    Deliberately smaller than ``tarfile``: no global headers, GNU
-    extensions, sparse maps or base-256 numbers, which envship never writes.
-    Entries of those kinds are still yielded so that the caller refuses them
-    by name. After each yield the stream is moved past the entry's data,
-    however much of it the caller read.
-    """
-    while True:
-        block = reader.read(BLOCK)
-        if block == _ZERO_BLOCK:
-            return
-        member = _parse_header(block)
-        if member.type == _PAX:
-            pax = _read_pax(reader, member.size)
-            member = _parse_header(reader.read(BLOCK))
-            if member.type == _PAX:
-                raise _Corrupt(f"two pax headers in a row before {member.name!r}")
-            _apply_pax(member, pax)
-        start = reader.tell()
-        yield member
-        if member.type in _REGULAR:
-            reader.seek(start + _blocks(member.size))
-
-
-def _parse_header(block: bytes) -> _Member:
-    if len(block) < BLOCK:
-        raise _Corrupt("it ends in the middle (no end-of-archive marker)")
-    if block == _ZERO_BLOCK:
-        raise _Corrupt("an empty header where an entry should follow")
-    (
-        name,
-        mode,
-        _uid,
-        _gid,
-        size,
-        mtime,
-        checksum,
-        kind,
-        linkname,
-        magic,
-        version,
-        _uname,
-        _gname,
-        _major,
-        _minor,
-        prefix,
-    ) = _HEADER.unpack(block)
-    if magic != b"ustar\0" or version != b"00":
-        raise _Corrupt("a header that is not POSIX ustar")
-    stored = _octal(checksum, "checksum")
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-    if stored != unsigned:
-        signed = sum(struct.unpack_from("148b8x356b", block)) + 8 * 32
-        if stored != signed:
-            raise _Corrupt("a header with a wrong checksum")
-    name = _text(name)
-    if prefix[0]:
-        name = _text(prefix) + "/" + name
-    if kind == _DIR:
-        name = name.rstrip("/")
-    return _Member(
-        name,
-        kind,
-        _octal(mode, "mode"),
-        _octal(size, "size"),
-        _octal(mtime, "mtime"),
-        _text(linkname),
-    )
-
-
-def _octal(field: bytes, what: str) -> int:
-    digits = field.split(b"\0", 1)[0].strip(b" ")
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        raise _Corrupt(f"a header whose {what} is not an octal number") from None
-
-
-def _text(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _blocks(size: int) -> int:
-    return (size + BLOCK - 1) // BLOCK * BLOCK
-
-
-def _read_pax(reader: _ForwardReader, size: int) -> dict[str, bytes]:
-    if size > _MAX_PAX:
-        raise _Corrupt(f"a pax header claims {size} bytes")
-    data = reader.read(_blocks(size))[:size]
-    if len(data) < size:
-        raise _Corrupt("it ends inside a pax header")
-    records: dict[str, bytes] = {}
-    pos = 0
-    while pos < size:
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise _Corrupt("a malformed pax record") from None
-        record = data[space + 1 : pos + length]
-        if length <= 0 or pos + length > size or not record.endswith(b"\n"):
-            raise _Corrupt("a malformed pax record")
-        key, sep, value = record[:-1].partition(b"=")
-        if not sep:
-            raise _Corrupt("a malformed pax record")
-        records[key.decode("utf-8", "surrogateescape")] = value
-        pos += length
-    return records
-
-
-def _apply_pax(member: _Member, pax: dict[str, bytes]) -> None:
-    if any(key.startswith("GNU.sparse.") for key in pax):
-        member.type = b"S"
-    try:
-        if "path" in pax:
-            member.name = pax["path"].decode("utf-8", "surrogateescape")
-            if member.type == _DIR:
-                member.name = member.name.rstrip("/")
-        if "linkpath" in pax:
-            member.linkname = pax["linkpath"].decode("utf-8", "surrogateescape")
-        if "size" in pax:
-            member.size = int(pax["size"])
-        if "mtime" in pax:
-            member.mtime = float(pax["mtime"])
-    except ValueError:
-        raise _Corrupt(f"a pax header with a bad number for {member.name!r}") from None
-
-
 class _Extractor:
     """One extraction: checks and hashes in the calling thread, writes in a pool.
 
@@ -526,47 +260,47 @@ class _Extractor:
     def read_all(self, fileobj) -> None:
         decompressor = zstandard.ZstdDecompressor()
         raw = decompressor.stream_reader(fileobj, read_size=READ_SIZE)
-        prefetcher = _Prefetcher(raw)
-        self.reader = _ForwardReader(prefetcher)
+        prefetcher = Prefetcher(raw)
+        self.reader = ForwardReader(prefetcher)
         try:
-            for member in _read_members(self.reader):
+            for member in read_members(self.reader):
                 self.member(member)
-        except (_Corrupt, zstandard.ZstdError, EOFError) as e:
+        except (CorruptArchive, zstandard.ZstdError, EOFError) as e:
             raise EnvshipError(
                 self.env,
                 f"the archive is not a readable envship artifact: {e}",
                 "send the artifact again; if that fails, pack the environment again",
             ) from None
 
-    def member(self, info: _Member) -> None:
+    def member(self, info: Member) -> None:
         name = info.name
         self.check_name(name, name)
         mode = info.mode & 0o7777
         if mode & 0o7000:
             raise self.refuse(name, f"setuid, setgid or sticky bits (mode {mode:o})")
         kind = info.type
-        if name in self.kinds or (name in self.dirs and kind != _DIR):
+        if name in self.kinds or (name in self.dirs and kind != DIRECTORY):
             raise self.refuse(name, "a duplicate entry")
-        if kind in _REGULAR:
+        if kind in REGULAR:
             self.make_parents(name)
             self.regular(info, name, mode)
             return
-        if kind not in (_DIR, _SYMLINK, _HARDLINK):
-            what = _SPECIAL.get(kind, f"an entry of tar type {kind!r}")
+        if kind not in (DIRECTORY, SYMLINK, HARDLINK):
+            what = SPECIAL.get(kind, f"an entry of tar type {kind!r}")
             raise self.refuse(
                 name, f"{what}; only files, folders and links are allowed"
             )
         if info.size:
             raise self.refuse(name, "a folder or link entry that carries data")
         self.make_parents(name)
-        if kind == _DIR:
+        if kind == DIRECTORY:
             if name not in self.dirs:
                 os.mkdir(self.path(name), 0o700)
                 self.dirs.add(name)
             self.kinds[name] = "d"
             self.dir_times[name] = (mode, info.mtime)
             self.hasher.add_dir(name, mode)
-        elif kind == _SYMLINK:
+        elif kind == SYMLINK:
             self.symlink(info, name)
         else:
             self.hardlink(info, name)
@@ -602,7 +336,7 @@ class _Extractor:
             os.mkdir(self.path(parent), 0o700)
             self.dirs.add(parent)
 
-    def regular(self, info: _Member, name: str, mode: int) -> None:
+    def regular(self, info: Member, name: str, mode: int) -> None:
         size = info.size
         if size < 0:
             raise self.refuse(name, "a negative size")
@@ -663,7 +397,7 @@ class _Extractor:
         self.linked_files += files
         self.linked_bytes += size
 
-    def symlink(self, info: _Member, name: str) -> None:
+    def symlink(self, info: Member, name: str) -> None:
         target = info.linkname
         if not target:
             raise self.refuse(name, "a symlink with an empty target")
@@ -695,7 +429,7 @@ class _Extractor:
         self.kinds[name] = "l"
         self.hasher.add_symlink(name, target)
 
-    def hardlink(self, info: _Member, name: str) -> None:
+    def hardlink(self, info: Member, name: str) -> None:
         target = info.linkname
         self.check_name(target, name)
         if self.kinds.get(target) not in ("f", "h"):
