@@ -6,6 +6,8 @@ import io
 import os
 import stat
 import tarfile
+import threading
+import time
 
 import pytest
 import zstandard
@@ -280,6 +282,20 @@ def test_bomb_is_refused(tmp_path):
     with pytest.raises(UnsafeArchiveError, match="zeros.*bomb"):
         extract_forged(tmp_path, members, limit=1 << 20)
     outside_untouched(tmp_path)
+
+
+def test_refusals_leave_no_decompressing_thread_behind(tmp_path):
+    (tmp_path / "work").mkdir()
+    # Far more data after the refusal than the prefetcher buffers (8 MiB).
+    members = HARMLESS + [entry("lib/zeros", data=bytes(64 << 20))]
+    before = threading.active_count()
+    for _ in range(5):
+        with pytest.raises(UnsafeArchiveError, match="bomb"):
+            extract_forged(tmp_path, members, limit=1 << 20)
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
 
 
 def test_many_small_files_over_the_budget_are_a_bomb(tmp_path):

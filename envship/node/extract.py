@@ -271,6 +271,10 @@ class _Extractor:
                 f"the archive is not a readable envship artifact: {e}",
                 "send the artifact again; if that fails, pack the environment again",
             ) from None
+        finally:
+            # A refusal leaves the stream half read: stop the thread that
+            # decompresses ahead, or it waits forever with its buffers.
+            prefetcher.close()
 
     def member(self, info: Member) -> None:
         name = info.name
