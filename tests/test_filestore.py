@@ -12,7 +12,7 @@ import dask.config
 import pytest
 
 import envship
-from envship.node.cache import EnvCache
+from envship.node.cache import EnvCache, disk_usage
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +38,6 @@ def install(cache: EnvCache, artifact) -> dict:
     cache.ensure(artifact.id)
     (record,) = cache.installs(artifact.id)
     return record
-
-
-def disk_usage(*trees) -> int:
-    """Bytes on disk under ``trees``, each inode counted once."""
-    seen, total = set(), 0
-    for tree in trees:
-        for folder, dirs, files in os.walk(tree):
-            for name in dirs + files:
-                st = os.lstat(os.path.join(folder, name))
-                if st.st_ino not in seen:
-                    seen.add(st.st_ino)
-                    total += st.st_blocks * 512
-    return total
 
 
 def run_python(prefix, code: str, *flags: str) -> subprocess.CompletedProcess:

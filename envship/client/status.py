@@ -96,7 +96,7 @@ async def _status(client: Client) -> ClusterStatus:
 
     async def ask(nanny):
         try:
-            return await client.rpc(nanny).envship_status()
+            return await client.rpc(nanny).envship_status(cache=True)
         except Exception as e:  # no envship there, or gone
             return {"error": str(e)}
 

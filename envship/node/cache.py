@@ -692,7 +692,7 @@ class EnvCache:
                     record = json.load(f)
                 total += int(record.get("private", record["size"]))
             except (FileNotFoundError, ValueError, KeyError, TypeError):
-                total += _disk_usage(self.path(id))
+                total += disk_usage(self.path(id))
         has_archive = False
         for path in (self.archive_path(id), self.manifest_path(id)):
             try:
@@ -813,10 +813,11 @@ def _stored_usage(tree: Path) -> tuple[int, int]:
     return alone, shared
 
 
-def _disk_usage(tree: Path) -> int:
+def disk_usage(*trees: str | os.PathLike) -> int:
+    """Bytes on disk under ``trees``, a file with several links counted once."""
     seen: set[int] = set()
     total = 0
-    for folder, dirs, files in os.walk(tree):
+    for folder, dirs, files in (w for tree in trees for w in os.walk(tree)):
         for name in dirs + files:
             st = os.lstat(os.path.join(folder, name))
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):

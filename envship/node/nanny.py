@@ -73,6 +73,7 @@ class NannySide:
         self.blobs = BlobServer(self.cache, nanny.rpc, nanny.address, self.site)
         self.blobs.on_event = self._report_holding
         self.last_switch: dict = {"ok": True, "error": None, "seconds": None}
+        self._reports: set[asyncio.Task] = set()  # held until sent
         self.running: dict = {"id": None, "name": None, "since": time.time()}
 
     @property
@@ -104,9 +105,14 @@ class NannySide:
         await asyncio.to_thread(self.cache.ensure, check_id(artifact_id))
         return {"seconds": time.perf_counter() - started}
 
-    def status(self) -> dict:
-        """The last switch, what the worker runs in since when, cache and transfers."""
+    async def status(self, cache: bool = False) -> dict:
+        """The last switch, what the worker runs in since when, and transfers.
+
+        With ``cache``, also the node cache's use (a walk of its file store, in
+        a thread): for ``envship.status``, not after every switch.
+        """
         target = getattr(self.nanny.process, "target", None)
+        size = await asyncio.to_thread(self.cache.size) if cache else None
         return {
             **self.last_switch,
             "running": target.id if target else None,
@@ -115,7 +121,7 @@ class NannySide:
             "worker": self.nanny.worker_address,
             "node": self.node,
             "site": self.site,
-            "cache": {"root": str(self.cache.root), "size": self.cache.size()},
+            "cache": {"root": str(self.cache.root), "size": size},
             "transfers": [
                 {
                     "id": d.offer.id,
@@ -143,7 +149,7 @@ class NannySide:
 
     def _report_holding(self, download: Download, event: str) -> None:
         complete = {"started": False, "complete": True, "failed": None}[event]
-        asyncio.ensure_future(
+        report = asyncio.ensure_future(
             self._registry(
                 "hold",
                 nanny=self.nanny.address,
@@ -153,6 +159,8 @@ class NannySide:
                 node=self.node,
             )
         )
+        self._reports.add(report)
+        report.add_done_callback(self._reports.discard)
 
     # -- used by the plugin -------------------------------------------------
 
