@@ -440,6 +440,7 @@ async def _ship(client, artifact, infos, progress) -> ShipReport:
             fetchers,
             holders,
             peer_to_peer=config.get("transfer.peer-to-peer"),
+            client_site=config.get("site"),
             on_progress=lambda held: bar.update(min(held * piece, total), total),
         )
     stuck = {n: why for n, why in shipped.failed.items() if not why.startswith("lost")}

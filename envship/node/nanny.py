@@ -36,6 +36,8 @@ from .worker_process import TargetEnvironment, install, set_initial_target, swit
 logger = logging.getLogger("envship")
 
 HANDLERS = ("info", "install", "status")
+#: Seconds before a nanny asks a scheduler without the registry again.
+REGISTRY_RETRY = 30.0
 BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
 
 #: nanny address -> the environment id its worker should run in, for every
@@ -74,6 +76,7 @@ class NannySide:
         self.blobs.on_event = self._report_holding
         self.last_switch: dict = {"ok": True, "error": None, "seconds": None}
         self._reports: set[asyncio.Task] = set()  # held until sent
+        self._registry_missing_until = 0.0
         self.running: dict = {"id": None, "name": None, "since": time.time()}
 
     @property
@@ -140,11 +143,18 @@ class NannySide:
     # -- talking to the scheduler's registry ----------------------------------
 
     async def _registry(self, op: str, **msg):
-        """Call a registry handler; None if the scheduler has no registry."""
+        """Call a registry handler; None if the scheduler has no registry.
+
+        After a failure it is not asked again for a while: a scheduler without
+        the registry logs every unknown call with a traceback.
+        """
+        if time.monotonic() < self._registry_missing_until:
+            return None
         try:
             return await getattr(self.nanny.scheduler, f"envship_{op}")(**msg)
-        except Exception as e:  # no registry (an old client), or a scheduler gone
+        except Exception as e:  # no registry (no client switched yet), or gone
             logger.debug("envship: registry %s failed: %s", op, e)
+            self._registry_missing_until = time.monotonic() + REGISTRY_RETRY
             return None
 
     def _report_holding(self, download: Download, event: str) -> None:

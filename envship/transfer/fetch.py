@@ -304,7 +304,12 @@ class BlobServer:
         try:
             offset, length = table.span(index)
             await self._limit.take(length)
-            data = await asyncio.to_thread(_pread, path, offset, length)
+            try:
+                data = await asyncio.to_thread(_pread, path, offset, length)
+            except FileNotFoundError:
+                # A download handed to the cache this very moment: same bytes.
+                archive = self.cache.archive_path(key[0])
+                data = await asyncio.to_thread(_pread, archive, offset, length)
         finally:
             self._serving -= 1
         return {"data": to_serialize(data)}
@@ -319,14 +324,14 @@ class BlobServer:
         if not _int_in(known, -1, 1 << 30):
             raise ValueError(f"known out of bounds: {known!r}")
         download = self.downloads.get(key)
-        if download is not None and not download.complete:
+        if download is not None and not download.done.is_set():
             if download.count <= known:
                 try:
                     await asyncio.wait_for(download.news.wait(), HAVE_WAIT)
                 except asyncio.TimeoutError:
                     pass
-            if not download.complete:
-                return {"complete": False, "have": download.bitmap()}
+            # Complete but not yet handed to the cache: it serves all the same.
+            return {"complete": download.complete, "have": download.bitmap()}
         source = await self._source(key, piece_size)
         return {"complete": source is not None, "have": None}
 
@@ -349,7 +354,8 @@ class BlobServer:
         """(path, table) to serve ``key`` from, or None if this node lacks it."""
         id, digest = key
         download = self.downloads.get(key)
-        if download is not None and not download.complete:
+        if download is not None and not download.done.is_set():
+            # Still arriving, or complete and being handed to the cache.
             return download.path, download.table
         path = self.cache.archive_path(id)
         try:

@@ -51,6 +51,7 @@ async def broadcast(
     holders: Iterable[Peer] = (),
     *,
     peer_to_peer: bool = True,
+    client_site: str | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
 ) -> ShipReport:
     """Make every nanny of ``fetchers`` hold the blob at ``path``.
@@ -68,6 +69,10 @@ async def broadcast(
         One nanny per node that lacks the blob.
     holders : list of Peer
         Nannies that hold the complete blob already.
+    client_site : str, optional
+        The client's own site: it seeds only the nodes of that site, if it has
+        any, so that each other site gets the blob across its link once,
+        from its peers, and sends nothing back.
     on_progress : callable
         Called with the number of pieces (summed over nodes) now held.
 
@@ -121,8 +126,10 @@ async def broadcast(
         if holders and peer_to_peer:
             return  # nodes that hold it already seed the others
         slots = asyncio.Semaphore(IN_FLIGHT)
+        seeds = [p for p in alive if p.site is not None and p.site == client_site]
+        seeds = seeds or alive
         plan = (
-            [(alive[i % len(alive)], i) for i in range(table.count)]
+            [(seeds[i % len(seeds)], i) for i in range(table.count)]
             if peer_to_peer
             else [(p, i) for i in range(table.count) for p in alive]
         )
