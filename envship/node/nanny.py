@@ -77,7 +77,7 @@ class NannySide:
         self.last_switch: dict = {"ok": True, "error": None, "seconds": None}
         self._reports: set[asyncio.Task] = set()  # held until sent
         self._registry_missing_until = 0.0
-        self.running: dict = {"id": None, "name": None, "since": time.time()}
+        self.running: dict = {"id": None, "since": time.time()}
 
     @property
     def node(self) -> str:
