@@ -59,9 +59,6 @@ SERVE_SLOTS = 6
 HAVE_WAIT = 1.0
 #: Seconds a busy peer is left alone.
 BUSY_BACKOFF = 0.05
-#: Seconds a node waits for a same-site peer to fetch a piece across sites
-#: before it fetches that piece across sites itself.
-CROSS_SITE_DELAY = 2.0
 
 _MISSING = {"missing": True}
 _BUSY = {"busy": True}
@@ -105,6 +102,8 @@ class Download:
     offer: Offer
     path: Path
     node_site: str | None
+    #: The site the client seeds, if it seeds one: its nodes never fetch across.
+    seed_site: str | None = None
     have: bytearray = field(init=False)
     received: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
@@ -246,15 +245,23 @@ class BlobServer:
 
     # -- handlers ----------------------------------------------------------------
 
-    async def offer(self, offer: dict, peers: list | None = None) -> dict:
-        """Start (or resume, or join) fetching a blob; answer at once."""
+    async def offer(
+        self, offer: dict, peers: list | None = None, seed_site: str | None = None
+    ) -> dict:
+        """Start (or resume, or join) fetching a blob; answer at once.
+
+        ``seed_site``: the site whose nodes the client seeds, if only one.
+        """
         parsed = Offer.from_msg(offer)
         if self.cache.has_archive(parsed.id):
             return {"complete": True, "have": parsed.table.count}
         peers = _peers_from_msg(peers or [])
+        if seed_site is not None and not isinstance(seed_site, str):
+            raise ValueError(f"a site is a string: {seed_site!r}")
         if (parsed.id, parsed.table.digest) not in self.downloads:
             self._check_room(parsed)
         download = self.start(parsed, peers)
+        download.seed_site = seed_site
         return {"complete": download.complete, "have": download.count}
 
     async def put(self, id: str, digest: str, index: int, data) -> bool:
@@ -604,22 +611,28 @@ class BlobServer:
             return ours
         if not holders:
             return holders
-        # Only one node of our site fetches each piece across sites (chosen by
-        # the piece's number); the others wait for it, unless it takes long.
-        fetchers = sorted(
+        first = download.waiting_since.setdefault(index, now)
+        waited = now - first > _piece_timeout()
+        if download.seed_site == download.node_site:
+            # The client sends our site every piece: a piece seen elsewhere
+            # first is only our view of our peers lagging behind.
+            return holders if waited else []
+        # Only one node of our site fetches each piece across sites, chosen by
+        # the piece's number among our site's live nodes (a stable choice:
+        # nodes that complete stay in it); the others wait for it while it
+        # lives, for a piece timeout at most. A slow link between sites makes
+        # each piece slow to come: not a reason to fetch it twice.
+        ours = sorted(
             [self.address]
             + [
                 a
                 for a, p in download.peers.items()
-                if p.peer.site == download.node_site
-                and not p.dropped
-                and not p.complete
+                if p.peer.site == download.node_site and not p.dropped
             ]
         )
-        if fetchers[index % len(fetchers)] == self.address:
+        if ours[index % len(ours)] == self.address:
             return holders
-        first = download.waiting_since.setdefault(index, now)
-        return holders if now - first > CROSS_SITE_DELAY else []
+        return holders if waited else []
 
     async def _request(self, download: Download, p: _PeerState, index: int) -> None:
         """Ask ``p`` for piece ``index``; a peer's fault drops it, a local one raises."""

@@ -87,8 +87,13 @@ async def broadcast(
     peers = [p.to_msg() for p in fetchers + holders] if peer_to_peer else []
     msg = offer.to_msg()
 
+    seeds = [p for p in fetchers if p.site is not None and p.site == client_site]
+    seed_site = client_site if seeds and peer_to_peer else None
+
     async def start(peer: Peer) -> None:
-        await rpc(peer.address).envship_offer(offer=msg, peers=peers)
+        await rpc(peer.address).envship_offer(
+            offer=msg, peers=peers, seed_site=seed_site
+        )
 
     alive: list[Peer] = []
     for peer, outcome in zip(
@@ -126,8 +131,7 @@ async def broadcast(
         if holders and peer_to_peer:
             return  # nodes that hold it already seed the others
         slots = asyncio.Semaphore(IN_FLIGHT)
-        seeds = [p for p in alive if p.site is not None and p.site == client_site]
-        seeds = seeds or alive
+        seeds = [p for p in alive if seed_site and p.site == seed_site] or alive
         plan = (
             [(seeds[i % len(seeds)], i) for i in range(table.count)]
             if peer_to_peer
