@@ -31,7 +31,6 @@ import os
 import secrets
 import stat
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,9 +46,9 @@ from envship.archive import ID_PATTERN as _ID
 from envship.archive import check_id
 from envship.errors import EnvshipError
 
-from .extract import Progress, extract_archive, remove_tree
+from .extract import Progress, remove_tree
 from .filestore import FileStore
-from .relocate import fixup_conda, fixup_venv
+from .install import unpack
 
 logger = logging.getLogger("envship.cache")
 
@@ -356,23 +355,19 @@ class EnvCache:
         final = self.path(id)
         tmp = Path(tempfile.mkdtemp(prefix=f"{id}-install-", dir=self.root / "tmp"))
         record = self._record_path(id)
-        start = time.perf_counter()
         try:
             try:
-                summary = extract_archive(
+                info = unpack(
                     self.archive_path(id),
                     tmp,
-                    expected_id=id,
-                    max_unpacked_bytes=limit,
-                    env=name,
-                    progress=progress,
+                    final,
+                    id=id,
+                    manifest=manifest,
+                    limit=limit,
+                    name=name,
                     files=self.files,
+                    progress=progress,
                 )
-                if progress is not None:
-                    progress("fixup", 0, 1)
-                self._fixup(tmp, final, manifest, name)
-                if progress is not None:
-                    progress("fixup", 1, 1)
             except EnvshipError:
                 # Never try a bad artifact again: the sender must send a good one.
                 self._discard_archive(id)
@@ -383,20 +378,6 @@ class EnvCache:
                     f"could not unpack it into {self.root}: {e}",
                     "free disk space on this node, or set envship.cache.max-size lower",
                 ) from e
-            disk, private = _seal(tmp)
-            seconds = time.perf_counter() - start
-            info = {
-                "id": id,
-                "name": manifest.get("name"),
-                "size": disk,
-                "private": private,
-                "files": summary.file_count,
-                "linked_files": summary.linked_files,
-                "linked_bytes": summary.linked_bytes,
-                "unpacked_size": summary.unpacked_size,
-                "installed": time.time(),
-                "seconds": round(seconds, 3),
-            }
             _write_json(record, info)
             os.rename(tmp, final)
         except BaseException:
@@ -422,25 +403,12 @@ class EnvCache:
             "file store; %s on disk, %s of it its own",
             name,
             id,
-            seconds,
-            summary.file_count,
-            summary.linked_files,
-            format_bytes(disk),
-            format_bytes(private),
+            info["seconds"],
+            info["files"],
+            info["linked_files"],
+            format_bytes(info["size"]),
+            format_bytes(info["private"]),
         )
-
-    def _fixup(self, tree: Path, final: Path, manifest: dict, name: str) -> None:
-        kind = manifest.get("kind")
-        if kind == "conda":
-            fixup_conda(tree, final, name)
-        elif kind == "venv":
-            fixup_venv(tree, final, env=name)
-        else:
-            raise EnvshipError(
-                name,
-                f"its manifest names an unknown kind of environment {kind!r}",
-                "use the same envship version on the client and on the nodes",
-            )
 
     def installs(self, id: str | None = None) -> list[dict]:
         """Past extractions on this node (all, or of ``id``), oldest first."""
@@ -759,38 +727,6 @@ class EnvCache:
         self._record_path(id).unlink(missing_ok=True)
         self._discard_archive(id)
         remove_tree(self.root / "leases" / id)
-
-
-def _seal(tree: Path) -> tuple[int, int]:
-    """Remove every write bit below ``tree``; return its bytes on disk.
-
-    Returns (all bytes, bytes of what is not shared with the file store).
-    ``tree`` itself stays writable: it is renamed into place afterwards.
-    """
-    top = os.lstat(tree)
-    total = private = top.st_blocks * 512
-    seen: set[int] = set()
-    stack = [os.fspath(tree)]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                st = entry.stat(follow_symlinks=False)
-                kind = stat.S_IFMT(st.st_mode)
-                if kind == stat.S_IFDIR:
-                    stack.append(entry.path)
-                elif st.st_nlink > 1 and kind == stat.S_IFREG:
-                    if st.st_ino in seen:
-                        continue
-                    seen.add(st.st_ino)
-                total += st.st_blocks * 512
-                if kind != stat.S_IFREG or st.st_nlink == 1:
-                    private += st.st_blocks * 512
-                if kind == stat.S_IFLNK:
-                    continue  # chmod would follow it
-                mode = stat.S_IMODE(st.st_mode)
-                if mode & 0o222:
-                    os.chmod(entry.path, mode & ~0o222)
-    return total, private
 
 
 def _stored_usage(tree: Path) -> tuple[int, int]:

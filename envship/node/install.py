@@ -1,0 +1,141 @@
+"""The unpack pipeline: extract and verify, fix up for the final prefix, seal.
+
+Everything happens in a temporary folder that nothing else reads; the caller
+(:class:`envship.node.cache.EnvCache`) renames the tree into place only when
+all of it succeeded, so no half-unpacked or unverified environment is ever
+visible. This module decides nothing about where trees live, locks, leases or
+eviction.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+from envship.errors import EnvshipError
+
+from .extract import Progress, extract_archive
+from .filestore import FileStore
+from .relocate import fixup_conda, fixup_venv
+
+
+def unpack(
+    archive: Path,
+    tree: Path,
+    final: Path,
+    *,
+    id: str,
+    manifest: dict,
+    limit: int,
+    name: str,
+    files: FileStore | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Make ``tree`` the verified environment ``id``, ready to live at ``final``.
+
+    Parameters
+    ----------
+    archive : path
+        The artifact (``<id>.tar.zst``).
+    tree : path
+        An empty temporary folder on the same filesystem as ``final``.
+    final : path
+        Where the caller will rename ``tree`` to; prefixes are fixed up for it.
+    id, manifest, name
+        The content id the archive must hash to, its manifest (its ``kind``
+        chooses the fix-up) and a name for messages.
+    limit : int
+        Most bytes to unpack: more is a bomb.
+    files : FileStore, optional
+        Link what it holds instead of writing it (see ``extract_archive``).
+    progress : callable, optional
+        ``progress(stage, done, total)``: ``"extract"`` (bytes), ``"fixup"``.
+
+    Returns
+    -------
+    dict
+        The install record: sizes on disk (all, and its own outside the file
+        store), file counts (all, linked), unpacked bytes, seconds.
+
+    Raises
+    ------
+    EnvshipError
+        The archive is unsafe, corrupt, not ``id``, or can't be fixed up.
+    """
+    start = time.perf_counter()
+    summary = extract_archive(
+        archive,
+        tree,
+        expected_id=id,
+        max_unpacked_bytes=limit,
+        env=name,
+        progress=progress,
+        files=files,
+    )
+    if progress is not None:
+        progress("fixup", 0, 1)
+    fixup(tree, final, manifest, name)
+    if progress is not None:
+        progress("fixup", 1, 1)
+    disk, private = seal(tree)
+    return {
+        "id": id,
+        "name": manifest.get("name"),
+        "size": disk,
+        "private": private,
+        "files": summary.file_count,
+        "linked_files": summary.linked_files,
+        "linked_bytes": summary.linked_bytes,
+        "unpacked_size": summary.unpacked_size,
+        "installed": time.time(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def fixup(tree: Path, final: Path, manifest: dict, name: str) -> None:
+    """Make ``tree`` work at ``final``, as its kind of environment needs."""
+    kind = manifest.get("kind")
+    if kind == "conda":
+        fixup_conda(tree, final, name)
+    elif kind == "venv":
+        fixup_venv(tree, final, env=name)
+    else:
+        raise EnvshipError(
+            name,
+            f"its manifest names an unknown kind of environment {kind!r}",
+            "use the same envship version on the client and on the nodes",
+        )
+
+
+def seal(tree: Path) -> tuple[int, int]:
+    """Remove every write bit below ``tree``; return its bytes on disk.
+
+    Returns (all bytes, bytes of what is not shared with the file store).
+    ``tree`` itself stays writable: it is renamed into place afterwards.
+    """
+    top = os.lstat(tree)
+    total = private = top.st_blocks * 512
+    seen: set[int] = set()
+    stack = [os.fspath(tree)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                kind = stat.S_IFMT(st.st_mode)
+                if kind == stat.S_IFDIR:
+                    stack.append(entry.path)
+                elif st.st_nlink > 1 and kind == stat.S_IFREG:
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                total += st.st_blocks * 512
+                if kind != stat.S_IFREG or st.st_nlink == 1:
+                    private += st.st_blocks * 512
+                if kind == stat.S_IFLNK:
+                    continue  # chmod would follow it
+                mode = stat.S_IMODE(st.st_mode)
+                if mode & 0o222:
+                    os.chmod(entry.path, mode & ~0o222)
+    return total, private
