@@ -311,6 +311,12 @@ def test_prepare_ships_and_installs_while_workers_compute(cluster, env_prefix, s
     assert report.ok and set(report) == {f"{n}-{i}" for n in NODES for i in range(2)}
     assert venv.id not in {r.environment for r in report.values()}
     assert report.transfer.client_bytes >= venv.size
+    assert len(report.unpacked) == len(NODES)  # one nanny per node unpacked it
+    assert all(
+        u["written"] + u["linked"] == venv.manifest["file_count"]
+        for u in report.unpacked.values()
+    )
+    assert f"unpacked on {len(NODES)} node(s)" in repr(report)
     for cache in caches.values():
         assert EnvCache(cache).has(venv.id)
     # Nobody restarted: the task finished where it began, every pid is the same.
@@ -320,6 +326,7 @@ def test_prepare_ships_and_installs_while_workers_compute(cluster, env_prefix, s
 
     switched = client.use_environment(venv)
     assert switched.ok and switched.transfer.client_bytes == 0
+    assert {(u["written"], u["linked"]) for u in switched.unpacked.values()} == {(0, 0)}
     assert {r.environment for r in switched.values()} == {venv.id}
     for cache in caches.values():
         assert len(EnvCache(cache).installs(venv.id)) == 1

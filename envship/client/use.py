@@ -52,11 +52,14 @@ class SwitchReport(dict):
 
     ``stages`` holds the seconds spent packing, checking, shipping, unpacking
     and restarting; ``transfer`` the bytes the client sent and, per fetching
-    nanny, where its bytes came from (a :class:`envship.transfer.ShipReport`).
+    nanny, where its bytes came from (a :class:`envship.transfer.ShipReport`);
+    ``unpacked``, per node that unpacked it now (one nanny's address), the
+    files written and the files linked from the node's file store.
     """
 
     stages: dict[str, float]
     transfer: ShipReport | None = None
+    unpacked: dict[str, dict] | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,6 +78,18 @@ class SwitchReport(dict):
             lines.append(
                 f"shipped to {len(self.transfer.nodes)} node(s); the client sent "
                 f"{format_bytes(self.transfer.client_bytes)}"
+            )
+        unpacked = {
+            n: u
+            for n, u in (self.unpacked or {}).items()
+            if u["written"] or u["linked"]
+        }
+        if unpacked:
+            written = sum(u["written"] for u in unpacked.values())
+            linked = sum(u["linked"] for u in unpacked.values())
+            lines.append(
+                f"unpacked on {len(unpacked)} node(s): {written} files written, "
+                f"{linked} linked from the nodes' file stores"
             )
         return "\n".join(lines)
 
@@ -195,13 +210,13 @@ def prepare_environment(
             _check(client, artifact, workers, strict, artifact.name)
         )
     started = time.perf_counter()
-    shipped = call.run(
+    shipped, unpacked = call.run(
         _deliver(client, artifact, targets, infos, call.progress, call.stages)
     )
     report = call.run(
         _report(client, targets, time.perf_counter() - started, prepared=True)
     )
-    report.stages, report.transfer = call.stages, shipped
+    report.stages, report.transfer, report.unpacked = call.stages, shipped, unpacked
     _warn_left_out(report, "prepared")
     return report
 
@@ -274,20 +289,25 @@ async def _check(client, artifact, workers, strict, label):
     return targets, infos, await _keys_only_on(client, targets)
 
 
-async def _deliver(client, artifact, targets, infos, progress, stages) -> ShipReport:
-    """Ship to every node of ``targets`` and unpack there; nodes lost are left out."""
+async def _deliver(client, artifact, targets, infos, progress, stages):
+    """Ship to every node of ``targets`` and unpack there; nodes lost are left out.
+
+    Returns the ``ShipReport`` and, per node, what unpacking it did.
+    """
     with _stage(stages, "ship"):
         shipped = await _ship(client, artifact, infos, progress)
     lost = _leave_out_lost(targets, infos, shipped)
     with _stage(stages, "unpack"):
-        await _install(client, artifact, _without(infos, lost), progress)
-    return shipped
+        unpacked = await _install(client, artifact, _without(infos, lost), progress)
+    return shipped, unpacked
 
 
 async def _switch(client, artifact, workers, targets, infos, progress, label, stages):
-    shipped = None
+    shipped = unpacked = None
     if artifact is not None:
-        shipped = await _deliver(client, artifact, targets, infos, progress, stages)
+        shipped, unpacked = await _deliver(
+            client, artifact, targets, infos, progress, stages
+        )
     names = None if workers is None else [t["name"] for t in targets.values()]
     await client.scheduler.envship_desire(
         id=None if artifact is None else artifact.id, names=names
@@ -308,8 +328,7 @@ async def _switch(client, artifact, workers, targets, infos, progress, label, st
             raise EnvshipError(label, f"a nanny could not switch: {exc}") from exc
     stages["restart"] = time.perf_counter() - started
     report = await _report(client, targets, stages["restart"])
-    report.stages = stages
-    report.transfer = shipped
+    report.stages, report.transfer, report.unpacked = stages, shipped, unpacked
     failed = [r for r in report.values() if not r.ok]
     if failed:
         details = "\n".join(f"  {r.name}: {r.error}" for r in failed)
@@ -487,16 +506,18 @@ def _without(infos: dict, nannies: set[str]) -> dict:
     return {n: info for n, info in infos.items() if n not in nannies}
 
 
-async def _install(client, artifact, infos, progress) -> None:
-    """Unpack on every node; its other nannies share the result."""
+async def _install(client, artifact, infos, progress) -> dict[str, dict]:
+    """Unpack on every node (its other nannies share the result); what each did."""
     nodes = _one_nanny_per_node(infos, missing_only=False)
     with progress_bar(f"unpacking {artifact.name}", len(nodes), progress) as bar:
 
         async def install(nanny):
-            await client.rpc(nanny).envship_install(artifact_id=artifact.id)
+            done = await client.rpc(nanny).envship_install(artifact_id=artifact.id)
             bar.advance()
+            return done
 
-        await asyncio.gather(*map(install, nodes.values()))
+        done = await asyncio.gather(*map(install, nodes.values()))
+    return dict(zip(nodes.values(), done, strict=True))
 
 
 async def _report(client, targets, seconds, prepared: bool = False) -> SwitchReport:

@@ -103,10 +103,22 @@ class NannySide:
         }
 
     async def install(self, artifact_id: str) -> dict:
-        """Unpack a held archive into the node cache (once per node)."""
+        """Unpack a held archive into the node cache (once per node).
+
+        Returns the seconds it took and, if this call unpacked it, how many
+        files it wrote and how many it linked from the node's file store.
+        """
         started = time.perf_counter()
-        await asyncio.to_thread(self.cache.ensure, check_id(artifact_id))
-        return {"seconds": time.perf_counter() - started}
+        before = len(self.cache.installs(check_id(artifact_id)))
+        await asyncio.to_thread(self.cache.ensure, artifact_id)
+        records = self.cache.installs(artifact_id)
+        done = records[-1] if len(records) > before else {}
+        linked = done.get("linked_files", 0)
+        return {
+            "seconds": time.perf_counter() - started,
+            "written": done.get("files", linked) - linked,
+            "linked": linked,
+        }
 
     async def status(self, cache: bool = False) -> dict:
         """The last switch, what the worker runs in since when, and transfers.
