@@ -456,3 +456,43 @@ def test_a_node_serves_while_it_hands_the_archive_to_its_cache(tmp_path, base):
             await server.close()
 
     asyncio.run(scenario())
+
+
+def test_the_seeded_site_gets_lost_pieces_from_the_client_not_across(tmp_path, base):
+    # Slow links; a piece timeout so long that waiting for it would hang.
+    env = {
+        "DASK_ENVSHIP__TRANSFER__MAX_RATE": "4 MB",
+        "DASK_ENVSHIP__TRANSFER__PIECE_TIMEOUT": "10 minutes",
+    }
+    with local_cluster(tmp_path / "c", {}, node_env=env) as cluster:
+        client, caches = cluster
+        for node, site in [("east0", "east"), ("east1", "east"), ("west0", "west")]:
+            cluster.add_node(node, 1, env={"DASK_ENVSHIP__SITE": site})
+        client.wait_for_workers(3, timeout=60)
+        by_name = nannies(client)
+        sites = {nanny: name[:4] for name, nanny in by_name.items()}
+        offer = offer_of(base, "256 KiB")
+        fetchers = [Peer(nanny, site) for nanny, site in sites.items()]
+        victim = by_name["east0-0"]
+
+        async def kill_a_seed():
+            transfer = asyncio.ensure_future(
+                broadcast(client.rpc, base.path, offer, fetchers, client_site="east")
+            )
+            while True:  # until the far site has some of the victim's pieces
+                await asyncio.sleep(0.1)
+                state = await client.rpc(by_name["west0-0"]).envship_status()
+                if any(victim in t["sources"] for t in state["transfers"]):
+                    break
+            cluster.kill_node("east0")
+            return await transfer
+
+        report = client.sync(kill_a_seed)
+        assert set(report.failed) == {victim}
+        east1 = report.nodes[by_name["east1-0"]]["received"]
+        # What only east0 and west0 held came from the client, not across.
+        assert by_name["west0-0"] not in east1
+        assert sum(east1.values()) == base.size
+        for node in ("east1", "west0"):
+            archive = EnvCache(caches[node]).archive_path(base.id)
+            assert file_hash(archive) == file_hash(base.path)

@@ -140,8 +140,17 @@ class Download:
         self.changed.set()
 
     def unavailable(self) -> list[int]:
-        """Pieces that this node lacks and no live peer is known to hold."""
-        live = [p for p in self.peers.values() if not p.dropped]
+        """Pieces that this node lacks and no live peer it would ask holds.
+
+        Nodes of the seeded site ask only their own site: what only other
+        sites hold is unavailable to them, and the client sends it again.
+        """
+        own_site_only = self.seed_site is not None and self.seed_site == self.node_site
+        live = [
+            p
+            for p in self.peers.values()
+            if not p.dropped and (not own_site_only or p.peer.site == self.node_site)
+        ]
         return [
             i
             for i in range(self.table.count)
