@@ -496,3 +496,45 @@ def test_the_seeded_site_gets_lost_pieces_from_the_client_not_across(tmp_path, b
         for node in ("east1", "west0"):
             archive = EnvCache(caches[node]).archive_path(base.id)
             assert file_hash(archive) == file_hash(base.path)
+
+
+def test_registry_handlers_refuse_lies(tmp_path, base):
+    from envship.scheduler.registry import Registry
+
+    with local_cluster(tmp_path / "c", {"solo": 1}) as (client, _):
+        client.register_plugin(Registry(), name=Registry.name)
+        good = offer_of(base).to_msg()
+
+        def call(op, **msg):
+            return client.sync(getattr(client.scheduler, f"envship_{op}"), **msg)
+
+        lies = [
+            ("publish", {"offer": {**good, "id": base.id + "\n"}}),
+            ("publish", {"offer": {**good, "table": {**good["table"], "size": -1}}}),
+            ("publish", {"offer": "not a dict"}),
+            ("desire", {"id": "0" * 32}),  # never published
+            ("desire", {"id": None, "names": "worker-0"}),  # not a list
+            ("hold", {"nanny": 5, "id": base.id, "complete": True}),
+            ("hold", {"nanny": "x" * 5000, "id": base.id, "complete": True}),
+            (
+                "hold",
+                {"nanny": "tcp://a:1", "id": base.id, "complete": True, "site": 7},
+            ),
+            ("runs", {"nanny": "tcp://a:1", "id": 5}),
+            ("where", {"id": ["not", "an", "id"]}),
+        ]
+        for op, msg in lies:
+            with pytest.raises(ValueError):
+                call(op, **msg)
+        # Nothing of it was kept; an unknown id is not recorded either.
+        assert call("hold", nanny="tcp://a:1", id=base.id, complete=True) == "unknown"
+        snapshot = call("registry")
+        assert snapshot["offers"] == {} and snapshot["holders"] == {}
+        assert snapshot["default"] is None and snapshot["by_name"] == {}
+        nothing = call("where", name="solo-0")
+        assert nothing["offer"] is None and not nothing["holders"]
+
+        # The truth still goes in.
+        assert call("publish", offer=good) == "OK"
+        assert call("desire", id=base.id, names=["solo-0"]) == "OK"
+        assert call("where", name="solo-0")["offer"]["id"] == base.id

@@ -22,6 +22,7 @@ import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from envship.archive import check_id
 from envship.transfer import Offer, Peer
 
 #: Offers kept beyond those that rules point to (the most recent ones).
@@ -36,6 +37,13 @@ def _text(value, what: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
         raise ValueError(f"{what} must be a short string, not {value!r}")
     return value
+
+
+def _id(value) -> str:
+    try:
+        return check_id(value)
+    except ValueError:
+        raise ValueError(f"not an environment id: {value!r}") from None
 
 
 def _site(value) -> str | None:
@@ -87,7 +95,7 @@ class Registry(SchedulerPlugin):
 
     def desire(self, id: str | None = None, names: list | None = None) -> str:
         """Record that workers (``names``, or all) should run in ``id`` (None: their own)."""
-        if id is not None and id not in self.offers:
+        if id is not None and _id(id) not in self.offers:
             raise ValueError(f"publish the offer of {id!r} first")
         if names is None:
             self.default = id
@@ -102,6 +110,10 @@ class Registry(SchedulerPlugin):
 
     def where(self, id: str | None = None, name: str | None = None) -> dict:
         """The offer of ``id`` (or of what worker ``name`` should run) and its holders."""
+        if id is not None:
+            _id(id)
+        elif name is not None:
+            name = _text(str(name), "a worker name")
         if id is None:
             id = (
                 self.by_name.get(str(name), self.default)
@@ -120,33 +132,31 @@ class Registry(SchedulerPlugin):
         node: str | None = None,
     ) -> str:
         """A nanny holds blob ``id`` (``complete`` or downloading; None: no more)."""
-        nanny = _text(nanny, "a nanny address")
-        _text(id, "an id")
-        if complete is None:
-            self.holders.get(id, {}).pop(nanny, None)
-            return "OK"
-        if id not in self.offers and id not in self.holders:
-            return "unknown"  # nothing to point anyone to
-        self.holders.setdefault(id, {})[nanny] = {
-            "complete": bool(complete),
+        record = {
+            "complete": complete,
             "site": _site(site),
             "node": None if node is None else _text(node, "a node"),
             "time": time.time(),
         }
+        nanny, id = _text(nanny, "a nanny address"), _id(id)
+        if complete is None:
+            self.holders.get(id, {}).pop(nanny, None)
+            return "OK"
+        if not isinstance(complete, bool):
+            raise ValueError(f"complete must be true, false or none, not {complete!r}")
+        if id not in self.offers and id not in self.holders:
+            return "unknown"  # nothing to point anyone to
+        self.holders.setdefault(id, {})[nanny] = record
         return "OK"
 
     def runs(self, nanny: str, id: str | None, name: str | None = None) -> str:
         """A nanny's worker now runs in ``id`` (None: the nanny's own environment)."""
         nanny = _text(nanny, "a nanny address")
-        if id is not None:
-            _text(id, "an id")
+        id = None if id is None else _id(id)
+        name = None if name is None else _text(name, "a name")
         previous = self.running.get(nanny)
         if previous is None or previous["id"] != id:
-            self.running[nanny] = {
-                "id": id,
-                "name": None if name is None else _text(name, "a name"),
-                "since": time.time(),
-            }
+            self.running[nanny] = {"id": id, "name": name, "since": time.time()}
         return "OK"
 
     def snapshot(self) -> dict:
