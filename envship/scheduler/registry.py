@@ -24,6 +24,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from envship.archive import check_id
 from envship.transfer import Offer, Peer
+from envship.transfer.pieces import check_site
 
 #: Offers kept beyond those that rules point to (the most recent ones).
 SPARE_OFFERS = 16
@@ -44,10 +45,6 @@ def _id(value) -> str:
         return check_id(value)
     except ValueError:
         raise ValueError(f"not an environment id: {value!r}") from None
-
-
-def _site(value) -> str | None:
-    return None if value is None else _text(value, "a site")
 
 
 class Registry(SchedulerPlugin):
@@ -134,7 +131,7 @@ class Registry(SchedulerPlugin):
         """A nanny holds blob ``id`` (``complete`` or downloading; None: no more)."""
         record = {
             "complete": complete,
-            "site": _site(site),
+            "site": check_site(site),
             "node": None if node is None else _text(node, "a node"),
             "time": time.time(),
         }

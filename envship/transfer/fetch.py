@@ -46,6 +46,7 @@ from .pieces import (
     _check_index,
     _int_in,
     _peers_from_msg,
+    check_site,
 )
 
 logger = logging.getLogger("envship.transfer")
@@ -249,6 +250,9 @@ class BlobServer:
         self._serving = 0
         max_rate = config.get("transfer.max-rate")
         self._limit = _RateLimit(_parse_rate(max_rate))
+        self.piece_timeout = dask.utils.parse_timedelta(
+            config.get("transfer.piece-timeout")
+        )
         #: Called with a download and "started", "complete" or "failed".
         self.on_event: Callable[[Download, str], None] = lambda d, event: None
 
@@ -265,8 +269,7 @@ class BlobServer:
         if self.cache.has_archive(parsed.id):
             return {"complete": True, "have": parsed.table.count}
         peers = _peers_from_msg(peers or [])
-        if seed_site is not None and not isinstance(seed_site, str):
-            raise ValueError(f"a site is a string: {seed_site!r}")
+        check_site(seed_site)
         if (parsed.id, parsed.table.digest) not in self.downloads:
             self._check_room(parsed)
         download = self.start(parsed, peers)
@@ -621,7 +624,7 @@ class BlobServer:
         if not holders:
             return holders
         first = download.waiting_since.setdefault(index, now)
-        waited = now - first > _piece_timeout()
+        waited = now - first > self.piece_timeout
         if download.seed_site == download.node_site:
             # The client sends our site every piece: a piece seen elsewhere
             # first is only our view of our peers lagging behind.
@@ -680,7 +683,7 @@ class BlobServer:
                 piece_size=d.table.piece_size,
                 index=index,
             ),
-            _piece_timeout(),
+            self.piece_timeout,
         )
 
     async def _poll(self, download: Download, p: _PeerState) -> None:
@@ -696,7 +699,7 @@ class BlobServer:
                         piece_size=d.table.piece_size,
                         known=known,
                     ),
-                    HAVE_WAIT + _piece_timeout(),
+                    HAVE_WAIT + self.piece_timeout,
                 )
             except asyncio.CancelledError:
                 raise
@@ -774,7 +777,3 @@ def _parse_rate(value) -> float | None:
     return (
         float(dask.utils.parse_bytes(value)) if isinstance(value, str) else float(value)
     )
-
-
-def _piece_timeout() -> float:
-    return dask.utils.parse_timedelta(config.get("transfer.piece-timeout"))

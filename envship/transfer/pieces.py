@@ -191,13 +191,17 @@ class Peer:
     def from_msg(cls, msg) -> Peer:
         if not isinstance(msg, dict) or not isinstance(msg.get("address"), str):
             raise ValueError(f"not a peer: {msg!r}")
-        site = msg.get("site")
-        if site is not None and not isinstance(site, str):
-            raise ValueError(f"a site is a string: {site!r}")
-        return cls(msg["address"], site)
+        return cls(msg["address"], check_site(msg.get("site")))
 
     def to_msg(self) -> dict:
         return {"address": self.address, "site": self.site}
+
+
+def check_site(site) -> str | None:
+    """``site`` if it is a site label (a short string) or None; ValueError if not."""
+    if site is not None and (not isinstance(site, str) or not 0 < len(site) <= 1024):
+        raise ValueError(f"a site is a short string, not {site!r}")
+    return site
 
 
 def _peers_from_msg(peers) -> list[Peer]:
