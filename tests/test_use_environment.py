@@ -118,8 +118,16 @@ def test_environment_survives_crash_and_restart(cluster, sklearn_dev):
     client.wait_for_workers(4, timeout=60)
     assert {v for _, v in where(client).values()} == {"1.9.1"}
 
-    client.restart_workers(list(client.scheduler_info(n_workers=-1)["workers"]))
-    client.wait_for_workers(4, timeout=60)
+    before = set(client.scheduler_info(n_workers=-1)["workers"])
+    client.restart_workers(list(before))
+    # restart_workers may return before the nannies have started new workers.
+    wait_until(
+        lambda: (
+            len(workers := set(client.scheduler_info(n_workers=-1)["workers"])) == 4
+            and not workers & before
+        ),
+        timeout=60,
+    )
     for name, (prefix, version) in where(client).items():
         assert prefix == str(caches[node_of(name)] / sklearn_dev.id)
         assert version == "1.9.1"

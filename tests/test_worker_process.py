@@ -172,6 +172,17 @@ async def wait_for_new_worker(nanny: Nanny, old_address: str, timeout: float = 6
         await asyncio.sleep(0.02)
 
 
+async def restart_worker(client: Client, nanny: Nanny) -> str:
+    """``restart_workers`` for one nanny's worker, then wait for its successor.
+
+    ``Scheduler.restart_workers`` may return while the old worker's record is
+    still there and before the nanny has started the new process.
+    """
+    old = nanny.worker_address
+    await client.restart_workers([old])
+    return await wait_for_new_worker(nanny, old)
+
+
 async def wait_until(predicate, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -300,7 +311,7 @@ def test_environment_persists_through_restart_and_crash(env_target):
             assert r["ok"], r["error"]
 
             started = time.perf_counter()
-            await client.restart_workers([a.worker_address])
+            await restart_worker(client, a)
             _record("restart_workers in env", time.perf_counter() - started)
             info = await describe(client, a)
             assert_in_env(info, env_target)
@@ -493,8 +504,7 @@ def test_worker_runs_under_another_python_version(py312_target):
             prefix = await client.run(os.getenv, "CONDA_PREFIX", workers=[address])
             assert prefix == {address: str(target.prefix)}
             assert await client.submit(sum, [1, 2], workers=[address]) == 3
-            await client.restart_workers([address])
-            address = a.worker_address
+            address = await restart_worker(client, a)
             versions = await client.run(platform.python_version, workers=[address])
             assert versions == {address: "3.12.1"}
             assert_registered(scheduler, a, "n0")
