@@ -14,6 +14,7 @@ This module knows nothing of conda, venvs or Dask.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import re
@@ -32,6 +33,9 @@ BLOCK = tarfile.BLOCKSIZE
 READ_SIZE = 1 << 20
 #: What a content id looks like: 32 lowercase hex digits (xxh3-128).
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+#: pax keys of a reference entry: a file given by its digest and size alone.
+REF_DIGEST, REF_SIZE = "ENVSHIP.digest", "ENVSHIP.size"
+_PAX_TYPE = tarfile.XHDTYPE
 
 
 class ContentHasher:
@@ -75,6 +79,11 @@ class ContentHasher:
         return h.hexdigest()
 
 
+def entry_mode(st: os.stat_result) -> int:
+    # No setuid, setgid or sticky bits: nodes refuse them anyway.
+    return stat.S_IMODE(st.st_mode) & 0o777
+
+
 def file_digest(data: bytes) -> str:
     """The digest of one file's bytes, as it enters the content id."""
     return xxhash.xxh3_128_hexdigest(data)
@@ -90,6 +99,8 @@ class ContentSummary:
     #: Files (and their bytes) linked from a node's file store, not written.
     linked_files: int = 0
     linked_bytes: int = 0
+    #: Files given by digest alone (thin packs; see ``ArchiveWriter.write_ref``).
+    refs: int = 0
 
 
 class ArchiveWriter:
@@ -129,6 +140,7 @@ class ArchiveWriter:
         self._inodes: dict[tuple[int, int], str] = {}
         self._file_count = 0
         self._unpacked_size = 0
+        self._refs = 0
         self.summary: ContentSummary | None = None
 
     def __enter__(self) -> ArchiveWriter:
@@ -141,18 +153,6 @@ class ArchiveWriter:
             # The original error matters, not a second one from flushing.
             with contextlib.suppress(Exception):
                 self._stream.close()
-
-    def _header(self, target: str, st: os.stat_result | None, size: int = 0):
-        info = tarfile.TarInfo(target)
-        if st is not None:
-            # No setuid, setgid or sticky bits: nodes refuse them anyway.
-            info.mode = stat.S_IMODE(st.st_mode) & 0o777
-            info.mtime = int(st.st_mtime)
-        else:
-            info.mode = 0o644
-            info.mtime = 0
-        info.size = size
-        return info
 
     def _write_header(self, info: tarfile.TarInfo) -> None:
         self._stream.write(
@@ -170,63 +170,107 @@ class ArchiveWriter:
         st = os.lstat(source)
         mode = st.st_mode
         if stat.S_ISLNK(mode):
-            info = self._header(target, st)
-            info.type = tarfile.SYMTYPE
-            info.linkname = os.readlink(source)
-            self._write_header(info)
-            self._hasher.add_symlink(target, info.linkname)
+            self.write_symlink(target, os.readlink(source), int(st.st_mtime))
         elif stat.S_ISDIR(mode):
-            info = self._header(target, st)
-            info.type = tarfile.DIRTYPE
-            self._write_header(info)
-            self._hasher.add_dir(target, info.mode)
+            self.write_dir(target, entry_mode(st), int(st.st_mtime))
         elif stat.S_ISREG(mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self._inodes:
-                info = self._header(target, st)
-                info.type = tarfile.LNKTYPE
-                info.linkname = self._inodes[key]
-                self._write_header(info)
-                self._hasher.add_hardlink(target, info.linkname)
+                self.write_hardlink(target, self._inodes[key], int(st.st_mtime))
                 return
             if st.st_nlink > 1:
                 self._inodes[key] = target
-            self._add_regular(source, target, st)
+            self.write_file(
+                source, target, entry_mode(st), int(st.st_mtime), st.st_size
+            )
         else:
             raise ValueError(f"{source}: not a file, directory or symlink")
 
-    def _add_regular(self, source: str, target: str, st: os.stat_result) -> None:
+    def add_bytes(self, source: str | None, data: bytes, target: str) -> None:
+        """Add ``data`` as the regular file ``target``, with the mode of ``source``."""
+        st = os.lstat(source) if source is not None else None
+        mode, mtime = (entry_mode(st), int(st.st_mtime)) if st else (0o644, 0)
+        self.write_data(target, mode, mtime, data)
+
+    # The entries themselves, with their metadata given: for replaying a
+    # table of entries (see envship.table) as well as for ``add``.
+
+    def _entry(self, kind: bytes, target: str, mode: int, mtime: int, size: int = 0):
+        info = tarfile.TarInfo(target)
+        info.type, info.mode, info.mtime, info.size = kind, mode, mtime, size
+        return info
+
+    def write_dir(self, target: str, mode: int, mtime: int) -> None:
+        self._write_header(self._entry(tarfile.DIRTYPE, target, mode, mtime))
+        self._hasher.add_dir(target, mode)
+
+    def write_symlink(self, target: str, link: str, mtime: int) -> None:
+        info = self._entry(tarfile.SYMTYPE, target, 0o777, mtime)
+        info.linkname = link
+        self._write_header(info)
+        self._hasher.add_symlink(target, link)
+
+    def write_hardlink(self, target: str, link: str, mtime: int) -> None:
+        info = self._entry(tarfile.LNKTYPE, target, 0o644, mtime)
+        info.linkname = link
+        self._write_header(info)
+        self._hasher.add_hardlink(target, link)
+
+    def write_file(
+        self, source: str, target: str, mode: int, mtime: int, size: int
+    ) -> str:
+        """Stream the file at ``source`` in, hashing it; its digest."""
         with open(source, "rb") as f:
             data = f.read(READ_SIZE)
             if len(data) < READ_SIZE:
-                self._add_data(target, st, data)
-                return
+                if len(data) != size:
+                    raise OSError(f"{source} changed size since it was listed")
+                return self.write_data(target, mode, mtime, data)
             # Large file: stream it, hashing as we go.
-            info = self._header(target, st, st.st_size)
-            self._write_header(info)
+            self._write_header(self._entry(tarfile.REGTYPE, target, mode, mtime, size))
             digest = xxhash.xxh3_128()
             written = 0
             while data:
                 digest.update(data)
                 self._stream.write(data)
                 written += len(data)
-                data = f.read(READ_SIZE)
-        if written != st.st_size:
-            raise OSError(f"{source} changed size while being packed")
+                data = f.read(min(READ_SIZE, size - written + 1))
+                if written + len(data) > size:
+                    raise OSError(f"{source} changed size since it was listed")
+        if written != size:
+            raise OSError(f"{source} changed size since it was listed")
         self._pad(written)
-        self._count(target, info.mode, digest.hexdigest(), written)
+        self._count(target, mode, digest.hexdigest(), written)
+        return digest.hexdigest()
 
-    def add_bytes(self, source: str | None, data: bytes, target: str) -> None:
-        """Add ``data`` as the regular file ``target``, with the mode of ``source``."""
-        st = os.lstat(source) if source is not None else None
-        self._add_data(target, st, data)
-
-    def _add_data(self, target: str, st: os.stat_result | None, data: bytes) -> None:
-        info = self._header(target, st, len(data))
-        self._write_header(info)
+    def write_data(self, target: str, mode: int, mtime: int, data: bytes) -> str:
+        """Add ``data`` as the regular file ``target``; its digest."""
+        self._write_header(self._entry(tarfile.REGTYPE, target, mode, mtime, len(data)))
         self._stream.write(data)
         self._pad(len(data))
-        self._count(target, info.mode, file_digest(data), len(data))
+        digest = file_digest(data)
+        self._count(target, mode, digest, len(data))
+        return digest
+
+    def write_ref(
+        self, target: str, mode: int, mtime: int, size: int, digest: str
+    ) -> None:
+        """A regular file given by its digest alone: the node links it from its store.
+
+        Thin packs carry such entries for files that the receiving nodes
+        already hold; they count in the content id exactly like the file.
+        """
+        info = self._entry(tarfile.REGTYPE, target, mode, mtime)
+        records = {REF_DIGEST: digest, REF_SIZE: str(size)}
+        header = _ustar_header(info)
+        if header is None:  # a long name: tarfile writes it all
+            info.pax_headers = records
+            header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        else:
+            header = _pax_block(records) + header
+        self._stream.write(header)
+        self._count(target, mode, digest, size)
+        self._refs += 1
 
     def _count(self, target: str, mode: int, digest: str, size: int) -> None:
         self._hasher.add_file(target, mode, digest)
@@ -239,7 +283,10 @@ class ArchiveWriter:
             self._stream.write(b"\0" * (2 * BLOCK))
             self._stream.close()
             self.summary = ContentSummary(
-                self._hasher.hexdigest(), self._file_count, self._unpacked_size
+                self._hasher.hexdigest(),
+                self._file_count,
+                self._unpacked_size,
+                refs=self._refs,
             )
         return self.summary
 
@@ -283,6 +330,25 @@ def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
     header = bytearray(_USTAR.pack(*fields))
     header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
+
+
+def _pax_block(records: dict[str, str]) -> bytes:
+    """An extended header of ascii ``records``, ready to precede a ustar header."""
+    body = b""
+    for key, value in records.items():
+        line = f" {key}={value}\n".encode()
+        length = len(line)  # a record's length counts its own digits
+        while length != len(line) + len(str(length)):
+            length = len(line) + len(str(length))
+        body += b"%d" % length + line
+    return _pax_header(len(body)) + body + bytes(-len(body) % BLOCK)
+
+
+@functools.lru_cache(maxsize=64)
+def _pax_header(size: int) -> bytes:
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = _PAX_TYPE, size
+    return _ustar_header(info)
 
 
 def is_id(text) -> bool:
@@ -436,6 +502,9 @@ class Member:
     size: int
     mtime: float
     linkname: str
+    #: A reference entry (thin packs): the file's digest and size; no data.
+    digest: str | None = None
+    ref_size: int = 0
 
 
 REGULAR = (b"0", b"\0")
@@ -582,7 +651,12 @@ def _apply_pax(member: Member, pax: dict[str, bytes]) -> None:
             member.size = int(pax["size"])
         if "mtime" in pax:
             member.mtime = float(pax["mtime"])
-    except ValueError:
+        if REF_DIGEST in pax:
+            member.digest = pax[REF_DIGEST].decode("ascii")
+            member.ref_size = int(pax.get(REF_SIZE, b""))
+            if not is_id(member.digest) or member.ref_size < 0 or member.size:
+                raise ValueError
+    except (ValueError, UnicodeDecodeError):
         raise CorruptArchive(
             f"a pax header with a bad number for {member.name!r}"
         ) from None

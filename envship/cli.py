@@ -85,14 +85,14 @@ def list_artifacts(store):
     names: dict[str, list[str]] = {}
     for name, artifact_id in store.names().items():
         names.setdefault(artifact_id, []).append(name)
-    table = Table("name", "id", "size", "unpacked", "python", "created", box=None)
+    table = Table("name", "id", "archive", "unpacked", "python", "created", box=None)
     for a in store.artifacts():
         m = a.manifest
         created = datetime.fromisoformat(m["created"]).astimezone()
         table.add_row(
             ", ".join(names.get(a.id, [])) or "-",
             a.short_id,
-            format_bytes(a.path.stat().st_size),
+            format_bytes(a.size) if a.has_archive else "(table only)",
             format_bytes(m["unpacked_size"]),
             m["python"],
             created.strftime("%Y-%m-%d %H:%M"),

@@ -3,9 +3,14 @@
 Conda environments go through conda-pack's own file selection and prefix
 handling (``CondaEnv`` and ``Packer``); venvs are packed the way venv-pack does
 it, without the base interpreter, plus a small ``.envship/unpack.json`` that
-tells the node cache how to fix them up. Either way the bytes are written by
-``ArchiveWriter``: a zstandard-compressed tar whose content id is computed
-while it is written.
+tells the node cache how to fix them up.
+
+Either way, packing is first a *table pass* (:class:`envship.table.TableWriter`):
+it lists every entry and computes the content id, reading only the files
+whose stat changed since the last pack of the same folder. The archive itself
+(a zstandard-compressed tar) is written from that table when something needs
+it: ``archive=True`` (the default, and ``envship pack``), or a node that
+holds nothing of the environment.
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ from pathlib import Path
 import xxhash
 from conda_pack.core import CondaEnv, CondaPackException, Packer
 
-from envship import config
-from envship.archive import ArchiveWriter
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
+from envship.table import TableWriter
 
 from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
@@ -43,6 +47,7 @@ def pack(
     threads: int | None = None,
     ignore_editable: bool = False,
     progress: bool = False,
+    archive: bool = True,
 ) -> Artifact:
     """Pack an environment into the artifact store, or find it there unchanged.
 
@@ -64,12 +69,16 @@ def pack(
         outside the environment are not included).
     progress : bool
         Show a progress bar.
+    archive : bool
+        Write the archive too. With False only the table pass runs (a
+        fraction of a second for an edited environment); ``use_environment``
+        writes the archive later if a node needs all of it.
 
     Returns
     -------
     Artifact
-        With ``id`` (content hash), ``name``, ``path`` (the archive) and
-        ``manifest``.
+        With ``id`` (content hash), ``name``, ``path`` (the archive, once
+        written) and ``manifest``.
 
     Examples
     --------
@@ -88,7 +97,12 @@ def pack(
     known = store.by_signature(signature)
     if known is not None:
         store.set_name(name, known)
-        return store.get(known, name)
+        artifact = store.get(known, name)
+        if archive:
+            artifact = store.ensure_archive(
+                artifact, level=level, threads=threads, progress=progress
+            )
+        return artifact
 
     editable = source.editable_packages()
     if editable and not ignore_editable:
@@ -100,40 +114,41 @@ def pack(
             ".`), or pack anyway with --ignore-editable (ignore_editable=True)",
         )
 
-    level = config.get("pack.level") if level is None else level
-    threads = config.default_threads() if threads is None else threads
     started = time.perf_counter()
-    with store.writing(name) as (f, tmp):
-        with ArchiveWriter(f, level=level, threads=threads) as writer:
-            if source.kind == "conda":
-                _pack_conda(source, name, writer, ignore_editable, progress)
-            else:
-                _pack_venv(source, name, writer, progress)
-        summary = writer.summary
-        packed_size = f.tell()
+    digests = store.load_digests()
+    writer = TableWriter(digests)
+    if source.kind == "conda":
+        _pack_conda(source, name, writer, ignore_editable, progress)
+    else:
+        _pack_venv(source, name, writer, progress)
+    table = writer.close()
+    store.save_digests(digests, writer.seen, name)
     manifest = {
         "format": FORMAT_VERSION,
-        "id": summary.id,
+        "id": table.id,
         "name": name,
         "kind": source.kind,
         "source_prefix": str(source.prefix),
         "python": source.python,
         "packages": source.package_versions(),
         "platform": platform_facts(),
-        "file_count": summary.file_count,
-        "unpacked_size": summary.unpacked_size,
-        "packed_size": packed_size,
-        "level": level,
+        "file_count": table.file_count,
+        "unpacked_size": table.unpacked_size,
+        "packed_size": None,
+        "files_read": writer.read_files,
         "pack_seconds": round(time.perf_counter() - started, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if store.has(summary.id):
-        tmp.unlink()
-        store.set_name(name, summary.id)
-        artifact = store.get(summary.id, name)
+    if store.has(table.id):
+        store.set_name(name, table.id)
+        artifact = store.get(table.id, name)
     else:
-        artifact = store.add(tmp, manifest)
+        artifact = store.add(table, manifest)
     store.remember_signature(signature, artifact.id, name)
+    if archive:
+        artifact = store.ensure_archive(
+            artifact, level=level, threads=threads, progress=progress
+        )
     return artifact
 
 
@@ -189,6 +204,8 @@ def _pack_conda(source, name, writer, ignore_editable, progress) -> None:
             for file in conda_env.files:
                 packer.add(file)
                 bar.advance()
+        # conda-pack's own scripts: from temporary files, gone right after.
+        writer.keep_data = True
         packer.finish()
     except CondaPackException as e:
         raise EnvshipError(
@@ -209,7 +226,7 @@ def _conda_fix(message: str) -> str:
 class _Checked:
     """Refuses symlinks that would point outside the unpacked environment."""
 
-    def __init__(self, writer: ArchiveWriter, prefix: Path, name: str):
+    def __init__(self, writer: TableWriter, prefix: Path, name: str):
         self._writer = writer
         self._prefix = prefix
         self._name = name

@@ -2,11 +2,15 @@
 
 Layout::
 
-    <store>/<id>.tar.zst        the compressed archive
+    <store>/<id>.table.zst      the environment's entries (see envship.table)
+    <store>/<id>.tar.zst        the compressed archive, once something needed it
     <store>/<id>.json           its manifest
     <store>/names/<name>        the id a name points to
     <store>/signatures/<sig>    the id of an environment whose files had this
                                 cheap signature (stat of every file)
+    <store>/digests.zst         the digest of each file packed and the stat it
+                                had, so that a re-pack reads only the files
+                                whose stat changed
 
 Every write goes to a temporary file in the store and is renamed into place,
 so an interrupted pack leaves nothing half-written.
@@ -19,15 +23,24 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import zstandard
+
 from envship import config
 from envship.archive import is_id
 from envship.errors import EnvshipError
+from envship.table import EntryTable, write_archive
+
+from .progress import progress_bar
+
+#: Files whose digests the store remembers, beyond those of the last pack.
+MAX_DIGESTS = 200_000
 
 
 @dataclass(frozen=True)
@@ -51,9 +64,24 @@ class Artifact:
         return self.id[:12]
 
     @property
-    def size(self) -> int:
-        """Bytes of the compressed archive."""
-        return self.manifest["packed_size"]
+    def size(self) -> int | None:
+        """Bytes of the compressed archive; None until it is written."""
+        return self.manifest.get("packed_size")
+
+    @property
+    def has_archive(self) -> bool:
+        return self.path.is_file()
+
+    @property
+    def table_path(self) -> Path:
+        return self.path.with_name(f"{self.id}.table.zst")
+
+    def table(self) -> EntryTable | None:
+        """Its entries, or None for an artifact packed by an older envship."""
+        try:
+            return EntryTable.load(self.table_path)
+        except FileNotFoundError:
+            return None
 
 
 class ArtifactStore:
@@ -80,6 +108,33 @@ class ArtifactStore:
 
     def manifest_path(self, artifact_id: str) -> Path:
         return self.root / f"{artifact_id}.json"
+
+    def table_path(self, artifact_id: str) -> Path:
+        return self.root / f"{artifact_id}.table.zst"
+
+    def load_digests(self) -> dict:
+        """What earlier packs learnt of files' digests: ``{path: [stat..., digest]}``."""
+        try:
+            with open(self.root / "digests.zst", "rb") as f:
+                data = zstandard.ZstdDecompressor().stream_reader(f).read()
+            digests = json.loads(data)
+        except (OSError, ValueError, zstandard.ZstdError):
+            return {}
+        return digests if isinstance(digests, dict) else {}
+
+    def save_digests(self, digests: dict, seen: set[str], label: str) -> None:
+        """Keep ``digests`` for the next pack; beyond ``MAX_DIGESTS``, only ``seen``.
+
+        Shared by every environment: conda environments pack most files from
+        conda's package cache, so environments made from the same packages
+        share these paths.
+        """
+        if len(digests) > MAX_DIGESTS:
+            digests = {path: digests[path] for path in seen if path in digests}
+        data = zstandard.ZstdCompressor(level=1).compress(json.dumps(digests).encode())
+        with self.writing(label) as (f, tmp):
+            f.write(data)
+        os.replace(tmp, self.root / "digests.zst")
 
     # -- writing -----------------------------------------------------------
 
@@ -113,17 +168,79 @@ class ArtifactStore:
             f.write(text.encode())
         os.replace(tmp, path)
 
-    def add(self, archive_tmp: Path, manifest: dict) -> Artifact:
-        """Move a fully written archive into place and record its manifest."""
+    def add(self, table: EntryTable, manifest: dict) -> Artifact:
+        """Record a packed environment: its table and manifest (no archive yet)."""
         artifact_id = manifest["id"]
-        os.replace(archive_tmp, self.archive_path(artifact_id))
+        with self.writing(manifest["name"]) as (f, tmp):
+            f.close()
+            table.save(tmp)
+        os.replace(tmp, self.table_path(artifact_id))
+        self._put_manifest(manifest)
+        self.set_name(manifest["name"], artifact_id)
+        return self.get(artifact_id)
+
+    def _put_manifest(self, manifest: dict) -> None:
         self._write_text(
-            self.manifest_path(artifact_id),
+            self.manifest_path(manifest["id"]),
             json.dumps(manifest, indent=2, sort_keys=True),
             manifest["name"],
         )
-        self.set_name(manifest["name"], artifact_id)
-        return self.get(artifact_id)
+
+    def ensure_archive(
+        self,
+        artifact: Artifact,
+        *,
+        level: int | None = None,
+        threads: int | None = None,
+        progress: bool = False,
+    ) -> Artifact:
+        """The artifact with its archive written (from its table) if it was not yet.
+
+        Raises
+        ------
+        EnvshipError
+            The environment changed since it was packed, or the disk is full.
+        """
+        if artifact.has_archive:
+            return artifact
+        table = artifact.table()
+        if table is None:
+            raise EnvshipError(
+                artifact.name,
+                f"the store {self.root} has neither its archive nor its table",
+                f"pack it again (`envship pack {artifact.name}`)",
+            )
+        level = config.get("pack.level") if level is None else level
+        threads = config.default_threads() if threads is None else threads
+        started = time.perf_counter()
+        try:
+            with (
+                self.writing(artifact.name) as (f, tmp),
+                progress_bar(
+                    f"writing the archive of {artifact.name}",
+                    table.unpacked_size,
+                    progress,
+                ) as bar,
+            ):
+                write_archive(
+                    table, f, level=level, threads=threads, on_file=bar.advance
+                )
+                packed_size = f.tell()
+        except OSError as e:
+            raise EnvshipError(
+                artifact.name,
+                f"the environment changed since it was packed: {e}",
+                f"pack it again (`envship pack {artifact.name}`)",
+            ) from e
+        os.replace(tmp, artifact.path)
+        manifest = dict(
+            artifact.manifest,
+            packed_size=packed_size,
+            level=level,
+            archive_seconds=round(time.perf_counter() - started, 3),
+        )
+        self._put_manifest(manifest)
+        return Artifact(artifact.id, artifact.name, artifact.path, manifest)
 
     def set_name(self, name: str, artifact_id: str) -> None:
         self._write_text(self.root / "names" / name, artifact_id, name)
@@ -144,9 +261,9 @@ class ArtifactStore:
         )
 
     def has(self, artifact_id: str) -> bool:
-        return (
-            self.archive_path(artifact_id).is_file()
-            and self.manifest_path(artifact_id).is_file()
+        return self.manifest_path(artifact_id).is_file() and (
+            self.table_path(artifact_id).is_file()
+            or self.archive_path(artifact_id).is_file()
         )
 
     def by_signature(self, signature: str) -> str | None:
@@ -199,5 +316,6 @@ class ArtifactStore:
                 if entry.read_text() == artifact.id:
                     entry.unlink()
         self.archive_path(artifact.id).unlink(missing_ok=True)
+        self.table_path(artifact.id).unlink(missing_ok=True)
         self.manifest_path(artifact.id).unlink(missing_ok=True)
         return artifact

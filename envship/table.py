@@ -1,0 +1,330 @@
+"""An environment's table of entries: its content id without its archive.
+
+Packing is two steps. The *table pass* lists what the archive holds (every
+entry's path, kind, mode, mtime and, for files, size and digest) and hashes
+it into the content id, reading only the files whose stat changed since the
+last pack of the same environment (:class:`TableWriter` with a digest
+cache). The archive is written from the table only when something needs it
+(:func:`write_archive`): ``envship pack``, a node that holds nothing. A
+*thin pack* is the same tar stream in which the files that the receiving
+nodes hold already are references (digest and size, no data); it hashes to
+the same id.
+
+A node reports which files of a table it lacks from their *store keys*
+(digest, mode, mtime: see :mod:`envship.node.filestore`), sent compactly by
+:func:`encode_keys`.
+
+This module knows nothing of conda, venvs, nodes or Dask.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import struct
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import xxhash
+import zstandard
+
+from .archive import (
+    READ_SIZE,
+    ArchiveWriter,
+    ContentHasher,
+    entry_mode,
+    file_digest,
+)
+
+FILE, DIR, SYMLINK, HARDLINK = "f", "d", "l", "h"
+
+#: One file's store key on the wire: digest (16 bytes), mode, mtime (seconds).
+_KEY = struct.Struct(">16sHq")
+#: Most files a table may list on the wire (a few million are plenty).
+MAX_FILES = 1 << 22
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of an environment, as its archive holds it.
+
+    A file's bytes come from ``source`` (a path on the packing machine) or
+    ``data`` (bytes conda-pack rewrote, such as ``conda-meta`` records).
+    """
+
+    kind: str
+    path: str
+    mode: int = 0
+    mtime: int = 0
+    size: int = 0
+    digest: str = ""
+    link: str = ""
+    source: str | None = None
+    data: bytes | None = None
+
+    def to_json(self) -> list:
+        data = None if self.data is None else base64.b64encode(self.data).decode()
+        return [self.kind, self.path, self.mode, self.mtime, self.size,
+                self.digest, self.link, self.source, data]  # fmt: skip
+
+    @classmethod
+    def from_json(cls, row: list) -> Entry:
+        kind, path, mode, mtime, size, digest, link, source, data = row
+        data = None if data is None else base64.b64decode(data)
+        return cls(kind, path, mode, mtime, size, digest, link, source, data)
+
+
+class EntryTable:
+    """The entries of an environment, in archive order, and its content id.
+
+    Examples
+    --------
+    >>> table = EntryTable([Entry("f", "a.txt", 0o644, 0, 3, file_digest(b"hi\\n"))])
+    >>> len(table.id), table.file_count, table.unpacked_size
+    (32, 1, 3)
+    """
+
+    def __init__(self, entries: list[Entry]):
+        self.entries = entries
+        hasher = ContentHasher()
+        for e in entries:
+            if e.kind == FILE:
+                hasher.add_file(e.path, e.mode, e.digest)
+            elif e.kind == DIR:
+                hasher.add_dir(e.path, e.mode)
+            elif e.kind == SYMLINK:
+                hasher.add_symlink(e.path, e.link)
+            else:
+                hasher.add_hardlink(e.path, e.link)
+        self.id = hasher.hexdigest()
+
+    @property
+    def files(self) -> list[Entry]:
+        return [e for e in self.entries if e.kind == FILE]
+
+    @property
+    def file_count(self) -> int:
+        return len(self.files)
+
+    @property
+    def unpacked_size(self) -> int:
+        return sum(e.size for e in self.files)
+
+    def save(self, path: str | os.PathLike) -> None:
+        rows = json.dumps([e.to_json() for e in self.entries]).encode()
+        with open(path, "wb") as f:
+            f.write(zstandard.ZstdCompressor(level=3).compress(rows))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EntryTable:
+        with open(path, "rb") as f:
+            rows = json.loads(zstandard.ZstdDecompressor().stream_reader(f).read())
+        return cls([Entry.from_json(row) for row in rows])
+
+
+class TableWriter:
+    """The table pass: conda-pack's archive interface, writing nothing.
+
+    Takes ``add(source, target)`` and ``add_bytes(source, data, target)`` as
+    :class:`~envship.archive.ArchiveWriter` does and makes the same decisions
+    (modes, mtimes, hard links), so that :func:`write_archive` later writes
+    exactly the archive that hashes to this table's id.
+
+    Parameters
+    ----------
+    digests : dict, optional
+        ``{source path: [size, mtime_ns, ino, ctime_ns, digest]}`` from the
+        last pass over the same environment: a file whose stat is unchanged
+        keeps its digest unread. Updated in place.
+
+    Files added while ``keep_data`` is true are kept in memory rather than
+    read again from their source later: conda-pack's own scripts, written to
+    temporary files that it deletes right after adding them.
+
+    Examples
+    --------
+    >>> writer = TableWriter()
+    >>> writer.add_bytes(None, b"hello\\n", "greeting.txt")
+    >>> writer.close().file_count
+    1
+    """
+
+    def __init__(self, digests: dict | None = None):
+        self.digests = {} if digests is None else digests
+        self.keep_data = False
+        self.entries: list[Entry] = []
+        self.read_files = 0
+        self.seen: set[str] = set()
+        self._inodes: dict[tuple[int, int], str] = {}
+
+    def add(self, source: str, target: str) -> None:
+        st = os.lstat(source)
+        mtime = int(st.st_mtime)
+        if stat.S_ISLNK(st.st_mode):
+            self._append(Entry(SYMLINK, target, mtime=mtime, link=os.readlink(source)))
+        elif stat.S_ISDIR(st.st_mode):
+            self._append(Entry(DIR, target, entry_mode(st), mtime))
+        elif stat.S_ISREG(st.st_mode):
+            inode = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and inode in self._inodes:
+                link = self._inodes[inode]
+                self._append(Entry(HARDLINK, target, mtime=mtime, link=link))
+                return
+            if st.st_nlink > 1:
+                self._inodes[inode] = target
+            if self.keep_data:
+                with open(source, "rb") as f:
+                    self.add_bytes(source, f.read(), target)
+                return
+            digest = self._digest(source, st)
+            self._append(
+                Entry(
+                    FILE,
+                    target,
+                    entry_mode(st),
+                    mtime,
+                    st.st_size,
+                    digest,
+                    source=source,
+                )
+            )
+        else:
+            raise ValueError(f"{source}: not a file, directory or symlink")
+
+    def add_bytes(self, source: str | None, data: bytes, target: str) -> None:
+        st = os.lstat(source) if source is not None else None
+        mode, mtime = (entry_mode(st), int(st.st_mtime)) if st else (0o644, 0)
+        digest = file_digest(data)
+        if st is not None and not self.keep_data and len(data) == st.st_size:
+            # conda-pack read it whole (files pip installed): unless it was
+            # rewritten, the archive reads it again from the file, later.
+            if self._digest(source, st) == digest:
+                self._append(
+                    Entry(FILE, target, mode, mtime, len(data), digest, source=source)
+                )
+                return
+        self._append(Entry(FILE, target, mode, mtime, len(data), digest, data=data))
+
+    def _append(self, entry: Entry) -> None:
+        self.entries.append(entry)
+
+    def _digest(self, source: str, st: os.stat_result) -> str:
+        self.seen.add(source)
+        seen = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        known = self.digests.get(source)
+        if known is not None and known[:4] == seen:
+            return known[4]
+        h = xxhash.xxh3_128()
+        with open(source, "rb") as f:
+            while chunk := f.read(READ_SIZE):
+                h.update(chunk)
+        self.read_files += 1
+        self.digests[source] = [*seen, h.hexdigest()]
+        return h.hexdigest()
+
+    def close(self) -> EntryTable:
+        return EntryTable(self.entries)
+
+
+def write_archive(
+    table: EntryTable,
+    fileobj: BinaryIO,
+    *,
+    refs: Collection[str] = (),
+    level: int = 3,
+    threads: int = 0,
+    on_file=None,
+) -> ArchiveWriter:
+    """Write the archive of ``table`` (its files in ``refs`` as references).
+
+    Every file is read again and checked against its digest in the table, so
+    what is written always hashes to ``table.id``.
+
+    Parameters
+    ----------
+    refs : collection of str
+        Paths of files to write as references only (a thin pack).
+    on_file : callable, optional
+        Called with each file's size as it is written.
+
+    Returns
+    -------
+    ArchiveWriter
+        Closed; its ``summary`` says what was written.
+
+    Raises
+    ------
+    OSError
+        A file changed since the table pass (size or digest).
+    """
+    with ArchiveWriter(fileobj, level=level, threads=threads) as writer:
+        for e in table.entries:
+            if e.kind == DIR:
+                writer.write_dir(e.path, e.mode, e.mtime)
+            elif e.kind == SYMLINK:
+                writer.write_symlink(e.path, e.link, e.mtime)
+            elif e.kind == HARDLINK:
+                writer.write_hardlink(e.path, e.link, e.mtime)
+            elif e.path in refs:
+                writer.write_ref(e.path, e.mode, e.mtime, e.size, e.digest)
+            else:
+                if e.data is not None:
+                    digest = writer.write_data(e.path, e.mode, e.mtime, e.data)
+                else:
+                    digest = writer.write_file(
+                        e.source, e.path, e.mode, e.mtime, e.size
+                    )
+                if digest != e.digest:
+                    raise OSError(f"{e.source or e.path} changed since it was packed")
+                if on_file is not None:
+                    on_file(e.size)
+    return writer
+
+
+def store_key(digest: str, mode: int, mtime: float) -> str:
+    """The node store's name for a file: content, mode as sealed, mtime.
+
+    Examples
+    --------
+    >>> store_key("0" * 32, 0o755, 1)
+    '00000000000000000000000000000000-555-1000000000'
+    """
+    sealed = mode & 0o7777 & ~0o222
+    return f"{digest}-{sealed:o}-{int(mtime * 1e9)}"
+
+
+def encode_keys(files: Iterable[Entry]) -> bytes:
+    """The store keys of ``files``, 26 bytes each, for a node to check."""
+    return b"".join(
+        _KEY.pack(bytes.fromhex(e.digest), e.mode & 0o7777, e.mtime) for e in files
+    )
+
+
+def decode_keys(data: bytes) -> list[str]:
+    """Store keys from :func:`encode_keys`; ValueError for anything else."""
+    if not isinstance(data, bytes) or len(data) % _KEY.size:
+        raise ValueError("keys must be bytes in 26-byte records")
+    if len(data) // _KEY.size > MAX_FILES:
+        raise ValueError(f"more than {MAX_FILES} keys")
+    return [
+        store_key(digest.hex(), mode, mtime)
+        for digest, mode, mtime in _KEY.iter_unpack(data)
+    ]
+
+
+def encode_bits(flags: Iterable[bool]) -> bytes:
+    """Booleans packed eight to a byte, first one in the lowest bit."""
+    flags = list(flags)
+    value = sum(1 << i for i, flag in enumerate(flags) if flag)
+    return value.to_bytes((len(flags) + 7) // 8, "little")
+
+
+def decode_bits(data: bytes, count: int) -> list[bool]:
+    """The ``count`` booleans of :func:`encode_bits`."""
+    if not isinstance(data, bytes) or len(data) != (count + 7) // 8:
+        raise ValueError(f"expected {count} bits")
+    value = int.from_bytes(data, "little")
+    return [bool(value >> i & 1) for i in range(count)]
