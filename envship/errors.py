@@ -46,3 +46,10 @@ class UnsafeArchiveError(EnvshipError):
 
 class IncompatibleEnvironmentError(EnvshipError):
     """An environment cannot run workers of this cluster."""
+
+
+class MissingStoreFileError(EnvshipError):
+    """A thin pack refers to a file that the node's file store no longer holds.
+
+    The client sends that node the whole archive instead.
+    """

@@ -29,8 +29,9 @@ class ClusterStatus:
         ``cache_size`` (bytes).
     blobs : list of dict
         ``id``, ``name``, ``size``, ``complete`` and ``partial`` (how many
-        nannies hold it whole, or are fetching it), and ``transfers``: the
-        downloads in progress, with pieces held and the sources so far.
+        nannies hold it whole, or are fetching it), ``transfers``: the
+        downloads in progress, with pieces held and the sources so far, and
+        ``thin_of``: for a thin pack, the id of its environment.
 
     Examples
     --------
@@ -137,10 +138,12 @@ async def _status(client: Client) -> ClusterStatus:
             for t in s.get("transfers", ())
             if t["id"] == id
         ]
+        thin_of = offer.get("thin_of")
         blobs.append(
             {
                 "id": id,
-                "name": offer["name"],
+                "name": offer["name"] + (" (thin pack)" if thin_of else ""),
+                "thin_of": thin_of,
                 "size": offer["size"],
                 "complete": sum(h["complete"] for h in holders),
                 "partial": sum(not h["complete"] for h in holders),

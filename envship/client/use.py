@@ -21,15 +21,16 @@ from distributed.core import clean_exception
 from distributed.protocol.pickle import dumps
 
 from envship import config
-from envship.errors import EnvshipError
+from envship.errors import EnvshipError, MissingStoreFileError
 from envship.node.nanny import NannySetup, UseEnvironment
 from envship.scheduler.registry import Registry
 from envship.transfer import Offer, Peer, ShipReport, broadcast
 
+from . import delta
 from .compat import check_compatibility
 from .pack import pack
 from .progress import progress_bar
-from .store import Artifact
+from .store import Artifact, ArtifactStore
 
 PLUGIN_NAME = "envship"
 
@@ -262,13 +263,13 @@ def _warn_left_out(report: SwitchReport, done: str) -> None:
 def _stage(stages: dict[str, float], name: str):
     start = time.perf_counter()
     yield
-    stages[name] = time.perf_counter() - start
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
 
 
 def _as_artifact(env, progress: bool) -> Artifact:
     if isinstance(env, Artifact):
         return env
-    return pack(env, progress=progress)
+    return pack(env, progress=progress, archive=False)
 
 
 async def _check(client, artifact, workers, strict, label):
@@ -292,13 +293,23 @@ async def _check(client, artifact, workers, strict, label):
 async def _deliver(client, artifact, targets, infos, progress, stages):
     """Ship to every node of ``targets`` and unpack there; nodes lost are left out.
 
-    Returns the ``ShipReport`` and, per node, what unpacking it did.
+    Returns the ``ShipReport`` and, per node, what unpacking it did. A node
+    sent a thin pack whose file store lost a file it refers to meanwhile gets
+    the whole archive.
     """
     with _stage(stages, "ship"):
-        shipped = await _ship(client, artifact, infos, progress)
+        shipped, via = await _ship(client, artifact, infos, progress)
     lost = _leave_out_lost(targets, infos, shipped)
+    infos = _without(infos, lost)
     with _stage(stages, "unpack"):
-        unpacked = await _install(client, artifact, _without(infos, lost), progress)
+        unpacked, stale = await _install(client, artifact, infos, progress, via)
+    if stale:
+        with _stage(stages, "ship"):
+            again, _ = await _ship(client, artifact, infos, progress, only=stale)
+        shipped.merge(again)
+        with _stage(stages, "unpack"):
+            more, _ = await _install(client, artifact, infos, progress, {}, stale)
+        unpacked.update(more)
     return shipped, unpacked
 
 
@@ -434,34 +445,43 @@ def _one_nanny_per_node(infos, missing_only: bool) -> dict[str, str]:
     return chosen
 
 
-async def _ship(client, artifact, infos, progress) -> ShipReport:
-    """Broadcast the archive to every node that lacks it, peer to peer.
+async def _ship(client, artifact, infos, progress, only=None):
+    """Get the environment to every node that lacks it, peer to peer.
 
-    Raises (before any restart) when a node that is still there could not get
-    it; nodes whose nanny left meanwhile are only left out.
+    Nodes that hold most files of an environment whose archive the cluster
+    holds get a thin pack (see :mod:`envship.client.delta`), the others the
+    whole archive, written from the table if it was not yet. ``only``: these
+    nannies get the whole archive, whatever they hold.
+
+    Returns the ``ShipReport`` and ``{nanny: thin pack id}``. Raises (before
+    any restart) when a node that is still there could not get it; nodes
+    whose nanny left meanwhile are only left out.
     """
-    nodes = _one_nanny_per_node(infos, missing_only=True)
+    if only is None:
+        nodes = list(_one_nanny_per_node(infos, missing_only=True).values())
+        plan = await delta.plan(client, artifact, nodes) if nodes else None
+    else:
+        nodes, plan = list(only), None
     if not nodes:
-        return ShipReport()
-    offer = await asyncio.to_thread(Offer.of_artifact, artifact)
-    await client.scheduler.envship_publish(offer=offer.to_msg())
-    holders = await _holders(client, artifact.id, infos)
-    fetchers = [Peer(nanny, infos[nanny]["site"]) for nanny in nodes.values()]
-    total = offer.table.size * len(fetchers)  # bytes, over all nodes
-    piece = offer.table.piece_size
-    with progress_bar(
-        f"shipping {artifact.name} to {len(fetchers)} node(s)", total, progress
-    ) as bar:
-        shipped = await broadcast(
-            client.rpc,
-            artifact.path,
-            offer,
-            fetchers,
-            holders,
-            peer_to_peer=config.get("transfer.peer-to-peer"),
-            client_site=config.get("site"),
-            on_progress=lambda held: bar.update(min(held * piece, total), total),
-        )
+        return ShipReport(), {}
+    if plan is None:
+        plan = delta.Plan(full=nodes)
+    jobs, via = [], {}
+    if plan.thin:
+        thin = await asyncio.to_thread(delta.write_thin, artifact, plan.refs, plan.base)
+        via = dict.fromkeys(plan.thin, thin.id)
+        jobs.append(_broadcast(client, thin, plan.thin, infos, progress, holding=()))
+    if plan.full:
+        if not artifact.has_archive:
+            store = ArtifactStore(artifact.path.parent)
+            artifact = await asyncio.to_thread(
+                store.ensure_archive, artifact, progress=bool(progress)
+            )
+        holding = [n for n, i in infos.items() if i["archive"]]
+        jobs.append(_broadcast(client, artifact, plan.full, infos, progress, holding))
+    shipped = ShipReport()
+    for report in await asyncio.gather(*jobs):
+        shipped.merge(report)
     stuck = {n: why for n, why in shipped.failed.items() if not why.startswith("lost")}
     if stuck:
         raise EnvshipError(
@@ -471,16 +491,40 @@ async def _ship(client, artifact, infos, progress) -> ShipReport:
             "check that the nodes can reach each other and have disk space, "
             "then call use_environment again",
         )
-    return shipped
+    return shipped, via
 
 
-async def _holders(client, artifact_id: str, infos: dict) -> list[Peer]:
-    """Nannies that hold the whole archive: among the targets, and any the registry knows."""
-    where = await client.scheduler.envship_where(id=artifact_id)
-    holding = _one_nanny_per_node(
-        {n: i for n, i in infos.items() if i["archive"]}, missing_only=False
-    )
-    holders = {nanny: Peer(nanny, infos[nanny]["site"]) for nanny in holding.values()}
+async def _broadcast(client, blob: Artifact, nannies, infos, progress, holding):
+    """Publish ``blob``'s offer and broadcast it to ``nannies``."""
+    offer = await asyncio.to_thread(Offer.of_artifact, blob)
+    await client.scheduler.envship_publish(offer=offer.to_msg())
+    holders = await _holders(client, blob.id, infos, holding)
+    fetchers = [Peer(nanny, infos[nanny]["site"]) for nanny in nannies]
+    total = offer.table.size * len(fetchers)  # bytes, over all nodes
+    piece = offer.table.piece_size
+    what = "a thin pack of " if blob.manifest.get("thin_of") else ""
+    with progress_bar(
+        f"shipping {what}{blob.name} to {len(fetchers)} node(s)", total, progress
+    ) as bar:
+        return await broadcast(
+            client.rpc,
+            blob.path,
+            offer,
+            fetchers,
+            holders,
+            peer_to_peer=config.get("transfer.peer-to-peer"),
+            client_site=config.get("site"),
+            on_progress=lambda held: bar.update(min(held * piece, total), total),
+        )
+
+
+async def _holders(client, blob_id: str, infos: dict, holding) -> list[Peer]:
+    """Nannies that hold the whole blob: ``holding`` targets, and any the registry knows."""
+    where = await client.scheduler.envship_where(id=blob_id)
+    chosen = _one_nanny_per_node(
+        {n: infos[n] for n in holding}, missing_only=False
+    ).values()
+    holders = {nanny: Peer(nanny, infos[nanny]["site"]) for nanny in chosen}
     for msg in where["holders"]:
         if msg["complete"] and msg["address"] not in infos:
             holders[msg["address"]] = Peer.from_msg(msg)
@@ -506,18 +550,30 @@ def _without(infos: dict, nannies: set[str]) -> dict:
     return {n: info for n, info in infos.items() if n not in nannies}
 
 
-async def _install(client, artifact, infos, progress) -> dict[str, dict]:
-    """Unpack on every node (its other nannies share the result); what each did."""
-    nodes = _one_nanny_per_node(infos, missing_only=False)
+async def _install(client, artifact, infos, progress, via, only=None):
+    """Unpack on every node (its other nannies share the result); what each did.
+
+    ``via``: {nanny: thin pack id} for nodes sent a thin pack. Returns what
+    each node did and the nannies whose file store lacked a file the thin
+    pack refers to (they need the whole archive). ``only``: these nannies.
+    """
+    nodes = list(only or _one_nanny_per_node(infos, missing_only=False).values())
+    stale = []
     with progress_bar(f"unpacking {artifact.name}", len(nodes), progress) as bar:
 
         async def install(nanny):
-            done = await client.rpc(nanny).envship_install(artifact_id=artifact.id)
-            bar.advance()
-            return done
+            try:
+                return await client.rpc(nanny).envship_install(
+                    artifact_id=artifact.id, via=via.get(nanny)
+                )
+            except MissingStoreFileError:
+                stale.append(nanny)
+            finally:
+                bar.advance()
 
-        done = await asyncio.gather(*map(install, nodes.values()))
-    return dict(zip(nodes.values(), done, strict=True))
+        done = await asyncio.gather(*map(install, nodes))
+    unpacked = {n: d for n, d in zip(nodes, done, strict=True) if d is not None}
+    return unpacked, stale
 
 
 async def _report(client, targets, seconds, prepared: bool = False) -> SwitchReport:

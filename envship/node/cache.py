@@ -44,7 +44,7 @@ from filelock import FileLock, Timeout
 from envship import config
 from envship.archive import ID_PATTERN as _ID
 from envship.archive import check_id
-from envship.errors import EnvshipError
+from envship.errors import EnvshipError, MissingStoreFileError
 
 from .extract import Progress, remove_tree
 from .filestore import FileStore
@@ -274,6 +274,7 @@ class EnvCache:
         env: str | None = None,
         lease_pid: int | None = None,
         progress: Progress | None = None,
+        via: str | None = None,
     ) -> Path:
         """Return the prefix of environment ``id``, installing it if needed.
 
@@ -295,6 +296,10 @@ class EnvCache:
         progress : callable, optional
             ``progress(stage, done, total)`` with stages ``"extract"``
             (bytes) and ``"fixup"``.
+        via : str, optional
+            The id of a thin pack of ``id`` held here (see
+            :mod:`envship.table`), used when the archive of ``id`` is not:
+            its references are filled from the file store.
 
         Returns
         -------
@@ -318,7 +323,7 @@ class EnvCache:
         installed = False
         with self._locked(id, env):
             if not final.is_dir():
-                self._install(id, env, progress)
+                self._install(id, env, progress, via)
                 installed = True
             if lease_pid is not None:
                 self.lease(id, lease_pid)
@@ -330,10 +335,12 @@ class EnvCache:
                 logger.warning("could not evict from %s: %s", self.root, e)
         return final
 
-    def _install(self, id: str, env: str | None, progress: Progress | None) -> None:
-        manifest = self.manifest(id)
+    def _install(
+        self, id: str, env: str | None, progress: Progress | None, via: str | None
+    ) -> None:
+        archive, manifest = self._source(id, via)
         name = env or (manifest or {}).get("name") or id
-        if manifest is None or not self.archive_path(id).is_file():
+        if manifest is None:
             raise EnvshipError(
                 name,
                 f"this node's cache ({self.root}) has no artifact {id}",
@@ -349,7 +356,7 @@ class EnvCache:
             )
         self._remove_temp(id)
         try:
-            self.evict(needed=limit, keep=(id,))
+            self.evict(needed=limit, keep=(id, via) if via else (id,))
         except OSError as e:
             logger.warning("could not evict from %s: %s", self.root, e)
         final = self.path(id)
@@ -358,7 +365,7 @@ class EnvCache:
         try:
             try:
                 info = unpack(
-                    self.archive_path(id),
+                    archive,
                     tmp,
                     final,
                     id=id,
@@ -368,9 +375,15 @@ class EnvCache:
                     files=self.files,
                     progress=progress,
                 )
+            except MissingStoreFileError:
+                raise  # the thin pack is sound, this node lacks what it needs
             except EnvshipError:
                 # Never try a bad artifact again: the sender must send a good one.
-                self._discard_archive(id)
+                if archive == self.archive_path(id):
+                    self._discard_archive(id)
+                else:
+                    self._discard_archive(via)
+                    self.manifest_path(id).unlink(missing_ok=True)
                 raise
             except OSError as e:
                 raise EnvshipError(
@@ -387,9 +400,8 @@ class EnvCache:
             raise
         # Folders can't be renamed without write permission on themselves.
         os.chmod(final, 0o500)
-        # The stored copies of files that the fix-up rewrote are linked by
-        # nobody now.
-        self.files.gc()
+        # The stored copies of files that the fix-up rewrote stay until the
+        # next eviction: a thin pack of an edited environment refers to them.
         line = json.dumps(dict(info, pid=os.getpid())) + "\n"
         fd = os.open(
             self.root / "installs.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
@@ -409,6 +421,22 @@ class EnvCache:
             format_bytes(info["size"]),
             format_bytes(info["private"]),
         )
+
+    def _source(self, id: str, via: str | None) -> tuple[Path, dict | None]:
+        """The archive to install ``id`` from (its own, or the thin pack ``via``)."""
+        if self.archive_path(id).is_file() or via is None:
+            return self.archive_path(id), self.manifest(id)
+        thin = self.manifest(via) or {}
+        manifest = thin.get("env")
+        if (
+            thin.get("thin_of") != id
+            or not isinstance(manifest, dict)
+            or manifest.get("id") != id
+            or not self.archive_path(via).is_file()
+        ):
+            return self.archive_path(id), None
+        self.put_manifest(id, manifest)
+        return self.archive_path(via), manifest
 
     def installs(self, id: str | None = None) -> list[dict]:
         """Past extractions on this node (all, or of ``id``), oldest first."""

@@ -45,7 +45,7 @@ from envship.archive import (
     read_members,
 )
 from envship.config import usable_cores
-from envship.errors import EnvshipError, UnsafeArchiveError
+from envship.errors import EnvshipError, MissingStoreFileError, UnsafeArchiveError
 
 from .filestore import FileStore
 
@@ -240,6 +240,14 @@ class _Extractor:
             self.read_all(fileobj)
             self.flush()
             self.drain()
+        except _NotStored as e:
+            name, key = e.args
+            raise MissingStoreFileError(
+                self.env,
+                f"this node's file store no longer holds {name} ({key}), which "
+                "the thin pack refers to",
+                "send the whole archive to this node",
+            ) from None
         finally:
             if self.pool is not None:
                 # On an error, let running batches end before the caller
@@ -350,6 +358,9 @@ class _Extractor:
                 f"more than the {self.limit} unpacked bytes the artifact "
                 "declares (an archive bomb?)",
             )
+        if info.digest is not None:
+            self.reference(info, name, mode)
+            return
         if size <= WHOLE_FILE:
             data = self.reader.read(size)
             if len(data) != size:
@@ -368,6 +379,20 @@ class _Extractor:
         if self.progress is not None and self.written >= self.next_report:
             self.next_report = self.written + PROGRESS_STEP
             self.progress("extract", self.written, self.limit)
+
+    def reference(self, info: Member, name: str, mode: int) -> None:
+        """A file of a thin pack given by digest alone: linked from the store."""
+        if self.files is None:
+            raise EnvshipError(
+                self.env,
+                "a thin pack arrived but this node has no file store to fill it from",
+                "send the whole archive",
+            )
+        key = self.files.key(info.digest, mode, info.mtime)
+        self.queue(name, (name, None, mode, info.mtime, None, key), 0)
+        self.kinds[name] = "f"
+        self.hasher.add_file(name, mode, info.digest)
+        self.file_count += 1
 
     def write_large(self, name: str, size: int, mode: int, mtime: float) -> str:
         """Stream a big file to disk here, hashing it on the way."""
@@ -508,7 +533,8 @@ def _write_batch(
     """Create files and symlinks: ``(name, data, mode, mtime, link_target, key)``.
 
     A file whose ``key`` the store holds is linked, not written; a file
-    written enters the store. Returns the files and bytes linked.
+    written enters the store; a reference (``data`` None) must be in the
+    store. Returns the files and bytes linked.
     """
     linked = linked_bytes = 0
     for name, data, mode, mtime, target, key in batch:
@@ -516,6 +542,12 @@ def _write_batch(
         if target is not None:
             os.symlink(target, path)
             os.utime(path, (mtime, mtime), follow_symlinks=False)
+            continue
+        if data is None:  # a reference: the store must hold it
+            if not files.fill(key, path):
+                raise _NotStored(name, key)
+            linked += 1
+            linked_bytes += os.lstat(path).st_size
             continue
         if key and files.link(key, path):
             linked += 1
@@ -532,6 +564,10 @@ def _write_batch(
         if key:
             files.add(key, path)
     return linked, linked_bytes
+
+
+class _NotStored(Exception):
+    """A reference to a file the store lacks: (name, key)."""
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -22,6 +22,7 @@ log says so once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,6 +30,8 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
+
+from envship.table import store_key
 
 logger = logging.getLogger("envship.cache")
 
@@ -58,11 +61,7 @@ class FileStore:
         self.root.mkdir(mode=0o700, exist_ok=True)
         self.links = links
 
-    @staticmethod
-    def key(digest: str, mode: int, mtime: float) -> str:
-        """The store name of a file: content, mode as sealed, mtime."""
-        sealed = mode & 0o7777 & ~0o222
-        return f"{digest}-{sealed:o}-{int(mtime * 1e9)}"
+    key = staticmethod(store_key)
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -79,6 +78,34 @@ class FileStore:
             self._links_failed(e)
             return False
         return True
+
+    def fill(self, key: str, dest: str) -> bool:
+        """Make ``dest`` the stored file ``key``: a link, else a copy; False if not stored.
+
+        For references in thin packs, which carry no data: where links fail,
+        the stored file is copied (with its mode and mtime).
+        """
+        if self.link(key, dest):
+            return True
+        source = self.path(key)
+        try:
+            shutil.copy2(source, dest, follow_symlinks=False)
+        except FileNotFoundError:
+            if os.path.lexists(dest):  # the store file went during the copy
+                os.unlink(dest)
+            return False
+        return True
+
+    def lacking(self, keys: list[str]) -> list[bool]:
+        """For each key, whether the store lacks it (all, if links are off).
+
+        With links off nothing is stored, so a node without links is sent
+        whole files.
+        """
+        if not self.links:
+            return [True] * len(keys)
+        root = str(self.root)
+        return [not os.path.isfile(f"{root}/{key[:2]}/{key}") for key in keys]
 
     def add(self, key: str, path: str) -> None:
         """Enter a just-written, complete file: made read-only, linked from the store."""
@@ -97,6 +124,8 @@ class FileStore:
             pass  # another install stored the same content meanwhile
         except OSError as e:
             self._links_failed(e)
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()  # if this made it and nothing is in it
 
     def _links_failed(self, e: OSError) -> None:
         if e.errno == errno.EMLINK:

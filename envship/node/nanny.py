@@ -28,6 +28,7 @@ from envship import config
 from envship.archive import check_id
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
+from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Offer, Peer
 
 from .cache import EnvCache
@@ -35,7 +36,7 @@ from .worker_process import TargetEnvironment, install, set_initial_target, swit
 
 logger = logging.getLogger("envship")
 
-HANDLERS = ("info", "install", "status")
+HANDLERS = ("info", "lacks", "install", "status")
 #: Seconds before a nanny asks a scheduler without the registry again.
 REGISTRY_RETRY = 30.0
 BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
@@ -102,15 +103,26 @@ class NannySide:
             **held,
         }
 
-    async def install(self, artifact_id: str) -> dict:
-        """Unpack a held archive into the node cache (once per node).
+    async def lacks(self, keys: bytes) -> bytes:
+        """Which of these files (store keys, see ``envship.table.encode_keys``)
+        the node's file store lacks: a bitmap, one bit per key.
+        """
+        names = decode_keys(keys)
+        lacking = await asyncio.to_thread(self.cache.files.lacking, names)
+        return encode_bits(lacking)
 
-        Returns the seconds it took and, if this call unpacked it, how many
-        files it wrote and how many it linked from the node's file store.
+    async def install(self, artifact_id: str, via: str | None = None) -> dict:
+        """Unpack a held archive (or the held thin pack ``via``) into the node cache.
+
+        Once per node. Returns the seconds it took and, if this call unpacked
+        it, how many files it wrote and how many it linked from the node's
+        file store.
         """
         started = time.perf_counter()
         before = len(self.cache.installs(check_id(artifact_id)))
-        await asyncio.to_thread(self.cache.ensure, artifact_id)
+        if via is not None:
+            check_id(via)
+        await asyncio.to_thread(self.cache.ensure, artifact_id, via=via)
         records = self.cache.installs(artifact_id)
         done = records[-1] if len(records) > before else {}
         linked = done.get("linked_files", 0)
@@ -190,15 +202,41 @@ class NannySide:
         """What the registry says this nanny's first worker should run in."""
         where = await self._registry("where", name=str(self.nanny.name))
         offer = (where or {}).get("offer")
-        return None if offer is None else {"id": offer["id"], "name": offer["name"]}
+        if offer is None:
+            return None
+        thin_of = offer["manifest"].get("thin_of")
+        if thin_of is None:
+            return {"id": offer["id"], "name": offer["name"]}
+        # Only a thin pack of it is held: get its base first.
+        return {
+            "id": thin_of,
+            "name": offer["name"],
+            "via": offer["id"],
+            "base": offer["manifest"]["base"],
+        }
 
     async def target_for(self, wanted: dict) -> TargetEnvironment:
-        """Make sure the node holds ``wanted`` unpacked; lease it for this process."""
+        """Make sure the node holds ``wanted`` unpacked; lease it for this process.
+
+        ``wanted`` may name a thin pack (``via``) and the ``base`` whose files
+        it refers to: the base is fetched and unpacked first, so that the
+        node's file store holds them.
+        """
         artifact_id = check_id(wanted["id"])
+        via = wanted.get("via")
         if not self.cache.has(artifact_id) and not self.cache.has_archive(artifact_id):
-            await self.fetch(artifact_id, wanted["name"])
+            if via is None:
+                await self.fetch(artifact_id, wanted["name"])
+            else:
+                base = check_id(wanted["base"])
+                if not self.cache.has(base):
+                    if not self.cache.has_archive(base):
+                        await self.fetch(base, f"{wanted['name']} (its base)")
+                    await asyncio.to_thread(self.cache.ensure, base)
+                if not self.cache.has_archive(check_id(via)):
+                    await self.fetch(via, wanted["name"])
         prefix = await asyncio.to_thread(
-            self.cache.ensure, artifact_id, lease_pid=os.getpid()
+            self.cache.ensure, artifact_id, lease_pid=os.getpid(), via=via
         )
         manifest = self.cache.manifest(artifact_id) or {}
         return TargetEnvironment(

@@ -7,7 +7,10 @@ A small scheduler plugin, registered by the first client that switches (or by
   workers switched on their own, so a nanny that joins or comes back later
   (adaptive scaling, a job scheduler starting more workers, a rebooted node)
   starts its first worker in the right environment;
-- each environment's *offer* (id, name, manifest, piece table: a few KiB);
+- each environment's *offer* (id, name, manifest, piece table: a few KiB),
+  and the thin packs sent for environments whose whole archive nobody
+  holds (a thin pack of X refers to files of a *base* environment whose
+  archive is held: a joiner gets the base, then the thin pack);
 - which nannies hold which blobs, complete or still downloading, as the
   nannies report it, so a node fetches from whoever holds it *now*;
 - what each nanny's worker runs in, and since when.
@@ -61,6 +64,7 @@ class Registry(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.offers: dict[str, dict] = {}
+        self.thin: dict[str, str] = {}  # environment id -> its thin pack's id
         self.default: str | None = None
         self.by_name: dict[str, str | None] = {}
         self.holders: dict[str, dict[str, dict]] = {}
@@ -85,14 +89,19 @@ class Registry(SchedulerPlugin):
     def publish(self, offer: dict) -> str:
         """Keep an environment's offer, so nanny reports and joiners can use it."""
         parsed = Offer.from_msg(offer)
+        thin_of = parsed.manifest.get("thin_of")
+        if thin_of is not None:
+            _id(thin_of), _id(parsed.manifest.get("base"))
         self.offers.pop(parsed.id, None)
         self.offers[parsed.id] = parsed.to_msg()  # most recent last
+        if thin_of is not None:
+            self.thin[thin_of] = parsed.id
         self._forget_spare_offers()
         return "OK"
 
     def desire(self, id: str | None = None, names: list | None = None) -> str:
         """Record that workers (``names``, or all) should run in ``id`` (None: their own)."""
-        if id is not None and _id(id) not in self.offers:
+        if id is not None and _id(id) not in self.offers and id not in self.thin:
             raise ValueError(f"publish the offer of {id!r} first")
         if names is None:
             self.default = id
@@ -106,19 +115,27 @@ class Registry(SchedulerPlugin):
         return "OK"
 
     def where(self, id: str | None = None, name: str | None = None) -> dict:
-        """The offer of ``id`` (or of what worker ``name`` should run) and its holders."""
+        """The offer of blob ``id``, or of what worker ``name`` should run, and its holders.
+
+        For a worker's environment whose whole archive nobody holds, the
+        offer is that of its thin pack (its manifest says ``thin_of`` and
+        ``base``).
+        """
         if id is not None:
-            _id(id)
-        elif name is not None:
-            name = _text(str(name), "a worker name")
-        if id is None:
-            id = (
+            offer = self.offers.get(_id(id))
+        else:
+            if name is not None:
+                name = _text(str(name), "a worker name")
+            wanted = (
                 self.by_name.get(str(name), self.default)
                 if name is not None
                 else self.default
             )
-        offer = self.offers.get(id) if id is not None else None
-        return {"offer": offer, "holders": self.live_holders(id) if offer else []}
+            offer = self.offers.get(wanted) if wanted is not None else None
+            if offer is None and wanted in self.thin:
+                offer = self.offers.get(self.thin[wanted])
+        holders = self.live_holders(offer["id"]) if offer else []
+        return {"offer": offer, "holders": holders}
 
     def hold(
         self,
@@ -162,7 +179,11 @@ class Registry(SchedulerPlugin):
             "default": self.default,
             "by_name": dict(self.by_name),
             "offers": {
-                id: {"name": o["name"], "size": o["table"]["size"]}
+                id: {
+                    "name": o["name"],
+                    "size": o["table"]["size"],
+                    "thin_of": o["manifest"].get("thin_of"),
+                }
                 for id, o in self.offers.items()
             },
             "holders": {
@@ -196,7 +217,12 @@ class Registry(SchedulerPlugin):
 
     def _forget_spare_offers(self) -> None:
         wanted = {self.default, *self.by_name.values()}
+        for id in list(wanted):
+            thin = self.offers.get(self.thin.get(id))
+            if thin is not None:  # and the base that it refers to
+                wanted |= {thin["id"], thin["manifest"]["base"]}
         spare = [id for id in self.offers if id not in wanted]
         for id in spare[: max(len(spare) - SPARE_OFFERS, 0)]:
             del self.offers[id]
             self.holders.pop(id, None)
+        self.thin = {e: t for e, t in self.thin.items() if t in self.offers}

@@ -32,6 +32,13 @@ class ShipReport:
     failed: dict[str, str] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)  # workers not switched
 
+    def merge(self, other: ShipReport) -> None:
+        """Add what another broadcast of the same call moved."""
+        self.client_bytes += other.client_bytes
+        self.nodes.update(other.nodes)
+        self.failed.update(other.failed)
+        self.left_out.extend(other.left_out)
+
     def crossing(self, sites: dict[str, str | None], client_site: str | None) -> int:
         """Bytes that nodes received from a source of another site."""
         total = 0

@@ -1,0 +1,153 @@
+"""Ship only what nodes lack: choose a base, ask the nodes, write a thin pack.
+
+An edited environment shares nearly all its files (same bytes, mode and
+mtime) with the one it was made from. When the cluster holds the whole
+archive of such a *base*, the client asks each node which of the shared
+files its file store lacks (one round trip, 26 bytes a file) and sends a
+*thin pack*: the environment's tar stream in which files every receiving
+node holds are references (see :mod:`envship.table`). It travels like any
+blob, peer to peer, and hashes to the environment's id on the node.
+
+Nodes that lack most of the base get the whole archive instead, written from
+the table only then. A node that joins later fetches the base's archive and
+the thin pack from its peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+
+import xxhash
+
+from envship.table import (
+    EntryTable,
+    decode_bits,
+    encode_keys,
+    store_key,
+    write_archive,
+)
+
+from .store import Artifact, ArtifactStore
+
+#: A node lacking more than this share of the shared bytes gets the whole archive.
+MOSTLY_MISSING = 0.5
+#: A base must share at least this share of the environment's bytes.
+MIN_SHARED = 0.5
+
+
+@dataclass
+class Plan:
+    """Which nodes get the whole archive and which the thin pack (nanny addresses)."""
+
+    full: list[str] = field(default_factory=list)
+    thin: list[str] = field(default_factory=list)
+    base: Artifact | None = None
+    refs: set[str] = field(default_factory=set)
+
+
+async def plan(client, artifact: Artifact, nannies: list[str]) -> Plan:
+    """Ask the nodes (one nanny each) what they lack; decide what each gets."""
+    table = await asyncio.to_thread(artifact.table)
+    if table is None:
+        return Plan(full=list(nannies))
+    base, shared = await _choose_base(client, artifact, table)
+    if base is None:
+        return Plan(full=list(nannies))
+    keys = encode_keys(shared)
+    total = sum(e.size for e in shared) or 1
+
+    async def lacks(nanny):
+        try:
+            bits = await client.rpc(nanny).envship_lacks(keys=keys)
+            return decode_bits(bits, len(shared))
+        except Exception:  # an older nanny, or one that left: send it all
+            return None
+
+    answers = await asyncio.gather(*map(lacks, nannies))
+    result = Plan(base=base)
+    lacked_by_thin: set[int] = set()
+    for nanny, lacking in zip(nannies, answers, strict=True):
+        missing = None if lacking is None else [i for i, x in enumerate(lacking) if x]
+        if missing is None or sum(shared[i].size for i in missing) > (
+            MOSTLY_MISSING * total
+        ):
+            result.full.append(nanny)
+        else:
+            result.thin.append(nanny)
+            lacked_by_thin.update(missing)
+    result.refs = {e.path for i, e in enumerate(shared) if i not in lacked_by_thin}
+    if not result.refs:
+        return Plan(full=list(nannies))
+    return result
+
+
+async def _choose_base(client, artifact: Artifact, table: EntryTable):
+    """The held environment sharing most bytes with ``table``; and those files.
+
+    Candidates: environments whose whole archive some live nanny holds (the
+    registry knows) and whose table this client's store has.
+    """
+    snapshot = await client.scheduler.envship_registry()
+    held = [
+        id
+        for id, offer in snapshot["offers"].items()
+        if id != artifact.id
+        and not offer.get("thin_of")
+        and any(h["complete"] for h in snapshot["holders"].get(id, ()))
+    ]
+    store = ArtifactStore(artifact.path.parent)
+
+    def best():
+        choice, files = None, []
+        for id in held:
+            if not store.has(id):
+                continue
+            candidate = store.get(id)
+            base_table = candidate.table()
+            if base_table is None:
+                continue
+            keys = {store_key(e.digest, e.mode, e.mtime) for e in base_table.files}
+            shared = [
+                e for e in table.files if store_key(e.digest, e.mode, e.mtime) in keys
+            ]
+            if sum(e.size for e in shared) > sum(e.size for e in files):
+                choice, files = candidate, shared
+        if sum(e.size for e in files) < MIN_SHARED * table.unpacked_size:
+            return None, []
+        return choice, files
+
+    return await asyncio.to_thread(best)
+
+
+def write_thin(artifact: Artifact, refs: set[str], base: Artifact) -> Artifact:
+    """Write the thin pack of ``artifact`` (files in ``refs`` as references).
+
+    Returns it as an artifact of its own: its id hashes its bytes; its
+    manifest carries the environment's (``env``), ``thin_of`` and ``base``.
+    """
+    store = ArtifactStore(artifact.path.parent)
+    table = artifact.table()
+    with store.writing(artifact.name) as (f, tmp):
+        summary = write_archive(table, f, refs=refs).summary
+        size = f.tell()
+    h = xxhash.xxh3_128()
+    with open(tmp, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    thin_id = h.hexdigest()
+    path = store.root / "thin" / f"{thin_id}.tar.zst"
+    path.parent.mkdir(exist_ok=True)
+    os.replace(tmp, path)
+    manifest = {
+        "id": thin_id,
+        "name": artifact.name,
+        "thin_of": artifact.id,
+        "base": base.id,
+        "env": artifact.manifest,
+        "packed_size": size,
+        "files": summary.file_count - summary.refs,
+        "refs": summary.refs,
+    }
+    return Artifact(thin_id, artifact.name, path, manifest)
