@@ -15,15 +15,17 @@ holds nothing of the environment.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
 import time
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 from pathlib import Path
 
 import xxhash
-from conda_pack.core import CondaEnv, CondaPackException, Packer
+from conda_pack.core import CondaEnv, CondaPackException, Packer, rewrite_conda_meta
 
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
@@ -199,7 +201,7 @@ def _pack_conda(source, name, writer, ignore_editable, progress) -> None:
         conda_env = CondaEnv.from_prefix(
             str(source.prefix), ignore_editable_packages=ignore_editable
         )
-        packer = Packer(str(source.prefix), _Checked(writer, source.prefix, name))
+        packer = _Packer(str(source.prefix), _Checked(writer, source.prefix, name))
         with progress_bar(f"packing {name}", len(conda_env.files), progress) as bar:
             for file in conda_env.files:
                 packer.add(file)
@@ -211,6 +213,31 @@ def _pack_conda(source, name, writer, ignore_editable, progress) -> None:
         raise EnvshipError(
             name, f"conda-pack refused it: {e}", _conda_fix(str(e))
         ) from e
+
+
+class _Packer(Packer):
+    """conda-pack's Packer, remembering its rewrite of each ``conda-meta`` record.
+
+    Rewriting the records (JSON out and in) is most of a re-pack's time when
+    nothing else changed; in a session that switches many times, each record
+    is rewritten once per change.
+    """
+
+    def add(self, file) -> None:
+        if file.file_mode is None and fnmatch(file.target, "conda-meta/*.json"):
+            st = os.stat(file.source)
+            out, data = _rewritten_record(
+                file.source, st.st_size, st.st_mtime_ns, st.st_ino
+            )
+            self.packages.append(data)
+            self.archive.add_bytes(file.source, out, file.target)
+            return
+        super().add(file)
+
+
+@functools.lru_cache(maxsize=1024)  # records of a few environments
+def _rewritten_record(path: str, size: int, mtime_ns: int, inode: int):
+    return rewrite_conda_meta(path)
 
 
 def _conda_fix(message: str) -> str:

@@ -374,6 +374,9 @@ class EnvCache:
                     name=name,
                     files=self.files,
                     progress=progress,
+                    # A thin pack is mostly links: cheap calls that writer
+                    # threads would only slow down, taking turns for the GIL.
+                    threads=1 if archive != self.archive_path(id) else None,
                 )
             except MissingStoreFileError:
                 raise  # the thin pack is sound, this node lacks what it needs

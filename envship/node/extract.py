@@ -367,7 +367,7 @@ class _Extractor:
                 raise EOFError(f"{name} is cut short")
             digest = xxhash.xxh3_128_hexdigest(data)
             key = self.files and self.files.key(digest, mode, info.mtime)
-            self.queue(name, (name, data, mode, info.mtime, None, key), size)
+            self.queue(name, (name, data, mode, info.mtime, None, key, size), size)
         else:
             digest = self.write_large(name, size, mode, info.mtime)
             if self.files is not None:
@@ -389,7 +389,7 @@ class _Extractor:
                 "send the whole archive",
             )
         key = self.files.key(info.digest, mode, info.mtime)
-        self.queue(name, (name, None, mode, info.mtime, None, key), 0)
+        self.queue(name, (name, None, mode, info.mtime, None, key, info.ref_size), 0)
         self.kinds[name] = "f"
         self.hasher.add_file(name, mode, info.digest)
         self.file_count += 1
@@ -454,7 +454,7 @@ class _Extractor:
                 level += 1
         if odd:
             self.odd_links.append(name)
-        self.queue(name, (name, None, 0, info.mtime, target, None), 0)
+        self.queue(name, (name, None, 0, info.mtime, target, None, 0), 0)
         self.kinds[name] = "l"
         self.hasher.add_symlink(name, target)
 
@@ -530,14 +530,14 @@ class _Extractor:
 def _write_batch(
     dest: str, batch: list[tuple], files: FileStore | None
 ) -> tuple[int, int]:
-    """Create files and symlinks: ``(name, data, mode, mtime, link_target, key)``.
+    """Create files and symlinks: ``(name, data, mode, mtime, link_target, key, size)``.
 
     A file whose ``key`` the store holds is linked, not written; a file
     written enters the store; a reference (``data`` None) must be in the
     store. Returns the files and bytes linked.
     """
     linked = linked_bytes = 0
-    for name, data, mode, mtime, target, key in batch:
+    for name, data, mode, mtime, target, key, size in batch:
         path = os.path.join(dest, name)
         if target is not None:
             os.symlink(target, path)
@@ -547,11 +547,11 @@ def _write_batch(
             if not files.fill(key, path):
                 raise _NotStored(name, key)
             linked += 1
-            linked_bytes += os.lstat(path).st_size
+            linked_bytes += size
             continue
         if key and files.link(key, path):
             linked += 1
-            linked_bytes += len(data)
+            linked_bytes += size
             continue
         fd = os.open(path, _OPEN_FLAGS, 0o600)
         try:

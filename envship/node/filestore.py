@@ -59,12 +59,14 @@ class FileStore:
     def __init__(self, root: str | os.PathLike, links: bool = True):
         self.root = Path(root) / "files"
         self.root.mkdir(mode=0o700, exist_ok=True)
+        self._root = str(self.root)
         self.links = links
 
     key = staticmethod(store_key)
 
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / key
+    def path(self, key: str) -> str:
+        # A string, not a Path: called for every file of every install.
+        return f"{self._root}/{key[:2]}/{key}"
 
     def link(self, key: str, dest: str) -> bool:
         """Make ``dest`` a link to the stored file ``key``; False if not stored."""
@@ -104,8 +106,7 @@ class FileStore:
         """
         if not self.links:
             return [True] * len(keys)
-        root = str(self.root)
-        return [not os.path.isfile(f"{root}/{key[:2]}/{key}") for key in keys]
+        return [not os.path.isfile(self.path(key)) for key in keys]
 
     def add(self, key: str, path: str) -> None:
         """Enter a just-written, complete file: made read-only, linked from the store."""
@@ -118,14 +119,14 @@ class FileStore:
         try:
             os.link(path, target)
         except FileNotFoundError:
-            target.parent.mkdir(mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
             self.add(key, path)
         except FileExistsError:
             pass  # another install stored the same content meanwhile
         except OSError as e:
             self._links_failed(e)
             with contextlib.suppress(OSError):
-                target.parent.rmdir()  # if this made it and nothing is in it
+                os.rmdir(os.path.dirname(target))  # if made here and still empty
 
     def _links_failed(self, e: OSError) -> None:
         if e.errno == errno.EMLINK:

@@ -32,6 +32,7 @@ def unpack(
     name: str,
     files: FileStore | None = None,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Make ``tree`` the verified environment ``id``, ready to live at ``final``.
 
@@ -52,6 +53,8 @@ def unpack(
         Link what it holds instead of writing it (see ``extract_archive``).
     progress : callable, optional
         ``progress(stage, done, total)``: ``"extract"`` (bytes), ``"fixup"``.
+    threads : int, optional
+        Writer threads (see ``extract_archive``).
 
     Returns
     -------
@@ -73,6 +76,7 @@ def unpack(
         env=name,
         progress=progress,
         files=files,
+        threads=threads,
     )
     if progress is not None:
         progress("fixup", 0, 1)
