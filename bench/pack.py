@@ -60,7 +60,7 @@ def main(name: str = "sklearn-dev") -> None:
             artifact.path,
             tmp / "es",
             expected_id=artifact.id,
-            max_unpacked_bytes=artifact.manifest["unpacked_size"],
+            max_unpacked_bytes=artifact.manifest.unpacked_size,
             env=name,
         )
         cp_size = Path(cp_path).stat().st_size

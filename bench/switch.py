@@ -128,8 +128,8 @@ def main() -> None:
 
     print(
         f"\n{WORKERS} workers on one node, environment sklearn-dev "
-        f"({artifact.manifest['file_count']} files, "
-        f"{artifact.manifest['unpacked_size'] / 1e6:.0f} MB); packed once in {t_pack:.2f} s (not counted below)"
+        f"({artifact.manifest.file_count} files, "
+        f"{artifact.manifest.unpacked_size / 1e6:.0f} MB); packed once in {t_pack:.2f} s (not counted below)"
     )
     print(
         f"(a) cold switch              {t_cold:6.2f} s   floor (cp -a {t_copy:.2f} s + restart {t_restart:.2f} s) {floor:.2f} s   ratio {t_cold / floor:.2f} (target <= 1.5)"

@@ -67,9 +67,9 @@ def pack(env, name, level, threads, ignore_editable, store):
     )
     m = artifact.manifest
     click.echo(
-        f"{artifact.name}  {artifact.id}  {format_bytes(m['packed_size'])} "
-        f"({format_bytes(m['unpacked_size'])} unpacked, {m['file_count']} files, "
-        f"python {m['python']})"
+        f"{artifact.name}  {artifact.id}  {format_bytes(m.packed_size)} "
+        f"({format_bytes(m.unpacked_size)} unpacked, {m.file_count} files, "
+        f"python {m.python})"
     )
     click.echo(str(artifact.path))
 
@@ -88,13 +88,13 @@ def list_artifacts(store):
     table = Table("name", "id", "archive", "unpacked", "python", "created", box=None)
     for a in store.artifacts():
         m = a.manifest
-        created = datetime.fromisoformat(m["created"]).astimezone()
+        created = datetime.fromisoformat(m.created).astimezone()
         table.add_row(
             ", ".join(names.get(a.id, [])) or "-",
             a.short_id,
             format_bytes(a.size) if a.has_archive else "(table only)",
-            format_bytes(m["unpacked_size"]),
-            m["python"],
+            format_bytes(m.unpacked_size),
+            m.python,
             created.strftime("%Y-%m-%d %H:%M"),
         )
     Console().print(table)
@@ -117,7 +117,7 @@ def _find(store: ArtifactStore, name_or_id: str):
 def inspect(name_or_id, store):
     """Print the manifest of an artifact."""
     artifact = _find(ArtifactStore(store), name_or_id)
-    click.echo(json.dumps(artifact.manifest, indent=2, sort_keys=True))
+    click.echo(json.dumps(artifact.manifest.to_dict(), indent=2, sort_keys=True))
 
 
 @main.command()

@@ -20,6 +20,7 @@ import zstandard
 
 from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError
+from envship.manifest import Manifest
 from envship.node.cache import EnvCache
 from envship.node.extract import remove_tree
 from envship.node.relocate import fixup_venv
@@ -56,13 +57,14 @@ def make_artifact(tmp_path, name="demo", builder=make_venv_tree, kind="venv", **
     builder(src, **kw)
     archive = tmp_path / f"{name}.tar.zst"
     summary = pack_tree(src, archive)
-    manifest = {
-        "id": summary.id,
-        "name": name,
-        "kind": kind,
-        "unpacked_size": summary.unpacked_size,
-        "python": "3.11",
-    }
+    manifest = Manifest(
+        id=summary.id,
+        name=name,
+        kind=kind,
+        python="3.11",
+        file_count=summary.file_count,
+        unpacked_size=summary.unpacked_size,
+    )
     remove_tree(src)
     return summary.id, archive, manifest
 
@@ -102,7 +104,7 @@ def test_ensure_installs_fixes_up_and_seals(tmp_path):
     assert prefix == cache.path(id) == cache.root / id
     assert cache.has(id)
     assert stages[-1] == ("fixup", 1, 1)
-    assert ("extract", manifest["unpacked_size"], manifest["unpacked_size"]) in stages
+    assert ("extract", manifest.unpacked_size, manifest.unpacked_size) in stages
     assert (prefix / "bin" / "activate").read_text() == f'VIRTUAL_ENV="{prefix}"\n'
     assert (prefix / "bin" / "tool").read_text().startswith(f"#!{prefix}/bin/python\n")
     assert os.readlink(prefix / "bin" / "python") == BASE_PYTHON
@@ -159,7 +161,7 @@ def test_archive_writer_removes_partial_file_on_error(tmp_path):
     cache = EnvCache(tmp_path / "cache", max_size="1 GB")
     id = "1" * 32
     with pytest.raises(RuntimeError):
-        with cache.archive_writer(id, {"id": id}) as f:
+        with cache.archive_writer(id, None) as f:
             f.write(b"half")
             raise RuntimeError("connection lost")
     assert not cache.has_archive(id)
@@ -363,18 +365,19 @@ def forged(tmp_path, members):
 def bad_unsafe(tmp_path):
     archive = forged(tmp_path, [("ok.txt", b"ok"), ("../evil", b"evil")])
     id = "3" * 32
-    return id, archive, {"id": id, "name": "bad", "kind": "venv", "unpacked_size": 6}
+    manifest = Manifest(id, "bad", "venv", "3.11", file_count=1, unpacked_size=6)
+    return id, archive, manifest
 
 
 def bad_mismatch(tmp_path):
     _, archive, manifest = make_artifact(tmp_path, "bad")
     id = "4" * 32  # claims to be another environment
-    return id, archive, dict(manifest, id=id)
+    return id, archive, manifest.replace(id=id)
 
 
 def bad_bomb(tmp_path):
     id, archive, manifest = make_artifact(tmp_path, "bad", size=100_000)
-    return id, archive, dict(manifest, unpacked_size=1000)
+    return id, archive, manifest.replace(unpacked_size=1000)
 
 
 def bad_fixup(tmp_path):
@@ -514,7 +517,7 @@ def test_packed_fixture_runs_at_its_final_prefix(tmp_path, fixture, code):
     ).split()
     assert out[0] == str(prefix)
     assert out[1].startswith(str(prefix))
-    if artifact.manifest["kind"] == "conda":
+    if artifact.manifest.kind == "conda":
         # Files conda-unpack rewrote now name the final prefix, not the source.
         (sysconfig,) = prefix.glob("lib/python*/_sysconfigdata*.py")
         assert str(prefix) in sysconfig.read_text()

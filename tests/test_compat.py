@@ -6,6 +6,7 @@ import pytest
 
 from envship.client.compat import check_compatibility, find_mismatches
 from envship.errors import IncompatibleEnvironmentError
+from envship.manifest import Manifest
 
 SCHEDULER = {
     "dask": "2026.8.0",
@@ -18,11 +19,16 @@ NODE = {"os": "linux", "machine": "x86_64", "libc": "glibc", "libc_version": "2.
 
 
 def manifest(python="3.11.7", platform=None, **packages):
-    return {
-        "python": python,
-        "packages": {**SCHEDULER, **packages},
-        "platform": {**NODE, **(platform or {})},
-    }
+    return Manifest(
+        id="0" * 32,
+        name="env",
+        kind="conda",
+        python=python,
+        file_count=1,
+        unpacked_size=1,
+        packages={**SCHEDULER, **packages},
+        platform={**NODE, **(platform or {})},
+    )
 
 
 def check(m, strict=True):
@@ -52,14 +58,14 @@ def test_package_versions_give_a_table_and_the_pins_to_install():
 
 
 def test_python_2_is_refused_even_when_not_strict():
-    m = {"python": "2.7.18", "packages": {}, "platform": NODE}
+    m = manifest("2.7.18").replace(packages={})
     with pytest.raises(IncompatibleEnvironmentError, match="cannot run on Python 2.7"):
         check(m, strict=False)
 
 
 def test_missing_distributed_and_other_platforms_are_fatal():
     m = manifest()
-    del m["packages"]["distributed"]
+    del m.packages["distributed"]
     with pytest.raises(IncompatibleEnvironmentError, match="not installed"):
         check(m, strict=False)
     with pytest.raises(IncompatibleEnvironmentError, match="darwin"):

@@ -103,13 +103,13 @@ def test_repack_reads_only_the_files_that_changed(env_prefix, store, tmp_path):
     work_venv = tmp_path / "work-venv"
     subprocess.run(["cp", "-a", env_prefix("venv"), work_venv], check=True)
     first = envship.pack(work_venv, store=store, archive=False)
-    assert not first.has_archive and first.manifest["files_read"] > 100
+    assert not first.has_archive and first.manifest.stats["files_read"] > 100
 
     victim = next(site_packages(work_venv).glob("*/__init__.py"))
     victim.write_text(victim.read_text() + "# edited\n")
     second = envship.pack(work_venv, store=store, archive=False)
     assert second.id != first.id
-    assert second.manifest["files_read"] == 1
+    assert second.manifest.stats["files_read"] == 1
 
     # The archive, written from the table when asked for, hashes to the id.
     written = ArtifactStore(store).ensure_archive(second)
@@ -118,10 +118,10 @@ def test_repack_reads_only_the_files_that_changed(env_prefix, store, tmp_path):
         written.path,
         store.parent / "check",
         expected_id=second.id,
-        max_unpacked_bytes=second.manifest["unpacked_size"],
+        max_unpacked_bytes=second.manifest.unpacked_size,
         env="check",
     )
-    assert summary.file_count == second.manifest["file_count"]
+    assert summary.file_count == second.manifest.file_count
 
     # Changed after the table pass: the archive is refused, not mislabelled.
     victim.write_text(victim.read_text() + "# once more\n")
@@ -142,14 +142,14 @@ def test_a_thin_pack_links_everything_the_store_holds(work_env, store, tmp_path)
     add_package(work_env)
     edited = envship.pack(work_env, store=store, archive=False)
     thin = thin_for(cache, base, edited)
-    assert thin.manifest["files"] <= 3  # the new module and conda-pack's own
+    assert thin.manifest.files <= 3  # the new module and conda-pack's own
     assert thin.size < base.size / 20
 
     cache.add_archive(thin.id, thin.path, thin.manifest)
     tree = cache.ensure(edited.id, via=thin.id)
     (record,) = cache.installs(edited.id)
     written = record["files"] - record["linked_files"]
-    assert written == thin.manifest["files"]
+    assert written == thin.manifest.files
 
     # Every other file is the base's file, one inode.
     shared = site_packages(base_tree).relative_to(base_tree)

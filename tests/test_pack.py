@@ -13,6 +13,7 @@ import pytest
 
 import envship
 from envship.errors import EnvshipError
+from envship.manifest import Manifest
 
 ALL = ["base", "sklearn-dev", "py312", "py27", "no-distributed", "venv"]
 WITH_DISTRIBUTED = {"base", "sklearn-dev", "py312", "venv"}
@@ -48,14 +49,14 @@ def test_round_trip_to_a_longer_path(name, env_prefix, store, tmp_path):
     prefix = env_prefix(name)
     artifact = envship.pack(prefix, name=name, store=store)
     assert artifact.path.is_file()
-    assert artifact.manifest["id"] == artifact.id
-    assert artifact.manifest["name"] == name
-    assert artifact.manifest["packed_size"] == artifact.path.stat().st_size
+    assert artifact.manifest.id == artifact.id
+    assert artifact.manifest.name == name
+    assert artifact.manifest.packed_size == artifact.path.stat().st_size
 
     dest = tmp_path / ("a-much-longer-path-than-the-source-" * 3) / name
     # conda-pack's conda-unpack is Python 3 code: run it with ours for py27.
     helper = Path(sys.executable) if name == "py27" else None
-    unpack(artifact.path, dest, artifact.manifest["kind"], helper)
+    unpack(artifact.path, dest, artifact.manifest.kind, helper)
     python = dest / "bin" / "python"
     if name == "py27":
         out = subprocess.check_output(
@@ -84,19 +85,19 @@ def test_round_trip_to_a_longer_path(name, env_prefix, store, tmp_path):
 def test_manifest_records_versions_and_platform(env_prefix, store):
     artifact = envship.pack(env_prefix("sklearn-dev"), store=store)
     m = artifact.manifest
-    assert m["kind"] == "conda"
-    assert m["python"] == "3.11.7"
+    assert m.kind == "conda"
+    assert m.python == "3.11.7"
     import dask
     import distributed
 
-    assert m["packages"]["dask"] == dask.__version__
-    assert m["packages"]["distributed"] == distributed.__version__
-    assert "numpy" in m["packages"]
-    assert m["platform"]["os"] == sys.platform
-    assert m["file_count"] > 1000
-    assert m["unpacked_size"] > m["packed_size"] > 0
+    assert m.packages["dask"] == dask.__version__
+    assert m.packages["distributed"] == distributed.__version__
+    assert "numpy" in m.packages
+    assert m.platform["os"] == sys.platform
+    assert m.file_count > 1000
+    assert m.unpacked_size > m.packed_size > 0
     on_disk = json.loads(artifact.path.with_suffix("").with_suffix(".json").read_text())
-    assert on_disk == m
+    assert Manifest.from_dict(on_disk) == m
 
 
 def test_same_environment_same_id_across_stores(env_prefix, tmp_path):
@@ -144,7 +145,7 @@ def test_conda_env_by_name(env_prefix, store, monkeypatch):
     prefix = env_prefix("no-distributed")
     monkeypatch.setenv("CONDA_ENVS_PATH", str(prefix.parent))
     artifact = envship.pack(prefix.name, store=store)
-    assert artifact.manifest["source_prefix"] == str(prefix)
+    assert artifact.manifest.source_prefix == str(prefix)
     # Names already in the store resolve when no environment has that name.
     monkeypatch.delenv("CONDA_ENVS_PATH")
     assert envship.pack(prefix.name, store=store).id == artifact.id

@@ -311,7 +311,7 @@ def test_blob_handlers_refuse_lies(tmp_path, base):
         lies = [
             {**good, "id": base.id + "\n"},
             {**good, "id": "../../etc"},
-            {**good, "manifest": {**base.manifest, "id": "0" * 32}},
+            {**good, "manifest": {**base.manifest.to_dict(), "id": "0" * 32}},
             {**good, "table": {**good["table"], "digest": "0" * 32}},
             {**good, "table": {**good["table"], "size": 1 << 45}},
             {**good, "table": {**good["table"], "piece_size": 10}},

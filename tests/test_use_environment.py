@@ -22,6 +22,7 @@ import envship
 from envship.archive import ContentHasher, file_digest
 from envship.client.store import Artifact
 from envship.errors import EnvshipError, IncompatibleEnvironmentError
+from envship.manifest import Manifest
 from envship.node.cache import EnvCache
 from fixtures.cluster import local_cluster, wait_until
 
@@ -213,7 +214,7 @@ def malicious_artifact(store: Path, kind: str) -> Artifact:
         "created": "2026-01-01T00:00:00+00:00",
     }
     (store / f"{artifact_id}.json").write_text(json.dumps(manifest))
-    return Artifact(artifact_id, manifest["name"], path, manifest)
+    return Artifact(artifact_id, manifest["name"], path, Manifest.from_dict(manifest))
 
 
 @pytest.mark.parametrize("kind", ["traversal", "symlink", "bomb"])
@@ -321,7 +322,7 @@ def test_prepare_ships_and_installs_while_workers_compute(cluster, env_prefix, s
     assert report.transfer.client_bytes >= venv.size
     assert len(report.unpacked) == len(NODES)  # one nanny per node unpacked it
     assert all(
-        u["written"] + u["linked"] == venv.manifest["file_count"]
+        u["written"] + u["linked"] == venv.manifest.file_count
         for u in report.unpacked.values()
     )
     assert f"unpacked on {len(NODES)} node(s)" in repr(report)

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 from envship.errors import IncompatibleEnvironmentError
+from envship.manifest import Manifest
 
 #: Packages whose versions must match the scheduler's: they serialise tasks
 #: and messages between client, scheduler and workers.
@@ -40,7 +41,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def find_mismatches(
-    manifest: dict,
+    manifest: Manifest,
     client_python: str,
     scheduler_packages: dict[str, str | None],
     node_platforms: list[dict],
@@ -49,21 +50,23 @@ def find_mismatches(
 
     Examples
     --------
-    >>> manifest = {"python": "3.12.1", "packages": {"distributed": "2026.8.0"},
-    ...             "platform": {"os": "linux", "machine": "x86_64",
-    ...                          "libc": "glibc", "libc_version": "2.36"}}
+    >>> manifest = Manifest(
+    ...     id="0" * 32, name="x", kind="conda", python="3.12.1", file_count=1,
+    ...     unpacked_size=1, packages={"distributed": "2026.8.0"},
+    ...     platform={"os": "linux", "machine": "x86_64", "libc": "glibc",
+    ...               "libc_version": "2.36"})
     >>> [m.what for m in find_mismatches(manifest, "3.11.7",
     ...                                  {"distributed": "2026.8.0"}, [])]
     ['python']
     """
     found = []
-    env_python = manifest["python"]
+    env_python = manifest.python
     if _major_minor(env_python) < (3,):
         found.append(Mismatch("python", env_python, client_python, fatal=True))
     elif _major_minor(env_python) != _major_minor(client_python):
         found.append(Mismatch("python", env_python, client_python, fatal=False))
 
-    packages = manifest.get("packages", {})
+    packages = manifest.packages
     for name in WIRE_PACKAGES:
         theirs = scheduler_packages.get(name)
         ours = packages.get(name)
@@ -72,7 +75,7 @@ def find_mismatches(
         elif ours is not None and theirs is not None and ours != theirs:
             found.append(Mismatch(name, ours, theirs, fatal=False))
 
-    env_platform = manifest.get("platform", {})
+    env_platform = manifest.platform
     for node in node_platforms:
         for key in ("os", "machine"):
             if env_platform.get(key) != node.get(key):
@@ -107,9 +110,9 @@ def _table(mismatches: list[Mismatch]) -> str:
     )
 
 
-def _fix(name: str, manifest: dict, mismatches: list[Mismatch]) -> str:
+def _fix(name: str, manifest: Manifest, mismatches: list[Mismatch]) -> str:
     whats = {m.what for m in mismatches}
-    if "python" in whats and _major_minor(manifest["python"]) < (3,):
+    if "python" in whats and _major_minor(manifest.python) < (3,):
         return (
             "Dask workers cannot run on Python 2.7: distributed dropped Python 2 "
             "in 2019 (version 2.0) and today needs Python 3.10 or newer, so no "
@@ -135,7 +138,7 @@ def _fix(name: str, manifest: dict, mismatches: list[Mismatch]) -> str:
 
 def check_compatibility(
     name: str,
-    manifest: dict,
+    manifest: Manifest,
     client_python: str,
     scheduler_packages: dict[str, str | None],
     node_platforms: list[dict],

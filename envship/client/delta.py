@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from envship.manifest import ThinManifest
 from envship.table import (
     EntryTable,
     decode_bits,
@@ -140,14 +141,13 @@ def write_thin(artifact: Artifact, refs: set[str], base: Artifact) -> Artifact:
     path = store.root / "thin" / f"{thin_id}.tar.zst"
     path.parent.mkdir(exist_ok=True)
     os.replace(tmp, path)
-    manifest = {
-        "id": thin_id,
-        "name": artifact.name,
-        "thin_of": artifact.id,
-        "base": base.id,
-        "env": artifact.manifest,
-        "packed_size": size,
-        "files": summary.file_count - summary.refs,
-        "refs": summary.refs,
-    }
+    manifest = ThinManifest(
+        id=thin_id,
+        thin_of=artifact.id,
+        base=base.id,
+        env=artifact.manifest,
+        packed_size=size,
+        files=summary.file_count - summary.refs,
+        refs=summary.refs,
+    )
     return Artifact(thin_id, artifact.name, path, manifest)

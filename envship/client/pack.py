@@ -29,6 +29,7 @@ from conda_pack.core import CondaEnv, CondaPackException, Packer, rewrite_conda_
 
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
+from envship.manifest import FORMAT_VERSION, Manifest
 from envship.table import TableWriter
 
 from .environment import SourceEnvironment
@@ -36,7 +37,6 @@ from .locate import find_named, looks_like_path, where_looked
 from .progress import progress_bar
 from .store import Artifact, ArtifactStore
 
-FORMAT_VERSION = 1
 VENV_UNPACK_FILE = ".envship/unpack.json"
 
 
@@ -85,7 +85,7 @@ def pack(
     Examples
     --------
     >>> artifact = envship.pack("sklearn-dev")  # doctest: +SKIP
-    >>> artifact.manifest["python"]  # doctest: +SKIP
+    >>> artifact.manifest.python  # doctest: +SKIP
     '3.11.7'
     """
     store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
@@ -125,22 +125,22 @@ def pack(
         _pack_venv(source, name, writer, progress)
     table = writer.close()
     store.save_digests(digests, writer.seen, name)
-    manifest = {
-        "format": FORMAT_VERSION,
-        "id": table.id,
-        "name": name,
-        "kind": source.kind,
-        "source_prefix": str(source.prefix),
-        "python": source.python,
-        "packages": source.package_versions(),
-        "platform": platform_facts(),
-        "file_count": table.file_count,
-        "unpacked_size": table.unpacked_size,
-        "packed_size": None,
-        "files_read": writer.read_files,
-        "pack_seconds": round(time.perf_counter() - started, 3),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    manifest = Manifest(
+        id=table.id,
+        name=name,
+        kind=source.kind,
+        python=source.python,
+        file_count=table.file_count,
+        unpacked_size=table.unpacked_size,
+        packages=source.package_versions(),
+        platform=platform_facts(),
+        source_prefix=str(source.prefix),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        stats={
+            "files_read": writer.read_files,
+            "pack_seconds": round(time.perf_counter() - started, 3),
+        },
+    )
     if store.has(table.id):
         store.set_name(name, table.id)
         artifact = store.get(table.id, name)

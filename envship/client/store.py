@@ -35,6 +35,7 @@ import zstandard
 from envship import config
 from envship.archive import is_id
 from envship.errors import EnvshipError
+from envship.manifest import Manifest, ThinManifest
 from envship.table import EntryTable, write_archive
 
 from .progress import progress_bar
@@ -57,7 +58,7 @@ class Artifact:
     id: str
     name: str
     path: Path
-    manifest: dict
+    manifest: Manifest | ThinManifest
 
     @property
     def short_id(self) -> str:
@@ -66,7 +67,7 @@ class Artifact:
     @property
     def size(self) -> int | None:
         """Bytes of the compressed archive; None until it is written."""
-        return self.manifest.get("packed_size")
+        return self.manifest.packed_size
 
     @property
     def has_archive(self) -> bool:
@@ -168,22 +169,21 @@ class ArtifactStore:
             f.write(text.encode())
         os.replace(tmp, path)
 
-    def add(self, table: EntryTable, manifest: dict) -> Artifact:
+    def add(self, table: EntryTable, manifest: Manifest) -> Artifact:
         """Record a packed environment: its table and manifest (no archive yet)."""
-        artifact_id = manifest["id"]
-        with self.writing(manifest["name"]) as (f, tmp):
+        with self.writing(manifest.name) as (f, tmp):
             f.close()
             table.save(tmp)
-        os.replace(tmp, self.table_path(artifact_id))
+        os.replace(tmp, self.table_path(manifest.id))
         self._put_manifest(manifest)
-        self.set_name(manifest["name"], artifact_id)
-        return self.get(artifact_id)
+        self.set_name(manifest.name, manifest.id)
+        return self.get(manifest.id)
 
-    def _put_manifest(self, manifest: dict) -> None:
+    def _put_manifest(self, manifest: Manifest) -> None:
         self._write_text(
-            self.manifest_path(manifest["id"]),
-            json.dumps(manifest, indent=2, sort_keys=True),
-            manifest["name"],
+            self.manifest_path(manifest.id),
+            json.dumps(manifest.to_dict(), indent=2, sort_keys=True),
+            manifest.name,
         )
 
     def ensure_archive(
@@ -233,11 +233,13 @@ class ArtifactStore:
                 f"pack it again (`envship pack {artifact.name}`)",
             ) from e
         os.replace(tmp, artifact.path)
-        manifest = dict(
-            artifact.manifest,
+        manifest = artifact.manifest.replace(
             packed_size=packed_size,
-            level=level,
-            archive_seconds=round(time.perf_counter() - started, 3),
+            stats={
+                **artifact.manifest.stats,
+                "level": level,
+                "archive_seconds": round(time.perf_counter() - started, 3),
+            },
         )
         self._put_manifest(manifest)
         return Artifact(artifact.id, artifact.name, artifact.path, manifest)
@@ -252,10 +254,18 @@ class ArtifactStore:
 
     def get(self, artifact_id: str, name: str | None = None) -> Artifact:
         """The artifact with this id (its manifest's name unless ``name``)."""
-        manifest = json.loads(self.manifest_path(artifact_id).read_text())
+        path = self.manifest_path(artifact_id)
+        try:
+            manifest = Manifest.from_dict(json.loads(path.read_text()))
+        except ValueError as e:
+            raise EnvshipError(
+                name or artifact_id,
+                f"its manifest {path} is damaged: {e}",
+                f"remove it (`envship rm {artifact_id}`) and pack it again",
+            ) from None
         return Artifact(
             artifact_id,
-            name or manifest["name"],
+            name or manifest.name,
             self.archive_path(artifact_id),
             manifest,
         )
@@ -299,7 +309,7 @@ class ArtifactStore:
             return []
         ids = [p.stem for p in self.root.glob("*.json") if is_id(p.stem)]
         found = [self.get(i) for i in ids if self.has(i)]
-        return sorted(found, key=lambda a: a.manifest["created"], reverse=True)
+        return sorted(found, key=lambda a: a.manifest.created, reverse=True)
 
     def remove(self, name_or_id: str) -> Artifact:
         """Delete an artifact and every name and signature pointing to it."""

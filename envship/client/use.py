@@ -22,6 +22,7 @@ from distributed.protocol.pickle import dumps
 
 from envship import config
 from envship.errors import EnvshipError, MissingStoreFileError
+from envship.manifest import ThinManifest
 from envship.node.nanny import NannySetup, UseEnvironment
 from envship.scheduler.registry import Registry
 from envship.transfer import Offer, Peer, ShipReport, broadcast
@@ -502,7 +503,7 @@ async def _broadcast(client, blob: Artifact, nannies, infos, progress, holding):
     fetchers = [Peer(nanny, infos[nanny]["site"]) for nanny in nannies]
     total = offer.table.size * len(fetchers)  # bytes, over all nodes
     piece = offer.table.piece_size
-    what = "a thin pack of " if blob.manifest.get("thin_of") else ""
+    what = "a thin pack of " if isinstance(blob.manifest, ThinManifest) else ""
     with progress_bar(
         f"shipping {what}{blob.name} to {len(fetchers)} node(s)", total, progress
     ) as bar:

@@ -45,6 +45,7 @@ from envship import config
 from envship.archive import ID_PATTERN as _ID
 from envship.archive import check_id
 from envship.errors import EnvshipError, MissingStoreFileError
+from envship.manifest import Manifest, ThinManifest, blob_manifest
 
 from .extract import Progress, remove_tree
 from .filestore import FileStore
@@ -179,23 +180,22 @@ class EnvCache:
         """Whether the artifact and its manifest of ``id`` are both here."""
         return self.archive_path(id).is_file() and self.manifest_path(id).is_file()
 
-    def manifest(self, id: str) -> dict | None:
+    def manifest(self, id: str) -> Manifest | ThinManifest | None:
         """The manifest of ``id``, or None if there is none (or it is unreadable)."""
         try:
             with open(self.manifest_path(id), encoding="utf-8") as f:
-                data = json.load(f)
+                return blob_manifest(json.load(f))
         except FileNotFoundError:
             return None
-        except ValueError:
-            logger.warning("ignoring unreadable manifest %s", self.manifest_path(id))
+        except ValueError as e:
+            logger.warning("ignoring bad manifest %s: %s", self.manifest_path(id), e)
             return None
-        return data if isinstance(data, dict) else None
 
     # -- receiving artifacts ---------------------------------------------------
 
     @contextmanager
     def archive_writer(
-        self, id: str, manifest: dict | None = None
+        self, id: str, manifest: Manifest | ThinManifest | None = None
     ) -> Iterator[BinaryIO]:
         """Write the artifact of ``id``; it appears only if the block succeeds.
 
@@ -203,7 +203,7 @@ class EnvCache:
         ----------
         id : str
             The artifact's content id (checked when it is installed).
-        manifest : dict, optional
+        manifest : Manifest or ThinManifest, optional
             Its manifest, stored next to it. Without one, call
             :meth:`put_manifest` before :meth:`ensure`.
 
@@ -214,8 +214,8 @@ class EnvCache:
         ...         f.write(chunk)
         """
         check_id(id)
-        if manifest is not None and manifest.get("id", id) != id:
-            raise ValueError(f"manifest of {manifest.get('id')} given for {id}")
+        if manifest is not None and manifest.id != id:
+            raise ValueError(f"manifest of {manifest.id} given for {id}")
         part = self.root / "tmp" / f"{id}.{os.getpid()}.{secrets.token_hex(4)}.part"
         f = open(part, "xb")
         try:
@@ -228,7 +228,7 @@ class EnvCache:
             raise
 
     def adopt_archive(
-        self, id: str, part: str | os.PathLike, manifest: dict | None
+        self, id: str, part: str | os.PathLike, manifest: Manifest | ThinManifest | None
     ) -> None:
         """Move a complete artifact file from ``tmp/`` into place (a rename).
 
@@ -253,13 +253,15 @@ class EnvCache:
         path = self.root / "locks" / f"{check_id(id)}.fetch.lock"
         return FileLock(str(path), thread_local=False)
 
-    def put_manifest(self, id: str, manifest: dict) -> None:
+    def put_manifest(self, id: str, manifest: Manifest | ThinManifest) -> None:
         """Store the manifest of ``id`` (atomically)."""
-        if manifest.get("id", id) != id:
-            raise ValueError(f"manifest of {manifest.get('id')} given for {id}")
-        _write_json(self.manifest_path(id), manifest)
+        if manifest.id != id:
+            raise ValueError(f"manifest of {manifest.id} given for {id}")
+        _write_json(self.manifest_path(id), manifest.to_dict())
 
-    def add_archive(self, id: str, source: str | os.PathLike, manifest: dict) -> None:
+    def add_archive(
+        self, id: str, source: str | os.PathLike, manifest: Manifest | ThinManifest
+    ) -> None:
         """Copy an artifact file (and its manifest) into the cache."""
         with open(source, "rb") as src, self.archive_writer(id, manifest) as dst:
             while chunk := src.read(1 << 20):
@@ -339,21 +341,15 @@ class EnvCache:
         self, id: str, env: str | None, progress: Progress | None, via: str | None
     ) -> None:
         archive, manifest = self._source(id, via)
-        name = env or (manifest or {}).get("name") or id
+        name = env or (manifest.name if manifest else id)
         if manifest is None:
             raise EnvshipError(
                 name,
-                f"this node's cache ({self.root}) has no artifact {id}",
+                f"this node's cache ({self.root}) has no artifact {id} (or "
+                "its manifest is unreadable)",
                 "send the artifact to this node before installing it",
             )
-        limit = manifest.get("unpacked_size")
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            self._discard_archive(id)
-            raise EnvshipError(
-                name,
-                f"the manifest of {id} has no valid unpacked_size",
-                "pack the environment again with envship",
-            )
+        limit = manifest.unpacked_size
         self._remove_temp(id)
         try:
             self.evict(needed=limit, keep=(id, via) if via else (id,))
@@ -427,19 +423,18 @@ class EnvCache:
 
     def _source(self, id: str, via: str | None) -> tuple[Path, dict | None]:
         """The archive to install ``id`` from (its own, or the thin pack ``via``)."""
+        own = self.manifest(id)
         if self.archive_path(id).is_file() or via is None:
-            return self.archive_path(id), self.manifest(id)
-        thin = self.manifest(via) or {}
-        manifest = thin.get("env")
+            return self.archive_path(id), own if isinstance(own, Manifest) else None
+        thin = self.manifest(via)
         if (
-            thin.get("thin_of") != id
-            or not isinstance(manifest, dict)
-            or manifest.get("id") != id
+            not isinstance(thin, ThinManifest)
+            or thin.thin_of != id
             or not self.archive_path(via).is_file()
         ):
             return self.archive_path(id), None
-        self.put_manifest(id, manifest)
-        return self.archive_path(via), manifest
+        self.put_manifest(id, thin.env)
+        return self.archive_path(via), thin.env
 
     def installs(self, id: str | None = None) -> list[dict]:
         """Past extractions on this node (all, or of ``id``), oldest first."""
@@ -567,9 +562,9 @@ class EnvCache:
         with self._locked(id):
             leases = self._live_leases(id, prune=True)
             if leases and not force:
-                manifest = self.manifest(id) or {}
+                manifest = self.manifest(id)
                 raise EnvshipError(
-                    manifest.get("name") or id,
+                    manifest.name if manifest else id,
                     f"it is in use by processes {leases} on this node",
                     "stop the workers that use it first, or remove it with force",
                 )
@@ -708,10 +703,10 @@ class EnvCache:
         if has_tree:
             alone, shared = _stored_usage(self.path(id))
             size += alone
-        manifest = self.manifest(id) or {}
+        manifest = self.manifest(id)
         return CacheEntry(
             id=id,
-            name=manifest.get("name"),
+            name=manifest.name if manifest else None,
             size=size,
             last_used=self._last_used(id) or None,
             leases=tuple(self.live_leases(id)),

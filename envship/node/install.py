@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from envship.errors import EnvshipError
+from envship.manifest import Manifest
 
 from .extract import Progress, extract_archive
 from .filestore import FileStore
@@ -27,7 +28,7 @@ def unpack(
     final: Path,
     *,
     id: str,
-    manifest: dict,
+    manifest: Manifest,
     limit: int,
     name: str,
     files: FileStore | None = None,
@@ -86,7 +87,7 @@ def unpack(
     disk, private = seal(tree)
     return {
         "id": id,
-        "name": manifest.get("name"),
+        "name": manifest.name,
         "size": disk,
         "private": private,
         "files": summary.file_count,
@@ -98,9 +99,9 @@ def unpack(
     }
 
 
-def fixup(tree: Path, final: Path, manifest: dict, name: str) -> None:
+def fixup(tree: Path, final: Path, manifest: Manifest, name: str) -> None:
     """Make ``tree`` work at ``final``, as its kind of environment needs."""
-    kind = manifest.get("kind")
+    kind = manifest.kind
     if kind == "conda":
         fixup_conda(tree, final, name)
     elif kind == "venv":

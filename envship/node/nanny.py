@@ -238,11 +238,11 @@ class NannySide:
         prefix = await asyncio.to_thread(
             self.cache.ensure, artifact_id, lease_pid=os.getpid(), via=via
         )
-        manifest = self.cache.manifest(artifact_id) or {}
+        manifest = self.cache.manifest(artifact_id)
         return TargetEnvironment(
             id=artifact_id,
             prefix=Path(prefix),
-            kind=manifest.get("kind", "conda"),
+            kind=manifest.kind if manifest else "conda",
             name=wanted["name"],
         )
 

@@ -26,6 +26,7 @@ import time
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from envship.archive import check_id
+from envship.manifest import ThinManifest
 from envship.transfer import Offer, Peer
 from envship.transfer.pieces import check_site
 
@@ -89,13 +90,10 @@ class Registry(SchedulerPlugin):
     def publish(self, offer: dict) -> str:
         """Keep an environment's offer, so nanny reports and joiners can use it."""
         parsed = Offer.from_msg(offer)
-        thin_of = parsed.manifest.get("thin_of")
-        if thin_of is not None:
-            _id(thin_of), _id(parsed.manifest.get("base"))
         self.offers.pop(parsed.id, None)
         self.offers[parsed.id] = parsed.to_msg()  # most recent last
-        if thin_of is not None:
-            self.thin[thin_of] = parsed.id
+        if isinstance(parsed.manifest, ThinManifest):
+            self.thin[parsed.manifest.thin_of] = parsed.id
         self._forget_spare_offers()
         return "OK"
 

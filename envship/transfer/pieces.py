@@ -23,6 +23,7 @@ import xxhash
 
 from envship import config
 from envship.archive import check_id
+from envship.manifest import Manifest, ThinManifest, blob_manifest
 
 #: Bounds on what a piece table may declare.
 MIN_PIECE_SIZE = 64 * 1024
@@ -143,7 +144,7 @@ class Offer:
 
     id: str
     name: str
-    manifest: dict
+    manifest: Manifest | ThinManifest
     table: PieceTable
 
     @classmethod
@@ -159,7 +160,7 @@ class Offer:
         return {
             "id": self.id,
             "name": self.name,
-            "manifest": self.manifest,
+            "manifest": self.manifest.to_dict(),
             "table": self.table.to_msg(),
         }
 
@@ -167,10 +168,11 @@ class Offer:
     def from_msg(cls, msg) -> Offer:
         if not isinstance(msg, dict):
             raise ValueError("an offer must be a dict")
-        name, manifest = msg.get("name"), msg.get("manifest")
+        name = msg.get("name")
         if not isinstance(name, str) or len(name) > 1024:
             raise ValueError("an offer needs a name")
-        if not isinstance(manifest, dict) or manifest.get("id") != msg.get("id"):
+        manifest = blob_manifest(msg.get("manifest"))
+        if manifest.id != msg.get("id"):
             raise ValueError("an offer needs the manifest of its id")
         return cls(
             check_id(msg.get("id")),
