@@ -260,10 +260,10 @@ class ArchiveWriter:
         Thin packs carry such entries for files that the receiving nodes
         already hold; they count in the content id exactly like the file.
         """
-        info = self._entry(tarfile.REGTYPE, target, mode, mtime)
         records = {REF_DIGEST: digest, REF_SIZE: str(size)}
-        header = _ustar_header(info)
+        header = _ustar(target, tarfile.REGTYPE, mode, 0, mtime)
         if header is None:  # a long name: tarfile writes it all
+            info = self._entry(tarfile.REGTYPE, target, mode, mtime)
             info.pax_headers = records
             header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         else:
@@ -300,34 +300,41 @@ def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
     None when the entry needs more than ustar offers (long names, huge
     files); the caller then lets tarfile write a pax header.
     """
-    name = info.name.encode("utf-8", "surrogateescape")
-    link = info.linkname.encode("utf-8", "surrogateescape")
+    return _ustar(info.name, info.type, info.mode, info.size, info.mtime, info.linkname)
+
+
+def _ustar(
+    name: str, kind: bytes, mode: int, size: int, mtime: int, link: str = ""
+) -> bytes | None:
+    name = name.encode("utf-8", "surrogateescape")
+    link = link.encode("utf-8", "surrogateescape")
     prefix = b""
     if len(name) > 100:
         cut = name.rfind(b"/", 0, 156)
         if cut <= 0 or len(name) - cut - 1 > 100:
             return None
         prefix, name = name[:cut], name[cut + 1 :]
-    if len(link) > 100 or info.size >= 0o77777777777 or info.mtime < 0:
+    if len(link) > 100 or size >= 0o77777777777 or mtime < 0:
         return None
-    fields = [
-        name,
-        b"%07o\0" % info.mode,
-        b"0000000\0",
-        b"0000000\0",
-        b"%011o\0" % info.size,
-        b"%011o\0" % info.mtime,
-        b" " * 8,
-        info.type,
-        link,
-        b"ustar\x0000",
-        b"",
-        b"",
-        b"",
-        b"",
-        prefix,
-    ]
-    header = bytearray(_USTAR.pack(*fields))
+    header = bytearray(
+        _USTAR.pack(
+            name,
+            b"%07o\0" % mode,
+            b"0000000\0",
+            b"0000000\0",
+            b"%011o\0" % size,
+            b"%011o\0" % mtime,
+            b" " * 8,
+            kind,
+            link,
+            b"ustar\x0000",
+            b"",
+            b"",
+            b"",
+            b"",
+            prefix,
+        )
+    )
     header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
 
