@@ -60,7 +60,8 @@ def thin_for(cache: EnvCache, base, edited) -> envship.client.store.Artifact:
         for e, key, lacks in zip(table.files, keys, lacking, strict=True)
         if key in base_keys and not lacks
     }
-    return delta.write_thin(edited, refs, base)
+    plan = delta.Plan(base=base, refs=refs, table=table)
+    return delta.write_thin(edited, plan)
 
 
 def install_base(cache: EnvCache, base) -> Path:

@@ -46,6 +46,7 @@ class Plan:
     thin: list[str] = field(default_factory=list)
     base: Artifact | None = None
     refs: set[str] = field(default_factory=set)
+    table: EntryTable | None = None  # the environment's, once loaded
 
 
 async def plan(client, artifact: Artifact, nannies: list[str]) -> Plan:
@@ -67,7 +68,7 @@ async def plan(client, artifact: Artifact, nannies: list[str]) -> Plan:
             return None
 
     answers = await asyncio.gather(*map(lacks, nannies))
-    result = Plan(base=base)
+    result = Plan(base=base, table=table)
     lacked_by_thin: set[int] = set()
     for nanny, lacking in zip(nannies, answers, strict=True):
         missing = None if lacking is None else [i for i, x in enumerate(lacking) if x]
@@ -122,14 +123,14 @@ async def _choose_base(client, artifact: Artifact, table: EntryTable):
     return await asyncio.to_thread(best)
 
 
-def write_thin(artifact: Artifact, refs: set[str], base: Artifact) -> Artifact:
-    """Write the thin pack of ``artifact`` (files in ``refs`` as references).
+def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
+    """Write the thin pack of ``artifact`` that ``plan`` asks for.
 
     Returns it as an artifact of its own: its id hashes its bytes; its
-    manifest carries the environment's (``env``), ``thin_of`` and ``base``.
+    manifest carries the environment's, ``thin_of`` and ``base``.
     """
     store = ArtifactStore(artifact.path.parent)
-    table = artifact.table()
+    table, refs, base = plan.table, plan.refs, plan.base
     with store.writing(artifact.name) as (f, tmp):
         summary = write_archive(table, f, refs=refs).summary
         size = f.tell()

@@ -469,7 +469,7 @@ async def _ship(client, artifact, infos, progress, only=None):
         plan = delta.Plan(full=nodes)
     jobs, via = [], {}
     if plan.thin:
-        thin = await asyncio.to_thread(delta.write_thin, artifact, plan.refs, plan.base)
+        thin = await asyncio.to_thread(delta.write_thin, artifact, plan)
         via = dict.fromkeys(plan.thin, thin.id)
         jobs.append(_broadcast(client, thin, plan.thin, infos, progress, holding=()))
     if plan.full:
