@@ -25,6 +25,12 @@ Targets (the iteration issue): (2) within 1.5x a warm switch; (3) at least 3x
 faster than without the store; node disk for the two sklearn environments at
 most 1.15x one of them; (1) no slower than without the store (<= 1.05x).
 
+On this 2-core machine (2026-11-27) (1) and the disk pass; (2) is about 2.2x
+a warm switch and (3) about 2.2x faster than without the store: after the
+restart that both pay (1.2 to 1.8 s for four workers), (2) still spends about
+0.5 s on the table pass (conda-pack's file list alone is 0.2 s), 0.5 s asking
+the node and writing the thin pack, 0.8 s building a tree of 12k links.
+
     python bench/iterate.py
 """
 
@@ -91,6 +97,7 @@ def step(client, cache: Path, env, name: str) -> dict:
         # Trees and the file store; the archives kept for peers are not counted.
         "disk": disk_usage(*(p for p in cache.iterdir() if p.name != "archives")),
         "stages": report.stages,
+        "tree": cache / artifact.id,
     }
 
 
@@ -119,6 +126,9 @@ def run_cluster(folder: Path, links: bool, sklearn_dev: Path, derived_env: Path)
         results["2"] = step(client, cache, work, "work")
         results["3"] = step(client, cache, derived_env, "sklearn-1.8")
         results["w"] = warm(client, work)
+        # The two sklearn environments, each inode once: shared files count once.
+        first, second = results["1"]["tree"], results["3"]["tree"]
+        results["two"] = disk_usage(first, second) / disk_usage(first)
         client.use_environment(None, progress=False)
     return results
 
@@ -221,8 +231,9 @@ def report(results: dict, same: float, shared: float, one_env: int) -> None:
             1.05,
             "<=",
         ),
-        # Three environments on the node after (3): stricter than the two asked.
-        ("node disk, 3 similar envs / one env", on["3"]["disk"] / one_env, 1.15, "<="),
+        ("node disk, the two sklearn envs / one", on["two"], 1.15, "<="),
+        # All three environments on the node after (3), and the file store.
+        ("node disk, 3 envs + store / one env", on["3"]["disk"] / one_env, 1.15, "<="),
     ]
     print()
     for label, value, target, how in checks:
