@@ -264,3 +264,36 @@ def test_an_edited_environment_ships_only_new_files(work_env, store, tmp_path):
         cache = EnvCache(caches["c"])
         (record,) = cache.installs(edited.id)
         assert record["files"] - record["linked_files"] <= 3
+
+
+def test_a_node_whose_store_lost_files_meanwhile_gets_the_whole_archive(
+    work_env, store, tmp_path, monkeypatch
+):
+    with local_cluster(tmp_path / "c", {"a": 1}) as cluster:
+        client, caches = cluster
+        client.use_environment(work_env, progress=False)
+        add_package(work_env)
+
+        planned = delta.plan
+
+        async def plan_then_lose_the_store(*args):
+            plan = await planned(*args)
+            assert plan.thin  # the node said it held nearly everything...
+            # ...and an eviction empties its file store before the install.
+            for path in (caches["a"] / "files").rglob("*"):
+                if path.is_file():
+                    path.unlink()
+            return plan
+
+        monkeypatch.setattr(delta, "plan", plan_then_lose_the_store)
+        report = client.use_environment(work_env, progress=False)
+        edited = envship.pack(work_env, archive=False)
+        assert report.ok
+        whole = ArtifactStore(store).get(edited.id).size  # written only for this
+        assert report.transfer.client_bytes > 0.9 * whole
+        (done,) = report.unpacked.values()
+        assert done["written"] > 1000
+        answers = client.run(where_and_answer)
+        assert {(os.path.basename(p), a) for p, a in answers.values()} == {
+            (edited.id, 42)
+        }
