@@ -20,6 +20,7 @@ This module knows nothing of conda, venvs, nodes or Dask.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import stat
@@ -101,7 +102,7 @@ class EntryTable:
                 hasher.add_hardlink(e.path, e.link)
         self.id = hasher.hexdigest()
 
-    @property
+    @functools.cached_property
     def files(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == FILE]
 

@@ -19,6 +19,7 @@ so an interrupted pack leaves nothing half-written.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -78,11 +79,21 @@ class Artifact:
         return self.path.with_name(f"{self.id}.table.zst")
 
     def table(self) -> EntryTable | None:
-        """Its entries, or None for an artifact packed by an older envship."""
+        """Its entries, or None for an artifact packed by an older envship.
+
+        Kept in memory for the session: each switch reads the tables of the
+        environment and of its base.
+        """
         try:
-            return EntryTable.load(self.table_path)
+            st = os.stat(self.table_path)
         except FileNotFoundError:
             return None
+        return _load_table(str(self.table_path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_table(path: str, mtime_ns: int, size: int) -> EntryTable:
+    return EntryTable.load(path)
 
 
 class ArtifactStore:
