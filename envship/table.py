@@ -44,8 +44,8 @@ FILE, DIR, SYMLINK, HARDLINK = "f", "d", "l", "h"
 
 #: One file's store key on the wire: digest (16 bytes), mode, mtime (seconds).
 _KEY = struct.Struct(">16sHq")
-#: Most files a table may list on the wire (a few million are plenty).
-MAX_FILES = 1 << 22
+#: Most keys a node checks in one call (26 MiB); environments have far fewer files.
+MAX_FILES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -134,16 +134,16 @@ class TableWriter:
     (modes, mtimes, hard links), so that :func:`write_archive` later writes
     exactly the archive that hashes to this table's id.
 
-    Parameters
-    ----------
-    digests : dict, optional
-        ``{source path: [size, mtime_ns, ino, ctime_ns, digest]}`` from the
-        last pass over the same environment: a file whose stat is unchanged
-        keeps its digest unread. Updated in place.
-
     Files added while ``keep_data`` is true are kept in memory rather than
     read again from their source later: conda-pack's own scripts, written to
     temporary files that it deletes right after adding them.
+
+    Parameters
+    ----------
+    digests : dict, optional
+        ``{source path: [size, mtime_ns, ino, ctime_ns, digest]}`` from earlier
+        passes: a file whose stat is unchanged keeps its digest unread.
+        Updated in place; ``seen`` lists the paths this pass looked up.
 
     Examples
     --------
@@ -165,14 +165,16 @@ class TableWriter:
         st = os.lstat(source)
         mtime = int(st.st_mtime)
         if stat.S_ISLNK(st.st_mode):
-            self._append(Entry(SYMLINK, target, mtime=mtime, link=os.readlink(source)))
+            self.entries.append(
+                Entry(SYMLINK, target, mtime=mtime, link=os.readlink(source))
+            )
         elif stat.S_ISDIR(st.st_mode):
-            self._append(Entry(DIR, target, entry_mode(st), mtime))
+            self.entries.append(Entry(DIR, target, entry_mode(st), mtime))
         elif stat.S_ISREG(st.st_mode):
             inode = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and inode in self._inodes:
                 link = self._inodes[inode]
-                self._append(Entry(HARDLINK, target, mtime=mtime, link=link))
+                self.entries.append(Entry(HARDLINK, target, mtime=mtime, link=link))
                 return
             if st.st_nlink > 1:
                 self._inodes[inode] = target
@@ -181,7 +183,7 @@ class TableWriter:
                     self.add_bytes(source, f.read(), target)
                 return
             digest = self._digest(source, st)
-            self._append(
+            self.entries.append(
                 Entry(
                     FILE,
                     target,
@@ -203,14 +205,13 @@ class TableWriter:
             # conda-pack read it whole (files pip installed): unless it was
             # rewritten, the archive reads it again from the file, later.
             if self._digest(source, st) == digest:
-                self._append(
+                self.entries.append(
                     Entry(FILE, target, mode, mtime, len(data), digest, source=source)
                 )
                 return
-        self._append(Entry(FILE, target, mode, mtime, len(data), digest, data=data))
-
-    def _append(self, entry: Entry) -> None:
-        self.entries.append(entry)
+        self.entries.append(
+            Entry(FILE, target, mode, mtime, len(data), digest, data=data)
+        )
 
     def _digest(self, source: str, st: os.stat_result) -> str:
         self.seen.add(source)

@@ -421,7 +421,7 @@ class EnvCache:
             format_bytes(info["private"]),
         )
 
-    def _source(self, id: str, via: str | None) -> tuple[Path, dict | None]:
+    def _source(self, id: str, via: str | None) -> tuple[Path, Manifest | None]:
         """The archive to install ``id`` from (its own, or the thin pack ``via``)."""
         own = self.manifest(id)
         if self.archive_path(id).is_file() or via is None:

@@ -104,8 +104,9 @@ class NannySide:
         }
 
     async def lacks(self, keys: bytes) -> bytes:
-        """Which of these files (store keys, see ``envship.table.encode_keys``)
-        the node's file store lacks: a bitmap, one bit per key.
+        """One bit per file: whether the node's file store lacks it.
+
+        ``keys`` are store keys, as ``envship.table.encode_keys`` sends them.
         """
         names = decode_keys(keys)
         lacking = await asyncio.to_thread(self.cache.files.lacking, names)
