@@ -60,8 +60,8 @@ def main() -> None:
     m = artifact.manifest
     print(
         f"Packed {artifact.name} in {time.perf_counter() - start:.1f} s: id "
-        f"{artifact.short_id}, {m['file_count']} files, "
-        f"{m['unpacked_size'] / 1e6:.0f} MB -> {m['packed_size'] / 1e6:.0f} MB"
+        f"{artifact.short_id}, {m.file_count} files, "
+        f"{m.unpacked_size / 1e6:.0f} MB -> {m.packed_size / 1e6:.0f} MB"
     )
 
     # A cache of its own, so that every run shows the first shipment to a node.

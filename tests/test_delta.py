@@ -249,6 +249,7 @@ def test_an_edited_environment_ships_only_new_files(work_env, store, tmp_path):
         assert report.ok
         assert report.transfer.client_bytes < full / 20
         assert len(report.unpacked) == 2  # one install per node
+        assert not list((store / "thin").glob("*"))  # sent, then dropped
         for done in report.unpacked.values():
             assert 1 <= done["written"] <= 3
             assert done["linked"] > 1000

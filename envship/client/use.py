@@ -481,8 +481,12 @@ async def _ship(client, artifact, infos, progress, only=None):
         holding = [n for n, i in infos.items() if i["archive"]]
         jobs.append(_broadcast(client, artifact, plan.full, infos, progress, holding))
     shipped = ShipReport()
-    for report in await asyncio.gather(*jobs):
-        shipped.merge(report)
+    try:
+        for report in await asyncio.gather(*jobs):
+            shipped.merge(report)
+    finally:
+        if plan.thin:  # the nodes hold it now; a later call writes it again
+            thin.path.unlink(missing_ok=True)
     stuck = {n: why for n, why in shipped.failed.items() if not why.startswith("lost")}
     if stuck:
         raise EnvshipError(
