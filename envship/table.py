@@ -318,15 +318,25 @@ def decode_keys(data: bytes) -> list[str]:
 
 
 def encode_bits(flags: Iterable[bool]) -> bytes:
-    """Booleans packed eight to a byte, first one in the lowest bit."""
+    """Booleans packed eight to a byte, first one in the lowest bit.
+
+    Examples
+    --------
+    >>> encode_bits([True, False, True])
+    b'\\x05'
+    >>> decode_bits(b"\\x05", 3)
+    [True, False, True]
+    """
     flags = list(flags)
-    value = sum(1 << i for i, flag in enumerate(flags) if flag)
-    return value.to_bytes((len(flags) + 7) // 8, "little")
+    out = bytearray((len(flags) + 7) // 8)
+    for i, flag in enumerate(flags):
+        if flag:
+            out[i >> 3] |= 1 << (i & 7)
+    return bytes(out)
 
 
 def decode_bits(data: bytes, count: int) -> list[bool]:
     """The ``count`` booleans of :func:`encode_bits`."""
     if not isinstance(data, bytes) or len(data) != (count + 7) // 8:
         raise ValueError(f"expected {count} bits")
-    value = int.from_bytes(data, "little")
-    return [bool(value >> i & 1) for i in range(count)]
+    return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]

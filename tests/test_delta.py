@@ -298,3 +298,18 @@ def test_a_node_whose_store_lost_files_meanwhile_gets_the_whole_archive(
         assert {(os.path.basename(p), a) for p, a in answers.values()} == {
             (edited.id, 42)
         }
+
+
+def test_what_the_lacks_handler_reads_is_bounded():
+    from envship.table import MAX_FILES, Entry, decode_bits, decode_keys, encode_keys
+
+    files = [
+        Entry("f", f"f{i}", 0o644, 1_700_000_000, 1, f"{i:032x}") for i in range(3)
+    ]
+    keys = decode_keys(encode_keys(files))
+    assert keys == [store_key(e.digest, e.mode, e.mtime) for e in files]
+    for lie in ["text", b"x" * 27, b"\0" * 26 * (MAX_FILES + 1), None]:
+        with pytest.raises(ValueError):
+            decode_keys(lie)
+    with pytest.raises(ValueError):
+        decode_bits(b"\0\0", 3)

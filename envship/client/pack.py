@@ -124,7 +124,8 @@ def pack(
     else:
         _pack_venv(source, name, writer, progress)
     table = writer.close()
-    store.save_digests(digests, writer.seen, name)
+    if writer.read_files:  # else the digests are all as they were
+        store.save_digests(digests, writer.seen, name)
     manifest = Manifest(
         id=table.id,
         name=name,

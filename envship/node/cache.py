@@ -704,9 +704,12 @@ class EnvCache:
             alone, shared = _stored_usage(self.path(id))
             size += alone
         manifest = self.manifest(id)
+        name = manifest.name if manifest else None
+        if isinstance(manifest, ThinManifest):
+            name += " (thin pack)"
         return CacheEntry(
             id=id,
-            name=manifest.name if manifest else None,
+            name=name,
             size=size,
             last_used=self._last_used(id) or None,
             leases=tuple(self.live_leases(id)),
