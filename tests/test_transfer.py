@@ -18,6 +18,7 @@ from distributed.core import ConnectionPool
 
 import envship
 from envship.node.cache import EnvCache
+from envship.table import MAX_FILES
 from envship.transfer import BlobServer, Offer, Peer, PieceTable, broadcast
 from fixtures.cluster import local_cluster, wait_until
 
@@ -321,6 +322,26 @@ def test_blob_handlers_refuse_lies(tmp_path, base):
                 call("offer", offer=lie, peers=[])
         with pytest.raises(ValueError):
             call("offer", offer=good, peers=[{"address": 5}])
+        thin = {
+            "id": "b" * 32,
+            "thin_of": "c" * 32,  # not the id of the manifest it carries
+            "base": base.id,
+            "env": base.manifest.to_dict(),
+            "packed_size": 1,
+            "files": 1,
+            "refs": 1,
+        }
+        with pytest.raises(ValueError, match="'env'"):
+            call("offer", offer={**good, "id": "b" * 32, "manifest": thin}, peers=[])
+
+        # The delta path: which files the store lacks, installs from a thin pack.
+        for keys in ("text", b"x" * 27, bytes(26 * (MAX_FILES + 1))):
+            with pytest.raises(ValueError):
+                call("lacks", keys=keys)
+        assert call("lacks", keys=bytes(26)) == b"\x01"
+        for via in ("../x", base.id + "\n", 5):
+            with pytest.raises(ValueError):
+                call("install", artifact_id=base.id, via=via)
 
         assert call("offer", offer=good, peers=[]) == {"complete": False, "have": 0}
         key = {"id": base.id, "digest": table.digest}
