@@ -18,7 +18,6 @@ import functools
 import os
 import queue
 import re
-import stat
 import struct
 import tarfile
 import threading
@@ -79,14 +78,18 @@ class ContentHasher:
         return h.hexdigest()
 
 
-def entry_mode(st: os.stat_result) -> int:
-    # No setuid, setgid or sticky bits: nodes refuse them anyway.
-    return stat.S_IMODE(st.st_mode) & 0o777
-
-
 def file_digest(data: bytes) -> str:
     """The digest of one file's bytes, as it enters the content id."""
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def path_digest(path: str | os.PathLike) -> str:
+    """:func:`file_digest` of the file at ``path``, read in chunks."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_SIZE):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -106,9 +109,10 @@ class ContentSummary:
 class ArchiveWriter:
     """Write entries into a zstandard-compressed tar and hash them on the way.
 
-    Offers ``add(source, target)`` and ``add_bytes(source, data, target)``, the
-    interface conda-pack's ``Packer`` writes to, so conda-pack decides what goes
-    in (and how prefixes are handled) while this class decides how it is stored.
+    Entries come with their metadata (``write_dir``, ``write_file``,
+    ``write_ref`` ...), as :func:`envship.table.write_archive` replays a table
+    of entries: the table pass decides what goes in, this class how it is
+    stored.
 
     Parameters
     ----------
@@ -124,7 +128,7 @@ class ArchiveWriter:
     >>> import io
     >>> out = io.BytesIO()
     >>> with ArchiveWriter(out) as archive:
-    ...     archive.add_bytes(None, b"hello\\n", "greeting.txt")
+    ...     digest = archive.write_data("greeting.txt", 0o644, 0, b"hello\\n")
     >>> archive.summary.file_count
     1
     """
@@ -137,7 +141,6 @@ class ArchiveWriter:
             compression_params=params
         ).stream_writer(fileobj, closefd=False)
         self._hasher = ContentHasher()
-        self._inodes: dict[tuple[int, int], str] = {}
         self._file_count = 0
         self._unpacked_size = 0
         self._refs = 0
@@ -165,35 +168,8 @@ class ArchiveWriter:
         if remainder:
             self._stream.write(b"\0" * (BLOCK - remainder))
 
-    def add(self, source: str, target: str) -> None:
-        """Add the file, symlink or directory at ``source`` as ``target``."""
-        st = os.lstat(source)
-        mode = st.st_mode
-        if stat.S_ISLNK(mode):
-            self.write_symlink(target, os.readlink(source), int(st.st_mtime))
-        elif stat.S_ISDIR(mode):
-            self.write_dir(target, entry_mode(st), int(st.st_mtime))
-        elif stat.S_ISREG(mode):
-            key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and key in self._inodes:
-                self.write_hardlink(target, self._inodes[key], int(st.st_mtime))
-                return
-            if st.st_nlink > 1:
-                self._inodes[key] = target
-            self.write_file(
-                source, target, entry_mode(st), int(st.st_mtime), st.st_size
-            )
-        else:
-            raise ValueError(f"{source}: not a file, directory or symlink")
-
-    def add_bytes(self, source: str | None, data: bytes, target: str) -> None:
-        """Add ``data`` as the regular file ``target``, with the mode of ``source``."""
-        st = os.lstat(source) if source is not None else None
-        mode, mtime = (entry_mode(st), int(st.st_mtime)) if st else (0o644, 0)
-        self.write_data(target, mode, mtime, data)
-
-    # The entries themselves, with their metadata given: for replaying a
-    # table of entries (see envship.table) as well as for ``add``.
+    # Entries with their metadata given: envship.table decides what they are
+    # (conda-pack's interface, modes, mtimes, hard links) and replays them here.
 
     def _entry(self, kind: bytes, target: str, mode: int, mtime: int, size: int = 0):
         info = tarfile.TarInfo(target)

@@ -29,16 +29,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import xxhash
 import zstandard
 
-from .archive import (
-    READ_SIZE,
-    ArchiveWriter,
-    ContentHasher,
-    entry_mode,
-    file_digest,
-)
+from .archive import ArchiveWriter, ContentHasher, file_digest, path_digest
 
 FILE, DIR, SYMLINK, HARDLINK = "f", "d", "l", "h"
 
@@ -114,10 +107,9 @@ class EntryTable:
     def unpacked_size(self) -> int:
         return sum(e.size for e in self.files)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, fileobj: BinaryIO) -> None:
         rows = json.dumps([e.to_json() for e in self.entries]).encode()
-        with open(path, "wb") as f:
-            f.write(zstandard.ZstdCompressor(level=3).compress(rows))
+        fileobj.write(zstandard.ZstdCompressor(level=3).compress(rows))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EntryTable:
@@ -219,13 +211,10 @@ class TableWriter:
         known = self.digests.get(source)
         if known is not None and known[:4] == seen:
             return known[4]
-        h = xxhash.xxh3_128()
-        with open(source, "rb") as f:
-            while chunk := f.read(READ_SIZE):
-                h.update(chunk)
+        digest = path_digest(source)
         self.read_files += 1
-        self.digests[source] = [*seen, h.hexdigest()]
-        return h.hexdigest()
+        self.digests[source] = [*seen, digest]
+        return digest
 
     def close(self) -> EntryTable:
         return EntryTable(self.entries)
@@ -340,3 +329,9 @@ def decode_bits(data: bytes, count: int) -> list[bool]:
     if not isinstance(data, bytes) or len(data) != (count + 7) // 8:
         raise ValueError(f"expected {count} bits")
     return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
+
+
+def entry_mode(st: os.stat_result) -> int:
+    """The permission bits an entry records: no setuid, setgid or sticky bits
+    (nodes refuse them anyway)."""
+    return stat.S_IMODE(st.st_mode) & 0o777

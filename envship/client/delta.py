@@ -19,8 +19,7 @@ import asyncio
 import os
 from dataclasses import dataclass, field
 
-import xxhash
-
+from envship.archive import path_digest
 from envship.manifest import ThinManifest
 from envship.table import (
     EntryTable,
@@ -103,6 +102,7 @@ async def _choose_base(client, artifact: Artifact, table: EntryTable):
 
     def best():
         choice, files = None, []
+        keyed = [(store_key(e.digest, e.mode, e.mtime), e) for e in table.files]
         for id in held:
             if not store.has(id):
                 continue
@@ -111,9 +111,7 @@ async def _choose_base(client, artifact: Artifact, table: EntryTable):
             if base_table is None:
                 continue
             keys = {store_key(e.digest, e.mode, e.mtime) for e in base_table.files}
-            shared = [
-                e for e in table.files if store_key(e.digest, e.mode, e.mtime) in keys
-            ]
+            shared = [e for key, e in keyed if key in keys]
             if sum(e.size for e in shared) > sum(e.size for e in files):
                 choice, files = candidate, shared
         if sum(e.size for e in files) < MIN_SHARED * table.unpacked_size:
@@ -134,11 +132,7 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
     with store.writing(artifact.name) as (f, tmp):
         summary = write_archive(table, f, refs=refs).summary
         size = f.tell()
-    h = xxhash.xxh3_128()
-    with open(tmp, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    thin_id = h.hexdigest()
+    thin_id = path_digest(tmp)
     path = store.root / "thin" / f"{thin_id}.tar.zst"
     path.parent.mkdir(exist_ok=True)
     os.replace(tmp, path)

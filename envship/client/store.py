@@ -183,8 +183,7 @@ class ArtifactStore:
     def add(self, table: EntryTable, manifest: Manifest) -> Artifact:
         """Record a packed environment: its table and manifest (no archive yet)."""
         with self.writing(manifest.name) as (f, tmp):
-            f.close()
-            table.save(tmp)
+            table.save(f)
         os.replace(tmp, self.table_path(manifest.id))
         self._put_manifest(manifest)
         self.set_name(manifest.name, manifest.id)

@@ -423,8 +423,8 @@ class EnvCache:
 
     def _source(self, id: str, via: str | None) -> tuple[Path, Manifest | None]:
         """The archive to install ``id`` from (its own, or the thin pack ``via``)."""
-        own = self.manifest(id)
         if self.archive_path(id).is_file() or via is None:
+            own = self.manifest(id)
             return self.archive_path(id), own if isinstance(own, Manifest) else None
         thin = self.manifest(via)
         if (
