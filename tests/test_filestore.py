@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import dask.config
@@ -146,6 +147,41 @@ def test_without_hard_links_every_file_is_written(tmp_path, two_envs, how, caplo
     finally:
         if how == "filesystem":
             subprocess.run(["umount", root / "files"], check=True)
+
+
+def test_concurrent_adds_where_links_fail_leave_no_folders(tmp_path):
+    # The extractor enters files from several threads; when the first link
+    # fails with EXDEV, the folders the others made must not stay behind.
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    from envship.node.filestore import FileStore
+
+    (tmp_path / "files").mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", tmp_path / "files"],
+        check=True,
+    )
+    try:
+        for trial in range(10):
+            store = FileStore(tmp_path)
+            paths = []
+            for i in range(400):
+                paths.append(tmp_path / f"{trial}-{i}")
+                paths[-1].write_bytes(b"x")
+
+            def add(first, store=store, paths=paths):
+                for i in range(first, len(paths), 8):
+                    store.add(f"{i % 16:02x}{i:030x}", str(paths[i]))
+
+            threads = [threading.Thread(target=add, args=(k,)) for k in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not store.links
+            assert os.listdir(tmp_path / "files") == []
+    finally:
+        subprocess.run(["umount", tmp_path / "files"], check=True)
 
 
 def test_a_stored_file_is_never_changed_by_a_fixup(tmp_path):

@@ -116,17 +116,23 @@ class FileStore:
         if stat.S_IMODE(st.st_mode) & 0o222:
             os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
         target = self.path(key)
-        try:
-            os.link(path, target)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-            self.add(key, path)
-        except FileExistsError:
-            pass  # another install stored the same content meanwhile
-        except OSError as e:
-            self._links_failed(e)
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(target))  # if made here and still empty
+        for attempt in (1, 2):
+            try:
+                os.link(path, target)
+            except FileNotFoundError:
+                # The folder is missing: make it and try once more. If it went
+                # again, a concurrent failed link removed it: links fail here.
+                if attempt == 2:
+                    return
+                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                continue
+            except FileExistsError:
+                pass  # another install stored the same content meanwhile
+            except OSError as e:
+                self._links_failed(e)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(target))  # if made here and still empty
+            return
 
     def _links_failed(self, e: OSError) -> None:
         if e.errno == errno.EMLINK:
