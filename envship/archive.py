@@ -14,7 +14,6 @@ This module knows nothing of conda, venvs or Dask.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import queue
 import re
@@ -32,9 +31,6 @@ BLOCK = tarfile.BLOCKSIZE
 READ_SIZE = 1 << 20
 #: What a content id looks like: 32 lowercase hex digits (xxh3-128).
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-#: pax keys of a reference entry: a file given by its digest and size alone.
-REF_DIGEST, REF_SIZE = "ENVSHIP.digest", "ENVSHIP.size"
-_PAX_TYPE = tarfile.XHDTYPE
 
 
 class ContentHasher:
@@ -102,15 +98,12 @@ class ContentSummary:
     #: Files (and their bytes) linked from a node's file store, not written.
     linked_files: int = 0
     linked_bytes: int = 0
-    #: Files given by digest alone (thin packs; see ``ArchiveWriter.write_ref``).
-    refs: int = 0
 
 
 class ArchiveWriter:
     """Write entries into a zstandard-compressed tar and hash them on the way.
 
-    Entries come with their metadata (``write_dir``, ``write_file``,
-    ``write_ref`` ...), as :func:`envship.table.write_archive` replays a table
+    Entries come with their metadata (``write_dir``, ``write_file`` ...), as :func:`envship.table.write_archive` replays a table
     of entries: the table pass decides what goes in, this class how it is
     stored.
 
@@ -143,7 +136,6 @@ class ArchiveWriter:
         self._hasher = ContentHasher()
         self._file_count = 0
         self._unpacked_size = 0
-        self._refs = 0
         self.summary: ContentSummary | None = None
 
     def __enter__(self) -> ArchiveWriter:
@@ -228,26 +220,6 @@ class ArchiveWriter:
         self._count(target, mode, digest, len(data))
         return digest
 
-    def write_ref(
-        self, target: str, mode: int, mtime: int, size: int, digest: str
-    ) -> None:
-        """A regular file given by its digest alone: the node links it from its store.
-
-        Thin packs carry such entries for files that the receiving nodes
-        already hold; they count in the content id exactly like the file.
-        """
-        records = {REF_DIGEST: digest, REF_SIZE: str(size)}
-        header = _ustar(target, tarfile.REGTYPE, mode, 0, mtime)
-        if header is None:  # a long name: tarfile writes it all
-            info = self._entry(tarfile.REGTYPE, target, mode, mtime)
-            info.pax_headers = records
-            header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        else:
-            header = _pax_block(records) + header
-        self._stream.write(header)
-        self._count(target, mode, digest, size)
-        self._refs += 1
-
     def _count(self, target: str, mode: int, digest: str, size: int) -> None:
         self._hasher.add_file(target, mode, digest)
         self._file_count += 1
@@ -262,7 +234,6 @@ class ArchiveWriter:
                 self._hasher.hexdigest(),
                 self._file_count,
                 self._unpacked_size,
-                refs=self._refs,
             )
         return self.summary
 
@@ -313,25 +284,6 @@ def _ustar(
     )
     header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
-
-
-def _pax_block(records: dict[str, str]) -> bytes:
-    """An extended header of ascii ``records``, ready to precede a ustar header."""
-    body = b""
-    for key, value in records.items():
-        line = f" {key}={value}\n".encode()
-        length = len(line)  # a record's length counts its own digits
-        while length != len(line) + len(str(length)):
-            length = len(line) + len(str(length))
-        body += b"%d" % length + line
-    return _pax_header(len(body)) + body + bytes(-len(body) % BLOCK)
-
-
-@functools.lru_cache(maxsize=64)
-def _pax_header(size: int) -> bytes:
-    info = tarfile.TarInfo("././@PaxHeader")
-    info.type, info.size = _PAX_TYPE, size
-    return _ustar_header(info)
 
 
 def is_id(text) -> bool:
@@ -404,6 +356,13 @@ class ForwardReader:
             have += len(chunk)
             self._base += len(chunk)
         return b"".join(parts)
+
+    def peek(self, size: int) -> bytes:
+        """The next ``size`` bytes (fewer at the end), left to be read again."""
+        data = self.read(size)
+        self._base = self.tell() - len(data)
+        self._buf, self._pos = data + self._buf[self._pos :], 0
+        return data
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_CUR:
@@ -485,7 +444,7 @@ class Member:
     size: int
     mtime: float
     linkname: str
-    #: A reference entry (thin packs): the file's digest and size; no data.
+    #: A reference (thin packs, see ``envship.thin``): digest and size; no data.
     digest: str | None = None
     ref_size: int = 0
 
@@ -634,11 +593,6 @@ def _apply_pax(member: Member, pax: dict[str, bytes]) -> None:
             member.size = int(pax["size"])
         if "mtime" in pax:
             member.mtime = float(pax["mtime"])
-        if REF_DIGEST in pax:
-            member.digest = pax[REF_DIGEST].decode("ascii")
-            member.ref_size = int(pax.get(REF_SIZE, b""))
-            if not is_id(member.digest) or member.ref_size < 0 or member.size:
-                raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise CorruptArchive(
             f"a pax header with a bad number for {member.name!r}"

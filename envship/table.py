@@ -5,10 +5,8 @@ entry's path, kind, mode, mtime and, for files, size and digest) and hashes
 it into the content id, reading only the files whose stat changed since the
 last pack of the same environment (:class:`TableWriter` with a digest
 cache). The archive is written from the table only when something needs it
-(:func:`write_archive`): ``envship pack``, a node that holds nothing. A
-*thin pack* is the same tar stream in which the files that the receiving
-nodes hold already are references (digest and size, no data); it hashes to
-the same id.
+(:func:`write_archive`): ``envship pack``, a node that holds nothing. Nodes
+that hold most files get a thin pack instead (:mod:`envship.thin`).
 
 A node reports which files of a table it lacks from their *store keys*
 (digest, mode, mtime: see :mod:`envship.node.filestore`), sent compactly by
@@ -19,16 +17,14 @@ This module knows nothing of conda, venvs, nodes or Dask.
 
 from __future__ import annotations
 
-import base64
 import functools
-import json
 import os
 import stat
 import struct
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
-from typing import BinaryIO
+from collections.abc import Iterable
+from typing import BinaryIO, NamedTuple
 
+import msgpack
 import zstandard
 
 from .archive import ArchiveWriter, ContentHasher, file_digest, path_digest
@@ -41,12 +37,12 @@ _KEY = struct.Struct(">16sHq")
 MAX_FILES = 1 << 20
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One entry of an environment, as its archive holds it.
 
     A file's bytes come from ``source`` (a path on the packing machine) or
-    ``data`` (bytes conda-pack rewrote, such as ``conda-meta`` records).
+    ``data`` (bytes conda-pack rewrote, such as ``conda-meta`` records). A
+    tuple: a table of 12k entries is saved and loaded as rows.
     """
 
     kind: str
@@ -58,17 +54,6 @@ class Entry:
     link: str = ""
     source: str | None = None
     data: bytes | None = None
-
-    def to_json(self) -> list:
-        data = None if self.data is None else base64.b64encode(self.data).decode()
-        return [self.kind, self.path, self.mode, self.mtime, self.size,
-                self.digest, self.link, self.source, data]  # fmt: skip
-
-    @classmethod
-    def from_json(cls, row: list) -> Entry:
-        kind, path, mode, mtime, size, digest, link, source, data = row
-        data = None if data is None else base64.b64decode(data)
-        return cls(kind, path, mode, mtime, size, digest, link, source, data)
 
 
 class EntryTable:
@@ -99,6 +84,11 @@ class EntryTable:
     def files(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == FILE]
 
+    @functools.cached_property
+    def keys(self) -> list[str]:
+        """Each file's key in a node's file store (:func:`store_key`), as ``files``."""
+        return [store_key(e.digest, e.mode, e.mtime) for e in self.files]
+
     @property
     def file_count(self) -> int:
         return len(self.files)
@@ -108,14 +98,15 @@ class EntryTable:
         return sum(e.size for e in self.files)
 
     def save(self, fileobj: BinaryIO) -> None:
-        rows = json.dumps([e.to_json() for e in self.entries]).encode()
-        fileobj.write(zstandard.ZstdCompressor(level=3).compress(rows))
+        """Write the table (msgpack, zstandard), as :meth:`load` reads it."""
+        rows = pack_msg(self.entries)
+        fileobj.write(zstandard.ZstdCompressor(level=1).compress(rows))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EntryTable:
         with open(path, "rb") as f:
-            rows = json.loads(zstandard.ZstdDecompressor().stream_reader(f).read())
-        return cls([Entry.from_json(row) for row in rows])
+            rows = unpack_msg(zstandard.ZstdDecompressor().stream_reader(f).read())
+        return cls([Entry(*row) for row in rows])
 
 
 class TableWriter:
@@ -224,20 +215,17 @@ def write_archive(
     table: EntryTable,
     fileobj: BinaryIO,
     *,
-    refs: Collection[str] = (),
     level: int = 3,
     threads: int = 0,
     on_file=None,
 ) -> ArchiveWriter:
-    """Write the archive of ``table`` (its files in ``refs`` as references).
+    """Write the archive of ``table``.
 
     Every file is read again and checked against its digest in the table, so
     what is written always hashes to ``table.id``.
 
     Parameters
     ----------
-    refs : collection of str
-        Paths of files to write as references only (a thin pack).
     on_file : callable, optional
         Called with each file's size as it is written.
 
@@ -259,8 +247,6 @@ def write_archive(
                 writer.write_symlink(e.path, e.link, e.mtime)
             elif e.kind == HARDLINK:
                 writer.write_hardlink(e.path, e.link, e.mtime)
-            elif e.path in refs:
-                writer.write_ref(e.path, e.mode, e.mtime, e.size, e.digest)
             else:
                 if e.data is not None:
                     digest = writer.write_data(e.path, e.mode, e.mtime, e.data)
@@ -273,6 +259,16 @@ def write_archive(
                 if on_file is not None:
                     on_file(e.size)
     return writer
+
+
+def pack_msg(obj) -> bytes:
+    """msgpack of ``obj``: bytes as bytes, paths that are not UTF-8 kept as they are."""
+    return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
+
+
+def unpack_msg(data: bytes):
+    """What :func:`pack_msg` packed (lists for tuples)."""
+    return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape")
 
 
 def store_key(digest: str, mode: int, mtime: float) -> str:

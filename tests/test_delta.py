@@ -16,13 +16,14 @@ import pytest
 import zstandard
 
 import envship
-from envship.archive import ForwardReader, read_members
+from envship.archive import ForwardReader
 from envship.client import delta
 from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError, MissingStoreFileError
 from envship.node.cache import EnvCache, disk_usage
 from envship.node.extract import extract_archive
 from envship.table import store_key
+from envship.thin import read_thin_pack
 from fixtures.cluster import local_cluster
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -52,8 +53,8 @@ def add_package(prefix: Path, answer: int = 42) -> None:
 def thin_for(cache: EnvCache, base, edited) -> envship.client.store.Artifact:
     """The thin pack of ``edited`` against ``base`` for the node of ``cache``."""
     table = edited.table()
-    base_keys = {store_key(e.digest, e.mode, e.mtime) for e in base.table().files}
-    keys = [store_key(e.digest, e.mode, e.mtime) for e in table.files]
+    base_keys = set(base.table().keys)
+    keys = table.keys
     lacking = cache.files.lacking(keys)
     refs = {
         e.path
@@ -132,6 +133,17 @@ def test_repack_reads_only_the_files_that_changed(env_prefix, store, tmp_path):
         ArtifactStore(store).ensure_archive(fresh)
 
 
+def test_a_table_of_another_format_is_ignored_not_fatal(work_env, store):
+    # Stores written by an envship whose tables were JSON: such an artifact
+    # has no usable table (it is shipped whole), and packing still works.
+    first = envship.pack(work_env, store=store, archive=False)
+    first.table_path.write_bytes(zstandard.ZstdCompressor().compress(b'[["d"]]'))
+    stored = ArtifactStore(store).get(first.id)
+    assert stored.table() is None
+    add_package(work_env)
+    assert envship.pack(work_env, store=store, archive=False).table() is not None
+
+
 # -- thin packs on one node cache -------------------------------------------------
 
 
@@ -181,8 +193,9 @@ def flip_a_byte_of(thin_path: Path, member: str) -> None:
     """Change one byte of ``member``'s data inside the (compressed) thin pack."""
     raw = zstandard.ZstdDecompressor().stream_reader(open(thin_path, "rb")).read()
     reader = ForwardReader(io.BytesIO(raw))
-    for m in read_members(reader):
+    for m in read_thin_pack(reader):
         if m.name == member:
+            assert m.size and m.digest is None  # carried, not a reference
             offset = reader.tell()
             break
     else:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
+import struct
 import tarfile
 import threading
 import time
@@ -13,8 +15,10 @@ import pytest
 import zstandard
 
 from envship.archive import ContentHasher, file_digest
-from envship.errors import EnvshipError, UnsafeArchiveError
+from envship.errors import EnvshipError, MissingStoreFileError, UnsafeArchiveError
 from envship.node.extract import _make_dirs_writable, extract_archive, remove_tree
+from envship.node.filestore import FileStore
+from envship.thin import THIN_MAGIC
 from fixtures.trees import pack_tree
 
 MTIME = 1_600_000_000
@@ -175,9 +179,31 @@ def write_archive(path, members):
     return raw.getvalue()
 
 
-def extract_forged(tmp_path, members, limit=None):
+THIN_KINDS = {
+    tarfile.REGTYPE: "f",
+    tarfile.DIRTYPE: "d",
+    tarfile.SYMTYPE: "l",
+    tarfile.LNKTYPE: "h",
+}
+
+
+def thin_pack(members) -> bytes:
+    """``members`` as a thin pack (every file carried), written by hand as a forger would."""
+    rows = [
+        [THIN_KINDS[i.type], i.name, i.mode, i.mtime, len(d), "", i.linkname, i.isreg()]
+        for i, d in members
+    ]
+    head = json.dumps(rows).encode()
+    data = b"".join(d for i, d in members if i.isreg())
+    return THIN_MAGIC + struct.pack(">Q", len(head)) + head + data
+
+
+def extract_forged(tmp_path, members, limit=None, thin=False):
     archive = tmp_path / "forged.tar.zst"
-    write_archive(archive, members)
+    if thin:
+        archive.write_bytes(zstandard.ZstdCompressor().compress(thin_pack(members)))
+    else:
+        write_archive(archive, members)
     (tmp_path / "work").mkdir(exist_ok=True)
     size = sum(len(d) for info, d in members if info.isreg())
     return extract_archive(
@@ -263,17 +289,89 @@ FORGERIES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(FORGERIES))
-def test_forged_archive_is_refused_and_leaves_nothing(tmp_path, case):
+# Each forgery as a tar and, where a thin pack can say it, as a thin pack
+# (special files it cannot: see MALFORMED_THIN).
+@pytest.mark.parametrize(
+    "case, thin",
+    [(case, False) for case in sorted(FORGERIES)]
+    + [
+        (case, True)
+        for case, (_, bad) in sorted(FORGERIES.items())
+        if all(info.type in THIN_KINDS for info, _ in bad)
+    ],
+)
+def test_forged_archive_is_refused_and_leaves_nothing(tmp_path, case, thin):
     bad_name, bad = FORGERIES[case]
     (tmp_path / "work").mkdir()
     with pytest.raises(UnsafeArchiveError) as excinfo:
-        extract_forged(tmp_path, HARMLESS + bad)
+        extract_forged(tmp_path, HARMLESS + bad, thin=thin)
     message = str(excinfo.value)
     assert repr(bad_name) in message
     assert "forged-env" in message
     outside_untouched(tmp_path)
     assert not os.path.lexists("/tmp/evil-envship")
+
+
+def _rows(*rows):
+    head = json.dumps(list(rows)).encode()
+    return THIN_MAGIC + struct.pack(">Q", len(head)) + head
+
+
+GOOD_ROW = ["f", "ok/first.txt", 0o644, MTIME, 5, "", "", True]
+MALFORMED_THIN = {
+    "not-json": THIN_MAGIC + struct.pack(">Q", 5) + b"{nope",
+    "table-past-the-end": THIN_MAGIC + struct.pack(">Q", 1 << 20) + b"[]",
+    "huge-table": THIN_MAGIC + struct.pack(">Q", 1 << 40) + b"[]",
+    "not-a-list": _rows()[:-2] + b"{}",
+    "seven-fields": _rows(GOOD_ROW[:7]) + b"fine\n",
+    "size-as-text": _rows(["f", "ok/a", 0o644, MTIME, "5", "", "", True]) + b"fine\n",
+    "bool-as-mode": _rows(["f", "ok/a", True, MTIME, 5, "", "", True]) + b"fine\n",
+    "negative-size": _rows(["f", "ok/a", 0o644, MTIME, -5, "", "", True]),
+    "mode-too-big": _rows(["f", "ok/a", 0o17777, MTIME, 0, "", "", True]),
+    "fifo-kind": _rows(["p", "run/fifo", 0o644, MTIME, 0, "", "", False]),
+    "bad-reference": _rows(["f", "ok/a", 0o644, MTIME, 5, "../../x", "", False]),
+    "folder-with-data": _rows(["d", "ok", 0o755, MTIME, 5, "", "", True]) + b"12345",
+    "cut-short": _rows(GOOD_ROW) + b"fin",
+    "data-after-the-end": _rows(GOOD_ROW) + b"fine\nmore",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_THIN))
+def test_malformed_thin_pack_is_refused_and_leaves_nothing(tmp_path, case):
+    archive = tmp_path / "forged.tar.zst"
+    archive.write_bytes(zstandard.ZstdCompressor().compress(MALFORMED_THIN[case]))
+    (tmp_path / "work").mkdir()
+    with pytest.raises(EnvshipError, match="forged-env.*not a readable") as excinfo:
+        extract_archive(
+            archive,
+            tmp_path / "work" / "dest",
+            expected_id="0" * 32,
+            max_unpacked_bytes=1 << 20,
+            env="forged-env",
+            files=FileStore(tmp_path / "work"),
+        )
+    assert not isinstance(excinfo.value, MissingStoreFileError)
+    assert sorted(os.listdir(tmp_path / "work")) == ["files"]
+    assert os.listdir(tmp_path / "work" / "files") == []
+
+
+def test_a_thin_pack_without_a_file_store_is_refused(tmp_path):
+    (tmp_path / "work").mkdir()
+    digest = file_digest(b"fine\n")
+    pack = _rows(["f", "ok/first.txt", 0o644, MTIME, 5, digest, "", False])
+    archive = tmp_path / "forged.tar.zst"
+    archive.write_bytes(zstandard.ZstdCompressor().compress(pack))
+    hasher = ContentHasher()
+    hasher.add_file("ok/first.txt", 0o644, digest)
+    with pytest.raises(EnvshipError, match="no file store"):
+        extract_archive(
+            archive,
+            tmp_path / "work" / "dest",
+            expected_id=hasher.hexdigest(),
+            max_unpacked_bytes=1 << 20,
+            env="forged-env",
+        )
+    outside_untouched(tmp_path)
 
 
 def test_bomb_is_refused(tmp_path):

@@ -4,9 +4,10 @@ An edited environment shares nearly all its files (same bytes, mode and
 mtime) with the one it was made from. When the cluster holds the whole
 archive of such a *base*, the client asks each node which of the shared
 files its file store lacks (one round trip, 26 bytes a file) and sends a
-*thin pack*: the environment's tar stream in which files every receiving
-node holds are references (see :mod:`envship.table`). It travels like any
-blob, peer to peer, and hashes to the environment's id on the node.
+*thin pack*: the environment's table and the data of the files some
+receiving node lacks; the others are references (see :mod:`envship.thin`).
+It travels like any blob, peer to peer, and hashes to the environment's id
+on the node.
 
 Nodes that lack most of the base get the whole archive instead, written from
 the table only then. A node that joins later fetches the base's archive and
@@ -21,13 +22,8 @@ from dataclasses import dataclass, field
 
 from envship.archive import path_digest
 from envship.manifest import ThinManifest
-from envship.table import (
-    EntryTable,
-    decode_bits,
-    encode_keys,
-    store_key,
-    write_archive,
-)
+from envship.table import EntryTable, decode_bits, encode_keys
+from envship.thin import write_thin_pack
 
 from .store import Artifact, ArtifactStore
 
@@ -102,7 +98,7 @@ async def _choose_base(client, artifact: Artifact, table: EntryTable):
 
     def best():
         choice, files = None, []
-        keyed = [(store_key(e.digest, e.mode, e.mtime), e) for e in table.files]
+        keyed = list(zip(table.keys, table.files, strict=True))
         for id in held:
             if not store.has(id):
                 continue
@@ -110,7 +106,7 @@ async def _choose_base(client, artifact: Artifact, table: EntryTable):
             base_table = candidate.table()
             if base_table is None:
                 continue
-            keys = {store_key(e.digest, e.mode, e.mtime) for e in base_table.files}
+            keys = set(base_table.keys)
             shared = [e for key, e in keyed if key in keys]
             if sum(e.size for e in shared) > sum(e.size for e in files):
                 choice, files = candidate, shared
@@ -130,7 +126,7 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
     store = ArtifactStore(artifact.path.parent)
     table, refs, base = plan.table, plan.refs, plan.base
     with store.writing(artifact.name) as (f, tmp):
-        summary = write_archive(table, f, refs=refs).summary
+        summary = write_thin_pack(table, f, refs)
         size = f.tell()
     thin_id = path_digest(tmp)
     path = store.root / "thin" / f"{thin_id}.tar.zst"
@@ -142,7 +138,7 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
         base=base.id,
         env=artifact.manifest,
         packed_size=size,
-        files=summary.file_count - summary.refs,
+        files=summary.files,
         refs=summary.refs,
     )
     return Artifact(thin_id, artifact.name, path, manifest)

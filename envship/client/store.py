@@ -19,7 +19,6 @@ so an interrupted pack leaves nothing half-written.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import re
@@ -31,16 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import msgpack
 import zstandard
 
 from envship import config
 from envship.archive import is_id
 from envship.errors import EnvshipError
 from envship.manifest import Manifest, ThinManifest
-from envship.table import EntryTable, write_archive
+from envship.table import EntryTable, pack_msg, unpack_msg, write_archive
 
 from .progress import progress_bar
 
+#: What reading a table or the digests of another envship version raises.
+UNREADABLE = (ValueError, TypeError, zstandard.ZstdError, msgpack.UnpackException)
 #: Files whose digests the store remembers, beyond those of the last pack.
 MAX_DIGESTS = 200_000
 
@@ -86,14 +88,30 @@ class Artifact:
         """
         try:
             st = os.stat(self.table_path)
+            return _load_table(str(self.table_path), st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             return None
-        return _load_table(str(self.table_path), st.st_mtime_ns, st.st_size)
+        except UNREADABLE:  # another envship's format: pack again to have one
+            return None
 
 
-@functools.lru_cache(maxsize=8)
+#: The tables read or written lately, by (path, mtime_ns, size): the last few.
+_TABLES: dict[tuple[str, int, int], EntryTable] = {}
+
+
 def _load_table(path: str, mtime_ns: int, size: int) -> EntryTable:
-    return EntryTable.load(path)
+    table = _TABLES.get((path, mtime_ns, size))
+    if table is None:
+        table = EntryTable.load(path)
+        _keep_table(path, table)
+    return table
+
+
+def _keep_table(path: str, table: EntryTable) -> None:
+    st = os.stat(path)
+    _TABLES[path, st.st_mtime_ns, st.st_size] = table
+    while len(_TABLES) > 8:
+        del _TABLES[next(iter(_TABLES))]
 
 
 class ArtifactStore:
@@ -128,10 +146,11 @@ class ArtifactStore:
         """What earlier packs learnt of files' digests: ``{path: [stat..., digest]}``."""
         try:
             with open(self.root / "digests.zst", "rb") as f:
-                data = zstandard.ZstdDecompressor().stream_reader(f).read()
-            digests = json.loads(data)
-        except (OSError, ValueError, zstandard.ZstdError):
-            return {}
+                digests = unpack_msg(
+                    zstandard.ZstdDecompressor().stream_reader(f).read()
+                )
+        except (OSError, *UNREADABLE):
+            return {}  # none yet: every file is read
         return digests if isinstance(digests, dict) else {}
 
     def save_digests(self, digests: dict, seen: set[str], label: str) -> None:
@@ -143,7 +162,7 @@ class ArtifactStore:
         """
         if len(digests) > MAX_DIGESTS:
             digests = {path: digests[path] for path in seen if path in digests}
-        data = zstandard.ZstdCompressor(level=1).compress(json.dumps(digests).encode())
+        data = zstandard.ZstdCompressor(level=1).compress(pack_msg(digests))
         with self.writing(label) as (f, tmp):
             f.write(data)
         os.replace(tmp, self.root / "digests.zst")
@@ -185,6 +204,7 @@ class ArtifactStore:
         with self.writing(manifest.name) as (f, tmp):
             table.save(f)
         os.replace(tmp, self.table_path(manifest.id))
+        _keep_table(str(self.table_path(manifest.id)), table)  # read next, in a switch
         self._put_manifest(manifest)
         self.set_name(manifest.name, manifest.id)
         return self.get(manifest.id)

@@ -46,6 +46,7 @@ from envship.archive import (
 )
 from envship.config import usable_cores
 from envship.errors import EnvshipError, MissingStoreFileError, UnsafeArchiveError
+from envship.thin import THIN_MAGIC, read_thin_pack
 
 from .filestore import FileStore
 
@@ -271,7 +272,8 @@ class _Extractor:
         prefetcher = Prefetcher(raw)
         self.reader = ForwardReader(prefetcher)
         try:
-            for member in read_members(self.reader):
+            thin = self.reader.peek(len(THIN_MAGIC)) == THIN_MAGIC
+            for member in (read_thin_pack if thin else read_members)(self.reader):
                 self.member(member)
         except (CorruptArchive, zstandard.ZstdError, EOFError) as e:
             raise EnvshipError(
