@@ -21,7 +21,6 @@ import os
 import stat
 import time
 from datetime import datetime, timezone
-from fnmatch import fnmatch
 from pathlib import Path
 
 import xxhash
@@ -30,7 +29,7 @@ from conda_pack.core import CondaEnv, CondaPackException, Packer, rewrite_conda_
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
 from envship.manifest import FORMAT_VERSION, Manifest
-from envship.table import TableWriter
+from envship.table import SYMLINK, TableWriter
 
 from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
@@ -221,19 +220,22 @@ class _Packer(Packer):
 
     Rewriting the records (JSON out and in) is most of a re-pack's time when
     nothing else changed; in a session that switches many times, each record
-    is rewritten once per change.
+    is rewritten once per change. Files without prefixes to rewrite (nearly
+    all) go straight to the archive, as conda-pack's ``add`` does with them.
     """
 
     def add(self, file) -> None:
-        if file.file_mode is None and fnmatch(file.target, "conda-meta/*.json"):
+        if file.file_mode is not None:
+            super().add(file)
+        elif file.target.startswith("conda-meta/") and file.target.endswith(".json"):
             st = os.stat(file.source)
             out, data = _rewritten_record(
                 file.source, st.st_size, st.st_mtime_ns, st.st_ino
             )
             self.packages.append(data)
             self.archive.add_bytes(file.source, out, file.target)
-            return
-        super().add(file)
+        else:
+            self.archive.add(file.source, file.target)
 
 
 @functools.lru_cache(maxsize=1024)  # records of a few environments
@@ -261,8 +263,10 @@ class _Checked:
         self.add_bytes = writer.add_bytes
 
     def add(self, source: str, target: str) -> None:
-        if os.path.islink(source):
-            link = os.readlink(source)
+        self._writer.add(source, target)
+        entry = self._writer.entries[-1]
+        if entry.kind == SYMLINK:
+            link = entry.link
             inside = os.path.normpath(os.path.join(os.path.dirname(target), link))
             if os.path.isabs(link) or inside.startswith(".."):
                 raise EnvshipError(
@@ -272,7 +276,6 @@ class _Checked:
                     f"replace it by a copy of what it points to (`cp --remove-"
                     f"destination {os.path.realpath(source)} {source}`)",
                 )
-        self._writer.add(source, target)
 
 
 def _pack_venv(source: SourceEnvironment, name: str, writer, progress) -> None:
