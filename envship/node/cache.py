@@ -58,6 +58,8 @@ LOCK_TIMEOUT = 3600.0
 # Create times of one process, read at different moments, agree to well
 # within this (the kernel's boot time estimate can move by a second).
 CREATE_TIME_SLACK = 1.0
+#: A filesystem block: what a file's bytes may round up by on disk.
+BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -322,15 +324,14 @@ class EnvCache:
         if lease_pid is None and final.is_dir():
             self._touch(id)
             return final
-        installed = False
+        fitted = True
         with self._locked(id, env):
             if not final.is_dir():
-                self._install(id, env, progress, via)
-                installed = True
+                fitted = self._install(id, env, progress, via)
             if lease_pid is not None:
                 self.lease(id, lease_pid)
             self._touch(id)
-        if installed:
+        if not fitted:  # more than the room made for it beforehand
             try:
                 self.evict(keep=(id,))
             except OSError as e:
@@ -339,7 +340,8 @@ class EnvCache:
 
     def _install(
         self, id: str, env: str | None, progress: Progress | None, via: str | None
-    ) -> None:
+    ) -> bool:
+        """Install ``id`` (lock held); whether it surely fitted the room made for it."""
         archive, manifest = self._source(id, via)
         name = env or (manifest.name if manifest else id)
         if manifest is None:
@@ -351,10 +353,14 @@ class EnvCache:
             )
         limit = manifest.unpacked_size
         self._remove_temp(id)
+        # Room for its bytes and, for what rounding to blocks and folders add,
+        # a block per file: then no second walk of the cache is needed after.
+        needed = limit + BLOCK * manifest.file_count
         try:
-            self.evict(needed=limit, keep=(id, via) if via else (id,))
+            total = self._evict(needed, keep=(id, via) if via else (id,))[1]
         except OSError as e:
             logger.warning("could not evict from %s: %s", self.root, e)
+            total = self.max_size
         final = self.path(id)
         tmp = Path(tempfile.mkdtemp(prefix=f"{id}-install-", dir=self.root / "tmp"))
         record = self._record_path(id)
@@ -420,6 +426,7 @@ class EnvCache:
             format_bytes(info["size"]),
             format_bytes(info["private"]),
         )
+        return total + needed <= self.max_size
 
     def _source(self, id: str, via: str | None) -> tuple[Path, Manifest | None]:
         """The archive to install ``id`` from (its own, or the thin pack ``via``)."""
@@ -525,12 +532,16 @@ class EnvCache:
         list of str
             The ids removed.
         """
+        return self._evict(needed, keep)[0]
+
+    def _evict(self, needed: int, keep: Iterable[str]) -> tuple[list[str], int]:
+        """:meth:`evict`; also the bytes the cache holds afterwards."""
         budget = self.max_size - needed
         sizes = {id: self._size(id)[0] for id in self._ids()}
         total = sum(sizes.values()) + self.files.usage()[1]
         removed: list[str] = []
         if total <= budget:
-            return removed
+            return removed, total
         keep = set(keep)
         for id in sorted(sizes, key=self._last_used):
             if total <= budget:
@@ -555,7 +566,7 @@ class EnvCache:
                 format_bytes(total),
                 format_bytes(self.max_size),
             )
-        return removed
+        return removed, total
 
     def remove(self, id: str, *, force: bool = False) -> None:
         """Remove ``id`` (tree and archive); refuse if leased unless ``force``."""
