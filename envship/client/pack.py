@@ -15,7 +15,6 @@ holds nothing of the environment.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import stat
@@ -220,7 +219,7 @@ class _Packer(Packer):
 
     Rewriting the records (JSON out and in) is most of a re-pack's time when
     nothing else changed; in a session that switches many times, each record
-    is rewritten once per change. Files without prefixes to rewrite (nearly
+    is rewritten once per content. Files without prefixes to rewrite (nearly
     all) go straight to the archive, as conda-pack's ``add`` does with them.
     """
 
@@ -228,19 +227,30 @@ class _Packer(Packer):
         if file.file_mode is not None:
             super().add(file)
         elif file.target.startswith("conda-meta/") and file.target.endswith(".json"):
-            st = os.stat(file.source)
-            out, data = _rewritten_record(
-                file.source, st.st_size, st.st_mtime_ns, st.st_ino
-            )
+            out, data = _rewritten_record(file.source)
             self.packages.append(data)
             self.archive.add_bytes(file.source, out, file.target)
         else:
             self.archive.add(file.source, file.target)
 
 
-@functools.lru_cache(maxsize=1024)  # records of a few environments
-def _rewritten_record(path: str, size: int, mtime_ns: int, inode: int):
-    return rewrite_conda_meta(path)
+#: conda-pack's rewrites of conda-meta records, by the digest of the record.
+_RECORDS: dict[str, tuple[bytes, dict]] = {}
+
+
+def _rewritten_record(path: str) -> tuple[bytes, dict]:
+    """conda-pack's rewrite of a conda-meta record, once per content per session.
+
+    By content, not path: environments made from the same packages (a
+    clone, an edited copy) share most records.
+    """
+    with open(path, "rb") as f:
+        key = xxhash.xxh3_128_hexdigest(f.read())
+    if key not in _RECORDS:
+        if len(_RECORDS) >= 1024:  # records of a few dozen environments
+            del _RECORDS[next(iter(_RECORDS))]
+        _RECORDS[key] = rewrite_conda_meta(path)
+    return _RECORDS[key]
 
 
 def _conda_fix(message: str) -> str:
