@@ -69,11 +69,19 @@ def write_thin_pack(
     refs: Collection[str],
     *,
     level: int = 3,
+    threads: int = 0,
 ) -> ThinSummary:
     """Write the thin pack of ``table`` in which the files in ``refs`` are references.
 
     Every carried file is read again and checked against its digest in the
     table, so what the node unpacks always hashes to ``table.id``.
+
+    Parameters
+    ----------
+    refs : collection of str
+        Paths of the files the receiving nodes hold (by digest, mode, mtime).
+    level, threads : int
+        zstandard's level and compression threads (0: the calling thread).
 
     Raises
     ------
@@ -100,7 +108,7 @@ def write_thin_pack(
             rows.append([FILE, e.path, e.mode, e.mtime, e.size, "", "", True])
             carried.append(e)
     head = json.dumps(rows, separators=(",", ":")).encode()
-    compressor = zstandard.ZstdCompressor(level=level)
+    compressor = zstandard.ZstdCompressor(level=level, threads=threads)
     with compressor.stream_writer(fileobj, closefd=False) as out:
         out.write(THIN_MAGIC + _LENGTH.pack(len(head)) + head)
         for e in carried:

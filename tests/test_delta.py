@@ -229,6 +229,20 @@ def test_one_changed_byte_in_a_thin_pack_is_caught(work_env, store, tmp_path):
     assert cache.has(base.id)
 
 
+def test_a_file_changed_after_the_table_pass_is_not_sent(work_env, store, tmp_path):
+    cache = EnvCache(tmp_path / "cache")
+    base = envship.pack(work_env, store=store)
+    install_base(cache, base)
+    add_package(work_env)
+    edited = envship.pack(work_env, store=store, archive=False)
+    add_package(work_env, answer=43)  # same size, other bytes
+    with pytest.raises(
+        EnvshipError, match="(?s)changed since it was packed.*pack it again"
+    ):
+        thin_for(cache, base, edited)
+    assert not list((store / "thin").glob("*")) and not list(store.glob(".tmp-*"))
+
+
 def test_a_store_that_lost_a_file_asks_for_the_whole_archive(work_env, store, tmp_path):
     cache = EnvCache(tmp_path / "cache")
     base, edited, thin = edit_after_base(work_env, store, cache)

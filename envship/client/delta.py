@@ -20,7 +20,9 @@ import asyncio
 import os
 from dataclasses import dataclass, field
 
+from envship import config
 from envship.archive import path_digest
+from envship.errors import EnvshipError
 from envship.manifest import ThinManifest
 from envship.table import EntryTable, decode_bits, encode_keys
 from envship.thin import write_thin_pack
@@ -125,9 +127,19 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
     """
     store = ArtifactStore(artifact.path.parent)
     table, refs, base = plan.table, plan.refs, plan.base
-    with store.writing(artifact.name) as (f, tmp):
-        summary = write_thin_pack(table, f, refs)
-        size = f.tell()
+    level, threads = config.get("pack.level"), config.default_threads()
+    try:
+        with store.writing(artifact.name) as (f, tmp):
+            summary = write_thin_pack(table, f, refs, level=level, threads=threads)
+            size = f.tell()
+    except EnvshipError:
+        raise
+    except OSError as e:
+        raise EnvshipError(
+            artifact.name,
+            f"could not read it again to send it: {e}",
+            "pack it again (`envship.pack` or use_environment with its path)",
+        ) from e
     thin_id = path_digest(tmp)
     path = store.root / "thin" / f"{thin_id}.tar.zst"
     path.parent.mkdir(exist_ok=True)
