@@ -46,7 +46,15 @@ for path, placeholder, mode in unpack['_prefix_records']:
         sys.exit('refusing prefix record outside the environment: %r' % (path,))
     target = os.path.join(tree, path)
     st = os.lstat(target)
-    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+    if not stat.S_ISREG(st.st_mode):
+        continue
+    # conda-pack records every file pip installed, prefix or not: leave
+    # those without it alone (and shared with the store).
+    wanted = placeholder if isinstance(placeholder, bytes) else placeholder.encode('utf-8')
+    with open(target, 'rb') as f:
+        if wanted not in f.read():
+            continue
+    if st.st_nlink > 1:
         # Shared with the node's file store: rewrite a private copy.
         copy = target + '.envship-unshare'
         shutil.copy2(target, copy)
