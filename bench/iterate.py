@@ -7,7 +7,8 @@ archives, as before the store existed), each through the same steps:
 
 (1) the first switch into a working copy of sklearn-dev (nothing on the node);
 (2) the same environment plus one small package (``pip install six`` into it),
-    re-pack included;
+    re-pack included; then plus ``idna``, then plus ``tomli`` (the median of
+    the three is reported: one restart of four workers varies by 0.4 s here);
 (3) a second environment derived from sklearn-dev the way conda makes them
     (a ``cp -a`` copy, so unchanged packages keep their files and mtimes, with
     scikit-learn 1.8.0 in place of 1.9.1), re-pack included;
@@ -62,6 +63,8 @@ from fixtures.cluster import local_cluster  # noqa: E402
 
 WORKERS = 4
 REPEAT = 3
+#: Step (2), three times: one small package each.
+EDITS = ["six", "idna", "tomli"]
 
 
 def derived(source: Path, dest: Path, pip_args: list[str], drop: str | None) -> Path:
@@ -99,6 +102,7 @@ def step(client, cache: Path, env, name: str) -> dict:
         "written": written,
         # Trees and the file store; the archives kept for peers are not counted.
         "disk": disk_usage(*(p for p in cache.iterdir() if p.name != "archives")),
+        "trees": sum(e.has_tree for e in EnvCache(cache).entries()),
         "stages": report.stages,
         "tree": cache / artifact.id,
     }
@@ -125,8 +129,11 @@ def run_cluster(folder: Path, links: bool, sklearn_dev: Path, derived_env: Path)
         client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
         cache = caches["node"]
         results = {"1": step(client, cache, work, "work")}
-        pip_install(work, ["six"])  # the edit itself is not timed
-        results["2"] = step(client, cache, work, "work")
+        edits = []
+        for package in EDITS:
+            pip_install(work, [package])  # the edit itself is not timed
+            edits.append(step(client, cache, work, "work"))
+        results["2"] = sorted(edits, key=lambda r: r["seconds"])[len(edits) // 2]
         results["3"] = step(client, cache, derived_env, "sklearn-1.8")
         results["w"] = warm(client, work)
         # The two sklearn environments, each inode once: shared files count once.
@@ -216,7 +223,7 @@ def report(results: dict, same: float, shared: float, one_env: int) -> None:
     )
     names = {
         "1": "(1) first switch, sklearn-dev copy",
-        "2": "(2) + one small package, re-pack",
+        "2": "(2) + one small package (median 3)",
         "3": "(3) derived: scikit-learn 1.8.0",
     }
     for key, label in names.items():
@@ -262,8 +269,13 @@ def report(results: dict, same: float, shared: float, one_env: int) -> None:
             "<=",
         ),
         ("node disk, the two sklearn envs / one", on["two"], 1.15, "<="),
-        # All three environments on the node after (3), and the file store.
-        ("node disk, 3 envs + store / one env", on["3"]["disk"] / one_env, 1.15, "<="),
+        # Every environment on the node after (3), and the file store.
+        (
+            f"node disk, all {on['3']['trees']} envs + store / one",
+            on["3"]["disk"] / one_env,
+            1.15,
+            "<=",
+        ),
     ]
     print()
     for label, value, target, how in checks:
