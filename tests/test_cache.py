@@ -483,9 +483,40 @@ def test_conda_fixup_failure_is_reported_and_leaves_no_trace(tmp_path):
     )
     cache = EnvCache(tmp_path / "cache", max_size="1 GB")
     cache.add_archive(id, archive, manifest)
-    with pytest.raises(EnvshipError, match="(?s)conda-unpack failed.*missing.txt"):
+    with pytest.raises(EnvshipError, match="'etc/missing.txt', which it does not hold"):
         cache.ensure(id)
     assert_no_trace(cache, id)
+
+
+@pytest.mark.parametrize(
+    "records, problem",
+    [
+        ([("../../escape.txt", PLACEHOLDER, "text")], "outside the environment"),
+        ([("/etc/passwd", PLACEHOLDER, "text")], "outside the environment"),
+        ([("etc/config.txt", PLACEHOLDER, "exec")], "not one that conda-pack writes"),
+        ("__import__('os').system('touch /tmp/envship-pwned')", "not one that"),
+    ],
+)
+def test_conda_records_are_read_never_run_and_stay_inside(tmp_path, records, problem):
+    def builder(root, **_):
+        make_fake_conda_tree(root, records=[])
+        script = root / "bin" / "conda-unpack"
+        text = script.read_text()
+        literal = records if isinstance(records, str) else repr(records)
+        script.write_text(
+            text.replace("_prefix_records = [\n\n]", f"_prefix_records = {literal}")
+        )
+
+    id, archive, manifest = make_artifact(
+        tmp_path, "forged", builder=builder, kind="conda"
+    )
+    cache = EnvCache(tmp_path / "cache", max_size="1 GB")
+    cache.add_archive(id, archive, manifest)
+    with pytest.raises(EnvshipError, match=problem):
+        cache.ensure(id)
+    assert_no_trace(cache, id)
+    assert not os.path.exists("/tmp/envship-pwned")
+    assert not os.path.exists("/tmp/escape.txt")
 
 
 @pytest.mark.parametrize(
@@ -495,7 +526,7 @@ def test_conda_fixup_failure_is_reported_and_leaves_no_trace(tmp_path):
             "base",
             "import sys, distributed; print(sys.prefix); print(distributed.__file__)",
         ),
-        # conda-pack's own progress module is Python 3 only: the driver must cope.
+        # conda-pack's records applied to a Python 2 environment.
         ("py27", "import sys, json; print(sys.prefix); print(json.__file__)"),
         ("venv", "import sys, dask; print(sys.prefix); print(dask.__file__)"),
     ],

@@ -10,62 +10,24 @@ the node's file store) is first replaced by a private copy.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import stat
-import subprocess
 from fnmatch import fnmatchcase
 from pathlib import Path
+
+from conda_pack.prefixes import update_prefix
 
 from envship.errors import EnvshipError
 
 from .filestore import unshare
 
-FIXUP_TIMEOUT = 600.0
-
-# Runs conda-pack's conda-unpack inside the environment's own python, but
-# with the FINAL prefix as the new one: conda-unpack itself would use its own
-# folder, which is still the temp folder. Python 2 and 3.
-_CONDA_DRIVER = r"""
-import os, shutil, stat, sys, types
-tree, final = sys.argv[1], sys.argv[2]
-# conda-unpack only needs the progress bar when run as a script; its module
-# is not valid Python 2 in conda-pack 0.9.
-stub = types.ModuleType('conda_unpack_progress')
-stub.progressbar = None
-sys.modules['conda_unpack_progress'] = stub
-# Executed in a namespace we keep, not with runpy: Python 2's runpy clears
-# the globals of the functions it hands back.
-script = os.path.join(tree, 'bin', 'conda-unpack')
-with open(script, 'rb') as f:
-    code = compile(f.read(), script, 'exec')
-unpack = {'__name__': 'envship_conda_unpack', '__file__': script}
-exec(code, unpack)
-for path, placeholder, mode in unpack['_prefix_records']:
-    if os.path.isabs(path) or '..' in path.replace('\\', '/').split('/'):
-        sys.exit('refusing prefix record outside the environment: %r' % (path,))
-    target = os.path.join(tree, path)
-    st = os.lstat(target)
-    if not stat.S_ISREG(st.st_mode):
-        continue
-    # conda-pack records every file pip installed, prefix or not: leave
-    # those without it alone (and shared with the store).
-    wanted = placeholder if isinstance(placeholder, bytes) else placeholder.encode('utf-8')
-    with open(target, 'rb') as f:
-        if wanted not in f.read():
-            continue
-    if st.st_nlink > 1:
-        # Shared with the node's file store: rewrite a private copy.
-        copy = target + '.envship-unshare'
-        shutil.copy2(target, copy)
-        os.rename(copy, target)
-    st = os.stat(target)
-    if not st.st_mode & stat.S_IWUSR:
-        os.chmod(target, st.st_mode | stat.S_IWUSR)
-    unpack['update_prefix'](target, final, placeholder, mode=mode)
-    if not st.st_mode & stat.S_IWUSR:
-        os.chmod(target, stat.S_IMODE(st.st_mode))
-"""
+#: Largest bin/conda-unpack read for its records (conda-pack writes a few
+#: kilobytes of code and one line per file with a prefix).
+MAX_UNPACK_SCRIPT = 64 << 20
+_MODES = ("text", "binary")
+_REPACK = "pack the environment again with envship"
 
 
 def fixup_venv(
@@ -106,7 +68,7 @@ def fixup_venv(
     final = os.fspath(final_prefix)
     name = env or tree.name
     spec_path = tree / ".envship" / "unpack.json"
-    repack = "pack the environment again with envship"
+    repack = _REPACK
     try:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -186,58 +148,85 @@ def _replace_in_file(path: str, old: bytes, new: bytes) -> None:
 
 
 def fixup_conda(tree: Path, final: Path, name: str) -> None:
-    """Run the archive's conda-unpack with ``final`` as the new prefix."""
-    if not (tree / "bin" / "conda-unpack").is_file():
+    """Apply the archive's conda-unpack records with ``final`` as the new prefix.
+
+    conda-pack's ``bin/conda-unpack`` is its ``prefixes.py`` followed by the
+    records ``(path, placeholder, mode)`` of files that hold the packing
+    prefix. The records are read from the script (parsed, never run) and
+    applied with the nanny's own conda-pack (``update_prefix``), so no
+    interpreter of the environment runs here and nothing can write outside
+    the tree. conda-pack lists every file pip installed; only those that do
+    hold their placeholder are rewritten (as private copies, see
+    :func:`~envship.node.filestore.unshare`).
+
+    Raises
+    ------
+    EnvshipError
+        The script is not conda-pack's, a record names a path outside the
+        environment or missing from it, or a binary rewrite would change a
+        file's length.
+    """
+    script = tree / "bin" / "conda-unpack"
+    if not script.is_file():
         return  # packed for a fixed destination: nothing to rewrite
-    python = tree / "bin" / "python"
-    if not python.exists():
-        raise EnvshipError(
-            name,
-            "the conda environment has no bin/python to run conda-unpack with",
-            "pack an environment that has python installed",
-        )
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PYTHON", "CONDA", "__PYVENV")) and key != "VIRTUAL_ENV"
-    }
-    command = [
-        str(python),
-        "-E",
-        "-s",
-        "-B",
-        "-c",
-        _CONDA_DRIVER,
-        str(tree),
-        str(final),
-    ]
+    root = os.path.realpath(tree)
+    for path, placeholder, mode in _prefix_records(script, name):
+        target = os.path.realpath(os.path.join(root, path))
+        if os.path.isabs(path) or not target.startswith(root + os.sep):
+            raise EnvshipError(
+                name,
+                f"conda-unpack lists {path!r}, outside the environment",
+                _REPACK,
+            )
+        try:
+            st = os.stat(target)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            with open(target, "rb") as f:
+                if placeholder.encode() not in f.read():
+                    continue
+            unshare(target)
+            mode_bits = stat.S_IMODE(st.st_mode)
+            os.chmod(target, mode_bits | stat.S_IWUSR)
+            try:
+                update_prefix(target, os.fspath(final), placeholder, mode=mode)
+            finally:
+                os.chmod(target, mode_bits)
+        except FileNotFoundError:
+            raise EnvshipError(
+                name, f"conda-unpack lists {path!r}, which it does not hold", _REPACK
+            ) from None
+        except ValueError as e:  # a binary rewrite that changes the length
+            raise EnvshipError(
+                name, f"its prefix could not be rewritten in {path}: {e}", _REPACK
+            ) from None
+
+
+def _prefix_records(script: Path, name: str) -> list[tuple[str, str, str]]:
+    """The ``_prefix_records`` literal of a conda-unpack script, checked."""
+    bad = EnvshipError(
+        name, "its bin/conda-unpack is not one that conda-pack writes", _REPACK
+    )
+    if script.stat().st_size > MAX_UNPACK_SCRIPT:
+        raise bad
     try:
-        done = subprocess.run(
-            command,
-            env=environ,
-            cwd=tree,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=FIXUP_TIMEOUT,
-        )
-    except subprocess.TimeoutExpired:
-        raise EnvshipError(
-            name,
-            f"conda-unpack did not finish within {FIXUP_TIMEOUT:.0f} s",
-            "look for a hung process on this node and try again",
-        ) from None
-    except OSError as e:
-        raise EnvshipError(
-            name,
-            f"its python could not run on this node to fix prefixes ({e})",
-            "pack the environment on the platform of the nodes (same OS and CPU)",
-        ) from None
-    if done.returncode != 0:
-        stderr = done.stderr.decode("utf-8", "replace").strip()
-        raise EnvshipError(
-            name,
-            f"conda-unpack failed on this node (exit code {done.returncode}):\n"
-            + stderr[-4000:],
-            "pack the environment on the platform of the nodes; if it was, "
-            "pack it again",
-        )
+        module = ast.parse(script.read_bytes(), filename=str(script))
+        (value,) = [
+            node.value
+            for node in module.body
+            if isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["_prefix_records"]
+        ]
+        records = ast.literal_eval(value)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        raise bad from None
+    if not isinstance(records, list) or not all(
+        isinstance(r, tuple)
+        and len(r) == 3
+        and all(isinstance(x, str) for x in r)
+        and r[1]
+        and r[2] in _MODES
+        for r in records
+    ):
+        raise bad
+    return records
