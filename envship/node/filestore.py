@@ -29,6 +29,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from pathlib import Path
 
 from envship.table import store_key
@@ -61,6 +62,7 @@ class FileStore:
         self.root.mkdir(mode=0o700, exist_ok=True)
         self._root = str(self.root)
         self.links = links
+        self._usage: dict[str, tuple[int, int, int]] = {}  # see usage()
 
     key = staticmethod(store_key)
 
@@ -164,13 +166,31 @@ class FileStore:
         return freed
 
     def usage(self) -> tuple[int, int]:
-        """(files, bytes on disk) in the store."""
+        """(files, bytes on disk) in the store.
+
+        Each install asks (for the cache's budget), so what each of the 256
+        folders holds is remembered until the folder's mtime changes: store
+        files are read-only, only adding or removing one changes the sum. A
+        folder changed within the last seconds is counted afresh each time,
+        as a change in the same clock tick would leave its mtime as it was.
+        """
         files = size = 0
+        recent = time.time_ns() - 2_000_000_000
         for folder in os.scandir(self.root):
-            if folder.is_dir(follow_symlinks=False):
+            if not folder.is_dir(follow_symlinks=False):
+                continue
+            mtime = folder.stat(follow_symlinks=False).st_mtime_ns
+            known = self._usage.get(folder.name)
+            if known is None or known[0] != mtime:
+                count = blocks = 0
                 for entry in os.scandir(folder.path):
-                    files += 1
-                    size += entry.stat(follow_symlinks=False).st_blocks * 512
+                    count += 1
+                    blocks += entry.stat(follow_symlinks=False).st_blocks
+                known = (mtime, count, blocks * 512)
+                if mtime < recent:
+                    self._usage[folder.name] = known
+            files += known[1]
+            size += known[2]
         return files, size
 
 
