@@ -88,6 +88,7 @@ def pip_install(prefix: Path, args: list[str]) -> None:
 
 def step(client, cache: Path, env, name: str) -> dict:
     """Pack (the table pass; a cache hit if unchanged) and switch; what it cost."""
+    os.sync()  # what earlier steps wrote goes to disk now, not during this one
     start = time.perf_counter()
     artifact = envship.pack(env, name=name, archive=False)
     packed = time.perf_counter() - start
@@ -112,6 +113,7 @@ def warm(client, env) -> dict:
     times, stages = [], []
     for _ in range(REPEAT):
         client.use_environment(None, progress=False)
+        os.sync()
         start = time.perf_counter()
         report = client.use_environment(env, progress=False)
         times.append(time.perf_counter() - start)
