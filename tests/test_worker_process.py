@@ -228,12 +228,22 @@ def test_child_environ_keeps_the_environment_apart(tmp_path):
         "PYTHONHASHSEED": "6640",
         "LD_LIBRARY_PATH": f"{nanny_lib}:/opt/lib:{tmp_path / 'env' / 'lib'}",
         "OMP_NUM_THREADS": "1",
+        # Meant for the nanny's interpreter, not for another environment's.
+        "PYTHONWARNINGS": "error",
+        "PYTHONPYCACHEPREFIX": "/tmp/nanny-pycache",
+        "PYTHONSAFEPATH": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
     }
-    env = child_environ(target, base)
+    explicit = {"PYTHONWARNINGS": "ignore", "PYTHONPATH": "/nanny/site", "X": "y"}
+    env = child_environ(target, base, explicit)
     assert env["PATH"] == f"{tmp_path / 'env' / 'bin'}:/usr/bin:/bin"
     assert env["CONDA_PREFIX"] == str(tmp_path / "env")
     assert env["PYTHONHASHSEED"] == "6640"
     assert env["OMP_NUM_THREADS"] == "1"
+    # Set for the workers on purpose: passed on, unless it steers python back.
+    assert env["PYTHONWARNINGS"] == "ignore" and env["X"] == "y"
+    for leaked in ("PYTHONPYCACHEPREFIX", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE"):
+        assert leaked not in env
     assert env["LD_LIBRARY_PATH"] == f"/opt/lib:{tmp_path / 'env' / 'lib'}"
     for gone in worker_process.DROPPED_VARIABLES + ("CONDA_DEFAULT_ENV",):
         assert gone not in env

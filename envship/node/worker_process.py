@@ -70,6 +70,17 @@ DROPPED_VARIABLES = (
     "VIRTUAL_ENV",
 )
 
+#: The PYTHON* variables of the nanny's process environment that a worker in
+#: another environment still gets. Others (PYTHONWARNINGS, PYTHONPYCACHEPREFIX,
+#: PYTHONSAFEPATH, ...) were meant for the nanny's interpreter; set them for
+#: workers explicitly (``distributed.nanny.environ``) to pass them on.
+KEPT_PYTHON_VARIABLES = (
+    "PYTHONHASHSEED",
+    "PYTHONUNBUFFERED",
+    "PYTHONFAULTHANDLER",
+    "PYTHONIOENCODING",
+)
+
 _FRAME_HEADER = struct.Struct(">Q")
 _STDERR_TAIL_LINES = 30
 
@@ -113,17 +124,28 @@ def _inside(path: str, prefix: Path) -> bool:
         return False
 
 
-def child_environ(target: TargetEnvironment, base: Mapping[str, str]) -> dict[str, str]:
+def child_environ(
+    target: TargetEnvironment,
+    inherited: Mapping[str, str],
+    explicit: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The environment variables of a worker that runs in ``target``.
 
-    ``base`` (the nanny's variables) less what would steer the environment's
-    python back to the nanny's packages, with ``<prefix>/bin`` first on PATH.
+    ``inherited`` (the nanny's process environment) less what would steer
+    the environment's python back to the nanny's packages and less the
+    ``PYTHON*`` settings meant for the nanny's own interpreter (but
+    :data:`KEPT_PYTHON_VARIABLES`); then ``explicit`` (what the nanny is
+    configured to give its workers), less what would steer it back; with
+    ``<prefix>/bin`` first on PATH.
     """
     env = {
         k: v
-        for k, v in base.items()
-        if k not in DROPPED_VARIABLES and not k.startswith("CONDA_")
+        for k, v in inherited.items()
+        if not k.startswith(("PYTHON", "CONDA_")) or k in KEPT_PYTHON_VARIABLES
     }
+    env.update(explicit or {})
+    for k in [k for k in env if k in DROPPED_VARIABLES or k.startswith("CONDA_")]:
+        del env[k]
     prefix = Path(target.prefix)
     bin_dir = str(prefix / "bin")
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
@@ -408,9 +430,7 @@ class EnvWorkerProcess(WorkerProcess):
         if not os.access(python, os.X_OK):
             return f"{what}: {python} is missing or not executable. {fallback}"
 
-        environ = child_environ(
-            target, {**os.environ, **self.pre_spawn_env, **self.env}
-        )
+        environ = child_environ(target, os.environ, {**self.pre_spawn_env, **self.env})
         try:
             setup = _frame(
                 {
