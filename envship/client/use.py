@@ -9,8 +9,10 @@ on the client's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -157,11 +159,24 @@ def use_environment(
             "results will be recomputed, scattered data is lost",
             stacklevel=2,
         )
-    report = call.run(
-        _switch(
-            client, artifact, workers, targets, infos, call.progress, label, call.stages
+    owner = f"{client.id}/{uuid.uuid4().hex}"
+    call.run(_claim(client, owner, targets, label))
+    try:
+        report = call.run(
+            _switch(
+                client,
+                artifact,
+                workers,
+                targets,
+                infos,
+                call.progress,
+                label,
+                call.stages,
+            )
         )
-    )
+    finally:
+        with contextlib.suppress(Exception):  # it ends with the client anyway
+            client.sync(client.scheduler.envship_release, owner=owner)
     _warn_left_out(report, "switched")
     return report
 
@@ -339,7 +354,9 @@ async def _switch(client, artifact, workers, targets, infos, progress, label, st
             _, exc, _ = clean_exception(response["exception"], response["traceback"])
             raise EnvshipError(label, f"a nanny could not switch: {exc}") from exc
     stages["restart"] = time.perf_counter() - started
-    report = await _report(client, targets, stages["restart"])
+    report = await _report(
+        client, targets, stages["restart"], expected=artifact.id if artifact else None
+    )
     report.stages, report.transfer, report.unpacked = stages, shipped, unpacked
     failed = [r for r in report.values() if not r.ok]
     if failed:
@@ -354,6 +371,29 @@ async def _switch(client, artifact, workers, targets, infos, progress, label, st
         error.report = report
         raise error
     return report
+
+
+async def _claim(client, owner: str, targets: dict, label: str) -> None:
+    """Claim the workers for this switch; refuse if another switch holds any."""
+    names = {t["nanny"]: t["name"] for t in targets.values()}
+    answer = await client.scheduler.envship_claim(
+        owner=owner, client=client.id, nannies=list(names), name=label
+    )
+    conflicts = answer["conflicts"]
+    if conflicts:
+        now = time.time()
+        lines = "\n".join(
+            f"  {names[nanny]}: to {c['name']}, by {c['client']}, for "
+            f"{now - c['since']:.0f} s"
+            for nanny, c in conflicts.items()
+        )
+        raise EnvshipError(
+            label,
+            "another switch of the same workers is under way, so this one did "
+            f"not start:\n{lines}",
+            "call use_environment again once it has ended, or switch other "
+            "workers (workers=[...])",
+        )
 
 
 async def _ensure_registry(client, label) -> None:
@@ -581,19 +621,32 @@ async def _install(client, artifact, infos, progress, via, only=None):
     return unpacked, stale
 
 
-async def _report(client, targets, seconds, prepared: bool = False) -> SwitchReport:
-    """What each worker runs in; how its switch went (unless only ``prepared``)."""
+async def _report(
+    client, targets, seconds, prepared: bool = False, expected: str | None = None
+) -> SwitchReport:
+    """What each worker runs in; how its switch went (unless only ``prepared``).
+
+    A switch is ok for a worker only if its nanny says so and the worker runs
+    in ``expected`` now: never ok while it runs elsewhere.
+    """
 
     async def status(target):
         s = await client.rpc(target["nanny"]).envship_status()
+        ok, error = s["ok"], s["error"]
+        if ok and s["running"] != expected:
+            ok = False
+            runs = s["name"] or s["running"] or "the nannies' own environment"
+            error = (
+                f"it runs in {runs}, not in what was asked: switched again meanwhile?"
+            )
         return WorkerReport(
             name=target["name"],
             nanny=target["nanny"],
             address=s["worker"],
             environment=s["running"],
             seconds=seconds if prepared else s.get("seconds") or seconds,
-            ok=prepared or s["ok"],
-            error=None if prepared else s["error"],
+            ok=prepared or ok,
+            error=None if prepared else error,
         )
 
     reports = await asyncio.gather(*map(status, targets.values()))

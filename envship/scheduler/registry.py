@@ -13,7 +13,10 @@ A small scheduler plugin, registered by the first client that switches (or by
   archive is held: a joiner gets the base, then the thin pack);
 - which nannies hold which blobs, complete or still downloading, as the
   nannies report it, so a node fetches from whoever holds it *now*;
-- what each nanny's worker runs in, and since when.
+- what each nanny's worker runs in, and since when;
+- which nannies a switch is under way for, and whose (*claims*), so that two
+  clients switching the same workers at once do not both succeed: the
+  second is refused, naming the first.
 
 It never sees a blob's bytes, and it trusts no message: every handler checks
 types and sizes before it stores anything.
@@ -35,6 +38,8 @@ SPARE_OFFERS = 16
 #: Seconds a holder that has no worker in the cluster stays listed (its worker
 #: may be restarting).
 HOLDER_GRACE = 120.0
+#: Seconds a claim lasts even if its client stays connected and never ends it.
+CLAIM_TTL = 3600.0
 MAX_TEXT = 1024
 
 
@@ -70,6 +75,9 @@ class Registry(SchedulerPlugin):
         self.by_name: dict[str, str | None] = {}
         self.holders: dict[str, dict[str, dict]] = {}
         self.running: dict[str, dict] = {}
+        self.claims: dict[
+            str, dict
+        ] = {}  # nanny -> {"owner", "client", "name", "since"}
         self.scheduler = None
 
     async def start(self, scheduler) -> None:
@@ -82,6 +90,8 @@ class Registry(SchedulerPlugin):
                 "envship_hold": self.hold,
                 "envship_runs": self.runs,
                 "envship_registry": self.snapshot,
+                "envship_claim": self.claim,
+                "envship_release": self.release,
             }
         )
 
@@ -169,6 +179,39 @@ class Registry(SchedulerPlugin):
         previous = self.running.get(nanny)
         if previous is None or previous["id"] != id:
             self.running[nanny] = {"id": id, "name": name, "since": time.time()}
+        return "OK"
+
+    def claim(self, owner: str, client: str, nannies: list, name: str) -> dict:
+        """Claim ``nannies`` for a switch to ``name`` by ``owner`` (one call of ``client``).
+
+        All or nothing: if another switch under way holds any of them, nothing
+        is claimed and those conflicts are returned. A claim ends with
+        :meth:`release`, when its client disconnects, or after ``CLAIM_TTL``.
+        """
+        owner, client = _text(owner, "an owner"), _text(client, "a client id")
+        name = _text(name, "a name")
+        if not isinstance(nannies, list | tuple) or len(nannies) > 100_000:
+            raise ValueError("nannies must be a list of nanny addresses")
+        nannies = [_text(n, "a nanny address") for n in nannies]
+        now = time.time()
+        live = self.scheduler.clients
+        for nanny, c in list(self.claims.items()):
+            if c["client"] not in live or now - c["since"] > CLAIM_TTL:
+                del self.claims[nanny]
+        conflicts = {
+            n: self.claims[n]
+            for n in nannies
+            if self.claims.get(n, {}).get("owner") not in (None, owner)
+        }
+        if not conflicts:
+            claim = {"owner": owner, "client": client, "name": name, "since": now}
+            self.claims.update(dict.fromkeys(nannies, claim))
+        return {"conflicts": conflicts}
+
+    def release(self, owner: str) -> str:
+        """End ``owner``'s claims."""
+        owner = _text(owner, "an owner")
+        self.claims = {n: c for n, c in self.claims.items() if c["owner"] != owner}
         return "OK"
 
     def snapshot(self) -> dict:
