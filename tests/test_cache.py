@@ -21,7 +21,7 @@ import zstandard
 from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError
 from envship.manifest import Manifest
-from envship.node.cache import EnvCache
+from envship.node.cache import MAX_RATIO, EnvCache
 from envship.node.extract import remove_tree
 from envship.node.relocate import fixup_venv
 from fixtures.trees import pack_tree
@@ -36,6 +36,7 @@ def make_venv_tree(root, *, files=3, size=1000, base_python=BASE_PYTHON, seed=b"
     (root / "bin").mkdir(parents=True)
     (root / "lib" / "site-packages" / "pkg").mkdir(parents=True)
     (root / ".envship").mkdir()
+    (root / "pyvenv.cfg").write_text(f"home = {Path(base_python).parent}\n")
     (root / "bin" / "activate").write_text(f'VIRTUAL_ENV="{OLD_PREFIX}"\n')
     (root / "bin" / "tool").write_text(f"#!{OLD_PREFIX}/bin/python\nprint(1)\n")
     (root / "bin" / "tool").chmod(0o755)
@@ -115,7 +116,9 @@ def test_ensure_installs_fixes_up_and_seals(tmp_path):
     assert os.listdir(cache.root / "tmp") == []
 
     (install,) = cache.installs(id)
-    assert install["files"] == 7  # activate, tool, __init__, mod0-2, unpack.json
+    assert (
+        install["files"] == 8
+    )  # pyvenv.cfg, activate, tool, __init__, mod0-2, unpack.json
     assert cache.size() >= install["size"] + archive.stat().st_size
 
     assert cache.ensure(id) == prefix
@@ -384,6 +387,37 @@ def bad_fixup(tmp_path):
     return make_artifact(tmp_path, "bad", base_python="/nonexistent/bin/python3.99")
 
 
+def bad_kind(tmp_path):
+    # A venv whose manifest says conda: the node would run conda's fix-up and
+    # start its worker as a conda environment.
+    id, archive, manifest = make_artifact(tmp_path, "bad")
+    return id, archive, manifest.replace(kind="conda")
+
+
+def bad_file_count(tmp_path):
+    id, archive, manifest = make_artifact(tmp_path, "bad")
+    return id, archive, manifest.replace(file_count=manifest.file_count + 1)
+
+
+def bad_honest_bomb(tmp_path):
+    # 200 MB of zeros, its size declared honestly: bounded by the archive's
+    # own size (a few KiB) times MAX_RATIO, so refused after about 1 MB.
+    def zeros(root):
+        make_venv_tree(root)
+        with open(root / "lib" / "zeros.bin", "wb") as f:
+            for _ in range(200):
+                f.write(bytes(1 << 20))
+
+    id, archive, manifest = make_artifact(tmp_path, "bad", builder=zeros)
+    assert archive.stat().st_size * MAX_RATIO < 200 << 20
+    return id, archive, manifest
+
+
+def bad_over_budget(tmp_path):
+    id, archive, manifest = make_artifact(tmp_path, "bad")
+    return id, archive, manifest.replace(unpacked_size=1 << 43)  # 8 TiB
+
+
 @pytest.mark.parametrize(
     "make_bad, message",
     [
@@ -391,6 +425,10 @@ def bad_fixup(tmp_path):
         (bad_mismatch, "does not match its id"),
         (bad_bomb, "bomb"),
         (bad_fixup, "needs the base interpreter /nonexistent/bin/python3.99"),
+        (bad_kind, "says it is a conda environment, but it holds a venv"),
+        (bad_file_count, "declares 9 files, and it holds 8"),
+        (bad_honest_bomb, "bytes it may unpack to: an archive bomb"),
+        (bad_over_budget, "more than this node's cache budget"),
     ],
 )
 def test_bad_artifact_leaves_no_trace(tmp_path, make_bad, message):
@@ -403,6 +441,41 @@ def test_bad_artifact_leaves_no_trace(tmp_path, make_bad, message):
     assert_no_trace(cache, id)
     assert not (tmp_path / "evil").exists()
     assert not (tmp_path / "cache" / "evil").exists()
+
+
+def test_a_size_declared_evicts_nothing_before_it_verifies(tmp_path):
+    cache = EnvCache(tmp_path / "cache", max_size="10 MB")
+    id, archive, manifest = make_artifact(tmp_path, "unused")
+    cache.add_archive(id, archive, manifest)
+    cache.ensure(id)  # installed, no longer used by anyone
+    # Four bytes that declare 9.5 MiB: honouring that would evict "unused".
+    liar = tmp_path / "liar.tar.zst"
+    liar.write_bytes(b"\x28\xb5\x2f\xfd")
+    lie = manifest.replace(id="5" * 32, name="liar", unpacked_size=19 << 19)
+    cache.add_archive(lie.id, liar, lie)
+    with pytest.raises(EnvshipError, match="not a readable envship artifact"):
+        cache.ensure(lie.id)
+    assert cache.has(id)
+
+
+def test_an_install_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    id, archive, manifest = make_artifact(tmp_path, "big", files=8, size=4 << 20)
+    root = tmp_path / "small-disk"
+    root.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", root], check=True
+    )
+    try:
+        cache = EnvCache(root / "cache", max_size="1 GB")
+        cache.add_archive(id, archive, manifest)  # 32 MB, incompressible
+        with pytest.raises(EnvshipError, match="(?s)to spare.*free disk space"):
+            cache.ensure(id)
+        assert not cache.has(id) and cache.has_archive(id)  # kept: not its fault
+        assert os.listdir(root / "cache" / "tmp") == []
+    finally:
+        subprocess.run(["umount", root], check=True)
 
 
 def test_fixup_venv_refuses_odd_links(tmp_path):
@@ -433,6 +506,8 @@ def make_fake_conda_tree(root, records=None):
     pack_dir = Path(conda_pack.__file__).parent
     (root / "bin").mkdir(parents=True)
     (root / "etc").mkdir()
+    (root / "conda-meta").mkdir()
+    (root / "conda-meta" / "history").write_text("")
     # A real interpreter; it finds its standard library where it was built.
     shutil.copy2(BASE_PYTHON, root / "bin" / "python3.11")
     (root / "bin" / "python").symlink_to("python3.11")

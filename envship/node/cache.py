@@ -25,10 +25,12 @@ This module knows nothing of Dask: it can be driven from tests or a CLI.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import secrets
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -60,6 +62,12 @@ LOCK_TIMEOUT = 3600.0
 CREATE_TIME_SLACK = 1.0
 #: A filesystem block: what a file's bytes may round up by on disk.
 BLOCK = 4096
+#: Most bytes an archive may unpack to per byte of itself. Environments
+#: compress 3 to 5 times; a bomb of zeros, a thousand times. The archive's
+#: size is what the node holds, unlike the size its manifest declares.
+MAX_RATIO = 100
+#: Disk left free by an install: 1 GiB, or a twentieth of a small disk.
+RESERVE = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -324,14 +332,15 @@ class EnvCache:
         if lease_pid is None and final.is_dir():
             self._touch(id)
             return final
-        fitted = True
+        installed = False
         with self._locked(id, env):
             if not final.is_dir():
-                fitted = self._install(id, env, progress, via)
+                self._install(id, env, progress, via)
+                installed = True
             if lease_pid is not None:
                 self.lease(id, lease_pid)
             self._touch(id)
-        if not fitted:  # more than the room made for it beforehand
+        if installed:  # back within the budget, now that it has verified
             try:
                 self.evict(keep=(id,))
             except OSError as e:
@@ -340,8 +349,8 @@ class EnvCache:
 
     def _install(
         self, id: str, env: str | None, progress: Progress | None, via: str | None
-    ) -> bool:
-        """Install ``id`` (lock held); whether it surely fitted the room made for it."""
+    ) -> None:
+        """Install ``id`` (lock held)."""
         archive, manifest = self._source(id, via)
         name = env or (manifest.name if manifest else id)
         if manifest is None:
@@ -351,16 +360,8 @@ class EnvCache:
                 "its manifest is unreadable)",
                 "send the artifact to this node before installing it",
             )
-        limit = manifest.unpacked_size
         self._remove_temp(id)
-        # Room for its bytes and, for what rounding to blocks and folders add,
-        # a block per file: then no second walk of the cache is needed after.
-        needed = limit + BLOCK * manifest.file_count
-        try:
-            total = self._evict(needed, keep=(id, via) if via else (id,))[1]
-        except OSError as e:
-            logger.warning("could not evict from %s: %s", self.root, e)
-            total = self.max_size
+        limit = self._make_room(id, via, archive, manifest, name)
         final = self.path(id)
         tmp = Path(tempfile.mkdtemp(prefix=f"{id}-install-", dir=self.root / "tmp"))
         record = self._record_path(id)
@@ -383,19 +384,10 @@ class EnvCache:
             except MissingStoreFileError:
                 raise  # the thin pack is sound, this node lacks what it needs
             except EnvshipError:
-                # Never try a bad artifact again: the sender must send a good one.
-                if archive == self.archive_path(id):
-                    self._discard_archive(id)
-                else:
-                    self._discard_archive(via)
-                    self.manifest_path(id).unlink(missing_ok=True)
+                self._discard_source(id, via, archive)
                 raise
             except OSError as e:
-                raise EnvshipError(
-                    name,
-                    f"could not unpack it into {self.root}: {e}",
-                    "free disk space on this node, or set envship.cache.max-size lower",
-                ) from e
+                raise _disk_error(name, self.root, e) from e
             _write_json(record, info)
             os.rename(tmp, final)
         except BaseException:
@@ -426,7 +418,54 @@ class EnvCache:
             format_bytes(info["size"]),
             format_bytes(info["private"]),
         )
-        return total + needed <= self.max_size
+
+    def _make_room(
+        self, id: str, via: str | None, archive: Path, manifest: Manifest, name: str
+    ) -> int:
+        """Evict for an install and bound it; the most bytes it may write.
+
+        What its manifest declares is the sender's word: eviction makes room
+        for no more than ``MAX_RATIO`` times the archive's own size, so a small
+        archive that declares a huge size evicts nothing, and the extraction
+        stops there too (a bomb is refused long before the disk fills).
+        Eviction after the install, once it has verified, restores the budget.
+        """
+        declared = manifest.unpacked_size
+        if declared > self.max_size:
+            self._discard_source(id, via, archive)
+            raise EnvshipError(
+                name,
+                f"it unpacks to {format_bytes(declared)}, more than this node's "
+                f"cache budget ({format_bytes(self.max_size)})",
+                "raise envship.cache.max-size on the nodes, or ship a smaller "
+                "environment",
+            )
+        bound = os.stat(archive).st_size * MAX_RATIO
+        needed = min(declared + BLOCK * manifest.file_count, bound)
+        try:
+            self.evict(needed, keep=(id, via) if via else (id,))
+        except OSError as e:
+            logger.warning("could not evict from %s: %s", self.root, e)
+        disk = shutil.disk_usage(self.root)
+        room = disk.free - min(RESERVE, disk.total // 20)
+        if min(needed, declared) > room:
+            raise EnvshipError(
+                name,
+                f"it may take {format_bytes(min(needed, declared))} and the disk "
+                f"of this node's cache ({self.root}) has "
+                f"{format_bytes(max(room, 0))} to spare",
+                "free disk space on this node, or set envship.cache.max-size "
+                "lower so that old environments are evicted",
+            )
+        return min(declared, bound)
+
+    def _discard_source(self, id: str, via: str | None, archive: Path) -> None:
+        """Never try a bad artifact again: the sender must send a good one."""
+        if archive == self.archive_path(id):
+            self._discard_archive(id)
+        else:
+            self._discard_archive(via)
+            self.manifest_path(id).unlink(missing_ok=True)
 
     def _source(self, id: str, via: str | None) -> tuple[Path, Manifest | None]:
         """The archive to install ``id`` from (its own, or the thin pack ``via``)."""
@@ -532,16 +571,12 @@ class EnvCache:
         list of str
             The ids removed.
         """
-        return self._evict(needed, keep)[0]
-
-    def _evict(self, needed: int, keep: Iterable[str]) -> tuple[list[str], int]:
-        """:meth:`evict`; also the bytes the cache holds afterwards."""
         budget = self.max_size - needed
         sizes = {id: self._size(id)[0] for id in self._ids()}
         total = sum(sizes.values()) + self.files.usage()[1]
         removed: list[str] = []
         if total <= budget:
-            return removed, total
+            return removed
         keep = set(keep)
         for id in sorted(sizes, key=self._last_used):
             if total <= budget:
@@ -566,7 +601,7 @@ class EnvCache:
                 format_bytes(total),
                 format_bytes(self.max_size),
             )
-        return removed, total
+        return removed
 
     def remove(self, id: str, *, force: bool = False) -> None:
         """Remove ``id`` (tree and archive); refuse if leased unless ``force``."""
@@ -767,6 +802,22 @@ class EnvCache:
         self._record_path(id).unlink(missing_ok=True)
         self._discard_archive(id)
         remove_tree(self.root / "leases" / id)
+
+
+def _disk_error(name: str, root: Path, e: OSError) -> EnvshipError:
+    """What an ``OSError`` while installing means for the user."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return EnvshipError(
+            name,
+            f"the disk of this node's cache ({root}) filled up while unpacking it "
+            "(the archive is kept)",
+            "free disk space on this node, or set envship.cache.max-size lower",
+        )
+    return EnvshipError(
+        name,
+        f"could not unpack it into {root}: {e}",
+        f"check that {root} is a local folder this nanny's user may write",
+    )
 
 
 def _stored_usage(tree: Path) -> tuple[int, int]:

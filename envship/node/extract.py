@@ -357,8 +357,7 @@ class _Extractor:
         if self.written + size > self.limit:
             raise self.refuse(
                 name,
-                f"more than the {self.limit} unpacked bytes the artifact "
-                "declares (an archive bomb?)",
+                f"more than the {self.limit} bytes it may unpack to: an archive bomb?",
             )
         if info.digest is not None:
             self.reference(info, name, mode)

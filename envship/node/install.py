@@ -79,6 +79,7 @@ def unpack(
         files=files,
         threads=threads,
     )
+    check_manifest(tree, manifest, summary.file_count, name)
     if progress is not None:
         progress("fixup", 0, 1)
     fixup(tree, final, manifest, name)
@@ -97,6 +98,41 @@ def unpack(
         "installed": time.time(),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def tree_kind(tree: Path) -> str | None:
+    """What kind of environment an unpacked tree is: "conda", "venv" or None."""
+    if (tree / "conda-meta").is_dir():
+        return "conda"
+    if (tree / "pyvenv.cfg").is_file():
+        return "venv"
+    return None
+
+
+def check_manifest(tree: Path, manifest: Manifest, file_count: int, name: str) -> None:
+    """The manifest is the sender's word: what the node acts on must match the tree.
+
+    Its ``kind`` chooses the fix-up and the worker's variables; its file count
+    is checked too. (Its ``unpacked_size`` bounded the extraction.)
+    """
+    found = tree_kind(tree)
+    if found != manifest.kind:
+        holds = {"conda": "a conda environment", "venv": "a venv"}.get(
+            found, "neither a conda environment nor a venv"
+        )
+        raise EnvshipError(
+            name,
+            f"its manifest says it is a {manifest.kind} environment, but it holds "
+            f"{holds}",
+            "pack the environment again with envship",
+        )
+    if file_count != manifest.file_count:
+        raise EnvshipError(
+            name,
+            f"its manifest declares {manifest.file_count} files, and it holds "
+            f"{file_count}",
+            "pack the environment again with envship",
+        )
 
 
 def fixup(tree: Path, final: Path, manifest: Manifest, name: str) -> None:
