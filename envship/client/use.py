@@ -616,7 +616,12 @@ async def _install(client, artifact, infos, progress, via, only=None):
             finally:
                 bar.advance()
 
-        done = await asyncio.gather(*map(install, nodes))
+        # Every node settles (a refusal discards its copy) before any error
+        # reaches the caller.
+        done = await asyncio.gather(*map(install, nodes), return_exceptions=True)
+    for result in done:
+        if isinstance(result, BaseException):
+            raise result
     unpacked = {n: d for n, d in zip(nodes, done, strict=True) if d is not None}
     return unpacked, stale
 
