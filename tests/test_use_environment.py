@@ -267,12 +267,12 @@ def test_nannies_without_preload_get_the_plugin(tmp_path, env_prefix, store):
 def test_eviction_never_removes_an_environment_in_use(tmp_path, env_prefix, store):
     base = envship.pack(env_prefix("base"), store=store)
     venv = envship.pack(env_prefix("venv"), store=store)
-    budget = {"DASK_ENVSHIP__CACHE__MAX_SIZE": "1 MB"}  # smaller than either
+    budget = {"DASK_ENVSHIP__CACHE__MAX_SIZE": "200 MB"}  # not both (150 + 70 MB)
     with local_cluster(tmp_path / "c", {"tiny": 1}, node_env=budget) as (
         client,
         caches,
     ):
-        cache = EnvCache(caches["tiny"], max_size="1 MB")
+        cache = EnvCache(caches["tiny"], max_size="200 MB")
         assert client.use_environment(base).ok
         assert client.use_environment(venv).ok
         # base was in use while venv was installed over budget: still there.
@@ -284,6 +284,28 @@ def test_eviction_never_removes_an_environment_in_use(tmp_path, env_prefix, stor
         cache.gc()
         assert cache.has(base.id)
         assert not cache.has(venv.id)
+
+
+def test_what_was_installed_is_not_evicted_before_its_restart(
+    tmp_path, env_prefix, store
+):
+    base = envship.pack(env_prefix("base"), store=store)
+    venv = envship.pack(env_prefix("venv"), store=store)
+    budget = {"DASK_ENVSHIP__CACHE__MAX_SIZE": "160 MB"}  # one of them (150, 70 MB)
+    with local_cluster(tmp_path / "c", {"tiny": 1}, node_env=budget) as (
+        client,
+        caches,
+    ):
+        cache = EnvCache(caches["tiny"], max_size="160 MB")
+        assert client.prepare_environment(base).ok
+        # Installing venv goes over budget; base, installed but not yet
+        # switched to, is not evicted for it.
+        assert client.prepare_environment(venv).ok
+        assert cache.has(base.id) and cache.has(venv.id)
+        report = client.use_environment(base)
+        assert report.ok and not report.transfer.client_bytes  # nothing shipped
+        assert [u["written"] + u["linked"] for u in report.unpacked.values()] == [0]
+        assert where(client)["tiny-0"][0] == str(caches["tiny"] / base.id)
 
 
 def test_switch_some_workers_only(cluster, sklearn_dev):

@@ -44,6 +44,11 @@ BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
 #: nanny address -> the environment id its worker should run in, for every
 #: nanny of this process: a lease is released only when none still uses it.
 _targets: dict[str, str | None] = {}
+#: environment id -> until when (monotonic) the lease taken when it was
+#: installed lasts, unless a switch into it takes over: no eviction between
+#: the unpack and the restart of a switch, nor soon after a prepare.
+_prepared: dict[str, float] = {}
+PREPARED_LEASE = 600.0
 
 
 def setup_nanny(nanny) -> NannySide:
@@ -123,7 +128,11 @@ class NannySide:
         before = len(self.cache.installs(check_id(artifact_id)))
         if via is not None:
             check_id(via)
-        await asyncio.to_thread(self.cache.ensure, artifact_id, via=via)
+        await asyncio.to_thread(
+            self.cache.ensure, artifact_id, via=via, lease_pid=os.getpid()
+        )
+        _prepared[artifact_id] = time.monotonic() + PREPARED_LEASE
+        asyncio.get_running_loop().call_later(PREPARED_LEASE + 1, self._release_unused)
         records = self.cache.installs(artifact_id)
         done = records[-1] if len(records) > before else {}
         linked = done.get("linked_files", 0)
@@ -267,9 +276,21 @@ class NannySide:
         await self.blobs.fetch(offer, holders, stall, more_peers=holders_now)
 
     def _release_unused(self, *ids: str | None) -> None:
-        """Drop this process's lease on environments none of its nannies use."""
-        for artifact_id in ids:
-            if artifact_id and artifact_id not in _targets.values():
+        """Drop this process's lease on environments none of its nannies use.
+
+        Also on those installed more than ``PREPARED_LEASE`` seconds ago that
+        no switch took over.
+        """
+        now = time.monotonic()
+        expired = [id for id, until in _prepared.items() if until <= now]
+        for artifact_id in expired:
+            del _prepared[artifact_id]
+        for artifact_id in {*ids, *expired}:
+            if (
+                artifact_id
+                and artifact_id not in _targets.values()
+                and artifact_id not in _prepared
+            ):
                 self.cache.release(artifact_id, os.getpid())
 
     async def switch(self, wanted: dict | None) -> None:
@@ -282,6 +303,8 @@ class NannySide:
             self.last_switch = {"ok": False, "error": str(e), "seconds": None}
             return
         _targets[self.nanny.address] = target.id if target else None
+        if target is not None:
+            _prepared.pop(target.id, None)  # the switch's own lease takes over
         if self.nanny.process is None:  # a nanny joining: its first worker
             set_initial_target(self.nanny, target)
             outcome = {"ok": True, "error": None}
