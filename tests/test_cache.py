@@ -253,6 +253,29 @@ def sleeper():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
 
+def test_a_tree_planted_in_the_cache_is_not_taken_as_installed(tmp_path):
+    id, archive, manifest = make_artifact(tmp_path)
+    cache = EnvCache(tmp_path / "cache", max_size="1 GB")
+    planted = cache.path(id)
+    (planted / "bin").mkdir(parents=True)
+    (planted / "bin" / "python").write_text("#!/bin/sh\necho planted\n")
+    assert not cache.has(id)
+    cache.add_archive(id, archive, manifest)
+    prefix = cache.ensure(id)
+    assert cache.has(id) and (prefix / "pyvenv.cfg").is_file()
+    assert os.path.islink(prefix / "bin" / "python")  # the real tree, not the plant
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o775, 0o757])
+def test_a_cache_folder_others_may_write_is_refused(tmp_path, mode):
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(mode)
+    with pytest.raises(EnvshipError, match=f"may be written by other users.*{mode:o}"):
+        EnvCache(root)
+    assert os.listdir(root) == []
+
+
 def test_lease_of_a_killed_process_is_dead(tmp_path):
     id, archive, manifest = make_artifact(tmp_path)
     cache = EnvCache(tmp_path / "cache", max_size="1 GB")

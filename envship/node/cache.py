@@ -156,7 +156,8 @@ class EnvCache:
 
     def _make_layout(self, check_owner: bool) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if check_owner and self.root.stat().st_uid != os.geteuid():
+        st = self.root.stat()
+        if check_owner and st.st_uid != os.geteuid():
             # The default lives in the shared temp folder: never use one
             # that another user made for us.
             raise EnvshipError(
@@ -164,6 +165,15 @@ class EnvCache:
                 f"the cache folder {self.root} belongs to another user",
                 "set envship.cache.directory (DASK_ENVSHIP__CACHE__DIRECTORY) "
                 "to a folder of your own",
+            )
+        if st.st_mode & 0o022:
+            # Others could plant trees or archives that workers then run.
+            raise EnvshipError(
+                "node cache",
+                f"the cache folder {self.root} may be written by other users "
+                f"(mode {stat.S_IMODE(st.st_mode):o})",
+                f"chmod go-w {self.root}, or set envship.cache.directory to a "
+                "folder only the nannies' user may write",
             )
         for sub in ("archives", "tmp", "locks", "leases", "used", "installed"):
             (self.root / sub).mkdir(mode=0o700, exist_ok=True)
@@ -175,8 +185,9 @@ class EnvCache:
         return self.root / check_id(id)
 
     def has(self, id: str) -> bool:
-        """Whether ``id`` is installed (complete: trees appear in one rename)."""
-        return self.path(id).is_dir()
+        """Whether ``id`` is installed: its tree, and the record written before
+        the tree appeared (in one rename). A tree without it is not ours."""
+        return self._record_path(id).is_file() and self.path(id).is_dir()
 
     def archive_path(self, id: str) -> Path:
         """Where the artifact of ``id`` is kept: ``archives/<id>.tar.zst``."""
@@ -329,12 +340,12 @@ class EnvCache:
         >>> prefix = cache.ensure(artifact_id, lease_pid=os.getpid())  # doctest: +SKIP
         """
         final = self.path(id)
-        if lease_pid is None and final.is_dir():
+        if lease_pid is None and self.has(id):
             self._touch(id)
             return final
         installed = False
         with self._locked(id, env):
-            if not final.is_dir():
+            if not self.has(id):
                 self._install(id, env, progress, via)
                 installed = True
             if lease_pid is not None:
@@ -361,6 +372,10 @@ class EnvCache:
                 "send the artifact to this node before installing it",
             )
         self._remove_temp(id)
+        if os.path.lexists(self.path(id)):
+            # No record: not a tree this cache made (a crash, or planted).
+            logger.warning("removing %s: no install record", self.path(id))
+            self._remove_locked(id, keep_archive=True)
         limit = self._make_room(id, via, archive, manifest, name)
         final = self.path(id)
         tmp = Path(tempfile.mkdtemp(prefix=f"{id}-install-", dir=self.root / "tmp"))
@@ -791,17 +806,20 @@ class EnvCache:
             path.unlink(missing_ok=True)
         (self.root / "used" / id).unlink(missing_ok=True)
 
-    def _remove_locked(self, id: str) -> None:
+    def _remove_locked(self, id: str, keep_archive: bool = False) -> None:
         tree = self.path(id)
-        if tree.is_dir():
+        if tree.is_symlink() or tree.is_file():
+            tree.unlink()
+        elif tree.is_dir():
             # Disappear in one step, then delete at leisure.
             doomed = self.root / "tmp" / f"{id}-remove-{secrets.token_hex(4)}"
             os.chmod(tree, 0o700)
             os.rename(tree, doomed)
             remove_tree(doomed)
         self._record_path(id).unlink(missing_ok=True)
-        self._discard_archive(id)
-        remove_tree(self.root / "leases" / id)
+        if not keep_archive:
+            self._discard_archive(id)
+            remove_tree(self.root / "leases" / id)
 
 
 def _disk_error(name: str, root: Path, e: OSError) -> EnvshipError:
