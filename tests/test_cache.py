@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import stat
@@ -274,6 +275,18 @@ def test_a_cache_folder_others_may_write_is_refused(tmp_path, mode):
     with pytest.raises(EnvshipError, match=f"may be written by other users.*{mode:o}"):
         EnvCache(root)
     assert os.listdir(root) == []
+
+
+def test_lock_files_do_not_pile_up(tmp_path):
+    cache = EnvCache(tmp_path / "cache", max_size="1 GB")
+    for i in range(6):
+        id, archive, manifest = make_artifact(tmp_path, f"env{i}", seed=bytes([i]))
+        cache.add_archive(id, archive, manifest)
+        cache.ensure(id)
+        cache.fetch_lock(id).acquire()
+        cache.fetch_lock(id).release()
+    locks = os.listdir(cache.root / "locks")
+    assert locks and all(re.fullmatch(r"[0-9a-f]{2}(\.fetch)?\.lock", n) for n in locks)
 
 
 def test_lease_of_a_killed_process_is_dead(tmp_path):

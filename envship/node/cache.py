@@ -271,7 +271,7 @@ class EnvCache:
 
         Not thread-local: an event loop takes and releases it from any thread.
         """
-        path = self.root / "locks" / f"{check_id(id)}.fetch.lock"
+        path = self.root / "locks" / f"{_bucket(id)}.fetch.lock"
         return FileLock(str(path), thread_local=False)
 
     def put_manifest(self, id: str, manifest: Manifest | ThinManifest) -> None:
@@ -697,10 +697,12 @@ class EnvCache:
     # -- internals -------------------------------------------------------------
 
     def _lock(self, id: str) -> FileLock:
-        lock = self._locks.get(id)
+        """The lock of ``id``'s bucket (see :func:`_bucket`), reentrant per thread."""
+        bucket = _bucket(id)
+        lock = self._locks.get(bucket)
         if lock is None:
-            path = self.root / "locks" / f"{check_id(id)}.lock"
-            lock = self._locks[id] = FileLock(str(path))
+            path = self.root / "locks" / f"{bucket}.lock"
+            lock = self._locks[bucket] = FileLock(str(path))
         return lock
 
     @contextmanager
@@ -820,6 +822,16 @@ class EnvCache:
         if not keep_archive:
             self._discard_archive(id)
             remove_tree(self.root / "leases" / id)
+
+
+def _bucket(id: str) -> str:
+    """Which of 256 lock files guards ``id``: its first two hex digits.
+
+    A lock file per id would pile up for every id ever tried, and one can't
+    be deleted safely (a process waiting on it would hold a lock on a file
+    nobody else sees). Ids of one bucket merely take turns.
+    """
+    return check_id(id)[:2]
 
 
 def _disk_error(name: str, root: Path, e: OSError) -> EnvshipError:
