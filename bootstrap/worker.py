@@ -11,7 +11,8 @@ The nanny's ``envship.worker_process.EnvWorkerProcess`` starts
   input proper is /dev/null, as in the nanny's stock worker process.
 - REPORT_FD, inherited from the nanny, gets one JSON line, ``{"address",
   "dir", "python", "pid", "distributed"}`` once the worker runs, or
-  ``{"error": <traceback text>}`` if it could not start; then it is closed.
+  ``{"error": <traceback text>}`` if it could not start (with ``"missing"``,
+  the module's name, if an import failed); then it is closed.
 - stdout and stderr are the worker's own: user code prints there.
 
 It does what ``distributed.nanny.WorkerProcess._run`` does in the nanny's
@@ -205,6 +206,10 @@ def main():
 
         setup = pickle.loads(setup)
         worker_class = _prepare(setup)
+    except ImportError as e:
+        # Which module is missing, for the nanny to say what to install.
+        reporter.send({"error": traceback.format_exc(), "missing": e.name})
+        return 1
     except Exception:
         reporter.send({"error": traceback.format_exc()})
         return 1

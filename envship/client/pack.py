@@ -254,6 +254,8 @@ def _rewritten_record(path: str) -> tuple[bytes, dict]:
 
 
 def _conda_fix(message: str) -> str:
+    # conda-pack raises one exception type for everything; its text is all
+    # there is to tell this (common) case from the others.
     if "deleted/overwritten" in message:
         return (
             "files that conda installed were changed or removed by hand or by pip; "

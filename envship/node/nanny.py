@@ -312,6 +312,12 @@ class NannySide:
             outcome = await switch(self.nanny, target, reason="envship-switch")
             if not outcome["ok"]:
                 _targets[self.nanny.address] = None
+                logger.warning(
+                    "envship: the worker of %s could not start in %s: %s",
+                    self.nanny.address,
+                    target.name if target else "the nanny's own environment",
+                    outcome["error"],
+                )
         self._release_unused(previous, target.id if target else None)
         running = _targets[self.nanny.address]
         if running != self.running["id"]:

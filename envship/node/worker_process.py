@@ -453,7 +453,7 @@ class EnvWorkerProcess(WorkerProcess):
             return f"{what}: could not run {python}: {e!r}. {fallback}"
         self.process = process
 
-        problem = None
+        problem = missing = None
         timed_out = False
         try:
             line = await process.wait_report(self.start_timeout)
@@ -471,6 +471,7 @@ class EnvWorkerProcess(WorkerProcess):
                 problem = "the process exited before reporting a worker address"
             elif "error" in report:
                 problem = "the worker failed to start:\n" + report["error"].rstrip()
+                missing = report.get("missing")
             elif not process.is_alive():
                 problem = "the worker exited right after starting"
             else:
@@ -493,7 +494,7 @@ class EnvWorkerProcess(WorkerProcess):
         await process.wait_stderr(2)
         process.close()
         message = f"{what}: {python} could not start a worker: {problem}"
-        if "No module named 'distributed'" in problem:
+        if missing == "distributed":
             message += (
                 f"\nFix: install distributed (the cluster runs "
                 f"{distributed.__version__}) in that environment."
