@@ -289,6 +289,27 @@ def test_lock_files_do_not_pile_up(tmp_path):
     assert locks and all(re.fullmatch(r"[0-9a-f]{2}(\.fetch)?\.lock", n) for n in locks)
 
 
+def test_abandoned_partial_downloads_count_and_expire(tmp_path):
+    cache = EnvCache(tmp_path / "cache", max_size="1 GB")
+    old, young, busy = "a" * 32, "b" * 32, "c" * 32
+    paths = {}
+    for id in (old, young, busy):
+        paths[id] = cache.root / "tmp" / f"{id}.{'0' * 16}.partial"
+        paths[id].write_bytes(os.urandom(1 << 20))
+    hours_ago = time.time() - 2 * 3600
+    for id in (old, busy):
+        os.utime(paths[id], (hours_ago, hours_ago))
+    assert cache.size() >= 3 << 20  # within the budget, like any bytes
+    lock = cache.fetch_lock(busy)  # a download of it is running
+    lock.acquire()
+    try:
+        cache.evict()
+    finally:
+        lock.release()
+    assert not paths[old].exists()  # nobody took it up for an hour
+    assert paths[young].exists() and paths[busy].exists()
+
+
 def test_lease_of_a_killed_process_is_dead(tmp_path):
     id, archive, manifest = make_artifact(tmp_path)
     cache = EnvCache(tmp_path / "cache", max_size="1 GB")

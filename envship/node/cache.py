@@ -25,6 +25,7 @@ This module knows nothing of Dask: it can be driven from tests or a CLI.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -33,6 +34,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +70,9 @@ BLOCK = 4096
 MAX_RATIO = 100
 #: Disk left free by an install: 1 GiB, or a twentieth of a small disk.
 RESERVE = 1 << 30
+#: Seconds a partial download may lie unwritten, with no download of it
+#: running on the node, before eviction removes it.
+PARTIAL_TTL = 3600.0
 
 
 @dataclass(frozen=True)
@@ -571,9 +576,10 @@ class EnvCache:
         return result
 
     def size(self) -> int:
-        """Bytes on disk of trees, archives and the file store, shared files once."""
+        """Bytes on disk of trees, archives, partial downloads and the file
+        store, shared files once."""
         own = sum(self._size(id)[0] for id in self._ids())
-        return own + self.files.usage()[1]
+        return own + self.files.usage()[1] + self._partial_bytes()
 
     def evict(self, needed: int = 0, keep: Iterable[str] = ()) -> list[str]:
         """Remove least recently used entries until ``needed`` more bytes fit.
@@ -587,8 +593,9 @@ class EnvCache:
             The ids removed.
         """
         budget = self.max_size - needed
+        self._expire_partials(PARTIAL_TTL)
         sizes = {id: self._size(id)[0] for id in self._ids()}
-        total = sum(sizes.values()) + self.files.usage()[1]
+        total = sum(sizes.values()) + self.files.usage()[1] + self._partial_bytes()
         removed: list[str] = []
         if total <= budget:
             return removed
@@ -652,22 +659,10 @@ class EnvCache:
         list of str
             The ids evicted.
         """
+        self._expire_partials(0)
         for name in os.listdir(self.root / "tmp"):
             path = self.root / "tmp" / name
             if name.endswith(".partial"):
-                # <id>.<digest>.partial: a download, resumable until its
-                # fetcher is gone; then it is only taking space.
-                id = name.split(".", 1)[0]
-                if _ID.fullmatch(id):
-                    lock = self.fetch_lock(id)
-                    try:
-                        lock.acquire(timeout=0)
-                    except Timeout:
-                        continue
-                    try:
-                        path.unlink(missing_ok=True)
-                    finally:
-                        lock.release()
                 continue
             if name.endswith(".part"):
                 # <id>.<pid>.<random>.part: a download whose writer is gone.
@@ -695,6 +690,44 @@ class EnvCache:
         return self.evict()
 
     # -- internals -------------------------------------------------------------
+
+    def _expire_partials(self, age: float) -> None:
+        """Remove partial downloads unwritten for ``age`` seconds whose fetcher is gone.
+
+        ``<id>.<digest>.partial`` files let an interrupted download resume;
+        one that no download took up again is only taking space.
+        """
+        now = time.time()
+        for entry in os.scandir(self.root / "tmp"):
+            id = entry.name.split(".", 1)[0]
+            if not entry.name.endswith(".partial") or not _ID.fullmatch(id):
+                continue
+            try:
+                if now - entry.stat().st_mtime < age:
+                    continue
+            except FileNotFoundError:
+                continue
+            lock = self.fetch_lock(id)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # a download of it is running on this node
+            try:
+                os.unlink(entry.path)
+                logger.info("removed the abandoned partial download %s", entry.path)
+            except FileNotFoundError:
+                pass
+            finally:
+                lock.release()
+
+    def _partial_bytes(self) -> int:
+        """Bytes on disk of partial downloads in ``tmp/``."""
+        total = 0
+        for entry in os.scandir(self.root / "tmp"):
+            if entry.name.endswith(".partial"):
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat().st_blocks * 512
+        return total
 
     def _lock(self, id: str) -> FileLock:
         """The lock of ``id``'s bucket (see :func:`_bucket`), reentrant per thread."""

@@ -355,14 +355,25 @@ class BlobServer:
         return {"complete": source is not None, "have": None}
 
     def _check_room(self, offer: Offer) -> None:
-        """Refuse a blob larger than the free disk up front, not once it is full."""
+        """Refuse a blob larger than the free disk up front, not once it is full.
+
+        The downloads under way here count: what they still have to write is
+        not free.
+        """
         size = offer.table.size
-        free = shutil.disk_usage(self.cache.root).free
+        coming = sum(
+            d.table.size
+            - sum(d.table.span(i)[1] for i in range(d.table.count) if d.have[i])
+            for d in self.downloads.values()
+            if not d.done.is_set()
+        )
+        free = shutil.disk_usage(self.cache.root).free - coming
         if size > free:
             raise EnvshipError(
                 offer.name,
                 f"its archive ({format_bytes(size)}) does not fit on the disk of "
-                f"this node's cache {self.cache.root} ({format_bytes(free)} free)",
+                f"this node's cache {self.cache.root} ({format_bytes(max(free, 0))} "
+                "free, beyond the downloads under way)",
                 "free disk space on the node, or set envship.cache.directory "
                 "to a larger disk",
             )
