@@ -393,7 +393,9 @@ def test_a_node_that_cannot_hold_it_is_named_and_nobody_restarts(tmp_path, base)
     folder = tmp_path / "c"
     tiny = folder / "tiny-cache"
     tiny.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", tiny], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", tiny], check=True
+    )
     try:
         with local_cluster(folder, {"roomy": 1}) as cluster:
             client, caches = cluster
