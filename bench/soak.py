@@ -1,0 +1,192 @@
+"""Soak: many switches between three environments, nannies killed on the way.
+
+On 8 workers (4 nodes of 2 nannies, one machine), SWITCHES switches cycling
+through base, sklearn-dev and venv; in every fifth one a random nanny is
+killed (SIGKILL, with its worker) at a random moment of the switch and a new
+nanny is started on its node, as a job scheduler would. After every switch,
+every worker, the new ones included, must run in the environment asked for
+(asked from inside the worker); a switch that a kill made fail is called
+again once.
+
+Printed: switches, kills, retries, seconds per switch, and the leaks that
+would show over a long session: RSS, threads and open files of the
+scheduler and of the nannies alive throughout, worker processes, and the
+bytes and files in each node cache's ``tmp/``, after a first round of the
+three environments (start) and at the end. Growth must be zero beyond noise.
+
+    python bench/soak.py [SWITCHES]
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import dask.config  # noqa: E402
+
+import envship  # noqa: E402
+import fixtures  # noqa: E402
+from envship.errors import EnvshipError  # noqa: E402
+from fixtures.cluster import local_cluster, wait_until  # noqa: E402
+
+NODES = {f"n{i}": 2 for i in range(4)}
+WORKERS = sum(NODES.values())
+ENVS = ["base", "sklearn-dev", "venv"]
+KILL_EVERY = 5
+
+
+def prefix() -> str:
+    return sys.prefix
+
+
+def running_in(client) -> dict[str, str]:
+    """Worker name -> sys.prefix, asked inside each worker."""
+    names = {
+        a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+    }
+    return {names[a]: p for a, p in client.run(prefix).items() if a in names}
+
+
+def in_place(cluster, artifact) -> bool:
+    found = running_in(cluster.client)
+    return len(found) == WORKERS and all(
+        p == str(cluster.caches[name.rsplit("-", 1)[0]] / artifact.id)
+        for name, p in found.items()
+    )
+
+
+def snapshot(cluster, originals: list[int]) -> dict:
+    """Resource figures of the scheduler, the original nannies and the caches."""
+
+    def proc(pid):
+        p = psutil.Process(pid)
+        return p.memory_info().rss, p.num_threads(), p.num_fds()
+
+    scheduler = proc(cluster.processes[0].pid)
+    nannies = [proc(pid) for pid in originals if psutil.pid_exists(pid)]
+    workers = sum(
+        len(psutil.Process(p.pid).children())
+        for ps in cluster.nannies.values()
+        for p in ps
+        if p.poll() is None
+    )
+    tmp = [f for cache in cluster.caches.values() for f in (cache / "tmp").iterdir()]
+    # Every process of this cluster names its folder (nannies their local
+    # directory, workers in an environment their prefix): orphans show here.
+    folder = str(cluster.folder)
+    ours = sum(
+        1
+        for p in psutil.process_iter(["cmdline"])
+        if any(folder in arg for arg in p.info["cmdline"] or ())
+    )
+    return {
+        "processes of the cluster": ours,
+        "scheduler RSS MB": scheduler[0] / 1e6,
+        "scheduler threads": scheduler[1],
+        "scheduler open files": scheduler[2],
+        "nanny RSS MB (each, mean)": statistics.mean(n[0] for n in nannies) / 1e6,
+        "nanny threads (total)": sum(n[1] for n in nannies),
+        "nanny open files (total)": sum(n[2] for n in nannies),
+        "worker processes": workers,
+        "files in tmp/": len(tmp),
+        "bytes in tmp/": sum(f.stat().st_size for f in tmp if f.is_file()),
+    }
+
+
+def kill_one(cluster, when: float, killed: list) -> threading.Timer:
+    def kill():
+        alive = [
+            (node, p)
+            for node, ps in cluster.nannies.items()
+            for p in ps
+            if p.poll() is None
+        ]
+        node, victim = random.choice(alive)
+        victim.kill()  # the nanny alone: its worker must notice and exit
+        victim.wait()
+        killed.append(node)
+
+    timer = threading.Timer(when, kill)
+    timer.start()
+    return timer
+
+
+def main(switches: int) -> None:
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+    random.seed(7)
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
+        tmp = Path(tmp)
+        with (
+            dask.config.set({"envship.store": str(tmp / "store")}),
+            local_cluster(tmp / "cluster", NODES) as cluster,
+        ):
+            client = cluster.client
+            client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
+            artifacts = [envship.pack(fixtures.build(n), archive=False) for n in ENVS]
+            for artifact in artifacts:  # a first round: what every later one reuses
+                client.use_environment(artifact, progress=False)
+            originals = [p.pid for ps in cluster.nannies.values() for p in ps]
+            start = snapshot(cluster, originals)
+            seconds, kills, retries = [], 0, 0
+            for i in range(switches):
+                artifact = artifacts[i % len(artifacts)]
+                killed: list[str] = []
+                timer = None
+                if (i + 1) % KILL_EVERY == 0:
+                    timer = kill_one(cluster, random.uniform(0.0, 2.0), killed)
+                began = time.perf_counter()
+                try:
+                    ok = client.use_environment(artifact, progress=False).ok
+                except EnvshipError:
+                    ok = False
+                seconds.append(time.perf_counter() - began)
+                if timer is not None:
+                    timer.join()
+                    kills += 1
+                    cluster.add_node(killed[0], 1)  # a new nanny, as SLURM would
+                    client.wait_for_workers(WORKERS, timeout=120)
+                    wait_until(
+                        lambda: len(client.scheduler_info()["workers"]) == WORKERS
+                    )
+                if not ok or not in_place(cluster, artifact):
+                    retries += 1
+                    client.use_environment(artifact, progress=False)
+                wait_until(lambda a=artifact: in_place(cluster, a), timeout=120)
+                print(f"switch {i + 1:2d}: {ENVS[i % 3]:<12} {seconds[-1]:5.2f} s"
+                      f"{'  (a nanny killed)' if killed else ''}"
+                      f"{'' if ok else '  (failed, called again)'}", flush=True)  # fmt: skip
+            end = snapshot(cluster, originals)
+    report(switches, kills, retries, seconds, start, end)
+
+
+def report(switches, kills, retries, seconds, start, end) -> None:
+    print(
+        f"\n{switches} switches on {WORKERS} workers, {kills} nannies killed "
+        f"mid-switch (and replaced), {retries} switches called again; every "
+        "switch ended with every worker in the environment asked for"
+    )
+    print(
+        f"seconds per switch: median {statistics.median(seconds):.2f}, "
+        f"max {max(seconds):.2f}"
+    )
+    print(f"\n{'':<28} {'start':>10} {'end':>10} {'growth':>10}")
+    for key in start:
+        a, b = start[key], end[key]
+        print(f"{key:<28} {a:10.1f} {b:10.1f} {b - a:+10.1f}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
