@@ -140,7 +140,7 @@ def main(switches: int) -> None:
                 client.use_environment(artifact, progress=False)
             originals = [p.pid for ps in cluster.nannies.values() for p in ps]
             start = snapshot(cluster, originals)
-            seconds, kills, retries = [], 0, 0
+            seconds, kills, retries, unexpected = [], 0, 0, []
             for i in range(switches):
                 artifact = artifacts[i % len(artifacts)]
                 killed: list[str] = []
@@ -152,6 +152,9 @@ def main(switches: int) -> None:
                     ok = client.use_environment(artifact, progress=False).ok
                 except EnvshipError:
                     ok = False
+                except Exception as e:  # not envship's error: a bug to report
+                    ok = False
+                    unexpected.append(f"switch {i + 1}: {type(e).__name__}: {e}")
                 seconds.append(time.perf_counter() - began)
                 if timer is not None:
                     timer.join()
@@ -169,10 +172,10 @@ def main(switches: int) -> None:
                       f"{'  (a nanny killed)' if killed else ''}"
                       f"{'' if ok else '  (failed, called again)'}", flush=True)  # fmt: skip
             end = snapshot(cluster, originals)
-    report(switches, kills, retries, seconds, start, end)
+    report(switches, kills, retries, seconds, start, end, unexpected)
 
 
-def report(switches, kills, retries, seconds, start, end) -> None:
+def report(switches, kills, retries, seconds, start, end, unexpected) -> None:
     print(
         f"\n{switches} switches on {WORKERS} workers, {kills} nannies killed "
         f"mid-switch (and replaced), {retries} switches called again; every "
@@ -182,6 +185,9 @@ def report(switches, kills, retries, seconds, start, end) -> None:
         f"seconds per switch: median {statistics.median(seconds):.2f}, "
         f"max {max(seconds):.2f}"
     )
+    print(f"errors other than EnvshipError: {len(unexpected)}")
+    for line in unexpected:
+        print(f"  {line[:300]}")
     print(f"\n{'':<28} {'start':>10} {'end':>10} {'growth':>10}")
     for key in start:
         a, b = start[key], end[key]

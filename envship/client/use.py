@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from dask.utils import format_bytes
 from distributed import Client
+from distributed.comm import CommClosedError
 from distributed.core import clean_exception
 from distributed.protocol.pickle import dumps
 
@@ -64,6 +65,7 @@ class SwitchReport(dict):
     stages: dict[str, float]
     transfer: ShipReport | None = None
     unpacked: dict[str, dict] | None = None
+    gone: tuple[str, ...] = ()  # workers whose nanny left during the call
 
     @property
     def ok(self) -> bool:
@@ -234,6 +236,7 @@ def prepare_environment(
         _report(client, targets, time.perf_counter() - started, prepared=True)
     )
     report.stages, report.transfer, report.unpacked = call.stages, shipped, unpacked
+    report.transfer.left_out.extend(report.gone)
     _warn_left_out(report, "prepared")
     return report
 
@@ -270,7 +273,7 @@ def _warn_left_out(report: SwitchReport, done: str) -> None:
     if report.transfer is not None and report.transfer.left_out:
         warnings.warn(
             f"not {done}: workers {', '.join(report.transfer.left_out)}, whose "
-            "node left the cluster while it was being sent",
+            "nanny left the cluster during the call",
             stacklevel=3,
         )
 
@@ -318,13 +321,18 @@ async def _deliver(client, artifact, targets, infos, progress, stages):
     lost = _leave_out_lost(targets, infos, shipped)
     infos = _without(infos, lost)
     with _stage(stages, "unpack"):
-        unpacked, stale = await _install(client, artifact, infos, progress, via)
+        unpacked, stale, gone = await _install(client, artifact, infos, progress, via)
+    if gone:
+        for nanny in gone:
+            shipped.failed[nanny] = "lost: its nanny left while unpacking"
+        infos = _without(infos, _leave_out_lost(targets, infos, shipped))
+        stale = [n for n in stale if n in infos]
     if stale:
         with _stage(stages, "ship"):
             again, _ = await _ship(client, artifact, infos, progress, only=stale)
         shipped.merge(again)
         with _stage(stages, "unpack"):
-            more, _ = await _install(client, artifact, infos, progress, {}, stale)
+            more, _, _ = await _install(client, artifact, infos, progress, {}, stale)
         unpacked.update(more)
     return shipped, unpacked
 
@@ -346,9 +354,14 @@ async def _switch(client, artifact, workers, targets, infos, progress, label, st
         nannies=None if workers is None else [t["nanny"] for t in targets.values()],
     )
     with progress_bar(f"restarting {len(targets)} workers", None, progress):
-        responses = await client.scheduler.register_nanny_plugin(
-            plugin=dumps(plugin), name=PLUGIN_NAME, idempotent=False
-        )
+        try:
+            responses = await client.scheduler.register_nanny_plugin(
+                plugin=dumps(plugin), name=PLUGIN_NAME, idempotent=False
+            )
+        except CommClosedError:
+            # A nanny left while the scheduler passed the plugin on, and the
+            # scheduler dropped the call: each nanny is asked below instead.
+            responses = {}
     for response in responses.values():
         if response.get("status") == "error":
             _, exc, _ = clean_exception(response["exception"], response["traceback"])
@@ -357,7 +370,9 @@ async def _switch(client, artifact, workers, targets, infos, progress, label, st
     report = await _report(
         client, targets, stages["restart"], expected=artifact.id if artifact else None
     )
-    report.stages, report.transfer, report.unpacked = stages, shipped, unpacked
+    report.stages, report.unpacked = stages, unpacked
+    report.transfer = shipped or ShipReport()
+    report.transfer.left_out.extend(report.gone)
     failed = [r for r in report.values() if not r.ok]
     if failed:
         details = "\n".join(f"  {r.name}: {r.error}" for r in failed)
@@ -599,11 +614,12 @@ async def _install(client, artifact, infos, progress, via, only=None):
     """Unpack on every node (its other nannies share the result); what each did.
 
     ``via``: {nanny: thin pack id} for nodes sent a thin pack. Returns what
-    each node did and the nannies whose file store lacked a file the thin
-    pack refers to (they need the whole archive). ``only``: these nannies.
+    each node did, the nannies whose file store lacked a file the thin pack
+    refers to (they need the whole archive) and those that left meanwhile.
+    ``only``: these nannies.
     """
     nodes = list(only or _one_nanny_per_node(infos, missing_only=False).values())
-    stale = []
+    stale, gone = [], []
     with progress_bar(f"unpacking {artifact.name}", len(nodes), progress) as bar:
 
         async def install(nanny):
@@ -613,6 +629,8 @@ async def _install(client, artifact, infos, progress, via, only=None):
                 )
             except MissingStoreFileError:
                 stale.append(nanny)
+            except (CommClosedError, OSError):
+                gone.append(nanny)
             finally:
                 bar.advance()
 
@@ -623,7 +641,7 @@ async def _install(client, artifact, infos, progress, via, only=None):
         if isinstance(result, BaseException):
             raise result
     unpacked = {n: d for n, d in zip(nodes, done, strict=True) if d is not None}
-    return unpacked, stale
+    return unpacked, stale, gone
 
 
 async def _report(
@@ -636,7 +654,10 @@ async def _report(
     """
 
     async def status(target):
-        s = await client.rpc(target["nanny"]).envship_status()
+        try:
+            s = await client.rpc(target["nanny"]).envship_status()
+        except (CommClosedError, OSError):
+            return target["name"]  # its nanny left the cluster
         ok, error = s["ok"], s["error"]
         if ok and s["running"] != expected:
             ok = False
@@ -654,8 +675,10 @@ async def _report(
             error=None if prepared else error,
         )
 
-    reports = await asyncio.gather(*map(status, targets.values()))
-    return SwitchReport({r.name: r for r in reports})
+    results = await asyncio.gather(*map(status, targets.values()))
+    report = SwitchReport({r.name: r for r in results if isinstance(r, WorkerReport)})
+    report.gone = tuple(str(r) for r in results if not isinstance(r, WorkerReport))
+    return report
 
 
 # ``client.use_environment(...)`` and ``client.prepare_environment(...)`` are
