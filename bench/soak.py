@@ -68,20 +68,17 @@ def in_place(cluster, artifact) -> bool:
 
 
 def snapshot(cluster, originals: list[int]) -> dict:
-    """Resource figures of the scheduler, the original nannies and the caches."""
+    """Resource figures of the scheduler, the original nannies and the caches.
+
+    Nannies by pid under ``"nannies"``: only those alive at both ends compare.
+    """
 
     def proc(pid):
         p = psutil.Process(pid)
         return p.memory_info().rss, p.num_threads(), p.num_fds()
 
     scheduler = proc(cluster.processes[0].pid)
-    nannies = [proc(pid) for pid in originals if psutil.pid_exists(pid)]
-    workers = sum(
-        len(psutil.Process(p.pid).children())
-        for ps in cluster.nannies.values()
-        for p in ps
-        if p.poll() is None
-    )
+    nannies = {pid: proc(pid) for pid in originals if psutil.pid_exists(pid)}
     tmp = [f for cache in cluster.caches.values() for f in (cache / "tmp").iterdir()]
     # Every process of this cluster names its folder (nannies their local
     # directory, workers in an environment their prefix): orphans show here.
@@ -96,10 +93,7 @@ def snapshot(cluster, originals: list[int]) -> dict:
         "scheduler RSS MB": scheduler[0] / 1e6,
         "scheduler threads": scheduler[1],
         "scheduler open files": scheduler[2],
-        "nanny RSS MB (each, mean)": statistics.mean(n[0] for n in nannies) / 1e6,
-        "nanny threads (total)": sum(n[1] for n in nannies),
-        "nanny open files (total)": sum(n[2] for n in nannies),
-        "worker processes": workers,
+        "nannies": nannies,
         "files in tmp/": len(tmp),
         "bytes in tmp/": sum(f.stat().st_size for f in tmp if f.is_file()),
     }
@@ -188,7 +182,16 @@ def report(switches, kills, retries, seconds, start, end, unexpected) -> None:
     print(f"errors other than EnvshipError: {len(unexpected)}")
     for line in unexpected:
         print(f"  {line[:300]}")
-    print(f"\n{'':<28} {'start':>10} {'end':>10} {'growth':>10}")
+    survivors = sorted(set(start["nannies"]) & set(end["nannies"]))
+    for facts in (start, end):
+        nannies = [facts.pop("nannies")[pid] for pid in survivors]
+        facts["nanny RSS MB (mean)"] = statistics.mean(n[0] for n in nannies) / 1e6
+        facts["nanny threads (total)"] = sum(n[1] for n in nannies)
+        facts["nanny open files (total)"] = sum(n[2] for n in nannies)
+    print(
+        f"\n{'':<28} {'start':>10} {'end':>10} {'growth':>10}   "
+        f"(nannies: the {len(survivors)} never killed)"
+    )
     for key in start:
         a, b = start[key], end[key]
         print(f"{key:<28} {a:10.1f} {b:10.1f} {b - a:+10.1f}")

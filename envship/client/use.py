@@ -37,6 +37,9 @@ from .progress import progress_bar
 from .store import Artifact, ArtifactStore
 
 PLUGIN_NAME = "envship"
+#: Seconds for a nanny to say how its switch went; to wait for the workers of
+#: a switch whose plugin call the scheduler dropped (a nanny died in it).
+STATUS_TIMEOUT, SETTLE_TIMEOUT = 10.0, 20.0
 
 
 @dataclass(frozen=True)
@@ -360,8 +363,10 @@ async def _switch(client, artifact, workers, targets, infos, progress, label, st
             )
         except CommClosedError:
             # A nanny left while the scheduler passed the plugin on, and the
-            # scheduler dropped the call: each nanny is asked below instead.
+            # scheduler dropped the call: each nanny is asked below instead,
+            # once the others' workers are back.
             responses = {}
+            await _settle(client, targets)
     for response in responses.values():
         if response.get("status") == "error":
             _, exc, _ = clean_exception(response["exception"], response["traceback"])
@@ -409,6 +414,17 @@ async def _claim(client, owner: str, targets: dict, label: str) -> None:
             "call use_environment again once it has ended, or switch other "
             "workers (workers=[...])",
         )
+
+
+async def _settle(client, targets, timeout: float = SETTLE_TIMEOUT) -> None:
+    """Wait until every target nanny has a worker again, or ``timeout`` s."""
+    nannies = {t["nanny"] for t in targets.values()}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = await client.scheduler.identity()
+        if nannies <= {w.get("nanny") for w in info["workers"].values()}:
+            return
+        await asyncio.sleep(0.2)
 
 
 async def _ensure_registry(client, label) -> None:
@@ -653,10 +669,18 @@ async def _report(
     in ``expected`` now: never ok while it runs elsewhere.
     """
 
+    info = await client.scheduler.identity()
+    present = {w.get("nanny") for w in info["workers"].values()}
+
     async def status(target):
+        # A nanny gone from the scheduler is given a short while only: connecting
+        # to a closed port is retried until the connect timeout (30 s).
+        wait = STATUS_TIMEOUT if target["nanny"] in present else 2
         try:
-            s = await client.rpc(target["nanny"]).envship_status()
-        except (CommClosedError, OSError):
+            s = await asyncio.wait_for(
+                client.rpc(target["nanny"]).envship_status(), wait
+            )
+        except (CommClosedError, OSError, asyncio.TimeoutError):
             return target["name"]  # its nanny left the cluster
         ok, error = s["ok"], s["error"]
         if ok and s["running"] != expected:
