@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from dask.utils import format_bytes
 from distributed import Client
-from distributed.comm import CommClosedError
+from distributed.comm import CommClosedError, get_address_host_port
 from distributed.core import clean_exception
 from distributed.protocol.pickle import dumps
 
@@ -417,14 +417,27 @@ async def _claim(client, owner: str, targets: dict, label: str) -> None:
 
 
 async def _settle(client, targets, timeout: float = SETTLE_TIMEOUT) -> None:
-    """Wait until every target nanny has a worker again, or ``timeout`` s."""
-    nannies = {t["nanny"] for t in targets.values()}
+    """Wait until every target nanny has a worker again or is gone, or ``timeout`` s."""
+    waiting = {t["nanny"] for t in targets.values()}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while waiting and time.monotonic() < deadline:
         info = await client.scheduler.identity()
-        if nannies <= {w.get("nanny") for w in info["workers"].values()}:
-            return
+        waiting -= {w.get("nanny") for w in info["workers"].values()}
+        for nanny in list(waiting):
+            if not await _listening(nanny):
+                waiting.discard(nanny)  # dead: nothing to wait for
         await asyncio.sleep(0.2)
+
+
+async def _listening(address: str) -> bool:
+    """Whether anything accepts connections at ``address`` (a dead nanny: no)."""
+    host, port = get_address_host_port(address)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 async def _ensure_registry(client, label) -> None:
