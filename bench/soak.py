@@ -184,7 +184,8 @@ def report(switches, kills, retries, seconds, start, end, unexpected) -> None:
         print(f"  {line[:300]}")
     survivors = sorted(set(start["nannies"]) & set(end["nannies"]))
     for facts in (start, end):
-        nannies = [facts.pop("nannies")[pid] for pid in survivors]
+        by_pid = facts.pop("nannies")
+        nannies = [by_pid[pid] for pid in survivors]
         facts["nanny RSS MB (mean)"] = statistics.mean(n[0] for n in nannies) / 1e6
         facts["nanny threads (total)"] = sum(n[1] for n in nannies)
         facts["nanny open files (total)"] = sum(n[2] for n in nannies)
