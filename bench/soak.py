@@ -14,7 +14,7 @@ scheduler and of the nannies alive throughout, worker processes, and the
 bytes and files in each node cache's ``tmp/``, after a first round of the
 three environments (start) and at the end. Growth must be zero beyond noise.
 
-    python bench/soak.py [SWITCHES]
+    python bench/soak.py [SWITCHES [KILL_EVERY]]   # KILL_EVERY 0: no kills
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def kill_one(cluster, when: float, killed: list) -> threading.Timer:
     return timer
 
 
-def main(switches: int) -> None:
+def main(switches: int, kill_every: int = KILL_EVERY) -> None:
     logging.getLogger("distributed").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
     random.seed(7)
@@ -139,7 +139,7 @@ def main(switches: int) -> None:
                 artifact = artifacts[i % len(artifacts)]
                 killed: list[str] = []
                 timer = None
-                if (i + 1) % KILL_EVERY == 0:
+                if kill_every and (i + 1) % kill_every == 0:
                     timer = kill_one(cluster, random.uniform(0.0, 2.0), killed)
                 began = time.perf_counter()
                 try:
@@ -199,4 +199,5 @@ def report(switches, kills, retries, seconds, start, end, unexpected) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
+    args = [int(a) for a in sys.argv[1:3]]
+    main(*args) if args else main(20)
