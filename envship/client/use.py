@@ -431,7 +431,10 @@ async def _settle(client, targets, timeout: float = SETTLE_TIMEOUT) -> None:
 
 async def _listening(address: str) -> bool:
     """Whether anything accepts connections at ``address`` (a dead nanny: no)."""
-    host, port = get_address_host_port(address)
+    try:
+        host, port = get_address_host_port(address)
+    except ValueError:
+        return True  # not TCP (inproc, ucx): no way to tell, so wait
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
     except (OSError, asyncio.TimeoutError):
@@ -681,7 +684,6 @@ async def _report(
     A switch is ok for a worker only if its nanny says so and the worker runs
     in ``expected`` now: never ok while it runs elsewhere.
     """
-
     info = await client.scheduler.identity()
     present = {w.get("nanny") for w in info["workers"].values()}
 
