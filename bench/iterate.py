@@ -26,14 +26,17 @@ Targets (the iteration issue): (2) within 1.5x a warm switch; (3) at least 3x
 faster than without the store; node disk for the two sklearn environments at
 most 1.15x one of them; (1) no slower than without the store (<= 1.05x).
 
-On this 2-core machine (2026-11-27) (1) and the disk pass; (2) is 1.8 to 2.2x
-a warm switch and (3) 1.6 to 2.3x faster than without the store: beyond the
-restart that both pay (1.2 to 2.0 s for four workers), (2) spends 0.5 to 0.8 s
-on the table pass, about 0.5 s asking the node and writing the thin pack, and
-0.7 to 0.85 s building a verified tree of 12k links. The floors printed below
-(conda-pack's own file listing, ``cp -al`` of the tree) put (2) at no less
-than about 1.2x a warm switch, so the target is not out of reach: the node's
-unpack is 5x ``cp -al`` (0.23 s of it parsing 24k tar headers of references).
+On this 2-core machine (2026-11-27, four runs) the two-environment disk
+passes (1.13) and (1) is 0.94 to 1.18 (noise: the same step varies by 15%).
+(2) is 1.8 to 2.1x a warm switch and (3) 1.9 to 3.0x faster than without the
+store. Beyond the restart (1.2 to 2.2 s for four workers, the larger part of
+every step, and what varies most), (2) costs 0.4 to 0.6 s of re-pack (0.15 to
+0.35 s of it conda-pack's own listing of the environment), 0.13 to 0.19 s of
+asking the node and sending the thin pack, and 0.45 to 0.6 s of building a
+verified tree of 12k links on the node (``cp -al`` alone: 0.15 s); (3) reads,
+compresses and writes the 47 MB of the other scikit-learn on top. The
+restart into a freshly built tree also tends to take longer than into one
+started before.
 
     python bench/iterate.py
 """
