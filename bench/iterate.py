@@ -26,17 +26,17 @@ Targets (the iteration issue): (2) within 1.5x a warm switch; (3) at least 3x
 faster than without the store; node disk for the two sklearn environments at
 most 1.15x one of them; (1) no slower than without the store (<= 1.05x).
 
-On this 2-core machine (2026-11-27, four runs) the two-environment disk
-passes (1.13) and (1) is 0.94 to 1.18 (noise: the same step varies by 15%).
-(2) is 1.8 to 2.1x a warm switch and (3) 1.9 to 3.0x faster than without the
-store. Beyond the restart (1.2 to 2.2 s for four workers, the larger part of
-every step, and what varies most), (2) costs 0.4 to 0.6 s of re-pack (0.15 to
-0.35 s of it conda-pack's own listing of the environment), 0.13 to 0.19 s of
-asking the node and sending the thin pack, and 0.45 to 0.6 s of building a
-verified tree of 12k links on the node (``cp -al`` alone: 0.15 s); (3) reads,
-compresses and writes the 47 MB of the other scikit-learn on top. The
-restart into a freshly built tree also tends to take longer than into one
-started before.
+On this 2-core machine (2026-11-27, five runs) the two-environment disk
+passes (1.13) and (1) is 0.71 to 1.18 (noise: the same step varies by 15% and
+more). (2) is 1.4 to 2.1x a warm switch (1.5 met in one run of five) and (3)
+1.7 to 3.0x faster than without the store. Beyond the restart (1.2 to 2.2 s
+for four workers, the larger part of every step, and what varies most), (2)
+costs 0.4 to 0.6 s of re-pack (0.15 to 0.35 s of it conda-pack's own listing
+of the environment), 0.13 to 0.2 s of asking the node and sending the thin
+pack, and 0.45 to 0.6 s of building a verified tree of 12k links on the node
+(``cp -al`` alone: 0.15 s); (3) reads, compresses and writes the 47 MB of the
+other scikit-learn on top. The restart into a freshly built tree also tends
+to take longer than into one started before.
 
     python bench/iterate.py
 """
