@@ -545,6 +545,13 @@ def test_registry_handlers_refuse_lies(tmp_path, base):
             ),
             ("runs", {"nanny": "tcp://a:1", "id": 5}),
             ("where", {"id": ["not", "an", "id"]}),
+            (
+                "claim",
+                {"owner": "o", "client": "c", "nannies": "tcp://a:1", "name": "x"},
+            ),
+            ("claim", {"owner": "o", "client": "c", "nannies": [7], "name": "x"}),
+            ("claim", {"owner": "", "client": "c", "nannies": [], "name": "x"}),
+            ("release", {"owner": None}),
         ]
         for op, msg in lies:
             with pytest.raises(ValueError):
@@ -554,6 +561,9 @@ def test_registry_handlers_refuse_lies(tmp_path, base):
         snapshot = call("registry")
         assert snapshot["offers"] == {} and snapshot["holders"] == {}
         assert snapshot["default"] is None and snapshot["by_name"] == {}
+        assert call("claim", owner="o", client=client.id, nannies=[], name="x") == {
+            "conflicts": {}
+        }
         nothing = call("where", name="solo-0")
         assert nothing["offer"] is None and not nothing["holders"]
 

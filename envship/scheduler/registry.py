@@ -75,9 +75,8 @@ class Registry(SchedulerPlugin):
         self.by_name: dict[str, str | None] = {}
         self.holders: dict[str, dict[str, dict]] = {}
         self.running: dict[str, dict] = {}
-        self.claims: dict[
-            str, dict
-        ] = {}  # nanny -> {"owner", "client", "name", "since"}
+        # nanny -> {"owner", "client", "name", "since"} of the switch under way
+        self.claims: dict[str, dict] = {}
         self.scheduler = None
 
     async def start(self, scheduler) -> None:
