@@ -308,6 +308,79 @@ def test_what_was_installed_is_not_evicted_before_its_restart(
         assert where(client)["tiny-0"][0] == str(caches["tiny"] / base.id)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_nanny_restarted_after_its_scheduler_comes_back_in_its_environment(
+    tmp_path, env_prefix, store
+):
+    # A nanny closes when its scheduler goes away; whatever restarts it (a job
+    # scheduler, systemd) starts it with the same name, on the same node.
+    from fixtures.cluster import _spawn
+
+    base = envship.pack(env_prefix("base"), store=store)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    scheduler_args = [
+        "distributed.cli.dask_scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        address.rsplit(":", 1)[1],
+        "--no-dashboard",
+    ]
+    nanny_args = [
+        "distributed.cli.dask_worker",
+        address,
+        "--nanny",
+        "--name",
+        "steady",
+        "--nthreads",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--no-dashboard",
+        "--local-directory",
+        str(tmp_path / "work"),
+        "--preload-nanny",
+        "envship",
+    ]
+    env = {**os.environ, "DASK_ENVSHIP__CACHE__DIRECTORY": str(tmp_path / "cache")}
+    processes = []
+
+    def start(args, log):
+        processes.append(_spawn(sys.executable, args, env, tmp_path / log))
+        return processes[-1]
+
+    try:
+        scheduler = start(scheduler_args, "scheduler.log")
+        start(nanny_args, "nanny.log")
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert client.use_environment(base).ok
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        scheduler.wait()
+        wait_until(lambda: processes[1].poll() is not None)  # the nanny closed
+        start(scheduler_args, "scheduler.log")
+        start(nanny_args, "nanny.log")  # restarted, as a job scheduler would
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert where(client)["steady"][0] == str(tmp_path / "cache" / base.id)
+            # Back to its own: it is forgotten.
+            assert client.use_environment(None).ok
+        assert not list((tmp_path / "cache" / "nannies").iterdir())
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in processes:
+            p.wait(timeout=30)
+
+
 def test_switch_some_workers_only(cluster, sklearn_dev):
     client, caches = cluster
     client.use_environment(None)

@@ -16,12 +16,14 @@ Turned on by ``dask worker --preload-nanny envship`` (``dask_setup`` in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
 import dask.utils
+import xxhash
 from distributed.diagnostics.plugin import NannyPlugin
 
 from envship import config
@@ -52,7 +54,13 @@ PREPARED_LEASE = 600.0
 
 
 def setup_nanny(nanny) -> NannySide:
-    """Give ``nanny`` envship's handlers and worker process class. Idempotent."""
+    """Give ``nanny`` envship's handlers and worker process class. Idempotent.
+
+    Before its first worker (a preload), a nanny that ran in an environment
+    under the same name on this node starts its worker in it again: so a
+    nanny restarted after its scheduler went away (a nanny closes then) comes
+    back as it was, with or without a scheduler that knows.
+    """
     side = getattr(nanny, "_envship", None)
     if side is None:
         side = NannySide(nanny)
@@ -62,6 +70,8 @@ def setup_nanny(nanny) -> NannySide:
         for name in BLOB_HANDLERS:
             nanny.handlers[f"envship_{name}"] = getattr(side.blobs, name)
         install(nanny)
+        if nanny.process is None:
+            side.resume()
         logger.info(
             "envship: nanny %s uses cache %s (site %s)",
             nanny.address,
@@ -173,6 +183,55 @@ class NannySide:
                 if not d.done.is_set()
             ],
         }
+
+    # -- what this nanny runs in, kept on the node ------------------------------
+
+    def _kept_path(self) -> Path:
+        """``<cache>/nannies/<hash of the nanny's name>.json``."""
+        key = xxhash.xxh3_128_hexdigest(str(self.nanny.name).encode())
+        return self.cache.root / "nannies" / f"{key}.json"
+
+    def _keep(self, target: TargetEnvironment | None) -> None:
+        """Remember on the node what this nanny's worker runs in (None: forget)."""
+        path = self._kept_path()
+        if target is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        record = {"nanny": str(self.nanny.name), "id": target.id, "name": target.name}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+
+    def resume(self) -> None:
+        """Start the first worker in the environment kept for this nanny's name.
+
+        Only if it is still installed here; else the nanny's own environment.
+        """
+        try:
+            record = json.loads(self._kept_path().read_text())
+            artifact_id = check_id(record["id"])
+            if record["nanny"] != str(self.nanny.name):
+                return
+            if not self.cache.has(artifact_id):
+                logger.info("envship: %s is no longer on this node", record["name"])
+                return
+            prefix = self.cache.ensure(artifact_id, lease_pid=os.getpid())
+        except (FileNotFoundError, ValueError, KeyError, TypeError, EnvshipError):
+            return
+        manifest = self.cache.manifest(artifact_id)
+        target = TargetEnvironment(
+            id=artifact_id,
+            prefix=Path(prefix),
+            kind=manifest.kind if manifest else "conda",
+            name=str(record.get("name", artifact_id)),
+        )
+        set_initial_target(self.nanny, target)
+        _targets[self.nanny.address] = artifact_id
+        self.running = {"id": artifact_id, "since": time.time()}
+        logger.info(
+            "envship: %s starts its worker in %s again", self.nanny.name, target.name
+        )
 
     # -- talking to the scheduler's registry ----------------------------------
 
@@ -320,6 +379,12 @@ class NannySide:
                 )
         self._release_unused(previous, target.id if target else None)
         running = _targets[self.nanny.address]
+        try:
+            self._keep(target if running else None)
+        except OSError as e:
+            logger.warning(
+                "envship: could not keep what %s runs: %s", self.nanny.name, e
+            )
         if running != self.running["id"]:
             self.running = {"id": running, "since": time.time()}
         await self._registry(
