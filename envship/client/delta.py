@@ -132,9 +132,7 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
         with store.writing(artifact.name) as (f, tmp):
             summary = write_thin_pack(table, f, refs, level=level, threads=threads)
             size = f.tell()
-    except EnvshipError:
-        raise
-    except OSError as e:
+    except OSError as e:  # store.writing made a full disk an EnvshipError already
         raise EnvshipError(
             artifact.name,
             f"could not read it again to send it: {e}",
