@@ -103,9 +103,9 @@ class ContentSummary:
 class ArchiveWriter:
     """Write entries into a zstandard-compressed tar and hash them on the way.
 
-    Entries come with their metadata (``write_dir``, ``write_file`` ...), as :func:`envship.table.write_archive` replays a table
-    of entries: the table pass decides what goes in, this class how it is
-    stored.
+    Entries come with their metadata (``write_dir``, ``write_file`` ...), as
+    :func:`envship.table.write_archive` replays a table of entries: the table
+    pass decides what goes in, this class how it is stored.
 
     Parameters
     ----------
@@ -247,14 +247,9 @@ def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
     None when the entry needs more than ustar offers (long names, huge
     files); the caller then lets tarfile write a pax header.
     """
-    return _ustar(info.name, info.type, info.mode, info.size, info.mtime, info.linkname)
-
-
-def _ustar(
-    name: str, kind: bytes, mode: int, size: int, mtime: int, link: str = ""
-) -> bytes | None:
-    name = name.encode("utf-8", "surrogateescape")
-    link = link.encode("utf-8", "surrogateescape")
+    kind, mode, size, mtime = info.type, info.mode, info.size, info.mtime
+    name = info.name.encode("utf-8", "surrogateescape")
+    link = info.linkname.encode("utf-8", "surrogateescape")
     prefix = b""
     if len(name) > 100:
         cut = name.rfind(b"/", 0, 156)
