@@ -321,52 +321,31 @@ def test_a_nanny_restarted_after_its_scheduler_comes_back_in_its_environment(
 ):
     # A nanny closes when its scheduler goes away; whatever restarts it (a job
     # scheduler, systemd) starts it with the same name, on the same node.
-    from fixtures.cluster import _spawn
+    from fixtures.cluster import nanny_args, scheduler_args, spawn
 
     base = envship.pack(env_prefix("base"), store=store)
-    address = f"tcp://127.0.0.1:{free_port()}"
-    scheduler_args = [
-        "distributed.cli.dask_scheduler",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        address.rsplit(":", 1)[1],
-        "--no-dashboard",
-    ]
-    nanny_args = [
-        "distributed.cli.dask_worker",
-        address,
-        "--nanny",
-        "--name",
-        "steady",
-        "--nthreads",
-        "1",
-        "--host",
-        "127.0.0.1",
-        "--no-dashboard",
-        "--local-directory",
-        str(tmp_path / "work"),
-        "--preload-nanny",
-        "envship",
-    ]
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = scheduler_args(port)
+    nanny = nanny_args(address, "steady", tmp_path / "work")
     env = {**os.environ, "DASK_ENVSHIP__CACHE__DIRECTORY": str(tmp_path / "cache")}
     processes = []
 
     def start(args, log):
-        processes.append(_spawn(sys.executable, args, env, tmp_path / log))
+        processes.append(spawn(sys.executable, args, env, tmp_path / log))
         return processes[-1]
 
     try:
-        scheduler = start(scheduler_args, "scheduler.log")
-        start(nanny_args, "nanny.log")
+        first_scheduler = start(scheduler, "scheduler.log")
+        start(nanny, "nanny.log")
         with Client(address, timeout=60) as client:
             client.wait_for_workers(1, timeout=60)
             assert client.use_environment(base).ok
-        os.killpg(scheduler.pid, signal.SIGKILL)
-        scheduler.wait()
+        os.killpg(first_scheduler.pid, signal.SIGKILL)
+        first_scheduler.wait()
         wait_until(lambda: processes[1].poll() is not None)  # the nanny closed
-        start(scheduler_args, "scheduler.log")
-        start(nanny_args, "nanny.log")  # restarted, as a job scheduler would
+        start(scheduler, "scheduler.log")
+        start(nanny, "nanny.log")  # restarted, as a job scheduler would
         with Client(address, timeout=60) as client:
             client.wait_for_workers(1, timeout=60)
             assert where(client)["steady"][0] == str(tmp_path / "cache" / base.id)
