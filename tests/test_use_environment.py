@@ -360,6 +360,31 @@ def test_a_nanny_restarted_after_its_scheduler_comes_back_in_its_environment(
             p.wait(timeout=30)
 
 
+def test_an_administrators_default_environment(tmp_path, env_prefix, store):
+    # The administrator packs an environment onto a shared filesystem and
+    # names its archive in the nannies' config: workers start in it, and
+    # use_environment(None) goes back to it, not to the nannies' own.
+    base = envship.pack(env_prefix("base"), name="site-default", store=store)
+    sklearn = envship.pack(env_prefix("sklearn-dev"), store=store)
+    default = {"DASK_ENVSHIP__DEFAULT_ENVIRONMENT": str(base.path)}
+    with local_cluster(tmp_path, {"node-a": 1}, node_env=default) as cluster:
+        client, caches = cluster
+        assert where(client)["node-a-0"][0] == str(caches["node-a"] / base.id)
+        assert client.use_environment(sklearn).ok
+        assert where(client)["node-a-0"] == (
+            str(caches["node-a"] / sklearn.id),
+            "1.9.1",
+        )
+        report = client.use_environment(None)
+        assert report.ok and report["node-a-0"].environment == base.id
+        assert where(client)["node-a-0"][0] == str(caches["node-a"] / base.id)
+        # A default that cannot be used: the worker comes up in the nanny's own.
+        missing = {"DASK_ENVSHIP__DEFAULT_ENVIRONMENT": str(tmp_path / "gone.tar.zst")}
+        cluster.add_node("node-b", 1, env=missing)
+        client.wait_for_workers(2, timeout=60)
+        assert where(client)["node-b-0"][0] == sys.prefix
+
+
 def test_switch_some_workers_only(cluster, sklearn_dev):
     client, caches = cluster
     client.use_environment(None)

@@ -698,7 +698,9 @@ async def _report(
         except (CommClosedError, OSError, asyncio.TimeoutError):
             return target["name"]  # its nanny left the cluster
         ok, error = s["ok"], s["error"]
-        if ok and s["running"] != expected:
+        # None: the nannies' own environment, or their administrator's default.
+        wanted = s.get("default") if expected is None else expected
+        if ok and s["running"] != wanted:
             ok = False
             runs = s["name"] or s["running"] or "the nannies' own environment"
             error = (

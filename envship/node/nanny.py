@@ -30,6 +30,7 @@ from envship import config
 from envship.archive import check_id
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
+from envship.manifest import Manifest
 from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Offer, Peer
 
@@ -94,6 +95,9 @@ class NannySide:
         self._reports: set[asyncio.Task] = set()  # held until sent
         self._registry_missing_until = 0.0
         self.running: dict = {"id": None, "since": time.time()}
+        #: The administrator's default environment, once resolved: what
+        #: ``use_environment(None)`` switches to.
+        self.default_id: str | None = None
 
     @property
     def node(self) -> str:
@@ -165,6 +169,7 @@ class NannySide:
             "running": target.id if target else None,
             "name": target.name if target else None,
             "since": self.running["since"],
+            "default": self.default_id,
             "worker": self.nanny.worker_address,
             "node": self.node,
             "site": self.site,
@@ -206,31 +211,77 @@ class NannySide:
     def resume(self) -> None:
         """Start the first worker in the environment kept for this nanny's name.
 
-        Only if it is still installed here; else the nanny's own environment.
+        Only if it is still installed here; else in the administrator's
+        default environment (``envship.default-environment``), else in the
+        nanny's own.
         """
+        target = self._kept_target() or self.default_target()
+        if target is None:
+            return
+        set_initial_target(self.nanny, target)
+        _targets[self.nanny.address] = target.id
+        self.running = {"id": target.id, "since": time.time()}
+        logger.info("envship: %s starts its worker in %s", self.nanny.name, target.name)
+
+    def _kept_target(self) -> TargetEnvironment | None:
         try:
             record = json.loads(self._kept_path().read_text())
             artifact_id = check_id(record["id"])
             if record["nanny"] != str(self.nanny.name):
-                return
+                return None
             if not self.cache.has(artifact_id):
                 logger.info("envship: %s is no longer on this node", record["name"])
-                return
-            prefix = self.cache.ensure(artifact_id, lease_pid=os.getpid())
+                return None
+            return self._leased_target(artifact_id, str(record.get("name", "")))
         except (FileNotFoundError, ValueError, KeyError, TypeError, EnvshipError):
-            return
+            return None
+
+    def default_target(self) -> TargetEnvironment | None:
+        """The administrator's default environment, installed; None if unset.
+
+        ``envship.default-environment`` is the path of an archive that
+        ``envship pack`` wrote, its manifest next to it. The node copies it
+        into its cache once and checks it like anything it is sent. A default
+        that cannot be used is logged and the nanny's own environment used
+        instead: the worker must come up.
+
+        Examples
+        --------
+        >>> with dask.config.set({"envship.default-environment": path}):  # doctest: +SKIP
+        ...     side.default_target().name
+        'sklearn-dev'
+        """
+        path = config.get("default-environment")
+        self.default_id = None
+        if not path:
+            return None
+        try:
+            artifact_id, manifest = _read_packed(Path(path).expanduser())
+            if not self.cache.has(artifact_id) and not self.cache.has_archive(
+                artifact_id
+            ):
+                self.cache.add_archive(artifact_id, Path(path).expanduser(), manifest)
+            target = self._leased_target(artifact_id, manifest.name)
+            self.default_id = artifact_id
+            return target
+        except (OSError, ValueError, EnvshipError) as e:
+            logger.warning(
+                "envship: cannot use the default environment %s, so workers start "
+                "in the nanny's own: %s",
+                path,
+                e,
+            )
+            return None
+
+    def _leased_target(self, artifact_id: str, name: str) -> TargetEnvironment:
+        """``artifact_id`` installed (if it was not) and leased for this process."""
+        prefix = self.cache.ensure(artifact_id, lease_pid=os.getpid())
         manifest = self.cache.manifest(artifact_id)
-        target = TargetEnvironment(
+        return TargetEnvironment(
             id=artifact_id,
             prefix=Path(prefix),
             kind=manifest.kind if manifest else "conda",
-            name=str(record.get("name", artifact_id)),
-        )
-        set_initial_target(self.nanny, target)
-        _targets[self.nanny.address] = artifact_id
-        self.running = {"id": artifact_id, "since": time.time()}
-        logger.info(
-            "envship: %s starts its worker in %s again", self.nanny.name, target.name
+            name=name or (manifest.name if manifest else artifact_id),
         )
 
     # -- talking to the scheduler's registry ----------------------------------
@@ -356,7 +407,10 @@ class NannySide:
         started = time.perf_counter()
         previous = _targets.get(self.nanny.address)
         try:
-            target = None if wanted is None else await self.target_for(wanted)
+            if wanted is None:
+                target = await asyncio.to_thread(self.default_target)
+            else:
+                target = await self.target_for(wanted)
         except Exception as e:
             logger.warning("envship: cannot switch to %s: %s", wanted, e)
             self.last_switch = {"ok": False, "error": str(e), "seconds": None}
@@ -379,8 +433,8 @@ class NannySide:
                 )
         self._release_unused(previous, target.id if target else None)
         running = _targets[self.nanny.address]
-        try:
-            self._keep(target if running else None)
+        try:  # the administrator's default is not kept: it may change
+            self._keep(target if running and wanted is not None else None)
         except OSError as e:
             logger.warning(
                 "envship: could not keep what %s runs: %s", self.nanny.name, e
@@ -398,6 +452,19 @@ class NannySide:
             "error": outcome["error"],
             "seconds": time.perf_counter() - started,
         }
+
+
+def _read_packed(archive: Path) -> tuple[str, Manifest]:
+    """The id (from the file name) and the manifest of an archive ``envship pack`` wrote."""
+    if not archive.name.endswith(".tar.zst"):
+        raise ValueError(f"{archive} is not an archive of `envship pack` (<id>.tar.zst)")
+    artifact_id = check_id(archive.name.removesuffix(".tar.zst"))
+    manifest = Manifest.from_dict(
+        json.loads(archive.with_name(f"{artifact_id}.json").read_text())
+    )
+    if manifest.id != artifact_id:
+        raise ValueError(f"the manifest next to {archive} is that of {manifest.id}")
+    return artifact_id, manifest
 
 
 class NannySetup(NannyPlugin):
