@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from envship.archive import ForwardReader, read_members
 from envship.errors import EnvshipError
 from envship.manifest import Manifest, ThinManifest
+from envship.node.cache import EnvCache
 from envship.node.extract import extract_archive, remove_tree
 from envship.node.filestore import FileStore
 from envship.table import decode_bits, decode_keys
@@ -191,3 +193,103 @@ def test_store_key_and_bit_messages_are_checked(data, count):
 def _no_escape():
     yield
     assert not os.path.lexists("/tmp/evil-envship")
+
+
+# -- the handlers of a live nanny and of the scheduler's registry ---------------
+
+#: What a node's and the registry's handlers take, for any arguments.
+HANDLERS = {
+    "nanny": {
+        "info": ["artifact_id"],
+        "lacks": ["keys"],
+        "install": ["artifact_id", "via"],
+        "status": ["cache"],
+        "offer": ["offer", "peers", "seed_site"],
+        "put": ["id", "digest", "index", "data"],
+        "wait": ["id", "digest", "timeout"],
+        "piece": ["id", "digest", "piece_size", "index"],
+        "have": ["id", "digest", "piece_size", "known"],
+    },
+    "scheduler": {
+        "publish": ["offer"],
+        "desire": ["id", "names"],
+        "where": ["id", "name"],
+        "hold": ["nanny", "id", "complete", "site", "node"],
+        "runs": ["nanny", "id", "name"],
+        "claim": ["owner", "client", "nannies", "name"],
+        "release": ["owner"],
+    },
+}
+#: What a handler may answer junk with (raised again in the caller).
+REFUSALS = (ValueError, TypeError, EnvshipError)
+
+
+def test_live_handlers_survive_any_arguments(tmp_path, env_prefix):
+    # Values of every shape, and now and then a true id, digest or offer, so
+    # that calls also get past the first check.
+    import envship
+    from envship.scheduler.registry import Registry
+    from fixtures.cluster import local_cluster, wait_until
+
+    artifact = envship.pack(env_prefix("base"), store=tmp_path / "store")
+    offer = Offer.of_artifact(artifact).to_msg()
+    truths = [
+        artifact.id,
+        offer["table"]["digest"],
+        offer["table"]["piece_size"],
+        offer,
+    ]
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**63 - 1)  # what msgpack can send
+        | st.floats()
+        | st.text(max_size=40)
+        | st.binary(max_size=64)
+        | st.sampled_from(truths)
+    )
+    values = st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(st.sampled_from([*offer, "x"]), inner, max_size=5)
+        ),
+        max_leaves=12,
+    )
+
+    @st.composite
+    def calls(draw):
+        side = draw(st.sampled_from(sorted(HANDLERS)))
+        op = draw(st.sampled_from(sorted(HANDLERS[side])))
+        names = draw(st.lists(st.sampled_from(HANDLERS[side][op]), unique=True))
+        return side, op, {name: draw(values) for name in names}
+
+    with local_cluster(tmp_path / "c", {"solo": 1}) as (client, caches):
+        client.register_plugin(Registry(), name=Registry.name)
+        nanny = next(iter(client.scheduler_info()["workers"].values()))["nanny"]
+        rpcs = {"nanny": client.rpc(nanny), "scheduler": client.scheduler}
+        seen: dict[str, int] = {}
+
+        @settings(FUZZ, max_examples=EXAMPLES * 4)
+        @given(calls())
+        def call_anything(call):
+            side, op, kwargs = call
+            handler = getattr(rpcs[side], f"envship_{op}")
+            try:
+                client.sync(handler, **kwargs)
+            except REFUSALS as e:
+                seen[type(e).__name__] = seen.get(type(e).__name__, 0) + 1
+                # A TypeError only for arguments missing or unknown: every
+                # value is checked before it is used.
+                if isinstance(e, TypeError):
+                    assert re.search("required positional|unexpected keyword", str(e))
+
+        call_anything()
+        assert seen.get("ValueError", 0) > EXAMPLES  # most of it was refused
+        # Both still serve, the worker computes, and nothing is left behind.
+        assert client.submit(sum, [1, 2]).result() == 3
+        assert client.sync(rpcs["nanny"].envship_status)["ok"]
+        assert client.sync(client.scheduler.envship_registry)["default"] is None
+        cache = EnvCache(caches["solo"])
+        wait_until(lambda: not cache.installs())
+        assert not [p for p in (caches["solo"] / "tmp").iterdir()]

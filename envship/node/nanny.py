@@ -457,7 +457,9 @@ class NannySide:
 def _read_packed(archive: Path) -> tuple[str, Manifest]:
     """The id (from the file name) and the manifest of an archive ``envship pack`` wrote."""
     if not archive.name.endswith(".tar.zst"):
-        raise ValueError(f"{archive} is not an archive of `envship pack` (<id>.tar.zst)")
+        raise ValueError(
+            f"{archive} is not an archive of `envship pack` (<id>.tar.zst)"
+        )
     artifact_id = check_id(archive.name.removesuffix(".tar.zst"))
     manifest = Manifest.from_dict(
         json.loads(archive.with_name(f"{artifact_id}.json").read_text())
