@@ -11,6 +11,7 @@ from __future__ import annotations
 from envship.client.pack import pack
 from envship.client.status import ClusterStatus, status
 from envship.client.store import Artifact, ArtifactStore
+from envship.client.tasks import environment
 from envship.client.use import (
     SwitchReport,
     WorkerReport,
@@ -31,6 +32,7 @@ __all__ = [
     "EnvshipError",
     "SwitchReport",
     "WorkerReport",
+    "environment",
     "pack",
     "prepare",
     "prepare_environment",

@@ -23,7 +23,7 @@ from distributed.comm import CommClosedError, get_address_host_port
 from distributed.core import clean_exception
 from distributed.protocol.pickle import dumps
 
-from envship import config
+from envship import config, policy
 from envship.errors import EnvshipError, MissingStoreFileError
 from envship.manifest import ThinManifest
 from envship.node.nanny import NannySetup, UseEnvironment
@@ -269,7 +269,7 @@ class _Call:
 
     def pack(self, env) -> Artifact:
         with self.stage("pack"):
-            return _as_artifact(env, self.progress)
+            return as_artifact(env, self.progress)
 
 
 def _warn_left_out(report: SwitchReport, done: str) -> None:
@@ -288,7 +288,7 @@ def _stage(stages: dict[str, float], name: str):
     stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
 
 
-def _as_artifact(env, progress: bool) -> Artifact:
+def as_artifact(env, progress: bool) -> Artifact:
     if isinstance(env, Artifact):
         return env
     return pack(env, progress=progress, archive=False)
@@ -300,6 +300,10 @@ async def _check(client, artifact, workers, strict, label):
     infos = await _nanny_side(client, targets, artifact, label)
     await _ensure_registry(client, label)
     if artifact is not None:
+        # The scheduler's policy, before anything is shipped.
+        policy.check(
+            artifact.name, artifact.id, await client.scheduler.envship_policy()
+        )
         versions = await client.scheduler.versions(packages=[])
         check_compatibility(
             artifact.name,

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import psutil
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
 from filelock import FileLock, Timeout
 
 from envship import config
@@ -57,8 +57,6 @@ from .install import unpack
 
 logger = logging.getLogger("envship.cache")
 
-# Seconds to wait for another process's install of the same id.
-LOCK_TIMEOUT = 3600.0
 # Create times of one process, read at different moments, agree to well
 # within this (the kernel's boot time estimate can move by a second).
 CREATE_TIME_SLACK = 1.0
@@ -125,7 +123,8 @@ class EnvCache:
         default ``envship.cache.max-size``. Least recently used, unleased
         entries are evicted above it.
     lock_timeout : float
-        Seconds to wait for another process's install of the same id.
+        Seconds to wait for another process's install of the same id;
+        default ``envship.timeouts.install``.
 
     Examples
     --------
@@ -142,7 +141,7 @@ class EnvCache:
         root: str | os.PathLike | None = None,
         max_size: int | str | None = None,
         *,
-        lock_timeout: float = LOCK_TIMEOUT,
+        lock_timeout: float | None = None,
     ) -> None:
         default = root is None
         self.root = (
@@ -151,6 +150,8 @@ class EnvCache:
         if max_size is None:
             max_size = config.get("cache.max-size")
         self.max_size = float("inf") if max_size is None else parse_bytes(max_size)
+        if lock_timeout is None:
+            lock_timeout = parse_timedelta(config.get("timeouts.install"))
         self.lock_timeout = lock_timeout
         self._locks: dict[str, FileLock] = {}
         self._make_layout(check_owner=default)

@@ -26,7 +26,7 @@ import dask.utils
 import xxhash
 from distributed.diagnostics.plugin import NannyPlugin
 
-from envship import config
+from envship import config, policy
 from envship.archive import check_id
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
@@ -142,6 +142,11 @@ class NannySide:
         before = len(self.cache.installs(check_id(artifact_id)))
         if via is not None:
             check_id(via)
+        manifest = self.cache.manifest(artifact_id) or (
+            via and self.cache.manifest(via)
+        )
+        if manifest is not None:
+            policy.check(manifest.name, artifact_id)
         await asyncio.to_thread(
             self.cache.ensure, artifact_id, via=via, lease_pid=os.getpid()
         )
@@ -232,6 +237,7 @@ class NannySide:
             if not self.cache.has(artifact_id):
                 logger.info("envship: %s is no longer on this node", record["name"])
                 return None
+            policy.check(str(record["name"]), artifact_id)
             return self._leased_target(artifact_id, str(record.get("name", "")))
         except (FileNotFoundError, ValueError, KeyError, TypeError, EnvshipError):
             return None
@@ -343,6 +349,7 @@ class NannySide:
         node's file store holds them.
         """
         artifact_id = check_id(wanted["id"])
+        policy.check(str(wanted["name"]), artifact_id)
         via = wanted.get("via")
         if not self.cache.has(artifact_id) and not self.cache.has_archive(artifact_id):
             if via is None:

@@ -53,9 +53,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import distributed.nanny
+from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.nanny import WorkerProcess
 from distributed.proctitle import enable_proctitle_on_children
+
+from envship import config
+from envship.resources import ENVIRONMENT_UNITS, resource_name
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +344,19 @@ class WorkerSubprocess:
         self._exit_callback = func
 
 
+def _advertising(worker_kwargs: dict, artifact_id: str) -> dict:
+    """The worker's arguments with the resource that says it runs in ``artifact_id``.
+
+    Tasks annotated with ``envship.environment(...)`` need one unit of it; a
+    worker has so many that it is never the limit (its threads are).
+    """
+    resources = {
+        **(worker_kwargs.get("resources") or {}),
+        resource_name(artifact_id): ENVIRONMENT_UNITS,
+    }
+    return {**worker_kwargs, "resources": resources}
+
+
 def _class_path(cls: Any) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -363,15 +380,16 @@ class EnvWorkerProcess(WorkerProcess):
         it did; ``target`` is then None.
     worker_python : str or None
         The interpreter of the current worker.
-    start_timeout : float
-        Seconds the environment's worker has to report its address.
+    start_timeout : float or None
+        Seconds the environment's worker has to report its address; None:
+        ``envship.timeouts.worker-start``.
     """
 
     # Class attributes, so that an instance converted by install() has them.
     target: TargetEnvironment | None = None
     last_error: str | None = None
     worker_python: str | None = None
-    start_timeout: float = 60.0
+    start_timeout: float | None = None
     _switch_lock: asyncio.Lock | None = None
 
     def __init__(self, worker_kwargs, *args, **kwargs):
@@ -379,6 +397,12 @@ class EnvWorkerProcess(WorkerProcess):
         # A nanny that joined with a target set by a plugin before its first
         # worker process existed (see set_initial_target).
         self.target = _initial_targets.pop(worker_kwargs.get("nanny"), None)
+
+    @property
+    def worker_start_timeout(self) -> float:
+        if self.start_timeout is not None:
+            return self.start_timeout
+        return parse_timedelta(config.get("timeouts.worker-start"))
 
     @property
     def switch_lock(self) -> asyncio.Lock:
@@ -434,7 +458,7 @@ class EnvWorkerProcess(WorkerProcess):
         try:
             setup = _frame(
                 {
-                    "worker_kwargs": self.worker_kwargs,
+                    "worker_kwargs": _advertising(self.worker_kwargs, target.id),
                     "worker_class": _class_path(self.Worker),
                     "silence_logs": self.silence_logs,
                     "env": {k: environ[k] for k in self.env if k in environ},
@@ -456,9 +480,10 @@ class EnvWorkerProcess(WorkerProcess):
         problem = missing = None
         timed_out = False
         try:
-            line = await process.wait_report(self.start_timeout)
+            line = await process.wait_report(self.worker_start_timeout)
         except asyncio.TimeoutError:
-            problem = f"no worker address reported within {self.start_timeout:g} s"
+            seconds = self.worker_start_timeout
+            problem = f"no worker address reported within {seconds:g} s"
             timed_out = True
         except BaseException:
             # Cancelled, e.g. by the nanny's death_timeout: don't leak the child.
@@ -662,7 +687,7 @@ async def switch(
             f"(status {nanny.status.name}); start it first"
         )
     if timeout is None:
-        timeout = process.start_timeout + 30
+        timeout = process.worker_start_timeout + 30
     async with process.switch_lock:
         process.target = target
         process.last_error = None

@@ -28,6 +28,7 @@ import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from envship import policy
 from envship.archive import check_id
 from envship.manifest import ThinManifest
 from envship.transfer import Offer, Peer
@@ -78,9 +79,11 @@ class Registry(SchedulerPlugin):
         # nanny -> {"owner", "client", "name", "since"} of the switch under way
         self.claims: dict[str, dict] = {}
         self.scheduler = None
+        self.policy: dict = {"allowed": None, "contact": None}
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
+        self.policy = policy.current()  # the scheduler's config, not the client's
         scheduler.handlers.update(
             {
                 "envship_publish": self.publish,
@@ -91,6 +94,7 @@ class Registry(SchedulerPlugin):
                 "envship_registry": self.snapshot,
                 "envship_claim": self.claim,
                 "envship_release": self.release,
+                "envship_policy": self.get_policy,
             }
         )
 
@@ -110,6 +114,9 @@ class Registry(SchedulerPlugin):
         """Record that workers (``names``, or all) should run in ``id`` (None: their own)."""
         if id is not None and _id(id) not in self.offers and id not in self.thin:
             raise ValueError(f"publish the offer of {id!r} first")
+        if id is not None:
+            offer = self.offers.get(id) or self.offers[self.thin[id]]
+            policy.check(offer["name"], id, self.policy)
         if names is None:
             self.default = id
             self.by_name.clear()
@@ -212,6 +219,10 @@ class Registry(SchedulerPlugin):
         owner = _text(owner, "an owner")
         self.claims = {n: c for n, c in self.claims.items() if c["owner"] != owner}
         return "OK"
+
+    def get_policy(self) -> dict:
+        """Which environments users may run here (``envship.policy``)."""
+        return self.policy
 
     def snapshot(self) -> dict:
         """Everything above, for ``envship.status``."""
