@@ -8,6 +8,7 @@ Examples
 
 from __future__ import annotations
 
+from envship.client.gc import gc
 from envship.client.pack import pack
 from envship.client.status import ClusterStatus, status
 from envship.client.store import Artifact, ArtifactStore
@@ -33,6 +34,7 @@ __all__ = [
     "SwitchReport",
     "WorkerReport",
     "environment",
+    "gc",
     "pack",
     "prepare",
     "prepare_environment",

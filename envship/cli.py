@@ -220,12 +220,32 @@ def cache_list(directory):
 
 @cache.command("gc")
 @directory_option
-def cache_gc(directory):
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Clean every node of this cluster instead (from any machine).",
+)
+def cache_gc(directory, scheduler):
     """Remove leftovers of crashed installs and evict down to the budget."""
-    from envship.node.cache import EnvCache
+    if scheduler is None:
+        from envship.node.cache import EnvCache
 
-    evicted = EnvCache(directory).gc()
-    click.echo(f"evicted {len(evicted)} environment(s)")
+        evicted = EnvCache(directory).gc()
+        click.echo(f"evicted {len(evicted)} environment(s)")
+        return
+    from distributed import Client
+
+    from envship.client.gc import gc
+
+    with Client(scheduler, timeout=30) as client:
+        for node, outcome in gc(client).items():
+            if "error" in outcome:
+                click.echo(f"{node}: {outcome['error']}")
+            else:
+                click.echo(
+                    f"{node}: evicted {len(outcome['evicted'])} environment(s), "
+                    f"{format_bytes(outcome['size'])} in use"
+                )
 
 
 @cache.command("clear")

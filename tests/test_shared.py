@@ -154,3 +154,25 @@ def test_an_environment_the_administrators_do_not_allow(tmp_path, env_prefix, st
         status = client.sync(client.rpc(nanny).envship_status)
         assert not status["ok"] and "allow only" in status["error"]
         assert status["running"] == allowed.id
+
+
+def test_cache_gc_from_a_client_cleans_every_node_once(shared, envs):
+    from click.testing import CliRunner
+
+    from envship.cli import main
+
+    users, caches = shared
+    # A download left by a process that died: removed; what runs stays.
+    leftovers = [caches[n] / "tmp" / f"{'0' * 32}.999999999.dead.part" for n in caches]
+    for path in leftovers:
+        path.write_bytes(b"half an archive")
+    address = users["base"].scheduler.address
+    result = CliRunner().invoke(main, ["cache", "gc", "--scheduler", address])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 2 and all("evicted 0 environment(s)" in li for li in lines)
+    assert not any(path.exists() for path in leftovers)
+    outcome = envship.gc(users["base"])
+    assert len(outcome) == 2 and all(o["size"] > 0 for o in outcome.values())
+    for cache in caches.values():
+        assert all((cache / a.id).is_dir() for a in envs.values())

@@ -39,7 +39,7 @@ from .worker_process import TargetEnvironment, install, set_initial_target, swit
 
 logger = logging.getLogger("envship")
 
-HANDLERS = ("info", "lacks", "install", "status")
+HANDLERS = ("info", "lacks", "install", "status", "gc")
 #: Seconds before a nanny asks a scheduler without the registry again.
 REGISTRY_RETRY = 30.0
 BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
@@ -193,6 +193,16 @@ class NannySide:
                 if not d.done.is_set()
             ],
         }
+
+    async def gc(self) -> dict:
+        """Clean the node's cache: leftovers, dead leases, then evict to budget.
+
+        Never evicts what a worker of the node runs in or a switch just
+        installed.
+        """
+        evicted = await asyncio.to_thread(self.cache.gc)
+        size = await asyncio.to_thread(self.cache.size)
+        return {"node": self.node, "evicted": evicted, "size": size}
 
     # -- what this nanny runs in, kept on the node ------------------------------
 

@@ -1,0 +1,57 @@
+"""``envship.gc(client)``: clean every node's cache from a client.
+
+Each node (the nannies sharing one cache) removes the leftovers of crashed
+installs and downloads and evicts down to its budget, as ``envship cache gc``
+does on one machine; environments that workers run in stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from distributed import Client
+
+
+def gc(client: Client) -> dict[str, dict]:
+    """Clean the cache of every node of the cluster, once per node.
+
+    Returns
+    -------
+    dict
+        Node -> ``{"evicted": [ids], "size": bytes left}``, or
+        ``{"error": text}`` for a node whose nanny did not answer.
+
+    Examples
+    --------
+    >>> envship.gc(client)  # doctest: +SKIP
+    {'host1:2049:1234': {'evicted': ['5f0c2d9a...'], 'size': 1843200}}
+    """
+    return client.sync(_gc, client)
+
+
+async def _gc(client: Client) -> dict[str, dict]:
+    identity = await client.scheduler.identity()
+    nannies = sorted(
+        {w["nanny"] for w in identity["workers"].values() if w.get("nanny")}
+    )
+
+    async def node_of(nanny):
+        try:
+            return (await client.rpc(nanny).envship_info())["node"]
+        except Exception:  # no envship there, or gone
+            return None
+
+    nodes = dict(
+        zip(nannies, await asyncio.gather(*map(node_of, nannies)), strict=True)
+    )
+    one_per_node = {node: nanny for nanny, node in nodes.items() if node is not None}
+
+    async def clean(nanny):
+        try:
+            answer = await client.rpc(nanny).envship_gc()
+            return {"evicted": answer["evicted"], "size": answer["size"]}
+        except Exception as e:
+            return {"error": str(e)}
+
+    done = await asyncio.gather(*map(clean, one_per_node.values()))
+    return dict(zip(one_per_node, done, strict=True))
