@@ -26,16 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 DEFAULTS = yaml.safe_load((ROOT / "envship" / "envship.yaml").read_text())
 
-#: Keys the docs describe that are being added to envship.yaml.
-PENDING = {
-    "envship.allowed",
-    "envship.contact",
-    "envship.timeouts.worker-start",
-    "envship.timeouts.install",
-}
-#: Functions of envship the docs name that are being added.
-PENDING_API = {"environment", "gc"}
-
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 _MARKED = re.compile(r"<!-- test: ([\w-]+) -->\n```(\w*)\n(.*?)^```", re.M | re.S)
 _KEY = re.compile(r"`(envship(?:\.[a-z][a-z0-9-]*)+)`")
@@ -58,9 +48,7 @@ KNOWN = YAML_KEYS | {k.rsplit(".", i)[0] for k in YAML_KEYS for i in (1, 2)}
 
 
 def _is_known(key: str) -> bool:
-    return (
-        key in KNOWN or key in PENDING or key in {k.rsplit(".", 1)[0] for k in PENDING}
-    )
+    return key in KNOWN
 
 
 def marked(name: str) -> list[tuple[str, str, Path]]:
@@ -81,9 +69,7 @@ def test_config_keys_named_in_docs_exist():
             named.add("envship." + ".".join(p.lower() for p in var.split("__")))
         for key in named:
             first = key.split(".")[1]
-            if key.count(".") == 1 and (
-                hasattr(envship, first) or first in PENDING_API
-            ):
+            if key.count(".") == 1 and hasattr(envship, first):
                 if first not in DEFAULTS["envship"]:
                     continue  # a function (envship.status), not a key
             key = key.replace("_", "-")
@@ -92,7 +78,7 @@ def test_config_keys_named_in_docs_exist():
 
 def test_every_config_key_is_documented_for_administrators():
     text = (ROOT / "docs" / "administrators.md").read_text()
-    for key in sorted(YAML_KEYS | PENDING):
+    for key in sorted(YAML_KEYS):
         assert f"`{key}`" in text, f"{key} is not in docs/administrators.md"
 
 
