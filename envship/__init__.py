@@ -8,6 +8,7 @@ Examples
 
 from __future__ import annotations
 
+from envship.client.foreign import ForeignEnvironment
 from envship.client.gc import gc
 from envship.client.pack import pack
 from envship.client.status import ClusterStatus, status
@@ -16,6 +17,7 @@ from envship.client.tasks import environment
 from envship.client.use import (
     SwitchReport,
     WorkerReport,
+    foreign,
     prepare_environment,
     use_environment,
 )
@@ -31,9 +33,11 @@ __all__ = [
     "ArtifactStore",
     "ClusterStatus",
     "EnvshipError",
+    "ForeignEnvironment",
     "SwitchReport",
     "WorkerReport",
     "environment",
+    "foreign",
     "gc",
     "pack",
     "prepare",

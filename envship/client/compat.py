@@ -40,13 +40,39 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _interpreter(
+    manifest: Manifest, client_python: str, scheduler_packages: dict[str, str | None]
+) -> list[Mismatch]:
+    """What keeps a worker of this cluster from running in it: Python, wire packages."""
+    found = []
+    env_python = manifest.python
+    if _major_minor(env_python) < (3,):
+        found.append(Mismatch("python", env_python, client_python, fatal=True))
+    elif _major_minor(env_python) != _major_minor(client_python):
+        found.append(Mismatch("python", env_python, client_python, fatal=False))
+    packages = manifest.packages
+    for name in WIRE_PACKAGES:
+        theirs = scheduler_packages.get(name)
+        ours = packages.get(name)
+        if ours is None and name == "distributed":
+            found.append(Mismatch(name, "not installed", str(theirs), fatal=True))
+        elif ours is not None and theirs is not None and ours != theirs:
+            found.append(Mismatch(name, ours, theirs, fatal=False))
+    return found
+
+
 def find_mismatches(
     manifest: Manifest,
     client_python: str,
     scheduler_packages: dict[str, str | None],
     node_platforms: list[dict],
+    foreign: bool = False,
 ) -> list[Mismatch]:
     """Everything that differs between the environment and the cluster.
+
+    With ``foreign``, for an environment that tasks call into through a
+    bridge (``envship.foreign``) rather than run workers in, only the
+    platform counts.
 
     Examples
     --------
@@ -59,22 +85,7 @@ def find_mismatches(
     ...                                  {"distributed": "2026.8.0"}, [])]
     ['python']
     """
-    found = []
-    env_python = manifest.python
-    if _major_minor(env_python) < (3,):
-        found.append(Mismatch("python", env_python, client_python, fatal=True))
-    elif _major_minor(env_python) != _major_minor(client_python):
-        found.append(Mismatch("python", env_python, client_python, fatal=False))
-
-    packages = manifest.packages
-    for name in WIRE_PACKAGES:
-        theirs = scheduler_packages.get(name)
-        ours = packages.get(name)
-        if ours is None and name == "distributed":
-            found.append(Mismatch(name, "not installed", str(theirs), fatal=True))
-        elif ours is not None and theirs is not None and ours != theirs:
-            found.append(Mismatch(name, ours, theirs, fatal=False))
-
+    found = [] if foreign else _interpreter(manifest, client_python, scheduler_packages)
     env_platform = manifest.platform
     for node in node_platforms:
         for key in ("os", "machine"):
@@ -112,13 +123,16 @@ def _table(mismatches: list[Mismatch]) -> str:
 
 def _fix(name: str, manifest: Manifest, mismatches: list[Mismatch]) -> str:
     whats = {m.what for m in mismatches}
+    bridge = (
+        f"or call into it from tasks, workers staying where they are: "
+        f"env = envship.foreign(client, {name!r}); client.submit(env.call, "
+        "'module.function', ...)"
+    )
     if "python" in whats and _major_minor(manifest.python) < (3,):
         return (
             "Dask workers cannot run on Python 2.7: distributed dropped Python 2 "
             "in 2019 (version 2.0) and today needs Python 3.10 or newer, so no "
-            "worker of this cluster can start in it. Port the code to Python 3 "
-            "and build the environment with the client's Python "
-            f"({'.'.join(map(str, _major_minor(mismatches[0].cluster)))})."
+            f"worker of this cluster can start in it. {bridge[0].upper()}{bridge[1:]}."
         )
     steps = []
     if "python" in whats:
@@ -133,6 +147,8 @@ def _fix(name: str, manifest: Manifest, mismatches: list[Mismatch]) -> str:
     fix = "; ".join(steps)
     if not any(m.fatal for m in mismatches):
         fix += "; or pass strict=False to go on anyway"
+    if whats & {"python", "distributed"}:
+        fix += f"; {bridge}"
     return fix
 
 
@@ -143,21 +159,22 @@ def check_compatibility(
     scheduler_packages: dict[str, str | None],
     node_platforms: list[dict],
     strict: bool = True,
+    foreign: bool = False,
 ) -> list[Mismatch]:
     """Raise ``IncompatibleEnvironmentError`` with a table of differences.
 
     With ``strict=False``, differences that can still work (package versions,
-    Python minor version, a newer libc) only warn.
+    Python minor version, a newer libc) only warn. With ``foreign``, only the
+    platform is compared (see :func:`find_mismatches`).
     """
     mismatches = find_mismatches(
-        manifest, client_python, scheduler_packages, node_platforms
+        manifest, client_python, scheduler_packages, node_platforms, foreign
     )
     if not mismatches:
         return []
     fatal = any(m.fatal for m in mismatches)
-    problem = "it does not match the cluster, so workers would fail in it:\n" + _table(
-        mismatches
-    )
+    where = "its python would fail here" if foreign else "workers would fail in it"
+    problem = f"it does not match the cluster, so {where}:\n" + _table(mismatches)
     if strict or fatal:
         raise IncompatibleEnvironmentError(
             name, problem, _fix(name, manifest, mismatches)

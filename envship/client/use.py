@@ -32,6 +32,7 @@ from envship.transfer import Offer, Peer, ShipReport, broadcast
 
 from . import delta
 from .compat import check_compatibility
+from .foreign import ForeignEnvironment, hosts_no_worker
 from .pack import pack
 from .progress import progress_bar
 from .store import Artifact, ArtifactStore
@@ -111,8 +112,12 @@ def use_environment(
     strict: bool = True,
     timeout: float | None = None,
     progress: bool | None = None,
-) -> SwitchReport:
+) -> SwitchReport | ForeignEnvironment:
     """Restart workers inside an environment, shipping it to their nodes first.
+
+    An environment whose Python cannot host a worker (Python 2.7) is shipped
+    and installed, nobody restarts, and tasks call into it instead: see
+    :func:`foreign`.
 
     Parameters
     ----------
@@ -135,6 +140,8 @@ def use_environment(
     -------
     SwitchReport
         Per worker: the environment id it runs in, seconds, ok or the error.
+    ForeignEnvironment
+        For a Python 2 environment: ``.call`` for tasks to run.
 
     Raises
     ------
@@ -152,6 +159,8 @@ def use_environment(
     """
     call = _Call(client, timeout, progress)
     artifact = None if env is None else call.pack(env)
+    if artifact is not None and hosts_no_worker(artifact.manifest):
+        return _foreign(call, artifact, workers, strict)
     label = artifact.name if artifact else "the nannies' own environment"
     with call.stage("check"):
         targets, infos, lost = call.run(
@@ -226,10 +235,57 @@ def prepare_environment(
             "name an environment, or call use_environment(None) to go back",
         )
     call = _Call(client, timeout, progress)
-    artifact = call.pack(env)
+    return _prepare(call, call.pack(env), workers, strict)
+
+
+def foreign(
+    client: Client,
+    env,
+    *,
+    workers=None,
+    strict: bool = True,
+    timeout: float | None = None,
+    progress: bool | None = None,
+) -> ForeignEnvironment:
+    """Ship and install ``env`` on the workers' nodes, for tasks to call into.
+
+    For an environment whose Python cannot host a worker (Python 2.7, another
+    Python 3): no worker restarts; only its platform must suit the nodes.
+    Nodes that join later get it from their peers on their first call.
+    ``use_environment`` does the same for a Python 2 environment.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    env : str, path or Artifact
+        What ``use_environment`` takes (but not None).
+    workers, strict, timeout, progress
+        As for :func:`prepare_environment`.
+
+    Returns
+    -------
+    ForeignEnvironment
+        ``.call(target, *args, **kwargs)`` is a function for tasks to run.
+
+    Examples
+    --------
+    >>> py2 = envship.foreign(client, "py2-sklearn-dev")  # doctest: +SKIP
+    >>> client.submit(py2.call, "legacy_model.fit_predict", X, y, X_new)  # doctest: +SKIP
+    """
+    call = _Call(client, timeout, progress)
+    return _foreign(call, call.pack(env), workers, strict)
+
+
+def _foreign(call, artifact, workers, strict) -> ForeignEnvironment:
+    _prepare(call, artifact, workers, strict, foreign=True)
+    return ForeignEnvironment(artifact.id, artifact.name, artifact.manifest.python)
+
+
+def _prepare(call, artifact, workers, strict, foreign=False) -> SwitchReport:
+    client = call.client
     with call.stage("check"):
         targets, infos, _ = call.run(
-            _check(client, artifact, workers, strict, artifact.name)
+            _check(client, artifact, workers, strict, artifact.name, foreign)
         )
     started = time.perf_counter()
     shipped, unpacked = call.run(
@@ -294,7 +350,7 @@ def as_artifact(env, progress: bool) -> Artifact:
     return pack(env, progress=progress, archive=False)
 
 
-async def _check(client, artifact, workers, strict, label):
+async def _check(client, artifact, workers, strict, label, foreign=False):
     """Everything that must hold before anything moves or restarts."""
     targets = await _targets(client, workers, label)
     infos = await _nanny_side(client, targets, artifact, label)
@@ -312,6 +368,7 @@ async def _check(client, artifact, workers, strict, label):
             scheduler_packages=versions["packages"],
             node_platforms=[info["platform"] for info in infos.values()],
             strict=strict,
+            foreign=foreign,
         )
     return targets, infos, await _keys_only_on(client, targets)
 
@@ -731,4 +788,10 @@ async def _report(
 Client.use_environment = use_environment
 Client.prepare_environment = prepare_environment
 
-__all__ = ["SwitchReport", "WorkerReport", "prepare_environment", "use_environment"]
+__all__ = [
+    "SwitchReport",
+    "WorkerReport",
+    "foreign",
+    "prepare_environment",
+    "use_environment",
+]

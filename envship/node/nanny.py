@@ -35,11 +35,18 @@ from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Offer, Peer
 
 from .cache import EnvCache
-from .worker_process import TargetEnvironment, install, set_initial_target, switch
+from .worker_process import (
+    TargetEnvironment,
+    bootstrap_script,
+    child_environ,
+    install,
+    set_initial_target,
+    switch,
+)
 
 logger = logging.getLogger("envship")
 
-HANDLERS = ("info", "lacks", "install", "status", "gc")
+HANDLERS = ("info", "lacks", "install", "status", "gc", "foreign")
 #: Seconds before a nanny asks a scheduler without the registry again.
 REGISTRY_RETRY = 30.0
 BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
@@ -203,6 +210,26 @@ class NannySide:
         evicted = await asyncio.to_thread(self.cache.gc)
         size = await asyncio.to_thread(self.cache.size)
         return {"node": self.node, "evicted": evicted, "size": size}
+
+    async def foreign(self, id: str, name: str, pid: int) -> dict:
+        """Hold environment ``id`` for a bridge of this nanny's worker ``pid``.
+
+        For calls into an environment whose Python cannot host a worker
+        (``envship.foreign``): fetched and unpacked if the node lacks it,
+        leased while the worker lives. Returns how to start the bridge: the
+        environment's python, the variables a worker inside it would get, and
+        the path of ``bootstrap/bridge.py``.
+        """
+        if not isinstance(pid, int) or pid != self.nanny.pid:
+            raise ValueError(f"pid {pid!r} is not this nanny's worker")
+        target = await self.target_for({"id": check_id(id), "name": _text(name)})
+        self.cache.lease(target.id, pid)
+        self._release_unused(target.id)  # what target_for leased for the nanny
+        return {
+            "python": str(target.python),
+            "environ": child_environ(target, os.environ, self.nanny.env),
+            "script": str(bootstrap_script("bridge.py")),
+        }
 
     # -- what this nanny runs in, kept on the node ------------------------------
 
@@ -469,6 +496,12 @@ class NannySide:
             "error": outcome["error"],
             "seconds": time.perf_counter() - started,
         }
+
+
+def _text(value) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 1024:
+        raise ValueError(f"expected a short string, not {value!r}")
+    return value
 
 
 def _read_packed(archive: Path) -> tuple[str, Manifest]:

@@ -115,9 +115,13 @@ class TargetEnvironment:
         return Path(self.prefix) / "bin" / "python"
 
 
-def bootstrap_script() -> Path:
-    """The path of ``bootstrap/worker.py``, which the environment's python runs."""
-    script = importlib.resources.files("envship._bootstrap") / "worker.py"
+def bootstrap_script(name: str = "worker.py") -> Path:
+    """The path of ``bootstrap/<name>``, which an environment's python runs.
+
+    ``worker.py`` runs a worker; ``bridge.py`` serves a worker's calls into
+    an environment whose Python cannot host one.
+    """
+    script = importlib.resources.files("envship._bootstrap") / name
     return Path(os.fspath(script))
 
 
