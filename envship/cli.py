@@ -146,6 +146,7 @@ def use(env, scheduler, workers, no_strict, timeout):
     """Restart the cluster's workers inside ENV ("none": the nannies' own)."""
     from distributed import Client
 
+    from envship.client.foreign import ForeignEnvironment
     from envship.client.use import use_environment
 
     with Client(scheduler, timeout=timeout or 30) as client:
@@ -156,6 +157,13 @@ def use(env, scheduler, workers, no_strict, timeout):
             strict=not no_strict,
             timeout=timeout,
         )
+    if isinstance(report, ForeignEnvironment):
+        click.echo(
+            f"{report.name} (Python {report.python}) cannot host workers: it is "
+            "installed on the nodes, and tasks call into it with "
+            f"envship.foreign(client, {report.name!r}).call"
+        )
+        return
     click.echo(repr(report))
 
 
