@@ -30,6 +30,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from envship.archive import check_id
 from envship.manifest import ThinManifest
+from envship.scheduler.dashboard import add_page
 from envship.transfer import Offer, Peer
 from envship.transfer.pieces import check_site
 
@@ -93,6 +94,7 @@ class Registry(SchedulerPlugin):
                 "envship_release": self.release,
             }
         )
+        add_page(scheduler, self.name)  # /envship in the dashboard
 
     # -- handlers ----------------------------------------------------------------
 
