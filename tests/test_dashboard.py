@@ -81,7 +81,7 @@ def test_the_page_shows_each_worker_and_its_environment(tmp_path, env_prefix, st
         assert {w[2] for w in workers.values()} == {shown}
         assert all(w[3].endswith(" ago)") for w in workers.values())
 
-        # A nanny that hangs costs the page its timeout, not the page.
+        # A nanny that hangs delays the page by its timeout, no more.
         (hung,) = cluster.nannies["b"]
         os.kill(hung.pid, signal.SIGSTOP)
         try:
@@ -100,3 +100,36 @@ def test_the_allowed_list_and_contact_are_escaped():
     assert "&lt;img src=x onerror=alert(1)&gt;" in html and HOSTILE_ENV not in html
     assert "Ask &lt;b&gt;ops&lt;/b&gt; for another." in html
     assert "Users may ship their own" in render(found, None, None, now=0)
+
+
+def test_a_transfer_in_progress_is_a_row():
+    worker = {
+        "name": "a-0",
+        "nanny": "tcp://127.0.0.1:4000",
+        "node": "n",
+        "site": None,
+        "environment": None,
+        "id": None,
+        "since": None,
+        "unreachable": None,
+    }
+    transfer = {
+        "nanny": "tcp://127.0.0.1:4000",
+        "have": 3,
+        "count": 11,
+        "bytes": 45 * 2**20,
+        "sources": ["client", "tcp://127.0.0.1:4001"],
+    }
+    blob = {"id": "74ba32d6" + "0" * 24, "name": HOSTILE_ENV, "transfers": [transfer]}
+    found = {"workers": [worker], "nodes": [], "blobs": [blob]}
+    page = Tables(render(found, None, None, now=0))
+    assert page.tables[1] == [
+        ["environment", "nanny", "pieces", "size", "sources"],
+        [
+            f"{HOSTILE_ENV} (74ba32d6)",
+            "a-0",
+            "3 / 11",
+            "45.00 MiB",
+            "client, tcp://127.0.0.1:4001",
+        ],
+    ]
