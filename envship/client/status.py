@@ -1,17 +1,22 @@
 """``envship.status(client)``: what every worker runs in, each node's cache, each blob.
 
-Runs on the client: asks the scheduler's registry and every nanny, never
-moves a blob.
+Runs on the client: asks the scheduler's registry and every nanny (through
+:func:`envship.survey.survey`, which the dashboard page uses too), never moves
+a blob.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
 from dask.utils import format_bytes, format_time
 from distributed import Client
+
+from envship.survey import EMPTY_REGISTRY, survey
+
+#: Seconds each nanny has to answer; one that does not is listed without its state.
+NANNY_TIMEOUT = 30.0
 
 
 @dataclass
@@ -22,8 +27,8 @@ class ClusterStatus:
     ----------
     workers : list of dict
         ``name``, ``address``, ``nanny``, ``node``, ``site``, ``environment``
-        (a name, or None for the nannies' own), ``id`` and ``since`` (unix
-        time).
+        (a name, or None for the nannies' own), ``id``, ``since`` (unix
+        time) and ``unreachable`` (why its nanny did not answer, or None).
     nodes : list of dict
         ``node``, ``site``, ``nannies``, ``cache`` (its folder) and
         ``cache_size`` (bytes).
@@ -88,66 +93,6 @@ async def _status(client: Client) -> ClusterStatus:
     try:
         registry = await client.scheduler.envship_registry()
     except Exception:  # no client has switched yet: no registry
-        registry = {"offers": {}, "holders": {}, "running": {}}
-    workers = {
-        w["nanny"]: (address, w["name"])
-        for address, w in identity["workers"].items()
-        if w.get("nanny")
-    }
-
-    async def ask(nanny):
-        try:
-            return await client.rpc(nanny).envship_status(cache=True)
-        except Exception as e:  # no envship there, or gone
-            return {"error": str(e)}
-
-    answers = dict(zip(workers, await asyncio.gather(*map(ask, workers)), strict=True))
-    rows, nodes = [], {}
-    for nanny, (address, name) in sorted(workers.items(), key=lambda kv: str(kv[1][1])):
-        s = answers[nanny]
-        rows.append(
-            {
-                "name": name,
-                "address": address,
-                "nanny": nanny,
-                "node": s.get("node"),
-                "site": s.get("site"),
-                "environment": s.get("name"),
-                "id": s.get("running"),
-                "since": s.get("since"),
-            }
-        )
-        if s.get("node"):
-            n = nodes.setdefault(
-                s["node"],
-                {
-                    "node": s["node"],
-                    "site": s["site"],
-                    "nannies": 0,
-                    "cache": s["cache"]["root"],
-                    "cache_size": s["cache"]["size"],
-                },
-            )
-            n["nannies"] += 1
-    blobs = []
-    for id, offer in registry["offers"].items():
-        holders = registry["holders"].get(id, [])
-        transfers = [
-            {"nanny": nanny, **t}
-            for nanny, s in answers.items()
-            for t in s.get("transfers", ())
-            if t["id"] == id
-        ]
-        thin_of = offer.get("thin_of")
-        blobs.append(
-            {
-                "id": id,
-                "name": offer["name"] + (" (thin pack)" if thin_of else ""),
-                "thin_of": thin_of,
-                "size": offer["size"],
-                "complete": sum(h["complete"] for h in holders),
-                "partial": sum(not h["complete"] for h in holders),
-                "transfers": transfers,
-            }
-        )
-    return ClusterStatus(rows, list(nodes.values()), blobs)
+        registry = EMPTY_REGISTRY
+    found = await survey(client.rpc, identity, registry, timeout=NANNY_TIMEOUT)
+    return ClusterStatus(**found)

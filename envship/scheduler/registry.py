@@ -31,6 +31,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from envship import policy
 from envship.archive import check_id
 from envship.manifest import ThinManifest
+from envship.scheduler.dashboard import add_page
 from envship.transfer import Offer, Peer
 from envship.transfer.pieces import check_site
 
@@ -97,6 +98,7 @@ class Registry(SchedulerPlugin):
                 "envship_policy": self.get_policy,
             }
         )
+        add_page(scheduler, self.name)  # /envship in the dashboard
 
     # -- handlers ----------------------------------------------------------------
 

@@ -1,0 +1,230 @@
+"""The ``/envship`` page of the scheduler's dashboard.
+
+Served by the scheduler's own HTTP server, next to distributed's pages (and
+under the same ``--dashboard-prefix``): what every worker runs in since when,
+the transfers in progress, each node's cache use, and which environments users
+may use (``envship.allowed``, ``envship.contact``). The scheduler gathers it
+itself, like ``envship.status`` does (:func:`envship.survey.survey`), giving
+each nanny a few seconds, so a dead nanny never hangs the page.
+
+Everything shown is escaped (environment, worker and site names come from
+users), and the page allows no script at all. It reloads itself every 2 s.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from html import escape
+
+import dask.config
+from dask.utils import format_bytes, format_time
+from tornado import web
+
+from envship.survey import EMPTY_REGISTRY, survey
+
+#: Seconds each nanny has to answer before the page shows it as unreachable.
+NANNY_TIMEOUT = 5.0
+#: Seconds between reloads of the page.
+REFRESH = 2
+#: Applications that serve the page already (a plugin registered twice).
+_serving: weakref.WeakSet = weakref.WeakSet()
+
+
+def add_page(scheduler, plugin_name: str) -> None:
+    """Serve ``/envship`` from ``scheduler``'s dashboard, if it has an HTTP server.
+
+    ``plugin_name`` names the registry plugin that the page reads, looked up
+    at every request, so a registry registered again is the one shown.
+
+    Examples
+    --------
+    >>> add_page(scheduler, "envship-registry")  # doctest: +SKIP
+    >>> # then open http://scheduler:8787/envship
+    """
+    application = getattr(scheduler, "http_application", None)
+    if application is None or application in _serving:
+        return
+    _serving.add(application)
+    target = {"scheduler": scheduler, "plugin_name": plugin_name}
+    path = dashboard_prefix(application) + "envship"
+    application.add_handlers(r".*", [(path, EnvshipPage, target)])
+
+
+def dashboard_prefix(application) -> str:
+    """The dashboard's ``--dashboard-prefix``, read off distributed's ``health`` page.
+
+    Examples
+    --------
+    >>> dashboard_prefix(scheduler.http_application)  # doctest: +SKIP
+    '/'
+    """
+    for rule in application.wildcard_router.rules:
+        pattern = getattr(rule.matcher, "regex", None)
+        if pattern is not None and pattern.pattern.endswith("/health$"):
+            return pattern.pattern.removesuffix("health$")
+    return "/"
+
+
+class EnvshipPage(web.RequestHandler):
+    """``GET /envship``: the page, gathered afresh at every request."""
+
+    def initialize(self, scheduler, plugin_name: str) -> None:
+        self.scheduler = scheduler
+        self.plugin_name = plugin_name
+
+    async def get(self) -> None:
+        registry = self.scheduler.plugins.get(self.plugin_name)
+        found = await survey(
+            self.scheduler.rpc,
+            self.scheduler.identity(),
+            registry.snapshot() if registry is not None else EMPTY_REGISTRY,
+            timeout=NANNY_TIMEOUT,
+        )
+        allowed = dask.config.get("envship.allowed", None)
+        contact = dask.config.get("envship.contact", None)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header(
+            "Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"
+        )
+        self.write(render(found, allowed, contact, now=time.time()))
+
+
+def render(found: dict, allowed, contact, now: float) -> str:
+    """The page's HTML for a :func:`~envship.survey.survey`, every value escaped.
+
+    Parameters
+    ----------
+    found : dict
+        ``workers``, ``nodes``, ``blobs`` as :func:`~envship.survey.survey` gives.
+    allowed : list of str or None
+        ``envship.allowed``: environment names or ids users may use; None:
+        users may ship their own.
+    contact : str or None
+        ``envship.contact``: whom to ask for another environment.
+    now : float
+        Unix time, for "since".
+
+    Examples
+    --------
+    >>> worker = {"name": "<b>w</b>", "nanny": "tcp://10.0.0.1:4000",
+    ...           "node": None, "site": None, "environment": None, "id": None,
+    ...           "since": None, "unreachable": None}
+    >>> found = {"workers": [worker], "nodes": [], "blobs": []}
+    >>> "&lt;b&gt;w&lt;/b&gt;" in render(found, None, None, now=0)
+    True
+    """
+    names = {w["nanny"]: w["name"] for w in found["workers"]}
+    workers = [
+        [w["name"], w["node"], w["site"], _environment(w), _since(w["since"], now)]
+        for w in found["workers"]
+    ]
+    transfers = [
+        [
+            _short(b["name"], b["id"]),
+            names.get(t["nanny"], t["nanny"]),
+            f"{t['have']} / {t['count']}",
+            format_bytes(t["bytes"]),
+            ", ".join(t["sources"]) or "–",
+        ]
+        for b in found["blobs"]
+        for t in b["transfers"]
+    ]
+    nodes = [
+        [n["node"], n["site"], n["nannies"], n["cache"], _bytes(n["cache_size"])]
+        for n in found["nodes"]
+    ]
+    return PAGE.format(
+        refresh=REFRESH,
+        allowed=_allowed(allowed, contact),
+        workers=_table(["worker", "node", "site", "environment", "since"], workers),
+        transfers=_table(
+            ["environment", "nanny", "pieces", "size", "sources"], transfers
+        ),
+        nodes=_table(["node", "site", "nannies", "cache folder", "used"], nodes),
+    )
+
+
+def _environment(worker: dict) -> str:
+    if worker["unreachable"]:
+        return f"(unreachable: {worker['unreachable']})"
+    if worker["id"] is None:
+        return "(nanny's own)"
+    return _short(worker["environment"], worker["id"])
+
+
+def _short(name, id: str) -> str:
+    return f"{name} ({id[:8]})"
+
+
+def _since(since: float | None, now: float) -> str:
+    if not since:
+        return "?"
+    clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    return f"{clock} ({format_time(max(now - since, 0))} ago)"
+
+
+def _bytes(size: int | None) -> str:
+    return "?" if size is None else format_bytes(size)
+
+
+def _allowed(allowed, contact) -> str:
+    if allowed is None:
+        text = "Users may ship their own environments."
+    else:
+        names = [allowed] if isinstance(allowed, str) else list(allowed)
+        listed = ", ".join(f"<code>{escape(str(n))}</code>" for n in names)
+        text = f"Users may use only: {listed or 'none'}."
+    if contact:
+        text += f" Ask {escape(str(contact))} for another."
+    return text
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    if not rows:
+        return '<p class="none">None.</p>'
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(cell)}</td>" for cell in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value) -> str:
+    return "–" if value is None else escape(str(value))
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="refresh" content="{refresh}">
+<title>envship</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; color: #222; margin: 1.5em 2em; }}
+nav a {{ color: #555; margin-right: 1em; }}
+h1 {{ font-size: 1.5em; margin: 0.6em 0 0.2em; }}
+h2 {{ font-size: 1.1em; margin: 1.6em 0 0.4em; }}
+.allowed {{ color: #444; }}
+table {{ border-collapse: collapse; }}
+th, td {{ text-align: left; padding: 0.25em 1.2em 0.25em 0; vertical-align: top; }}
+th {{ border-bottom: 1px solid #bbb; font-weight: 600; }}
+tbody tr:nth-child(even) {{ background: #f4f5f7; }}
+.none {{ color: #888; }}
+</style>
+</head>
+<body>
+<nav><a href="status">Dashboard</a><a href="info/main/workers.html">Workers</a></nav>
+<h1>envship</h1>
+<p class="allowed">{allowed}</p>
+<h2>Workers</h2>
+{workers}
+<h2>Transfers in progress</h2>
+{transfers}
+<h2>Node caches</h2>
+{nodes}
+</body>
+</html>
+"""

@@ -1,0 +1,133 @@
+"""Survey a cluster: what every worker runs in, each node's cache, each blob.
+
+Written once for both readers: the client's ``envship.status`` (through
+``client.rpc``) and the scheduler's dashboard page (through
+``scheduler.rpc``). It asks every nanny for its ``envship_status``, each with a
+timeout, so a nanny that died or hangs costs one timeout, never the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+#: What a survey uses when the scheduler has no registry yet (nobody switched).
+EMPTY_REGISTRY = {"offers": {}, "holders": {}, "running": {}}
+
+
+async def survey(
+    rpc: Callable, identity: dict, registry: dict, timeout: float | None = None
+) -> dict:
+    """Ask every nanny of ``identity`` for its state and merge it with ``registry``.
+
+    Parameters
+    ----------
+    rpc : callable
+        ``rpc(address)`` gives an object whose ``envship_status`` calls that
+        nanny: ``client.rpc`` or ``scheduler.rpc``.
+    identity : dict
+        The scheduler's ``identity()`` (its ``workers``: address -> ``nanny``,
+        ``name``).
+    registry : dict
+        The registry's ``snapshot()``, or ``EMPTY_REGISTRY``.
+    timeout : float, optional
+        Seconds each nanny has to answer; one that does not is shown as
+        ``unreachable``.
+
+    Returns
+    -------
+    dict
+        ``workers``, ``nodes`` and ``blobs``: lists of dicts, as described by
+        :class:`envship.ClusterStatus`. A worker whose nanny did not answer
+        has ``node`` None and the reason in ``unreachable``.
+
+    Examples
+    --------
+    >>> found = await survey(scheduler.rpc, scheduler.identity(),
+    ...                      registry.snapshot(), timeout=3)  # doctest: +SKIP
+    >>> [w["environment"] for w in found["workers"]]  # doctest: +SKIP
+    ['sklearn-dev', 'sklearn-dev']
+    """
+    workers = {
+        w["nanny"]: (address, w["name"])
+        for address, w in identity["workers"].items()
+        if w.get("nanny")
+    }
+
+    async def ask(nanny):
+        try:
+            return await asyncio.wait_for(
+                rpc(nanny).envship_status(cache=True), timeout
+            )
+        except asyncio.TimeoutError:
+            return {"unreachable": f"timed out after {timeout} s"}
+        except Exception as e:  # no envship there, or gone
+            return {"unreachable": str(e) or type(e).__name__}
+
+    answers = dict(zip(workers, await asyncio.gather(*map(ask, workers)), strict=True))
+    ordered = sorted(workers.items(), key=lambda kv: str(kv[1][1]))
+    return {
+        "workers": [
+            _worker_row(nanny, address, name, answers[nanny])
+            for nanny, (address, name) in ordered
+        ],
+        "nodes": _node_rows(answers[nanny] for nanny, _ in ordered),
+        "blobs": _blob_rows(registry, answers),
+    }
+
+
+def _worker_row(nanny: str, address: str, name, answer: dict) -> dict:
+    return {
+        "name": name,
+        "address": address,
+        "nanny": nanny,
+        "node": answer.get("node"),
+        "site": answer.get("site"),
+        "environment": answer.get("name"),
+        "id": answer.get("running"),
+        "since": answer.get("since"),
+        "unreachable": answer.get("unreachable"),
+    }
+
+
+def _node_rows(answers) -> list[dict]:
+    nodes: dict[str, dict] = {}
+    for s in answers:
+        if s.get("node"):
+            n = nodes.setdefault(
+                s["node"],
+                {
+                    "node": s["node"],
+                    "site": s["site"],
+                    "nannies": 0,
+                    "cache": s["cache"]["root"],
+                    "cache_size": s["cache"]["size"],
+                },
+            )
+            n["nannies"] += 1
+    return list(nodes.values())
+
+
+def _blob_rows(registry: dict, answers: dict[str, dict]) -> list[dict]:
+    blobs = []
+    for id, offer in registry["offers"].items():
+        holders = registry["holders"].get(id, [])
+        transfers = [
+            {"nanny": nanny, **t}
+            for nanny, s in answers.items()
+            for t in s.get("transfers", ())
+            if t["id"] == id
+        ]
+        thin_of = offer.get("thin_of")
+        blobs.append(
+            {
+                "id": id,
+                "name": offer["name"] + (" (thin pack)" if thin_of else ""),
+                "thin_of": thin_of,
+                "size": offer["size"],
+                "complete": sum(h["complete"] for h in holders),
+                "partial": sum(not h["complete"] for h in holders),
+                "transfers": transfers,
+            }
+        )
+    return blobs
