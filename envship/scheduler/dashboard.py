@@ -17,10 +17,10 @@ import time
 import weakref
 from html import escape
 
-import dask.config
 from dask.utils import format_bytes, format_time
 from tornado import web
 
+from envship import policy
 from envship.survey import EMPTY_REGISTRY, survey
 
 #: Seconds each nanny has to answer before the page shows it as unreachable.
@@ -81,8 +81,8 @@ class EnvshipPage(web.RequestHandler):
             registry.snapshot() if registry is not None else EMPTY_REGISTRY,
             timeout=NANNY_TIMEOUT,
         )
-        allowed = dask.config.get("envship.allowed", None)
-        contact = dask.config.get("envship.contact", None)
+        rules = registry.policy if registry is not None else policy.current()
+        allowed, contact = rules["allowed"], rules["contact"]
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header(
