@@ -235,3 +235,10 @@ def test_symlink_outside_the_environment_is_refused(env_prefix, store, tmp_path)
     with pytest.raises(EnvshipError, match="outside the environment"):
         envship.pack(prefix, store=store)
     shutil.rmtree(prefix)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", "x" * 201])
+def test_a_name_that_is_no_file_name_is_refused(env_prefix, store, name):
+    with pytest.raises(EnvshipError, match="a name cannot hold"):
+        envship.pack(env_prefix("base"), name=name, store=store)
+    assert not (store.parent / "escaped").exists()

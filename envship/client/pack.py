@@ -33,7 +33,7 @@ from envship.table import SYMLINK, TableWriter
 from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
 from .progress import progress_bar
-from .store import Artifact, ArtifactStore
+from .store import Artifact, ArtifactStore, check_name
 
 VENV_UNPACK_FILE = ".envship/unpack.json"
 
@@ -90,7 +90,7 @@ def pack(
     prefix = _resolve(env, store)
     if isinstance(prefix, Artifact):
         return prefix
-    name = name or prefix.name
+    name = check_name(name or prefix.name)
     source = SourceEnvironment.from_prefix(prefix, name)
 
     signature = _signature(source)

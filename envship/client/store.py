@@ -47,6 +47,35 @@ UNREADABLE = (ValueError, TypeError, zstandard.ZstdError, msgpack.UnpackExceptio
 MAX_DIGESTS = 200_000
 
 
+def check_name(name: str) -> str:
+    """``name`` if it can name an artifact: one file name in ``<store>/names/``.
+
+    Examples
+    --------
+    >>> check_name("sklearn-dev")
+    'sklearn-dev'
+    >>> check_name("../x")
+    Traceback (most recent call last):
+    ...
+    envship.errors.EnvshipError: environment '../x': a name cannot hold '/' or NUL, be '.' or '..', or be longer than 200 characters
+    Fix: pack it with another name (name=...)
+    """
+    if (
+        not isinstance(name, str)
+        or not 0 < len(name) <= 200
+        or "/" in name
+        or "\0" in name
+        or name in (".", "..")
+    ):
+        raise EnvshipError(
+            str(name),
+            "a name cannot hold '/' or NUL, be '.' or '..', or be longer than "
+            "200 characters",
+            "pack it with another name (name=...)",
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A packed environment: its content id, its name, its archive and manifest.
@@ -275,6 +304,7 @@ class ArtifactStore:
         return Artifact(artifact.id, artifact.name, artifact.path, manifest)
 
     def set_name(self, name: str, artifact_id: str) -> None:
+        check_name(name)
         self._write_text(self.root / "names" / name, artifact_id, name)
 
     def remember_signature(self, signature: str, artifact_id: str, name: str) -> None:
