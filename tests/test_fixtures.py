@@ -1,6 +1,6 @@
 """Tests for fixtures/: the environments are real, cached, and safe to share.
 
-The six fixtures are built once into the usual fixtures root (so later test
+The fixtures are built once into the usual fixtures root (so later test
 runs reuse them); the cache-behaviour tests build the small py27 env into a
 temporary root instead.
 """
@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ import conda_pack
 import pytest
 
 import fixtures
+import fixtures.specs
 from fixtures import SPECS, EnvSpec, build
 from fixtures.installer import clean_environ
 
@@ -36,6 +38,15 @@ def run_python(prefix: Path, code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def libpython(prefix: Path) -> Path:
+    """The libpython that ``prefix/bin/python`` loads, as ldd resolves it."""
+    out = subprocess.run(
+        ["ldd", prefix / "bin" / "python"], capture_output=True, text=True, check=True
+    ).stdout
+    (line,) = [line for line in out.splitlines() if "libpython" in line]
+    return Path(line.split("=>")[1].split("(")[0].strip()).resolve()
+
+
 @pytest.fixture(scope="session")
 def prefixes() -> dict[str, Path]:
     return {name: build(name) for name in SPECS}
@@ -49,6 +60,18 @@ def test_specs_pin_the_running_dask_and_distributed():
         assert f"dask=={version('dask')}" in SPECS[name].packages
     assert SPECS["py27"].packages == ()
     assert SPECS["sklearn-dev"].python == "3.11.7"
+    assert SPECS["py2-sklearn-dev"].python == "2.7.18"
+
+
+def test_extra_modules_count_in_the_digest(tmp_path, monkeypatch):
+    spec = SPECS["py2-sklearn-dev"]
+    without = EnvSpec(spec.name, spec.kind, spec.python, spec.packages)
+    assert without.dirname != spec.dirname
+    edited = tmp_path / "legacy_model.py"
+    edited.write_text(spec.module_sources()[0].read_text() + "# edited\n")
+    before = spec.dirname
+    monkeypatch.setattr(fixtures.specs, "MODULES_DIR", tmp_path)
+    assert spec.dirname != before
 
 
 def test_a_changed_spec_gets_another_folder():
@@ -103,15 +126,10 @@ def test_text_files_with_the_prefix_get_a_placeholder(prefixes):
     assert "/.pyenv/" not in (prefix / sysconfigdata).read_text()
 
 
-@pytest.mark.parametrize("name", ["base", "py312"])
+@pytest.mark.parametrize("name", ["base", "py312", "py2-sklearn-dev"])
 def test_libpython_comes_from_the_prefix(prefixes, name):
     prefix = prefixes[name]
-    out = subprocess.run(
-        ["ldd", prefix / "bin" / "python"], capture_output=True, text=True, check=True
-    ).stdout
-    (line,) = [line for line in out.splitlines() if "libpython" in line]
-    resolved = line.split("=>")[1].split("(")[0].strip()
-    assert Path(resolved).resolve().is_relative_to(prefix)
+    assert libpython(prefix).is_relative_to(prefix)
 
 
 @pytest.mark.parametrize("name", WITH_DISTRIBUTED)
@@ -133,6 +151,56 @@ def test_py27_runs_python_2(prefixes):
     proc = run_python(prefixes["py27"], "import sys; print(sys.version_info[0])")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "2"
+
+
+# Python 2 code: print is a statement there.
+PY2_SKLEARN_CHECK = """
+import sys, numpy, scipy, sklearn, legacy_model
+print sys.prefix
+print sys.version_info[0], numpy.__version__, scipy.__version__, sklearn.__version__
+print legacy_model.fit_predict([[0], [1], [2]], [1, 3, 5], [[3], [10]]).round(6)
+"""
+
+
+def check_py2_sklearn_env(prefix: Path) -> None:
+    """Versions are the last ones for Python 2 and legacy_model fits a line."""
+    proc = run_python(prefix, PY2_SKLEARN_CHECK)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        str(prefix),
+        "2 1.16.6 1.2.3 0.20.4",
+        "[ 7. 21.]",
+    ]
+
+
+def test_py2_sklearn_dev_runs_legacy_model(env_prefix):
+    check_py2_sklearn_env(env_prefix("py2-sklearn-dev"))
+
+
+def test_py2_pyc_files_belong_to_their_distribution(env_prefix):
+    prefix = env_prefix("py2-sklearn-dev")
+    site_packages = "lib/python2.7/site-packages"
+    owners = {}
+    for record_path in (prefix / "conda-meta").glob("*.json"):
+        record = json.loads(record_path.read_text())
+        owners.update(dict.fromkeys(record["files"], record["name"]))
+    assert owners[f"{site_packages}/numpy/__init__.pyc"] == "numpy"
+    assert owners[f"{site_packages}/legacy_model.py"] == "legacy-model"
+    assert owners[f"{site_packages}/legacy_model.pyc"] == "legacy-model"
+
+
+def test_py2_sklearn_dev_relocates_with_conda_pack(env_prefix, tmp_path):
+    prefix = env_prefix("py2-sklearn-dev")
+    archive = tmp_path / "env.tar"  # uncompressed: packs in about 2 s
+    conda_pack.pack(prefix=str(prefix), output=str(archive), format="tar")
+    dest = tmp_path / ("a-much-longer-path-than-the-source-" * 3) / "py2"
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="tar")
+    # conda-unpack is Python 3 code (f-strings): run it with ours.
+    unpack = [sys.executable, dest / "bin" / "conda-unpack"]
+    subprocess.run(unpack, check=True, env={"PATH": "/usr/bin:/bin"})
+    check_py2_sklearn_env(dest)
+    assert libpython(dest).is_relative_to(dest)
 
 
 def test_no_distributed_lacks_distributed(prefixes):

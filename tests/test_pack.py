@@ -15,8 +15,17 @@ import envship
 from envship.errors import EnvshipError
 from envship.manifest import Manifest
 
-ALL = ["base", "sklearn-dev", "py312", "py27", "no-distributed", "venv"]
+ALL = [
+    "base",
+    "sklearn-dev",
+    "py312",
+    "py27",
+    "py2-sklearn-dev",
+    "no-distributed",
+    "venv",
+]
 WITH_DISTRIBUTED = {"base", "sklearn-dev", "py312", "venv"}
+PYTHON_2 = {"py27", "py2-sklearn-dev"}
 
 
 def run_cli(*args, env=None):
@@ -54,15 +63,15 @@ def test_round_trip_to_a_longer_path(name, env_prefix, store, tmp_path):
     assert artifact.manifest.packed_size == artifact.path.stat().st_size
 
     dest = tmp_path / ("a-much-longer-path-than-the-source-" * 3) / name
-    # conda-pack's conda-unpack is Python 3 code: run it with ours for py27.
-    helper = Path(sys.executable) if name == "py27" else None
+    # conda-pack's conda-unpack is Python 3 code: run it with ours for Python 2.
+    helper = Path(sys.executable) if name in PYTHON_2 else None
     unpack(artifact.path, dest, artifact.manifest.kind, helper)
     python = dest / "bin" / "python"
-    if name == "py27":
-        out = subprocess.check_output(
-            [python, "-c", "import sys; print(sys.prefix); print(sys.version_info[0])"],
-            text=True,
-        ).split()
+    if name in PYTHON_2:
+        code = "import sys; print(sys.prefix); print(sys.version_info[0])"
+        if name == "py2-sklearn-dev":
+            code += "; import sklearn, legacy_model"
+        out = subprocess.check_output([python, "-c", code], text=True).split()
         assert out == [str(dest), "2"]
         return
     code = "import sys; print(sys.prefix)"
