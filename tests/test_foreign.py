@@ -119,3 +119,67 @@ def test_a_node_that_joins_later_gets_it_on_its_first_call(cluster, py27):
     ).result()
     assert version == "2.7.18"
     assert (cluster.caches["node-late"] / py27.id).is_dir()
+
+
+# -- scikit-learn 0.20 under Python 2.7, numpy arrays both ways -------------------
+
+
+@pytest.fixture(scope="module")
+def py2(cluster, env_prefix):
+    return cluster.client.use_environment(env_prefix("py2-sklearn-dev"))
+
+
+def test_fit_and_predict_with_scikit_learn_0_20_under_python_2(cluster, py2):
+    import numpy as np
+
+    client = cluster.client
+    versions = run(client, py2, "legacy_model.version")
+    assert versions["python"].startswith("2.7.18") and versions["sklearn"] == "0.20.4"
+    X, y = np.array([[0.0], [1.0], [2.0]]), np.array([0.0, 2.0, 4.0])
+    predicted = run(client, py2, "legacy_model.fit_predict", X, y, [[3.0], [4.0]])
+    assert isinstance(predicted, np.ndarray)
+    np.testing.assert_allclose(predicted, [6.0, 8.0])
+    # A model kept as opaque bytes between tasks: fit in one, predict in another.
+    model = client.submit(py2.call, "legacy_model.fit_model", X, y, pure=False)
+    later = client.submit(py2.call, "legacy_model.predict", model, [[10.0]], pure=False)
+    np.testing.assert_allclose(later.result(), [20.0])
+    # The fitted object itself has no class on this side: said so, by name.
+    with pytest.raises(TypeError, match="cannot cross back.*sklearn"):
+        run(client, py2, "legacy_model.fit", X, y)
+
+
+def test_numpy_arrays_of_several_dtypes_round_trip_exactly(cluster, py2):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.integers(0, 2, 7).astype(bool),
+        rng.integers(-128, 127, (3, 4), dtype=np.int8),
+        rng.integers(0, 60000, 5, dtype=np.uint16),
+        rng.integers(-(2**31), 2**31 - 1, (2, 3, 2), dtype=np.int32),
+        rng.integers(-(2**62), 2**62, 9, dtype=np.int64),
+        rng.standard_normal((4, 5)).astype(np.float32),
+        np.asfortranarray(rng.standard_normal((3, 6))),
+        rng.standard_normal(4) + 1j * rng.standard_normal(4),
+        np.array([b"ab", b"\x00\xff", b"xyz"]),
+        np.array(["h\u00e9llo", "w"]),
+        np.array(["2026-11-27T12:00", "1999-01-01"], dtype="datetime64[ns]"),
+        np.zeros((0, 3)),
+        np.array([(1, 2.5), (3, -1.0)], dtype=[("a", "<i4"), ("b", ">f8")]),
+        np.arange(12.0)[::3],  # not contiguous
+    ]
+    back = run(cluster.client, py2, "legacy_model.echo", *arrays)[0]
+    for sent, got in zip(arrays, back, strict=True):
+        assert got.dtype == sent.dtype and got.shape == sent.shape
+        assert sent.tobytes() == np.ascontiguousarray(got).tobytes()
+    scalars = run(
+        cluster.client, py2, "legacy_model.echo", np.float32(1.5), np.int64(-7)
+    )
+    assert scalars[0] == (np.float32(1.5), np.int64(-7))
+    assert type(scalars[0][0]) is np.float32
+    # Text and bytes: a Python 3 str arrives as unicode, a bytearray as itself.
+    assert run(
+        cluster.client, py2, "legacy_model.echo", "h\u00e9", bytearray(b"\0\xff")
+    )[0] == ("h\u00e9", bytearray(b"\0\xff"))
+    with pytest.raises(TypeError, match=r"dtype object"):
+        run(cluster.client, py2, "legacy_model.roundtrip", np.array([None, 1]))
