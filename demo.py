@@ -1,5 +1,6 @@
 """The envship demo: pack a real conda environment, ship it to a local
-cluster, switch the workers into it, use it, and switch back.
+cluster, switch the workers into it, use it, and switch back; then fit a
+model with scikit-learn 0.20 under Python 2.7, called from Python 3 tasks.
 
     make demo
 """
@@ -103,6 +104,30 @@ def run_cluster(artifact: envship.Artifact) -> None:
 
         report = client.use_environment("sklearn-dev")
         print(f"\nSwitching again (cached on the node: a plain restart):\n{report}")
+
+        call_python_2(client)
+
+
+def call_python_2(client: Client) -> None:
+    """No worker runs under Python 2.7, but tasks can call into it."""
+    print("\nBuilding the fixture environment 'py2-sklearn-dev' (Python 2.7)...")
+    prefix = fixtures.build("py2-sklearn-dev")
+    start = time.perf_counter()
+    py2 = client.use_environment(prefix)
+    print(
+        f"use_environment('py2-sklearn-dev'): Python {py2.python} cannot host a "
+        f"worker, so it was shipped and installed ({time.perf_counter() - start:.1f} "
+        "s) and the workers stayed where they were"
+    )
+    X, y = [[0.0], [1.0], [2.0]], [0.0, 2.0, 4.0]
+    versions = client.submit(py2.call, "legacy_model.version").result()
+    predicted = client.submit(
+        py2.call, "legacy_model.fit_predict", X, y, [[3.0], [4.0]]
+    ).result()
+    print(
+        f"A task fitted a LinearRegression with scikit-learn {versions['sklearn']} "
+        f"under Python {versions['python'].split()[0]}: predictions {predicted}"
+    )
 
 
 if __name__ == "__main__":
