@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import yaml
 from distributed import Client
 
 import envship
-from fixtures.cluster import nanny_args, scheduler_args, spawn, wait_until
+from fixtures.cluster import nanny_args, scheduler_args, spawn, stop, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -177,12 +176,4 @@ def test_plain_cluster_commands_start_a_cluster_with_envship(tmp_path):
             registry = client.sync(client.scheduler.envship_registry)
             assert isinstance(registry, dict)
     finally:
-        for p in reversed(processes):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(timeout=15)
-            except Exception:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop(processes)

@@ -320,7 +320,7 @@ def test_a_nanny_restarted_after_its_scheduler_comes_back_in_its_environment(
 ):
     # A nanny closes when its scheduler goes away; whatever restarts it (a job
     # scheduler, systemd) starts it with the same name, on the same node.
-    from fixtures.cluster import nanny_args, scheduler_args, spawn
+    from fixtures.cluster import nanny_args, scheduler_args, spawn, stop
 
     base = envship.pack(env_prefix("base"), store=store)
     port = free_port()
@@ -352,11 +352,7 @@ def test_a_nanny_restarted_after_its_scheduler_comes_back_in_its_environment(
             assert client.use_environment(None).ok
         assert not list((tmp_path / "cache" / "nannies").iterdir())
     finally:
-        for p in processes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in processes:
-            p.wait(timeout=30)
+        stop(processes)
 
 
 def test_an_administrators_default_environment(tmp_path, env_prefix, store):
