@@ -146,11 +146,41 @@ def loads(frames):
 
     stream = io.BytesIO(bytes(frames[0]))
     if sys.version_info[0] >= 3:
-        unpickler = pickle.Unpickler(stream, encoding="latin1")
+        unpickler = _Unpickler(stream, encoding="latin1")
     else:
         unpickler = pickle.Unpickler(stream)
+        unpickler.find_global = _find_class
     unpickler.persistent_load = persistent_load
     return unpickler.load()
+
+
+def _find_class(module, name, find=None):
+    """The class (or function) a pickle names; ``CannotCross`` naming it if absent."""
+    try:
+        if find is not None:
+            return find(module, name)
+        __import__(module)
+        found = sys.modules[module]
+        for part in name.split("."):
+            found = getattr(found, part)
+        return found
+    except Exception as e:
+        message = "it holds a %s.%s, which Python %d.%d here cannot import (%s: %s)" % (
+            module,
+            name,
+            sys.version_info[0],
+            sys.version_info[1],
+            type(e).__name__,
+            e,
+        )
+        raise CannotCross(message)  # noqa: B904 (Python 2)
+
+
+if sys.version_info[0] >= 3:
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):  # with Python 2's names mapped
+            return _find_class(module, name, super().find_class)
 
 
 def _native(spec):
@@ -192,10 +222,10 @@ def handle(frames):
     """The response to one request's frames."""
     try:
         target, args, kwargs = loads(frames)
+    except CannotCross as e:
+        return _error("CannotCross", "an argument cannot cross: %s" % (e,))
     except Exception as e:
-        return _error(
-            "CannotCross", "the arguments cannot cross into this Python: %r" % (e,)
-        )
+        return _error("CannotCross", "the arguments cannot cross: %r" % (e,))
     try:
         return ("ok", resolve(target)(*args, **kwargs))
     except Exception as e:

@@ -120,6 +120,11 @@ class Bridge:
                 )
         try:
             outcome = p["loads"](response)
+        except p["CannotCross"] as e:
+            raise TypeError(
+                f"the result of {target} cannot cross back from {name} (Python "
+                f"{python}): {e}"
+            ) from None
         except Exception as e:
             raise TypeError(
                 f"the result of {target} cannot cross back from {name} (Python "
