@@ -61,7 +61,7 @@ def shared(tmp_path_factory, envs):
             users = dict(zip(GROUPS, [cluster.client, other], strict=True))
             for name, client in users.items():
                 assert client.use_environment(envs[name], workers=GROUPS[name]).ok
-            yield users, cluster.caches
+            yield users, cluster.caches, cluster
         finally:
             other.close()
 
@@ -71,7 +71,7 @@ def expected_prefix(caches, worker: str, artifact) -> str:
 
 
 def test_two_users_interleaved_tasks_each_run_in_their_own_environment(shared, envs):
-    users, caches = shared
+    users, caches, _ = shared
     futures = {name: [] for name in users}
     for batch in range(4):  # interleaved: each user submits a batch in turn
         for name, client in users.items():
@@ -92,7 +92,7 @@ def test_two_users_interleaved_tasks_each_run_in_their_own_environment(shared, e
 
 
 def test_a_killed_worker_comes_back_in_its_groups_environment(shared, envs):
-    users, caches = shared
+    users, caches, _ = shared
     client = users["base"]
     victims = [GROUPS["sklearn-dev"][0], GROUPS["base"][0]]
     addresses = {n: a for a, n in names_by_address(client).items()}
@@ -161,7 +161,7 @@ def test_cache_gc_from_a_client_cleans_every_node_once(shared, envs):
 
     from envship.cli import main
 
-    users, caches = shared
+    users, caches, _ = shared
     # A download left by a process that died: removed; what runs stays.
     leftovers = [caches[n] / "tmp" / f"{'0' * 32}.999999999.dead.part" for n in caches]
     for path in leftovers:
@@ -176,3 +176,17 @@ def test_cache_gc_from_a_client_cleans_every_node_once(shared, envs):
     assert len(outcome) == 2 and all(o["size"] > 0 for o in outcome.values())
     for cache in caches.values():
         assert all((cache / a.id).is_dir() for a in envs.values())
+
+
+def test_workers_that_come_back_elsewhere_take_their_groups_environment(shared, envs):
+    # Both workers of node-a die with their machine; the job scheduler starts
+    # them again, with the same names, on a machine that has nothing cached.
+    users, caches, cluster = shared
+    client = users["base"]
+    cluster.kill_node("node-a")
+    wait_until(lambda: len(names_by_address(client)) == 2, timeout=60)
+    cluster.add_node("node-c", 2, names=["node-a-0", "node-a-1"])
+    client.wait_for_workers(4, timeout=90)
+    found = prefixes(client)
+    assert found["node-a-0"] == str(caches["node-c"] / envs["sklearn-dev"].id)
+    assert found["node-a-1"] == str(caches["node-c"] / envs["base"].id)
