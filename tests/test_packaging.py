@@ -29,6 +29,7 @@ def test_wheel_layout(tmp_path):
     (wheel,) = tmp_path.glob("envship-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "envship/_bootstrap/worker.py" in names
+    assert "envship/_bootstrap/bridge.py" in names
     assert "envship/envship.yaml" in names
     assert not [n for n in names if n.startswith("bootstrap/")]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
