@@ -270,7 +270,9 @@ def test_live_handlers_survive_any_arguments(tmp_path, env_prefix):
         rpcs = {"nanny": client.rpc(nanny), "scheduler": client.scheduler}
         seen: dict[str, int] = {}
 
-        @settings(FUZZ, max_examples=EXAMPLES * 4)
+        # The same cases on every CI run (a cluster's timing varies enough);
+        # fresh ones when fuzzing longer by hand.
+        @settings(FUZZ, max_examples=EXAMPLES * 4, derandomize=EXAMPLES <= 150)
         @given(calls())
         def call_anything(call):
             side, op, kwargs = call
