@@ -33,6 +33,7 @@ from envship.machine import platform_facts
 from envship.manifest import Manifest
 from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Offer, Peer
+from envship.transfer.pieces import check_text
 
 from .cache import EnvCache
 from .worker_process import (
@@ -222,7 +223,9 @@ class NannySide:
         """
         if not isinstance(pid, int) or pid != self.nanny.pid:
             raise ValueError(f"pid {pid!r} is not this nanny's worker")
-        target = await self.target_for({"id": check_id(id), "name": _text(name)})
+        target = await self.target_for(
+            {"id": check_id(id), "name": check_text(name, "a name")}
+        )
         self.cache.lease(target.id, pid)
         self._release_unused(target.id)  # what target_for leased for the nanny
         return {
@@ -496,12 +499,6 @@ class NannySide:
             "error": outcome["error"],
             "seconds": time.perf_counter() - started,
         }
-
-
-def _text(value) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 1024:
-        raise ValueError(f"expected a short string, not {value!r}")
-    return value
 
 
 def _read_packed(archive: Path) -> tuple[str, Manifest]:

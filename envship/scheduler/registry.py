@@ -33,7 +33,7 @@ from envship.archive import check_id
 from envship.manifest import ThinManifest
 from envship.scheduler.dashboard import add_page
 from envship.transfer import Offer, Peer
-from envship.transfer.pieces import check_site
+from envship.transfer.pieces import check_site, check_text
 
 #: Offers kept beyond those that rules point to (the most recent ones).
 SPARE_OFFERS = 16
@@ -42,13 +42,6 @@ SPARE_OFFERS = 16
 HOLDER_GRACE = 120.0
 #: Seconds a claim lasts even if its client stays connected and never ends it.
 CLAIM_TTL = 3600.0
-MAX_TEXT = 1024
-
-
-def _text(value, what: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
-        raise ValueError(f"{what} must be a short string, not {value!r}")
-    return value
 
 
 def _id(value) -> str:
@@ -126,7 +119,7 @@ class Registry(SchedulerPlugin):
             if not isinstance(names, list | tuple) or len(names) > 100_000:
                 raise ValueError("names must be a list of worker names")
             for name in names:
-                self.by_name[_text(str(name), "a worker name")] = id
+                self.by_name[check_text(str(name), "a worker name")] = id
         self._forget_spare_offers()
         return "OK"
 
@@ -141,7 +134,7 @@ class Registry(SchedulerPlugin):
             offer = self.offers.get(_id(id))
         else:
             if name is not None:
-                name = _text(str(name), "a worker name")
+                name = check_text(str(name), "a worker name")
             wanted = (
                 self.by_name.get(str(name), self.default)
                 if name is not None
@@ -165,10 +158,10 @@ class Registry(SchedulerPlugin):
         record = {
             "complete": complete,
             "site": check_site(site),
-            "node": None if node is None else _text(node, "a node"),
+            "node": None if node is None else check_text(node, "a node"),
             "time": time.time(),
         }
-        nanny, id = _text(nanny, "a nanny address"), _id(id)
+        nanny, id = check_text(nanny, "a nanny address"), _id(id)
         if complete is None:
             self.holders.get(id, {}).pop(nanny, None)
             return "OK"
@@ -181,9 +174,9 @@ class Registry(SchedulerPlugin):
 
     def runs(self, nanny: str, id: str | None, name: str | None = None) -> str:
         """A nanny's worker now runs in ``id`` (None: the nanny's own environment)."""
-        nanny = _text(nanny, "a nanny address")
+        nanny = check_text(nanny, "a nanny address")
         id = None if id is None else _id(id)
-        name = None if name is None else _text(name, "a name")
+        name = None if name is None else check_text(name, "a name")
         previous = self.running.get(nanny)
         if previous is None or previous["id"] != id:
             self.running[nanny] = {"id": id, "name": name, "since": time.time()}
@@ -196,11 +189,11 @@ class Registry(SchedulerPlugin):
         is claimed and those conflicts are returned. A claim ends with
         :meth:`release`, when its client disconnects, or after ``CLAIM_TTL``.
         """
-        owner, client = _text(owner, "an owner"), _text(client, "a client id")
-        name = _text(name, "a name")
+        owner, client = check_text(owner, "an owner"), check_text(client, "a client id")
+        name = check_text(name, "a name")
         if not isinstance(nannies, list | tuple) or len(nannies) > 100_000:
             raise ValueError("nannies must be a list of nanny addresses")
-        nannies = [_text(n, "a nanny address") for n in nannies]
+        nannies = [check_text(n, "a nanny address") for n in nannies]
         now = time.time()
         live = self.scheduler.clients
         for nanny, c in list(self.claims.items()):
@@ -218,7 +211,7 @@ class Registry(SchedulerPlugin):
 
     def release(self, owner: str) -> str:
         """End ``owner``'s claims."""
-        owner = _text(owner, "an owner")
+        owner = check_text(owner, "an owner")
         self.claims = {n: c for n, c in self.claims.items() if c["owner"] != owner}
         return "OK"
 

@@ -199,11 +199,30 @@ class Peer:
         return {"address": self.address, "site": self.site}
 
 
+#: The longest name, address or label another process may send.
+MAX_TEXT = 1024
+
+
+def check_text(value, what: str) -> str:
+    """``value`` if it is a short, non-empty string; ValueError naming ``what`` if not.
+
+    Examples
+    --------
+    >>> check_text("worker-0", "a worker name")
+    'worker-0'
+    >>> check_text(5, "a worker name")
+    Traceback (most recent call last):
+    ...
+    ValueError: a worker name must be a short string, not 5
+    """
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        raise ValueError(f"{what} must be a short string, not {value!r}")
+    return value
+
+
 def check_site(site) -> str | None:
     """``site`` if it is a site label (a short string) or None; ValueError if not."""
-    if site is not None and (not isinstance(site, str) or not 0 < len(site) <= 1024):
-        raise ValueError(f"a site is a short string, not {site!r}")
-    return site
+    return None if site is None else check_text(site, "a site")
 
 
 def _peers_from_msg(peers) -> list[Peer]:
