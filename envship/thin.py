@@ -10,8 +10,8 @@ it from its store by digest, mode and mtime.
 
 It unpacks to exactly what the environment's archive unpacks to and hashes
 to the same content id: the node's extractor reads both (:func:`read_thin_pack`
-yields the same :class:`~envship.archive.Member` entries that
-:func:`~envship.archive.read_members` yields for a tar), so the checks on
+yields the same :class:`~envship.archive_reader.Member` entries that
+:func:`~envship.archive_reader.read_members` yields for a tar), so the checks on
 names, links, sizes and the id are one. The rows list the digest of a
 reference only; a carried file's digest is computed from its bytes.
 
@@ -32,17 +32,15 @@ from typing import BinaryIO
 import xxhash
 import zstandard
 
-from .archive import (
+from .archive import READ_SIZE, file_digest, is_id
+from .archive_reader import (
     DIRECTORY,
     HARDLINK,
     MAX_READ,
-    READ_SIZE,
     SYMLINK,
     CorruptArchive,
     ForwardReader,
     Member,
-    file_digest,
-    is_id,
 )
 from .table import DIR, FILE, EntryTable
 from .table import HARDLINK as HARDLINK_ROW
@@ -140,7 +138,7 @@ def _write_data(e, out) -> str:
 
 
 def read_thin_pack(reader: ForwardReader) -> Iterator[Member]:
-    """The entries of a thin pack, as :func:`~envship.archive.read_members` yields them.
+    """The entries of a thin pack, as :func:`~envship.archive_reader.read_members` yields them.
 
     References come as regular files with ``digest`` and ``ref_size`` set and
     no data. After each yield the stream is moved past the entry's data,

@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 import envship
-from envship.archive import ForwardReader
+from envship.archive_reader import ForwardReader
 from envship.client import delta
 from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError, MissingStoreFileError

@@ -18,7 +18,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envship.archive import ForwardReader, read_members
+from envship.archive_reader import ForwardReader, read_members
 from envship.errors import EnvshipError
 from envship.manifest import Manifest, ThinManifest
 from envship.node.cache import EnvCache
@@ -118,7 +118,7 @@ def test_random_bytes_are_refused_cleanly(tmp_path, payload):
 @FUZZ
 @given(payload=st.binary(max_size=2048))
 def test_the_readers_raise_only_their_own_errors(payload):
-    from envship.archive import CorruptArchive
+    from envship.archive_reader import CorruptArchive
 
     for reader in (read_members, read_thin_pack):
         try:

@@ -29,15 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import xxhash
 import zstandard
 
-from envship.archive import (
+from envship.archive import READ_SIZE, ContentHasher, ContentSummary
+from envship.archive_reader import (
     DIRECTORY,
     HARDLINK,
-    READ_SIZE,
     REGULAR,
     SPECIAL,
     SYMLINK,
-    ContentHasher,
-    ContentSummary,
     CorruptArchive,
     ForwardReader,
     Member,
