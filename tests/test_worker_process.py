@@ -25,14 +25,10 @@ import pytest
 from distributed import Client, Nanny, Scheduler
 from distributed.core import Status
 
-from envship.node import worker_process
-from envship.node.worker_process import (
-    EnvWorkerProcess,
-    TargetEnvironment,
-    WorkerSubprocess,
-    child_environ,
-    switch,
-)
+from envship.node import worker_environ, worker_process
+from envship.node.worker_environ import TargetEnvironment, child_environ
+from envship.node.worker_process import EnvWorkerProcess, switch
+from envship.node.worker_subprocess import WorkerSubprocess
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -206,7 +202,7 @@ async def wait_pid_gone(pid: int, timeout: float) -> float:
 
 
 def test_bootstrap_script_is_found():
-    script = worker_process.bootstrap_script()
+    script = worker_environ.bootstrap_script()
     assert script.is_file()
     assert script.name == "worker.py"
     assert script.parent.name == "bootstrap"
@@ -245,7 +241,7 @@ def test_child_environ_keeps_the_environment_apart(tmp_path):
     for leaked in ("PYTHONPYCACHEPREFIX", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE"):
         assert leaked not in env
     assert env["LD_LIBRARY_PATH"] == f"/opt/lib:{tmp_path / 'env' / 'lib'}"
-    for gone in worker_process.DROPPED_VARIABLES + ("CONDA_DEFAULT_ENV",):
+    for gone in worker_environ.DROPPED_VARIABLES + ("CONDA_DEFAULT_ENV",):
         assert gone not in env
 
     venv = TargetEnvironment("y", tmp_path / "venv", "venv", "y")
@@ -417,7 +413,8 @@ NANNY_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
 from distributed import Nanny
-from envship.node.worker_process import TargetEnvironment, switch
+from envship.node.worker_environ import TargetEnvironment
+from envship.node.worker_process import switch
 
 async def main():
     scheduler, id, prefix, kind, name = sys.argv[1:6]

@@ -28,29 +28,25 @@ not unpack, download or verify environments. It relies on, from distributed
 - What ``WorkerProcess``, ``Nanny`` and ``NannyMemoryManager.memory_monitor``
   use of ``AsyncProcess`` (``pid``, ``exitcode``, ``is_alive``, ``terminate``
   and ``kill`` returning awaitables, ``join``, ``close``,
-  ``set_exit_callback``), offered by :class:`WorkerSubprocess`.
+  ``set_exit_callback``), offered by
+  :class:`~envship.node.worker_subprocess.WorkerSubprocess`.
 - ``distributed.proctitle.enable_proctitle_on_children``.
+
+What the worker's process gets (its variables, the bootstrap script) is
+built in :mod:`envship.node.worker_environ`; the process itself is
+:mod:`envship.node.worker_subprocess`. Neither touches distributed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import importlib.resources
 import json
 import logging
 import os
-import pickle
-import struct
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import distributed.nanny
 from dask.utils import parse_timedelta
@@ -61,291 +57,10 @@ from distributed.proctitle import enable_proctitle_on_children
 from envship import config
 from envship.resources import ENVIRONMENT_UNITS, resource_name
 
+from .worker_environ import TargetEnvironment, bootstrap_script, child_environ
+from .worker_subprocess import WorkerSubprocess, encode_frame
+
 logger = logging.getLogger(__name__)
-
-#: Variables of the nanny's environment that would make the environment's
-#: python load the nanny's packages or startup code. CONDA_* goes too.
-DROPPED_VARIABLES = (
-    "PYTHONPATH",
-    "PYTHONHOME",
-    "PYTHONSTARTUP",
-    "PYTHONUSERBASE",
-    "PYTHONEXECUTABLE",
-    "VIRTUAL_ENV",
-)
-
-#: The PYTHON* variables of the nanny's process environment that a worker in
-#: another environment still gets. Others (PYTHONWARNINGS, PYTHONPYCACHEPREFIX,
-#: PYTHONSAFEPATH, ...) were meant for the nanny's interpreter; set them for
-#: workers explicitly (``distributed.nanny.environ``) to pass them on.
-KEPT_PYTHON_VARIABLES = (
-    "PYTHONHASHSEED",
-    "PYTHONUNBUFFERED",
-    "PYTHONFAULTHANDLER",
-    "PYTHONIOENCODING",
-)
-
-_FRAME_HEADER = struct.Struct(">Q")
-_STDERR_TAIL_LINES = 30
-
-
-@dataclass(frozen=True)
-class TargetEnvironment:
-    """An unpacked environment that a nanny's worker can run in.
-
-    Parameters
-    ----------
-    id : str
-        The environment's content id.
-    prefix : Path
-        Where it is unpacked; its python is ``<prefix>/bin/python``.
-    kind : {"conda", "venv"}
-        Sets ``CONDA_PREFIX`` or ``VIRTUAL_ENV`` for the worker.
-    name : str
-        A name for people, used in messages.
-    """
-
-    id: str
-    prefix: Path
-    kind: Literal["conda", "venv"]
-    name: str
-
-    @property
-    def python(self) -> Path:
-        return Path(self.prefix) / "bin" / "python"
-
-
-def bootstrap_script(name: str = "worker.py") -> Path:
-    """The path of ``bootstrap/<name>``, which an environment's python runs.
-
-    ``worker.py`` runs a worker; ``bridge.py`` serves a worker's calls into
-    an environment whose Python cannot host one.
-    """
-    script = importlib.resources.files("envship._bootstrap") / name
-    return Path(os.fspath(script))
-
-
-def _inside(path: str, prefix: Path) -> bool:
-    try:
-        return Path(path).resolve().is_relative_to(prefix)
-    except (OSError, ValueError):
-        return False
-
-
-def child_environ(
-    target: TargetEnvironment,
-    inherited: Mapping[str, str],
-    explicit: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The environment variables of a worker that runs in ``target``.
-
-    ``inherited`` (the nanny's process environment) less what would steer
-    the environment's python back to the nanny's packages and less the
-    ``PYTHON*`` settings meant for the nanny's own interpreter (but
-    :data:`KEPT_PYTHON_VARIABLES`); then ``explicit`` (what the nanny is
-    configured to give its workers), less what would steer it back; with
-    ``<prefix>/bin`` first on PATH.
-    """
-    env = {
-        k: v
-        for k, v in inherited.items()
-        if not k.startswith(("PYTHON", "CONDA_")) or k in KEPT_PYTHON_VARIABLES
-    }
-    env.update(explicit or {})
-    for k in [k for k in env if k in DROPPED_VARIABLES or k.startswith("CONDA_")]:
-        del env[k]
-    prefix = Path(target.prefix)
-    bin_dir = str(prefix / "bin")
-    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
-    env["PATH"] = os.pathsep.join([bin_dir, *path])
-    if target.kind == "conda":
-        env["CONDA_PREFIX"] = str(prefix)
-    else:
-        env["VIRTUAL_ENV"] = str(prefix)
-
-    # Libraries of the nanny's own prefix would shadow the environment's.
-    nanny_prefix = Path(sys.prefix).resolve()
-    target_prefix = prefix.resolve()
-    library_path = [
-        p
-        for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
-        if p and (not _inside(p, nanny_prefix) or _inside(p, target_prefix))
-    ]
-    if library_path:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(library_path)
-    else:
-        env.pop("LD_LIBRARY_PATH", None)
-    return env
-
-
-def _frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=4)
-    return _FRAME_HEADER.pack(len(data)) + data
-
-
-def _set_result(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-class WorkerSubprocess:
-    """The environment's python running ``bootstrap/worker.py``.
-
-    Offers what ``WorkerProcess``, ``Nanny`` and the nanny's memory monitor use
-    of ``AsyncProcess``. Threads wait for the exit, read the one-line report
-    and copy stderr to the nanny's stderr while keeping its last lines; they
-    hand results to the event loop that created this object.
-    """
-
-    def __init__(self, args: list[str], env: dict[str, str]):
-        self.args = args
-        self.env = env
-        self.pid: int | None = None
-        self.exitcode: int | None = None
-        self._loop = asyncio.get_running_loop()
-        self._popen: subprocess.Popen | None = None
-        self._exit_callback: Callable[[WorkerSubprocess], None] | None = None
-        self._exit = self._loop.create_future()
-        self._report = self._loop.create_future()
-        self._stderr_done = self._loop.create_future()
-        self._stderr_tail: collections.deque[bytes] = collections.deque(
-            maxlen=_STDERR_TAIL_LINES
-        )
-        self._stdin_lock = threading.Lock()
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<WorkerSubprocess {self.args[0]} pid={self.pid}>"
-
-    def start(self, setup: bytes) -> None:
-        """Launch the child and send it ``setup`` (a frame); OSError if it can't."""
-        read_fd, write_fd = os.pipe()
-        try:
-            self._popen = subprocess.Popen(
-                [*self.args, str(write_fd)],
-                stdin=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self.env,
-                pass_fds=(write_fd,),
-            )
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        self.pid = self._popen.pid
-        for target, args in (
-            (self._wait_exit, ()),
-            (self._read_report, (read_fd,)),
-            (self._copy_stderr, ()),
-            (self._send, (setup,)),
-        ):
-            name = f"envship worker {self.pid} {target.__name__.strip('_')}"
-            threading.Thread(target=target, args=args, name=name, daemon=True).start()
-
-    def _call_in_loop(self, func: Callable, *args: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(func, *args)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting any more
-
-    def _wait_exit(self) -> None:
-        assert self._popen is not None
-        self.exitcode = self._popen.wait()
-        self._call_in_loop(self._on_exit)
-
-    def _on_exit(self) -> None:
-        # Same order as AsyncProcess: callback first, then wake join().
-        if self._exit_callback is not None:
-            self._exit_callback(self)
-        _set_result(self._exit, self.exitcode)
-
-    def _read_report(self, fd: int) -> None:
-        with os.fdopen(fd, "rb") as f:
-            line = f.readline()
-        self._call_in_loop(_set_result, self._report, line)
-
-    def _copy_stderr(self) -> None:
-        assert self._popen is not None and self._popen.stderr is not None
-        for line in iter(self._popen.stderr.readline, b""):
-            self._stderr_tail.append(line)
-            view = memoryview(line)
-            try:
-                while view:
-                    view = view[os.write(2, view) :]
-            except OSError:
-                pass
-        self._popen.stderr.close()
-        self._call_in_loop(_set_result, self._stderr_done, None)
-
-    def _send(self, frame: bytes) -> None:
-        assert self._popen is not None and self._popen.stdin is not None
-        with self._stdin_lock:
-            try:
-                self._popen.stdin.write(frame)
-                self._popen.stdin.flush()
-            except (OSError, ValueError):
-                pass  # the child is gone; its exit tells the rest
-
-    async def wait_report(self, timeout: float) -> bytes:
-        """The child's report line; empty if it exited without reporting."""
-        return await asyncio.wait_for(asyncio.shield(self._report), timeout)
-
-    async def wait_stderr(self, timeout: float) -> None:
-        """Wait until the child's stderr is read to its end."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self._stderr_done), timeout)
-        except asyncio.TimeoutError:
-            pass
-
-    def stderr_tail(self) -> str:
-        return b"".join(self._stderr_tail).decode(errors="replace")
-
-    def send_stop(self, message: dict) -> None:
-        """Ask the worker to close; closing stdin afterwards is harmless."""
-        self._send(_frame(message))
-        self._close_stdin()
-
-    def _close_stdin(self) -> None:
-        if self._popen is not None and self._popen.stdin is not None:
-            with self._stdin_lock:
-                try:
-                    self._popen.stdin.close()
-                except OSError:
-                    pass
-
-    def _done(self) -> asyncio.Future[None]:
-        # AsyncProcess returns futures; the memory monitor calls without await.
-        future = self._loop.create_future()
-        future.set_result(None)
-        return future
-
-    def terminate(self) -> asyncio.Future[None]:
-        if self._popen is not None and self.exitcode is None:
-            self._popen.terminate()
-        return self._done()
-
-    def kill(self) -> asyncio.Future[None]:
-        if self._popen is not None and self.exitcode is None:
-            self._popen.kill()
-        return self._done()
-
-    async def join(self, timeout: float | None = None) -> None:
-        assert self.pid is not None, "can only join a started process"
-        await asyncio.wait_for(asyncio.shield(self._exit), timeout)
-
-    def is_alive(self) -> bool:
-        return self.pid is not None and self.exitcode is None
-
-    def close(self) -> None:
-        """Release the pipe to the child; does not wait for it to exit."""
-        if not self._closed:
-            self._closed = True
-            self._close_stdin()
-
-    def set_exit_callback(self, func: Callable[[WorkerSubprocess], None]) -> None:
-        assert self.pid is None, "cannot set exit callback when process already started"
-        self._exit_callback = func
 
 
 def _advertising(worker_kwargs: dict, artifact_id: str) -> dict:
@@ -460,7 +175,7 @@ class EnvWorkerProcess(WorkerProcess):
 
         environ = child_environ(target, os.environ, {**self.pre_spawn_env, **self.env})
         try:
-            setup = _frame(
+            setup = encode_frame(
                 {
                     "worker_kwargs": _advertising(self.worker_kwargs, target.id),
                     "worker_class": _class_path(self.Worker),
