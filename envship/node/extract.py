@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 import zstandard
@@ -46,20 +43,13 @@ from envship.config import usable_cores
 from envship.errors import EnvshipError, MissingStoreFileError, UnsafeArchiveError
 from envship.thin import THIN_MAGIC, read_thin_pack
 
+from .batch_writer import BatchWriter, Item, NotInStore, write_large
 from .filestore import FileStore
 
 # Files up to this size are read, hashed and written in one piece.
 WHOLE_FILE = 4 << 20
 # Report progress about this often (unpacked bytes).
 PROGRESS_STEP = 16 << 20
-# A writer thread's batch: files of one folder, up to this many or this size.
-BATCH_FILES = 64
-BATCH_BYTES = 4 << 20
-# Batches handed out and not yet written; bounds memory to about 64 MiB.
-MAX_PENDING_BATCHES = 16
-
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
 Progress = Callable[[str, int, int], None]
 
 
@@ -186,12 +176,12 @@ def _make_dirs_writable(path: str) -> None:
 
 
 class _Extractor:
-    """One extraction: checks and hashes in the calling thread, writes in a pool.
+    """One extraction: checks and hashes in the calling thread.
 
-    Creating a file costs far more kernel time than parsing its header, and
-    the kernel creates files in different folders in parallel, so small files
-    and symlinks are handed to writer threads in batches of one folder each.
-    Folders are made here, before any batch that needs them is handed out.
+    Small files and symlinks are handed to a
+    :class:`~envship.node.batch_writer.BatchWriter` in batches of one folder
+    each. Folders are made here, before any batch that needs them is handed
+    out.
     """
 
     def __init__(
@@ -205,8 +195,6 @@ class _Extractor:
     ) -> None:
         self.dest = dest
         self.files = files
-        self.linked_files = 0
-        self.linked_bytes = 0
         self.env = env
         self.limit = limit
         self.progress = progress
@@ -218,12 +206,7 @@ class _Extractor:
         self.written = 0
         self.file_count = 0
         self.next_report = PROGRESS_STEP
-        self.batch: list[tuple] = []
-        self.batch_dir: str | None = None
-        self.batch_bytes = 0
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
-        self.pending: deque[Future] = deque()
-        self.slots = threading.Semaphore(MAX_PENDING_BATCHES)
+        self.writer = BatchWriter(dest, threads, files)
 
     def refuse(self, name: str, problem: str) -> UnsafeArchiveError:
         return UnsafeArchiveError(
@@ -237,9 +220,9 @@ class _Extractor:
     def run(self, fileobj) -> ContentSummary:
         try:
             self.read_all(fileobj)
-            self.flush()
-            self.drain()
-        except _NotStored as e:
+            self.writer.flush()
+            self.writer.drain()
+        except NotInStore as e:
             name, key = e.args
             raise MissingStoreFileError(
                 self.env,
@@ -248,10 +231,7 @@ class _Extractor:
                 "send the whole archive to this node",
             ) from None
         finally:
-            if self.pool is not None:
-                # On an error, let running batches end before the caller
-                # removes the tree under them.
-                self.pool.shutdown(wait=True, cancel_futures=True)
+            self.writer.close()
         self.check_odd_links()
         self.finish_dirs()
         if self.progress is not None:
@@ -260,8 +240,8 @@ class _Extractor:
             self.hasher.hexdigest(),
             self.file_count,
             self.written,
-            self.linked_files,
-            self.linked_bytes,
+            self.writer.linked_files,
+            self.writer.linked_bytes,
         )
 
     def read_all(self, fileobj) -> None:
@@ -366,11 +346,15 @@ class _Extractor:
                 raise EOFError(f"{name} is cut short")
             digest = xxhash.xxh3_128_hexdigest(data)
             key = self.files and self.files.key(digest, mode, info.mtime)
-            self.queue(name, (name, data, mode, info.mtime, None, key, size), size)
+            item: Item = (name, data, mode, info.mtime, None, key, size)
+            self.writer.queue(name, item, size)
         else:
-            digest = self.write_large(name, size, mode, info.mtime)
+            digest = write_large(
+                self.reader, self.path(name), name, size, mode, info.mtime
+            )
             if self.files is not None:
-                self.share_large(name, self.files.key(digest, mode, info.mtime), size)
+                key = self.files.key(digest, mode, info.mtime)
+                self.writer.share_large(name, key, size)
         self.kinds[name] = "f"
         self.hasher.add_file(name, mode, digest)
         self.file_count += 1
@@ -388,42 +372,12 @@ class _Extractor:
                 "send the whole archive",
             )
         key = self.files.key(info.digest, mode, info.mtime)
-        self.queue(name, (name, None, mode, info.mtime, None, key, info.ref_size), 0)
+        self.writer.queue(
+            name, (name, None, mode, info.mtime, None, key, info.ref_size), 0
+        )
         self.kinds[name] = "f"
         self.hasher.add_file(name, mode, info.digest)
         self.file_count += 1
-
-    def write_large(self, name: str, size: int, mode: int, mtime: float) -> str:
-        """Stream a big file to disk here, hashing it on the way."""
-        h = xxhash.xxh3_128()
-        fd = os.open(self.path(name), _OPEN_FLAGS, 0o600)
-        try:
-            left = size
-            while left:
-                data = self.reader.read(min(left, READ_SIZE))
-                if not data:
-                    raise EOFError(f"{name} is cut short")
-                h.update(data)
-                _write_all(fd, data)
-                left -= len(data)
-            os.fchmod(fd, mode)
-            os.utime(fd, (mtime, mtime))
-        finally:
-            os.close(fd)
-        return h.hexdigest()
-
-    def share_large(self, name: str, key: str, size: int) -> None:
-        """Swap a big file just written for the stored copy, or store it."""
-        path = self.path(name)
-        if self.files.link(key, path + ".stored"):
-            os.replace(path + ".stored", path)
-            self.count_linked(1, size)
-        else:
-            self.files.add(key, path)
-
-    def count_linked(self, files: int, size: int) -> None:
-        self.linked_files += files
-        self.linked_bytes += size
 
     def symlink(self, info: Member, name: str) -> None:
         target = info.linkname
@@ -453,7 +407,7 @@ class _Extractor:
                 level += 1
         if odd:
             self.odd_links.append(name)
-        self.queue(name, (name, None, 0, info.mtime, target, None, 0), 0)
+        self.writer.queue(name, (name, None, 0, info.mtime, target, None, 0), 0)
         self.kinds[name] = "l"
         self.hasher.add_symlink(name, target)
 
@@ -465,41 +419,11 @@ class _Extractor:
                 name, f"a hard link to {target!r}, which is not an earlier file"
             )
         # Rare: wait until the target is surely on disk.
-        self.flush()
-        self.drain()
+        self.writer.flush()
+        self.writer.drain()
         os.link(self.path(target), self.path(name), follow_symlinks=False)
         self.kinds[name] = "h"
         self.hasher.add_hardlink(name, target)
-
-    def queue(self, name: str, item: tuple, size: int) -> None:
-        folder = name.rpartition("/")[0]
-        if folder != self.batch_dir or len(self.batch) >= BATCH_FILES:
-            self.flush()
-            self.batch_dir = folder
-        self.batch.append(item)
-        self.batch_bytes += size
-        if self.batch_bytes >= BATCH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        batch = self.batch
-        if not batch:
-            return
-        self.batch, self.batch_bytes, self.batch_dir = [], 0, None
-        if self.pool is None:
-            self.count_linked(*_write_batch(self.dest, batch, self.files))
-            return
-        while self.pending and self.pending[0].done():
-            # raises a writer's error here
-            self.count_linked(*self.pending.popleft().result())
-        self.slots.acquire()
-        future = self.pool.submit(_write_batch, self.dest, batch, self.files)
-        future.add_done_callback(lambda _: self.slots.release())
-        self.pending.append(future)
-
-    def drain(self) -> None:
-        while self.pending:
-            self.count_linked(*self.pending.popleft().result())
 
     def check_odd_links(self) -> None:
         root = os.path.realpath(self.dest)
@@ -524,55 +448,6 @@ class _Extractor:
                 os.utime(path, (mtime, mtime))
             else:
                 os.chmod(path, 0o755)
-
-
-def _write_batch(
-    dest: str, batch: list[tuple], files: FileStore | None
-) -> tuple[int, int]:
-    """Create files and symlinks: ``(name, data, mode, mtime, link_target, key, size)``.
-
-    A file whose ``key`` the store holds is linked, not written; a file
-    written enters the store; a reference (``data`` None) must be in the
-    store. Returns the files and bytes linked.
-    """
-    linked = linked_bytes = 0
-    for name, data, mode, mtime, target, key, size in batch:
-        path = os.path.join(dest, name)
-        if target is not None:
-            os.symlink(target, path)
-            os.utime(path, (mtime, mtime), follow_symlinks=False)
-            continue
-        if data is None:  # a reference: the store must hold it
-            if not files.fill(key, path):
-                raise _NotStored(name, key)
-            linked += 1
-            linked_bytes += size
-            continue
-        if key and files.link(key, path):
-            linked += 1
-            linked_bytes += size
-            continue
-        fd = os.open(path, _OPEN_FLAGS, 0o600)
-        try:
-            if data:
-                _write_all(fd, data)
-            os.fchmod(fd, mode)
-            os.utime(fd, (mtime, mtime))
-        finally:
-            os.close(fd)
-        if key:
-            files.add(key, path)
-    return linked, linked_bytes
-
-
-class _NotStored(Exception):
-    """A reference to a file the store lacks: (name, key)."""
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def default_threads() -> int:
