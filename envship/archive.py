@@ -26,6 +26,15 @@ import xxhash
 import zstandard
 
 BLOCK = tarfile.BLOCKSIZE
+#: The tar entry types envship writes (ustar ``typeflag``); a regular file
+#: may also come as ``b"\0"`` from older writers.
+TAR_FILE, TAR_DIRECTORY, TAR_SYMLINK, TAR_HARDLINK = (
+    tarfile.REGTYPE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+)
+TAR_REGULAR = (TAR_FILE, tarfile.AREGTYPE)
 READ_SIZE = 1 << 20
 #: What a content id looks like: 32 lowercase hex digits (xxh3-128).
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -167,17 +176,17 @@ class ArchiveWriter:
         return info
 
     def write_dir(self, target: str, mode: int, mtime: int) -> None:
-        self._write_header(self._entry(tarfile.DIRTYPE, target, mode, mtime))
+        self._write_header(self._entry(TAR_DIRECTORY, target, mode, mtime))
         self._hasher.add_dir(target, mode)
 
     def write_symlink(self, target: str, link: str, mtime: int) -> None:
-        info = self._entry(tarfile.SYMTYPE, target, 0o777, mtime)
+        info = self._entry(TAR_SYMLINK, target, 0o777, mtime)
         info.linkname = link
         self._write_header(info)
         self._hasher.add_symlink(target, link)
 
     def write_hardlink(self, target: str, link: str, mtime: int) -> None:
-        info = self._entry(tarfile.LNKTYPE, target, 0o644, mtime)
+        info = self._entry(TAR_HARDLINK, target, 0o644, mtime)
         info.linkname = link
         self._write_header(info)
         self._hasher.add_hardlink(target, link)
@@ -193,7 +202,7 @@ class ArchiveWriter:
                     raise OSError(f"{source} changed size since it was listed")
                 return self.write_data(target, mode, mtime, data)
             # Large file: stream it, hashing as we go.
-            self._write_header(self._entry(tarfile.REGTYPE, target, mode, mtime, size))
+            self._write_header(self._entry(TAR_FILE, target, mode, mtime, size))
             digest = xxhash.xxh3_128()
             written = 0
             while data:
@@ -211,7 +220,7 @@ class ArchiveWriter:
 
     def write_data(self, target: str, mode: int, mtime: int, data: bytes) -> str:
         """Add ``data`` as the regular file ``target``; its digest."""
-        self._write_header(self._entry(tarfile.REGTYPE, target, mode, mtime, len(data)))
+        self._write_header(self._entry(TAR_FILE, target, mode, mtime, len(data)))
         self._stream.write(data)
         self._pad(len(data))
         digest = file_digest(data)

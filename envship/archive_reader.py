@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .archive import BLOCK, READ_SIZE
+from .archive import BLOCK, READ_SIZE, TAR_DIRECTORY, TAR_REGULAR
 
 # No single read is larger: a forged extended header can't claim gigabytes.
 MAX_READ = 64 << 20
@@ -162,12 +162,12 @@ class Member:
     ref_size: int = 0
 
 
-REGULAR = (b"0", b"\0")
-DIRECTORY, SYMLINK, HARDLINK, _PAX = b"5", b"2", b"1", b"x"
+_PAX = b"x"
 _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 _ZERO_BLOCK = bytes(BLOCK)
 _MAX_PAX = 1 << 20
-SPECIAL = {
+#: Tar entry types envship never writes, named for the refusal.
+TAR_SPECIAL = {
     b"3": "a character device",
     b"4": "a block device",
     b"6": "a fifo",
@@ -201,7 +201,7 @@ def read_members(reader: ForwardReader) -> Iterator[Member]:
             _apply_pax(member, pax)
         start = reader.tell()
         yield member
-        if member.type in REGULAR:
+        if member.type in TAR_REGULAR:
             reader.seek(start + _blocks(member.size))
 
 
@@ -239,7 +239,7 @@ def _parse_header(block: bytes) -> Member:
     name = _text(name)
     if prefix[0]:
         name = _text(prefix) + "/" + name
-    if kind == DIRECTORY:
+    if kind == TAR_DIRECTORY:
         name = name.rstrip("/")
     return Member(
         name,
@@ -298,7 +298,7 @@ def _apply_pax(member: Member, pax: dict[str, bytes]) -> None:
     try:
         if "path" in pax:
             member.name = pax["path"].decode("utf-8", "surrogateescape")
-            if member.type == DIRECTORY:
+            if member.type == TAR_DIRECTORY:
                 member.name = member.name.rstrip("/")
         if "linkpath" in pax:
             member.linkname = pax["linkpath"].decode("utf-8", "surrogateescape")

@@ -29,7 +29,9 @@ import zstandard
 
 from .archive import ArchiveWriter, ContentHasher, file_digest, path_digest
 
-FILE, DIR, SYMLINK, HARDLINK = "f", "d", "l", "h"
+#: The kinds of a table's entries (``Entry.kind``), as saved tables and thin
+#: packs store them.
+ROW_FILE, ROW_DIR, ROW_SYMLINK, ROW_HARDLINK = "f", "d", "l", "h"
 
 #: One file's store key on the wire: digest (16 bytes), mode, mtime (seconds).
 _KEY = struct.Struct(">16sHq")
@@ -61,7 +63,8 @@ class EntryTable:
 
     Examples
     --------
-    >>> table = EntryTable([Entry("f", "a.txt", 0o644, 0, 3, file_digest(b"hi\\n"))])
+    >>> entry = Entry(ROW_FILE, "a.txt", 0o644, 0, 3, file_digest(b"hi\\n"))
+    >>> table = EntryTable([entry])
     >>> len(table.id), table.file_count, table.unpacked_size
     (32, 1, 3)
     """
@@ -70,11 +73,11 @@ class EntryTable:
         self.entries = entries
         hasher = ContentHasher()
         for e in entries:
-            if e.kind == FILE:
+            if e.kind == ROW_FILE:
                 hasher.add_file(e.path, e.mode, e.digest)
-            elif e.kind == DIR:
+            elif e.kind == ROW_DIR:
                 hasher.add_dir(e.path, e.mode)
-            elif e.kind == SYMLINK:
+            elif e.kind == ROW_SYMLINK:
                 hasher.add_symlink(e.path, e.link)
             else:
                 hasher.add_hardlink(e.path, e.link)
@@ -82,7 +85,7 @@ class EntryTable:
 
     @functools.cached_property
     def files(self) -> list[Entry]:
-        return [e for e in self.entries if e.kind == FILE]
+        return [e for e in self.entries if e.kind == ROW_FILE]
 
     @functools.cached_property
     def keys(self) -> list[str]:
@@ -149,15 +152,15 @@ class TableWriter:
         mtime = int(st.st_mtime)
         if stat.S_ISLNK(st.st_mode):
             self.entries.append(
-                Entry(SYMLINK, target, mtime=mtime, link=os.readlink(source))
+                Entry(ROW_SYMLINK, target, mtime=mtime, link=os.readlink(source))
             )
         elif stat.S_ISDIR(st.st_mode):
-            self.entries.append(Entry(DIR, target, entry_mode(st), mtime))
+            self.entries.append(Entry(ROW_DIR, target, entry_mode(st), mtime))
         elif stat.S_ISREG(st.st_mode):
             inode = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and inode in self._inodes:
                 link = self._inodes[inode]
-                self.entries.append(Entry(HARDLINK, target, mtime=mtime, link=link))
+                self.entries.append(Entry(ROW_HARDLINK, target, mtime=mtime, link=link))
                 return
             if st.st_nlink > 1:
                 self._inodes[inode] = target
@@ -168,7 +171,7 @@ class TableWriter:
             digest = self._digest(source, st)
             self.entries.append(
                 Entry(
-                    FILE,
+                    ROW_FILE,
                     target,
                     entry_mode(st),
                     mtime,
@@ -189,11 +192,13 @@ class TableWriter:
             # rewritten, the archive reads it again from the file, later.
             if self._digest(source, st) == digest:
                 self.entries.append(
-                    Entry(FILE, target, mode, mtime, len(data), digest, source=source)
+                    Entry(
+                        ROW_FILE, target, mode, mtime, len(data), digest, source=source
+                    )
                 )
                 return
         self.entries.append(
-            Entry(FILE, target, mode, mtime, len(data), digest, data=data)
+            Entry(ROW_FILE, target, mode, mtime, len(data), digest, data=data)
         )
 
     def _digest(self, source: str, st: os.stat_result) -> str:
@@ -241,11 +246,11 @@ def write_archive(
     """
     with ArchiveWriter(fileobj, level=level, threads=threads) as writer:
         for e in table.entries:
-            if e.kind == DIR:
+            if e.kind == ROW_DIR:
                 writer.write_dir(e.path, e.mode, e.mtime)
-            elif e.kind == SYMLINK:
+            elif e.kind == ROW_SYMLINK:
                 writer.write_symlink(e.path, e.link, e.mtime)
-            elif e.kind == HARDLINK:
+            elif e.kind == ROW_HARDLINK:
                 writer.write_hardlink(e.path, e.link, e.mtime)
             else:
                 if e.data is not None:

@@ -32,24 +32,27 @@ from typing import BinaryIO
 import xxhash
 import zstandard
 
-from .archive import READ_SIZE, file_digest, is_id
+from .archive import (
+    READ_SIZE,
+    TAR_DIRECTORY,
+    TAR_FILE,
+    TAR_HARDLINK,
+    TAR_SYMLINK,
+    file_digest,
+    is_id,
+)
 from .archive_reader import (
-    DIRECTORY,
-    HARDLINK,
     MAX_READ,
-    SYMLINK,
     CorruptArchive,
     ForwardReader,
     Member,
 )
-from .table import DIR, FILE, EntryTable
-from .table import HARDLINK as HARDLINK_ROW
-from .table import SYMLINK as SYMLINK_ROW
+from .table import ROW_DIR, ROW_FILE, ROW_HARDLINK, ROW_SYMLINK, EntryTable
 
 #: A thin pack's first bytes: no tar stream starts with a NUL (an empty name).
 THIN_MAGIC = b"\0envship-thin-1\n"
 _LENGTH = struct.Struct(">Q")
-_TYPES = {DIR: DIRECTORY, SYMLINK_ROW: SYMLINK, HARDLINK_ROW: HARDLINK}
+_TYPES = {ROW_DIR: TAR_DIRECTORY, ROW_SYMLINK: TAR_SYMLINK, ROW_HARDLINK: TAR_HARDLINK}
 
 
 @dataclass(frozen=True)
@@ -90,20 +93,23 @@ def write_thin_pack(
     --------
     >>> import io
     >>> from envship.table import Entry
-    >>> table = EntryTable([Entry("f", "a.txt", 0o644, 0, 3, file_digest(b"hi\\n"),
-    ...                          data=b"hi\\n")])
+    >>> digest = file_digest(b"hi\\n")
+    >>> entry = Entry(ROW_FILE, "a.txt", 0o644, 0, 3, digest, data=b"hi\\n")
+    >>> table = EntryTable([entry])
     >>> write_thin_pack(table, io.BytesIO(), refs={"a.txt"})
     ThinSummary(files=0, size=0, refs=1)
     """
     rows, carried, referred = [], [], 0
     for e in table.entries:
-        if e.kind != FILE:
+        if e.kind != ROW_FILE:
             rows.append([e.kind, e.path, e.mode, e.mtime, 0, "", e.link, False])
         elif e.path in refs:
-            rows.append([FILE, e.path, e.mode, e.mtime, e.size, e.digest, "", False])
+            rows.append(
+                [ROW_FILE, e.path, e.mode, e.mtime, e.size, e.digest, "", False]
+            )
             referred += 1
         else:
-            rows.append([FILE, e.path, e.mode, e.mtime, e.size, "", "", True])
+            rows.append([ROW_FILE, e.path, e.mode, e.mtime, e.size, "", "", True])
             carried.append(e)
     head = json.dumps(rows, separators=(",", ":")).encode()
     compressor = zstandard.ZstdCompressor(level=level, threads=threads)
@@ -187,12 +193,12 @@ def _member(row) -> Member:
         or not 0 <= mode <= 0o7777
     ):
         raise CorruptArchive(f"a thin pack row with a malformed field: {row!r:.200}")
-    if kind == FILE:
+    if kind == ROW_FILE:
         if carried:
-            return Member(path, b"0", mode, size, mtime, "")
+            return Member(path, TAR_FILE, mode, size, mtime, "")
         if not is_id(digest):
             raise CorruptArchive(f"a reference to {path!r} without a valid digest")
-        return Member(path, b"0", mode, 0, mtime, "", digest=digest, ref_size=size)
+        return Member(path, TAR_FILE, mode, 0, mtime, "", digest=digest, ref_size=size)
     if kind not in _TYPES or carried or size:
         raise CorruptArchive(f"a thin pack row of an unknown kind: {row!r:.200}")
     return Member(path, _TYPES[kind], mode, 0, mtime, link)

@@ -28,7 +28,7 @@ from conda_pack.core import CondaEnv, CondaPackException, Packer, rewrite_conda_
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
 from envship.manifest import FORMAT_VERSION, Manifest
-from envship.table import SYMLINK, TableWriter
+from envship.table import ROW_SYMLINK, TableWriter
 
 from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
@@ -277,7 +277,7 @@ class _Checked:
     def add(self, source: str, target: str) -> None:
         self._writer.add(source, target)
         entry = self._writer.entries[-1]
-        if entry.kind == SYMLINK:
+        if entry.kind == ROW_SYMLINK:
             link = entry.link
             inside = os.path.normpath(os.path.join(os.path.dirname(target), link))
             if os.path.isabs(link) or inside.startswith(".."):

@@ -26,13 +26,17 @@ from collections.abc import Callable
 import xxhash
 import zstandard
 
-from envship.archive import READ_SIZE, ContentHasher, ContentSummary
+from envship.archive import (
+    READ_SIZE,
+    TAR_DIRECTORY,
+    TAR_HARDLINK,
+    TAR_REGULAR,
+    TAR_SYMLINK,
+    ContentHasher,
+    ContentSummary,
+)
 from envship.archive_reader import (
-    DIRECTORY,
-    HARDLINK,
-    REGULAR,
-    SPECIAL,
-    SYMLINK,
+    TAR_SPECIAL,
     CorruptArchive,
     ForwardReader,
     Member,
@@ -271,28 +275,28 @@ class _Extractor:
         if mode & 0o7000:
             raise self.refuse(name, f"setuid, setgid or sticky bits (mode {mode:o})")
         kind = info.type
-        if name in self.kinds or (name in self.dirs and kind != DIRECTORY):
+        if name in self.kinds or (name in self.dirs and kind != TAR_DIRECTORY):
             raise self.refuse(name, "a duplicate entry")
-        if kind in REGULAR:
+        if kind in TAR_REGULAR:
             self.make_parents(name)
             self.regular(info, name, mode)
             return
-        if kind not in (DIRECTORY, SYMLINK, HARDLINK):
-            what = SPECIAL.get(kind, f"an entry of tar type {kind!r}")
+        if kind not in (TAR_DIRECTORY, TAR_SYMLINK, TAR_HARDLINK):
+            what = TAR_SPECIAL.get(kind, f"an entry of tar type {kind!r}")
             raise self.refuse(
                 name, f"{what}; only files, folders and links are allowed"
             )
         if info.size:
             raise self.refuse(name, "a folder or link entry that carries data")
         self.make_parents(name)
-        if kind == DIRECTORY:
+        if kind == TAR_DIRECTORY:
             if name not in self.dirs:
                 os.mkdir(self.path(name), 0o700)
                 self.dirs.add(name)
             self.kinds[name] = "d"
             self.dir_times[name] = (mode, info.mtime)
             self.hasher.add_dir(name, mode)
-        elif kind == SYMLINK:
+        elif kind == TAR_SYMLINK:
             self.symlink(info, name)
         else:
             self.hardlink(info, name)
