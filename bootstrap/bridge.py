@@ -30,9 +30,9 @@ import struct
 import sys
 import traceback
 
-try:  # Python 2: the fast pickler
+if sys.version_info[0] == 2:  # the fast pickler; Python 3's pickle is already
     import cPickle as pickle
-except ImportError:
+else:
     import pickle
 
 PROTOCOL = 2
@@ -123,7 +123,8 @@ def dumps(value):
 
     out = io.BytesIO()
     pickler = pickle.Pickler(out, PROTOCOL)
-    pickler.persistent_id = persistent_id
+    # The one way cPickle (Python 2) takes it; Python 3's pickle takes it too.
+    pickler.persistent_id = persistent_id  # type: ignore[method-assign]
     try:
         pickler.dump(value)
     except CannotCross:
@@ -150,7 +151,8 @@ def loads(frames):
     else:
         unpickler = pickle.Unpickler(stream)
         unpickler.find_global = _find_class
-    unpickler.persistent_load = persistent_load
+    # As for persistent_id in dumps: Python 2's cPickle takes nothing else.
+    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
     return unpickler.load()
 
 

@@ -272,7 +272,7 @@ def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
             b"0000000\0",
             b"0000000\0",
             b"%011o\0" % size,
-            b"%011o\0" % mtime,
+            b"%011o\0" % int(mtime),
             b" " * 8,
             kind,
             link,

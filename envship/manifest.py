@@ -82,7 +82,7 @@ class Manifest:
             platform=get.texts("platform"),
             source_prefix=get.text("source_prefix", ""),
             created=get.text("created", ""),
-            packed_size=get.count("packed_size", MAX_SIZE, None),
+            packed_size=get.count_or_none("packed_size", MAX_SIZE),
             format=get.count("format", 1 << 16, FORMAT_VERSION),
             stats=get.numbers("stats"),
         )
@@ -170,10 +170,8 @@ class _Fields:
             raise ValueError(f"manifest field {key!r}: not a short text: {value!r}")
         return value
 
-    def count(self, key: str, most: int, default=_MISSING) -> int | None:
+    def count(self, key: str, most: int, default=_MISSING) -> int:
         value = self._get(key, default)
-        if value is None and default is None:
-            return None
         if (
             not isinstance(value, int)
             or isinstance(value, bool)
@@ -181,6 +179,12 @@ class _Fields:
         ):
             raise ValueError(f"manifest field {key!r}: not a count: {value!r}")
         return value
+
+    def count_or_none(self, key: str, most: int) -> int | None:
+        """Like :meth:`count`, but a missing field or null is None."""
+        if self.data.get(key) is None:
+            return None
+        return self.count(key, most)
 
     def texts(self, key: str) -> dict[str, str]:
         value = self._get(key, {})

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 
 #: What a survey uses when the scheduler has no registry yet (nobody switched).
-EMPTY_REGISTRY = {"offers": {}, "holders": {}, "running": {}}
+EMPTY_REGISTRY: dict[str, dict] = {"offers": {}, "holders": {}, "running": {}}
 
 
 async def survey(

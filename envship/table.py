@@ -187,7 +187,12 @@ class TableWriter:
         st = os.lstat(source) if source is not None else None
         mode, mtime = (entry_mode(st), int(st.st_mtime)) if st else (0o644, 0)
         digest = file_digest(data)
-        if st is not None and not self.keep_data and len(data) == st.st_size:
+        if (
+            source is not None
+            and st is not None
+            and not self.keep_data
+            and len(data) == st.st_size
+        ):
             # conda-pack read it whole (files pip installed): unless it was
             # rewritten, the archive reads it again from the file, later.
             if self._digest(source, st) == digest:
@@ -255,10 +260,12 @@ def write_archive(
             else:
                 if e.data is not None:
                     digest = writer.write_data(e.path, e.mode, e.mtime, e.data)
-                else:
+                elif e.source is not None:
                     digest = writer.write_file(
                         e.source, e.path, e.mode, e.mtime, e.size
                     )
+                else:
+                    raise ValueError(f"{e.path}: a file entry without data or source")
                 if digest != e.digest:
                     raise OSError(f"{e.source or e.path} changed since it was packed")
                 if on_file is not None:

@@ -342,14 +342,16 @@ class _Extractor:
                 f"more than the {self.limit} bytes it may unpack to: an archive bomb?",
             )
         if info.digest is not None:
-            self.reference(info, name, mode)
+            self.reference(info, name, mode, info.digest)
             return
         if size <= WHOLE_FILE:
             data = self.reader.read(size)
             if len(data) != size:
                 raise EOFError(f"{name} is cut short")
             digest = xxhash.xxh3_128_hexdigest(data)
-            key = self.files and self.files.key(digest, mode, info.mtime)
+            key = (
+                None if self.files is None else self.files.key(digest, mode, info.mtime)
+            )
             item: Item = (name, data, mode, info.mtime, None, key, size)
             self.writer.queue(name, item, size)
         else:
@@ -367,7 +369,7 @@ class _Extractor:
             self.next_report = self.written + PROGRESS_STEP
             self.progress("extract", self.written, self.limit)
 
-    def reference(self, info: Member, name: str, mode: int) -> None:
+    def reference(self, info: Member, name: str, mode: int, digest: str) -> None:
         """A file of a thin pack given by digest alone: linked from the store."""
         if self.files is None:
             raise EnvshipError(
@@ -375,12 +377,12 @@ class _Extractor:
                 "a thin pack arrived but this node has no file store to fill it from",
                 "send the whole archive",
             )
-        key = self.files.key(info.digest, mode, info.mtime)
+        key = self.files.key(digest, mode, info.mtime)
         self.writer.queue(
             name, (name, None, mode, info.mtime, None, key, info.ref_size), 0
         )
         self.kinds[name] = "f"
-        self.hasher.add_file(name, mode, info.digest)
+        self.hasher.add_file(name, mode, digest)
         self.file_count += 1
 
     def symlink(self, info: Member, name: str) -> None:

@@ -74,6 +74,9 @@ def bootstrap_script(name: str = "worker.py") -> Path:
     an environment whose Python cannot host one.
     """
     script = importlib.resources.files("envship._bootstrap") / name
+    if not isinstance(script, os.PathLike):
+        # A python must run it from a file: envship is never run from a zip.
+        raise RuntimeError(f"{script} is not a file on disk")
     return Path(os.fspath(script))
 
 
