@@ -11,6 +11,7 @@ from dask.utils import format_bytes
 
 from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError
+from envship.manifest import Manifest
 
 
 class _Group(click.Group):
@@ -66,8 +67,10 @@ def pack(env, name, level, threads, ignore_editable, store):
         progress=sys.stderr.isatty(),
     )
     m = artifact.manifest
+    assert isinstance(m, Manifest)  # an environment's own artifact, never thin
+    size = "no archive" if m.packed_size is None else format_bytes(m.packed_size)
     click.echo(
-        f"{artifact.name}  {artifact.id}  {format_bytes(m.packed_size)} "
+        f"{artifact.name}  {artifact.id}  {size} "
         f"({format_bytes(m.unpacked_size)} unpacked, {m.file_count} files, "
         f"python {m.python})"
     )
@@ -220,8 +223,10 @@ def cache_list(directory):
         )
     Console().print(table)
     files, stored = node.files.usage()
+    unbounded = node.max_size == float("inf")
+    budget = "no limit" if unbounded else format_bytes(int(node.max_size))
     click.echo(
-        f"{node.root}: {format_bytes(node.size())} of {format_bytes(node.max_size)}; "
+        f"{node.root}: {format_bytes(node.size())} of {budget}; "
         f"its file store holds {files} files, {format_bytes(stored)}"
     )
 

@@ -139,6 +139,7 @@ class Bridge:
 
     def _copy_stderr(self) -> None:
         """Pass the bridge's errors on to the worker's, keeping the last lines."""
+        assert self.process.stderr is not None  # started with stderr=PIPE
         for line in io.TextIOWrapper(self.process.stderr, errors="replace"):
             self.stderr_tail.append(line)
             sys.stderr.write(line)

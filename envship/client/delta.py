@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from envship import config
 from envship.archive import path_digest
 from envship.errors import EnvshipError
-from envship.manifest import ThinManifest
-from envship.table import EntryTable, decode_bits, encode_keys
+from envship.manifest import Manifest, ThinManifest
+from envship.table import Entry, EntryTable, decode_bits, encode_keys
 from envship.thin import write_thin_pack
 
 from .store import Artifact, ArtifactStore
@@ -99,7 +99,8 @@ async def _choose_base(client, artifact: Artifact, table: EntryTable):
     store = ArtifactStore(artifact.path.parent)
 
     def best():
-        choice, files = None, []
+        choice: Artifact | None = None
+        files: list[Entry] = []
         keyed = list(zip(table.keys, table.files, strict=True))
         for id in held:
             if not store.has(id):
@@ -127,6 +128,8 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
     """
     store = ArtifactStore(artifact.path.parent)
     table, refs, base = plan.table, plan.refs, plan.base
+    if table is None or base is None or not isinstance(artifact.manifest, Manifest):
+        raise ValueError(f"no thin pack of {artifact.id} in this plan")
     level, threads = config.get("pack.level"), config.default_threads()
     try:
         with store.writing(artifact.name) as (f, tmp):

@@ -30,6 +30,8 @@ def gc(client: Client) -> dict[str, dict]:
 
 
 async def _gc(client: Client) -> dict[str, dict]:
+    if client.scheduler is None:
+        raise ValueError("the client is not connected to a scheduler")
     identity = await client.scheduler.identity()
     nannies = sorted(
         {w["nanny"] for w in identity["workers"].values() if w.get("nanny")}

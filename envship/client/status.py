@@ -89,9 +89,12 @@ def status(client: Client) -> ClusterStatus:
 
 
 async def _status(client: Client) -> ClusterStatus:
-    identity = await client.scheduler.identity()
+    scheduler = client.scheduler
+    if scheduler is None:
+        raise ValueError("the client is not connected to a scheduler")
+    identity = await scheduler.identity()
     try:
-        registry = await client.scheduler.envship_registry()
+        registry = await scheduler.envship_registry()
     except Exception:  # no client has switched yet: no registry
         registry = EMPTY_REGISTRY
     found = await survey(client.rpc, identity, registry, timeout=NANNY_TIMEOUT)

@@ -262,6 +262,8 @@ class ArtifactStore:
         """
         if artifact.has_archive:
             return artifact
+        if not isinstance(artifact.manifest, Manifest):
+            raise TypeError(f"{artifact.id} is a thin pack: it has no table to write")
         table = artifact.table()
         if table is None:
             raise EnvshipError(
@@ -369,7 +371,7 @@ class ArtifactStore:
             return []
         ids = [p.stem for p in self.root.glob("*.json") if is_id(p.stem)]
         found = [self.get(i) for i in ids if self.has(i)]
-        return sorted(found, key=lambda a: a.manifest.created, reverse=True)
+        return sorted(found, key=_created, reverse=True)
 
     def remove(self, name_or_id: str) -> Artifact:
         """Delete an artifact and every name and signature pointing to it."""
@@ -389,3 +391,11 @@ class ArtifactStore:
         self.table_path(artifact.id).unlink(missing_ok=True)
         self.manifest_path(artifact.id).unlink(missing_ok=True)
         return artifact
+
+
+def _created(artifact: Artifact) -> str:
+    """When ``artifact`` was packed (a thin pack: its environment)."""
+    manifest = artifact.manifest
+    if isinstance(manifest, ThinManifest):
+        return manifest.env.created
+    return manifest.created

@@ -46,12 +46,13 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import distributed.nanny
 from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.nanny import WorkerProcess
+from distributed.process import AsyncProcess
 from distributed.proctitle import enable_proctitle_on_children
 
 from envship import config
@@ -194,7 +195,9 @@ class EnvWorkerProcess(WorkerProcess):
             process.start(setup)
         except OSError as e:
             return f"{what}: could not run {python}: {e!r}. {fallback}"
-        self.process = process
+        # The nanny's attribute is typed AsyncProcess; a WorkerSubprocess
+        # offers the part of it that distributed uses (see the docstring).
+        self.process = cast(AsyncProcess, process)
 
         problem = missing = None
         timed_out = False
@@ -344,7 +347,8 @@ def install(nanny: distributed.Nanny) -> EnvWorkerProcess | None:
     The nanny's EnvWorkerProcess, or None while the nanny has no worker
     process (not started yet, or closed): its first one will be one.
     """
-    distributed.nanny.WorkerProcess = EnvWorkerProcess
+    # Replacing the class the nanny instantiates is the seam itself.
+    distributed.nanny.WorkerProcess = EnvWorkerProcess  # type: ignore[misc]
     process = nanny.process
     if process is None or isinstance(process, EnvWorkerProcess):
         return process
@@ -354,7 +358,7 @@ def install(nanny: distributed.Nanny) -> EnvWorkerProcess | None:
             "a WorkerProcess subclass envship does not know; cannot install"
         )
     process.__class__ = EnvWorkerProcess
-    return process
+    return cast(EnvWorkerProcess, process)
 
 
 async def switch(
