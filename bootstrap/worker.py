@@ -1,6 +1,6 @@
 """Run one Dask worker for a nanny, under a shipped environment's python.
 
-The nanny's ``envship.worker_process.EnvWorkerProcess`` starts
+The nanny's ``envship.node.worker_process.EnvWorkerProcess`` starts
 ``<env>/bin/python -s worker.py REPORT_FD`` and talks to it so:
 
 - stdin carries length-prefixed pickles (8-byte big-endian length, protocol
