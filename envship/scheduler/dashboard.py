@@ -82,7 +82,7 @@ class EnvshipPage(web.RequestHandler):
             timeout=NANNY_TIMEOUT,
         )
         rules = registry.policy if registry is not None else policy.current()
-        allowed, contact = rules["allowed"], rules["contact"]
+        allowed, contact = rules.allowed, rules.contact
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header(

@@ -73,7 +73,7 @@ class Registry(SchedulerPlugin):
         # nanny -> {"owner", "client", "name", "since"} of the switch under way
         self.claims: dict[str, dict] = {}
         self.scheduler = None
-        self.policy: dict = {"allowed": None, "contact": None}
+        self.policy = policy.Policy()
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
@@ -217,7 +217,7 @@ class Registry(SchedulerPlugin):
 
     def get_policy(self) -> dict:
         """Which environments users may run here (``envship.policy``)."""
-        return self.policy
+        return self.policy.to_msg()
 
     def snapshot(self) -> dict:
         """Everything above, for ``envship.status``."""
