@@ -78,7 +78,7 @@ class EnvshipPage(web.RequestHandler):
         found = await survey(
             self.scheduler.rpc,
             self.scheduler.identity(),
-            registry.snapshot() if registry is not None else EMPTY_REGISTRY,
+            registry.snapshot().to_msg() if registry is not None else EMPTY_REGISTRY,
             timeout=NANNY_TIMEOUT,
         )
         rules = registry.policy if registry is not None else policy.current()
