@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import struct
 import tarfile
 from dataclasses import dataclass
@@ -24,6 +23,11 @@ from typing import BinaryIO
 
 import xxhash
 import zstandard
+
+# Content ids have their home in envship.ids; still importable from here.
+from envship.ids import ID_PATTERN as ID_PATTERN
+from envship.ids import check_id as check_id
+from envship.ids import is_id as is_id
 
 BLOCK = tarfile.BLOCKSIZE
 #: The tar entry types envship writes (ustar ``typeflag``); a regular file
@@ -36,8 +40,6 @@ TAR_FILE, TAR_DIRECTORY, TAR_SYMLINK, TAR_HARDLINK = (
 )
 TAR_REGULAR = (TAR_FILE, tarfile.AREGTYPE)
 READ_SIZE = 1 << 20
-#: What a content id looks like: 32 lowercase hex digits (xxh3-128).
-ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
 class ContentHasher:
@@ -288,19 +290,3 @@ def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
     return bytes(header)
 
 
-def is_id(text) -> bool:
-    r"""Whether ``text`` is a content id: the whole string, no trailing newline.
-
-    Examples
-    --------
-    >>> is_id("0" * 32), is_id("0" * 32 + "\n"), is_id("0" * 31)
-    (True, False, False)
-    """
-    return isinstance(text, str) and ID_PATTERN.fullmatch(text) is not None
-
-
-def check_id(id) -> str:
-    """``id`` if it is a content id (see :func:`is_id`); ValueError if not."""
-    if not is_id(id):
-        raise ValueError(f"not a content id: {id!r}")
-    return id

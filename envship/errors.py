@@ -1,6 +1,7 @@
 """The one family of errors a user of envship can meet.
 
-Every message names the environment, says what is wrong and how to fix it.
+Every message names the environment (or the node cache, the scheduler... that
+is concerned, and says which), says what is wrong and how to fix it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ class EnvshipError(Exception):
     Parameters
     ----------
     env : str
-        The environment concerned (a name, a path or an id).
+        What is concerned: an environment (a name, a path or an id), or
+        whatever ``subject`` says it is.
     problem : str
         What is wrong, in one or a few sentences.
     fix : str, optional
         What the user can do about it.
+    subject : str, optional
+        What ``env`` is, when it is not an environment: ``"node cache"``
+        (and ``env`` its folder), ``"scheduler"`` (and ``env`` its address).
 
     Examples
     --------
@@ -25,19 +30,30 @@ class EnvshipError(Exception):
     ...
     envship.errors.EnvshipError: environment 'sklearn-dev': no python in it
     Fix: install python
+    >>> raise EnvshipError("/tmp/cache", "not ours", subject="node cache")
+    Traceback (most recent call last):
+    ...
+    envship.errors.EnvshipError: node cache '/tmp/cache': not ours
     """
 
-    def __init__(self, env: str, problem: str, fix: str | None = None):
+    def __init__(
+        self,
+        env: str,
+        problem: str,
+        fix: str | None = None,
+        subject: str = "environment",
+    ):
         self.env = env
         self.problem = problem
         self.fix = fix
-        message = f"environment {env!r}: {problem}"
+        self.subject = subject
+        message = f"{subject} {env!r}: {problem}"
         if fix:
             message += f"\nFix: {fix}"
         super().__init__(message)
 
     def __reduce__(self):
-        return type(self), (self.env, self.problem, self.fix)
+        return type(self), (self.env, self.problem, self.fix, self.subject)
 
 
 class UnsafeArchiveError(EnvshipError):

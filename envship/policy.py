@@ -14,56 +14,107 @@ cluster can run code on its workers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from envship import config
 from envship.errors import EnvshipError
+
+#: The most names or ids a policy sent by another process may list.
+MAX_ALLOWED = 100_000
 
 
 class NotAllowedError(EnvshipError):
     """The cluster's administrators do not allow this environment."""
 
 
-def current() -> dict:
-    """This process's policy: ``{"allowed": list or None, "contact": str or None}``.
+@dataclass(frozen=True)
+class Policy:
+    """What the administrators allow: names or ids (None: anything), and whom to ask.
+
+    Examples
+    --------
+    >>> rules = Policy(allowed=("sklearn-dev",), contact="hpc@uni.edu")
+    >>> rules.allows("sklearn-dev", "5f0c" * 8), rules.allows("mine", "5f0c" * 8)
+    (True, False)
+    >>> Policy.from_msg(rules.to_msg()) == rules
+    True
+    """
+
+    allowed: tuple[str, ...] | None = None
+    contact: str | None = None
+
+    def allows(self, name: str, artifact_id: str) -> bool:
+        """Whether ``name``, ``artifact_id`` or a prefix of it (12 or more characters) is listed."""
+        allowed = self.allowed
+        if allowed is None or name in allowed or artifact_id in allowed:
+            return True
+        return any(len(a) >= 12 and artifact_id.startswith(a) for a in allowed)
+
+    def to_msg(self) -> dict:
+        """``{"allowed": list or None, "contact": str or None}``: the wire's form."""
+        allowed = None if self.allowed is None else list(self.allowed)
+        return {"allowed": allowed, "contact": self.contact}
+
+    @classmethod
+    def from_msg(cls, msg: object) -> Policy:
+        """A policy another process sent; ValueError if it is not one."""
+        if not isinstance(msg, dict):
+            raise ValueError(f"a policy must be a dict, not {type(msg).__name__}")
+        allowed, contact = msg.get("allowed"), msg.get("contact")
+        if allowed is not None and (
+            not isinstance(allowed, list | tuple)
+            or len(allowed) > MAX_ALLOWED
+            or not all(isinstance(a, str) for a in allowed)
+        ):
+            raise ValueError(f"allowed must be a list of names or ids, not {allowed!r}")
+        if contact is not None and not isinstance(contact, str):
+            raise ValueError(f"contact must be a string, not {contact!r}")
+        return cls(None if allowed is None else tuple(allowed), contact)
+
+
+def current() -> Policy:
+    """This process's policy, from its dask config.
 
     Examples
     --------
     >>> import dask.config
     >>> with dask.config.set({"envship.allowed": ["sklearn-dev"]}):
-    ...     current()["allowed"]
-    ['sklearn-dev']
+    ...     current().allowed
+    ('sklearn-dev',)
     """
     allowed = config.get("allowed")
     if allowed is not None:
         if isinstance(allowed, str):  # DASK_ENVSHIP__ALLOWED="a,b"
             allowed = [a.strip() for a in allowed.split(",") if a.strip()]
-        allowed = [str(a) for a in allowed]
+        allowed = tuple(str(a) for a in allowed)
     contact = config.get("contact")
-    return {"allowed": allowed, "contact": None if contact is None else str(contact)}
+    return Policy(allowed, None if contact is None else str(contact))
 
 
-def check(name: str, artifact_id: str, policy: dict | None = None) -> None:
+def check(name: str, artifact_id: str, policy: Policy | dict | None = None) -> None:
     """Raise ``NotAllowedError`` unless ``policy`` (default: this process's) allows it.
 
     An environment is allowed if its name or its id (or a prefix of 12 or
-    more characters of the id) is listed.
+    more characters of the id) is listed. ``policy`` may be the wire's form
+    (:meth:`Policy.to_msg`), as the registry's ``envship_policy`` answers.
 
     Examples
     --------
-    >>> check("sklearn-dev", "5f0c" * 8, {"allowed": ["sklearn-dev"], "contact": None})
+    >>> check("sklearn-dev", "5f0c" * 8, Policy(allowed=("sklearn-dev",)))
     >>> check("mine", "5f0c" * 8, {"allowed": ["sklearn-dev"], "contact": "hpc@uni.edu"})
     Traceback (most recent call last):
     ...
     envship.policy.NotAllowedError: environment 'mine': the administrators of this cluster allow only these environments: sklearn-dev
     Fix: ask hpc@uni.edu to allow it (its id is 5f0c5f0c5f0c5f0c5f0c5f0c5f0c5f0c), or use one of those
     """
-    policy = current() if policy is None else policy
-    allowed = policy.get("allowed")
-    if allowed is None or name in allowed or artifact_id in allowed:
+    if policy is None:
+        policy = current()
+    elif isinstance(policy, dict):
+        policy = Policy.from_msg(policy)
+    if policy.allows(name, artifact_id):
         return
-    if any(len(a) >= 12 and artifact_id.startswith(a) for a in allowed):
-        return
-    who = policy.get("contact") or "the cluster's administrators"
-    listed = ", ".join(allowed) if allowed else "none"
+    who = policy.contact or "the cluster's administrators"
+    listed = ", ".join(policy.allowed or ()) or "none"
     raise NotAllowedError(
         name,
         f"the administrators of this cluster allow only these environments: {listed}",

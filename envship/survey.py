@@ -9,10 +9,21 @@ timeout, so a nanny that died or hangs costs one timeout, never the answer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from envship.messages import NannyStatus
 
 #: What a survey uses when the scheduler has no registry yet (nobody switched).
 EMPTY_REGISTRY: dict[str, dict] = {"offers": {}, "holders": {}, "running": {}}
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """A nanny that gave no status: why (timed out, gone, an invalid reply)."""
+
+    why: str
 
 
 async def survey(
@@ -32,7 +43,7 @@ async def survey(
         The registry's ``snapshot()``, or ``EMPTY_REGISTRY``.
     timeout : float, optional
         Seconds each nanny has to answer; one that does not is shown as
-        ``unreachable``.
+        ``unreachable``, and so is one whose reply is not a valid status.
 
     Returns
     -------
@@ -54,15 +65,19 @@ async def survey(
         if w.get("nanny")
     }
 
-    async def ask(nanny):
+    async def ask(nanny: str) -> NannyStatus | Unreachable:
         try:
-            return await asyncio.wait_for(
+            reply = await asyncio.wait_for(
                 rpc(nanny).envship_status(cache=True), timeout
             )
         except asyncio.TimeoutError:
-            return {"unreachable": f"timed out after {timeout} s"}
+            return Unreachable(f"timed out after {timeout} s")
         except Exception as e:  # no envship there, or gone
-            return {"unreachable": str(e) or type(e).__name__}
+            return Unreachable(str(e) or type(e).__name__)
+        try:
+            return NannyStatus.from_msg(reply)
+        except (ValueError, TypeError) as e:  # another version, or a liar
+            return Unreachable(f"invalid status reply: {e}")
 
     answers = dict(zip(workers, await asyncio.gather(*map(ask, workers)), strict=True))
     ordered = sorted(workers.items(), key=lambda kv: str(kv[1][1]))
@@ -76,47 +91,64 @@ async def survey(
     }
 
 
-def _worker_row(nanny: str, address: str, name, answer: dict) -> dict:
+def _worker_row(
+    nanny: str, address: str, name: Any, answer: NannyStatus | Unreachable
+) -> dict:
+    if isinstance(answer, Unreachable):
+        return {
+            "name": name,
+            "address": address,
+            "nanny": nanny,
+            "node": None,
+            "site": None,
+            "environment": None,
+            "id": None,
+            "since": None,
+            "unreachable": answer.why,
+        }
     return {
         "name": name,
         "address": address,
         "nanny": nanny,
-        "node": answer.get("node"),
-        "site": answer.get("site"),
-        "environment": answer.get("name"),
-        "id": answer.get("running"),
-        "since": answer.get("since"),
-        "unreachable": answer.get("unreachable"),
+        "node": answer.node,
+        "site": answer.site,
+        "environment": answer.name,
+        "id": answer.running,
+        "since": answer.since,
+        "unreachable": None,
     }
 
 
-def _node_rows(answers) -> list[dict]:
+def _node_rows(answers: Iterable[NannyStatus | Unreachable]) -> list[dict]:
     nodes: dict[str, dict] = {}
     for s in answers:
-        if s.get("node"):
+        if isinstance(s, NannyStatus):
             n = nodes.setdefault(
-                s["node"],
+                s.node,
                 {
-                    "node": s["node"],
-                    "site": s["site"],
+                    "node": s.node,
+                    "site": s.site,
                     "nannies": 0,
-                    "cache": s["cache"]["root"],
-                    "cache_size": s["cache"]["size"],
+                    "cache": s.cache_root,
+                    "cache_size": s.cache_size,
                 },
             )
             n["nannies"] += 1
     return list(nodes.values())
 
 
-def _blob_rows(registry: dict, answers: dict[str, dict]) -> list[dict]:
+def _blob_rows(
+    registry: dict, answers: dict[str, NannyStatus | Unreachable]
+) -> list[dict]:
     blobs = []
     for id, offer in registry["offers"].items():
         holders = registry["holders"].get(id, [])
         transfers = [
-            {"nanny": nanny, **t}
+            {"nanny": nanny, **t.to_msg()}
             for nanny, s in answers.items()
-            for t in s.get("transfers", ())
-            if t["id"] == id
+            if isinstance(s, NannyStatus)
+            for t in s.transfers
+            if t.id == id
         ]
         thin_of = offer.get("thin_of")
         blobs.append(

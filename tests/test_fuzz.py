@@ -180,6 +180,66 @@ def test_messages_from_others_are_checked_or_refused(msg):
 
 
 @FUZZ
+@given(
+    msg=st.dictionaries(
+        st.sampled_from(
+            [
+                "id",
+                "name",
+                "names",
+                "offer",
+                "nanny",
+                "complete",
+                "site",
+                "node",
+                "owner",
+                "client",
+                "nannies",
+                "holders",
+                "conflicts",
+                "allowed",
+                "contact",
+                "ok",
+                "error",
+                "seconds",
+                "running",
+                "since",
+                "default",
+                "worker",
+                "cache",
+                "transfers",
+                "x",
+            ]
+        ),
+        json_values | st.sampled_from(["0" * 32, "tcp://a:1"]),
+        max_size=10,
+    )
+)
+def test_registry_and_status_messages_are_checked_or_refused(msg):
+    """Requests and answers of the registry, the policy, a nanny's status."""
+    from envship.messages import NannyStatus
+    from envship.policy import Policy
+    from envship.scheduler import messages
+
+    parsers = [NannyStatus.from_msg, Policy.from_msg]
+    parsers += [getattr(messages, name).from_msg for name in MESSAGES]
+    for parse in parsers:
+        try:
+            parse(msg)
+        except ValueError:
+            pass
+        except TypeError as e:  # only as a call with wrong arguments is
+            assert re.search("required positional|unexpected keyword", str(e))
+
+
+#: The registry's typed requests and answers (envship.scheduler.messages).
+MESSAGES = [
+    "Publish", "Desire", "Where", "Hold", "Runs", "Claim", "Release",
+    "Holder", "WhereAnswer", "ClaimRecord", "ClaimAnswer",
+]  # fmt: skip
+
+
+@FUZZ
 @given(data=st.binary(max_size=600), count=st.integers(-5, 5000))
 def test_store_key_and_bit_messages_are_checked(data, count):
     for call in (lambda: decode_keys(data), lambda: decode_bits(data, count)):

@@ -78,11 +78,11 @@ class EnvshipPage(web.RequestHandler):
         found = await survey(
             self.scheduler.rpc,
             self.scheduler.identity(),
-            registry.snapshot() if registry is not None else EMPTY_REGISTRY,
+            registry.snapshot().to_msg() if registry is not None else EMPTY_REGISTRY,
             timeout=NANNY_TIMEOUT,
         )
         rules = registry.policy if registry is not None else policy.current()
-        allowed, contact = rules["allowed"], rules["contact"]
+        allowed, contact = rules.allowed, rules.contact
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header(

@@ -18,22 +18,41 @@ A small scheduler plugin, registered by the first client that switches (or by
   clients switching the same workers at once do not both succeed: the
   second is refused, naming the first.
 
-It never sees a blob's bytes, and it trusts no message: every handler checks
-types and sizes before it stores anything.
+It never sees a blob's bytes, and it trusts no message: every handler takes
+its keyword arguments as a typed request (:mod:`envship.scheduler.messages`),
+checked for types and sizes before anything is stored, and answers with a
+typed answer that goes on the wire as the dict it always was.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from envship import policy
-from envship.archive import check_id
+from envship.ids import Address, EnvId, ThinId
 from envship.manifest import ThinManifest
 from envship.scheduler.dashboard import add_page
+from envship.scheduler.messages import (
+    Claim,
+    ClaimAnswer,
+    ClaimRecord,
+    Desire,
+    Hold,
+    Holder,
+    Holding,
+    Publish,
+    Release,
+    Running,
+    Runs,
+    Snapshot,
+    Where,
+    WhereAnswer,
+)
 from envship.transfer import Offer, Peer
-from envship.transfer.pieces import check_site, check_text
 
 #: Offers kept beyond those that rules point to (the most recent ones).
 SPARE_OFFERS = 16
@@ -44,15 +63,11 @@ HOLDER_GRACE = 120.0
 CLAIM_TTL = 3600.0
 
 
-def _id(value) -> str:
-    try:
-        return check_id(value)
-    except ValueError:
-        raise ValueError(f"not an environment id: {value!r}") from None
-
-
 class Registry(SchedulerPlugin):
     """envship's state on the scheduler, served through ``envship_*`` handlers.
+
+    Each handler method takes a typed request and gives a typed answer (or
+    ``"OK"``); :func:`serve` puts them on the wire.
 
     Examples
     --------
@@ -64,211 +79,207 @@ class Registry(SchedulerPlugin):
     name = "envship-registry"
 
     def __init__(self) -> None:
-        self.offers: dict[str, dict] = {}
-        self.thin: dict[str, str] = {}  # environment id -> its thin pack's id
-        self.default: str | None = None
-        self.by_name: dict[str, str | None] = {}
-        self.holders: dict[str, dict[str, dict]] = {}
-        self.running: dict[str, dict] = {}
-        # nanny -> {"owner", "client", "name", "since"} of the switch under way
-        self.claims: dict[str, dict] = {}
-        self.scheduler = None
-        self.policy: dict = {"allowed": None, "contact": None}
+        self.offers: dict[EnvId, Offer] = {}
+        self.thin: dict[EnvId, ThinId] = {}  # environment -> its thin pack
+        self.default: EnvId | None = None
+        self.by_name: dict[str, EnvId | None] = {}
+        self.holders: dict[EnvId, dict[Address, Holding]] = {}
+        self.running: dict[Address, Running] = {}
+        self.claims: dict[Address, ClaimRecord] = {}  # the switches under way
+        self.scheduler: Any = None  # distributed's Scheduler, once started
+        self.policy = policy.Policy()
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
         self.policy = policy.current()  # the scheduler's config, not the client's
         scheduler.handlers.update(
             {
-                "envship_publish": self.publish,
-                "envship_desire": self.desire,
-                "envship_where": self.where,
-                "envship_hold": self.hold,
-                "envship_runs": self.runs,
-                "envship_registry": self.snapshot,
-                "envship_claim": self.claim,
-                "envship_release": self.release,
-                "envship_policy": self.get_policy,
+                "envship_publish": serve(self.publish, Publish),
+                "envship_desire": serve(self.desire, Desire),
+                "envship_where": serve(self.where, Where),
+                "envship_hold": serve(self.hold, Hold),
+                "envship_runs": serve(self.runs, Runs),
+                "envship_registry": serve(self.snapshot),
+                "envship_claim": serve(self.claim, Claim),
+                "envship_release": serve(self.release, Release),
+                "envship_policy": serve(self.get_policy),
             }
         )
         add_page(scheduler, self.name)  # /envship in the dashboard
 
     # -- handlers ----------------------------------------------------------------
 
-    def publish(self, offer: dict) -> str:
+    def publish(self, request: Publish) -> str:
         """Keep an environment's offer, so nanny reports and joiners can use it."""
-        parsed = Offer.from_msg(offer)
-        self.offers.pop(parsed.id, None)
-        self.offers[parsed.id] = parsed.to_msg()  # most recent last
-        if isinstance(parsed.manifest, ThinManifest):
-            self.thin[parsed.manifest.thin_of] = parsed.id
+        offer = request.offer
+        id = EnvId(offer.id)  # checked by Offer.from_msg
+        self.offers.pop(id, None)
+        self.offers[id] = offer  # most recent last
+        if isinstance(offer.manifest, ThinManifest):
+            self.thin[EnvId(offer.manifest.thin_of)] = ThinId(id)
         self._forget_spare_offers()
         return "OK"
 
-    def desire(self, id: str | None = None, names: list | None = None) -> str:
+    def desire(self, request: Desire) -> str:
         """Record that workers (``names``, or all) should run in ``id`` (None: their own)."""
-        if id is not None and _id(id) not in self.offers and id not in self.thin:
-            raise ValueError(f"publish the offer of {id!r} first")
+        id = request.id
         if id is not None:
-            offer = self.offers.get(id) or self.offers[self.thin[id]]
-            policy.check(offer["name"], id, self.policy)
-        if names is None:
+            offer = self.offers.get(id) or self.offers.get(self.thin.get(id, id))
+            if offer is None:
+                raise ValueError(f"publish the offer of {id!r} first")
+            policy.check(offer.name, id, self.policy)
+        if request.names is None:
             self.default = id
             self.by_name.clear()
         else:
-            if not isinstance(names, list | tuple) or len(names) > 100_000:
-                raise ValueError("names must be a list of worker names")
-            for name in names:
-                self.by_name[check_text(str(name), "a worker name")] = id
+            self.by_name.update(dict.fromkeys(request.names, id))
         self._forget_spare_offers()
         return "OK"
 
-    def where(self, id: str | None = None, name: str | None = None) -> dict:
+    def where(self, request: Where) -> WhereAnswer:
         """The offer of blob ``id``, or of what worker ``name`` should run, and its holders.
 
         For a worker's environment whose whole archive nobody holds, the
         offer is that of its thin pack (its manifest says ``thin_of`` and
         ``base``).
         """
-        if id is not None:
-            offer = self.offers.get(_id(id))
+        if request.id is not None:
+            offer = self.offers.get(request.id)
         else:
-            if name is not None:
-                name = check_text(str(name), "a worker name")
             wanted = (
-                self.by_name.get(str(name), self.default)
-                if name is not None
+                self.by_name.get(request.name, self.default)
+                if request.name is not None
                 else self.default
             )
             offer = self.offers.get(wanted) if wanted is not None else None
             if offer is None and wanted in self.thin:
                 offer = self.offers.get(self.thin[wanted])
-        holders = self.live_holders(offer["id"]) if offer else []
-        return {"offer": offer, "holders": holders}
+        if offer is None:
+            return WhereAnswer(None)
+        holders = self.live_holders(EnvId(offer.id))
+        return WhereAnswer(
+            offer,
+            tuple(Holder(Peer(n, h.site), h.complete) for n, h in holders.items()),
+        )
 
-    def hold(
-        self,
-        nanny: str,
-        id: str,
-        complete: bool | None,
-        site: str | None = None,
-        node: str | None = None,
-    ) -> str:
+    def hold(self, request: Hold) -> str:
         """A nanny holds blob ``id`` (``complete`` or downloading; None: no more)."""
-        record = {
-            "complete": complete,
-            "site": check_site(site),
-            "node": None if node is None else check_text(node, "a node"),
-            "time": time.time(),
-        }
-        nanny, id = check_text(nanny, "a nanny address"), _id(id)
-        if complete is None:
+        nanny, id = request.nanny, request.id
+        if request.complete is None:
             self.holders.get(id, {}).pop(nanny, None)
             return "OK"
-        if not isinstance(complete, bool):
-            raise ValueError(f"complete must be true, false or none, not {complete!r}")
         if id not in self.offers and id not in self.holders:
             return "unknown"  # nothing to point anyone to
-        self.holders.setdefault(id, {})[nanny] = record
+        self.holders.setdefault(id, {})[nanny] = Holding(
+            request.complete, request.site, request.node, time.time()
+        )
         return "OK"
 
-    def runs(self, nanny: str, id: str | None, name: str | None = None) -> str:
+    def runs(self, request: Runs) -> str:
         """A nanny's worker now runs in ``id`` (None: the nanny's own environment)."""
-        nanny = check_text(nanny, "a nanny address")
-        id = None if id is None else _id(id)
-        name = None if name is None else check_text(name, "a name")
-        previous = self.running.get(nanny)
-        if previous is None or previous["id"] != id:
-            self.running[nanny] = {"id": id, "name": name, "since": time.time()}
+        previous = self.running.get(request.nanny)
+        if previous is None or previous.id != request.id:
+            self.running[request.nanny] = Running(request.id, request.name, time.time())
         return "OK"
 
-    def claim(self, owner: str, client: str, nannies: list, name: str) -> dict:
+    def claim(self, request: Claim) -> ClaimAnswer:
         """Claim ``nannies`` for a switch to ``name`` by ``owner`` (one call of ``client``).
 
         All or nothing: if another switch under way holds any of them, nothing
         is claimed and those conflicts are returned. A claim ends with
         :meth:`release`, when its client disconnects, or after ``CLAIM_TTL``.
         """
-        owner, client = check_text(owner, "an owner"), check_text(client, "a client id")
-        name = check_text(name, "a name")
-        if not isinstance(nannies, list | tuple) or len(nannies) > 100_000:
-            raise ValueError("nannies must be a list of nanny addresses")
-        nannies = [check_text(n, "a nanny address") for n in nannies]
         now = time.time()
-        live = self.scheduler.clients
+        live = self.scheduler.clients if self.scheduler is not None else {}
         for nanny, c in list(self.claims.items()):
-            if c["client"] not in live or now - c["since"] > CLAIM_TTL:
+            if c.client not in live or now - c.since > CLAIM_TTL:
                 del self.claims[nanny]
         conflicts = {
             n: self.claims[n]
-            for n in nannies
-            if self.claims.get(n, {}).get("owner") not in (None, owner)
+            for n in request.nannies
+            if n in self.claims and self.claims[n].owner != request.owner
         }
         if not conflicts:
-            claim = {"owner": owner, "client": client, "name": name, "since": now}
-            self.claims.update(dict.fromkeys(nannies, claim))
-        return {"conflicts": conflicts}
+            claim = ClaimRecord(request.owner, request.client, request.name, now)
+            self.claims.update(dict.fromkeys(request.nannies, claim))
+        return ClaimAnswer(conflicts)
 
-    def release(self, owner: str) -> str:
+    def release(self, request: Release) -> str:
         """End ``owner``'s claims."""
-        owner = check_text(owner, "an owner")
-        self.claims = {n: c for n, c in self.claims.items() if c["owner"] != owner}
+        self.claims = {n: c for n, c in self.claims.items() if c.owner != request.owner}
         return "OK"
 
-    def get_policy(self) -> dict:
+    def get_policy(self) -> policy.Policy:
         """Which environments users may run here (``envship.policy``)."""
         return self.policy
 
-    def snapshot(self) -> dict:
-        """Everything above, for ``envship.status``."""
-        return {
-            "default": self.default,
-            "by_name": dict(self.by_name),
-            "offers": {
-                id: {
-                    "name": o["name"],
-                    "size": o["table"]["size"],
-                    "thin_of": o["manifest"].get("thin_of"),
-                }
-                for id, o in self.offers.items()
-            },
-            "holders": {
-                id: self.live_holders(id, as_peers=False, grace=0)
-                for id in self.holders
-            },
-            "running": dict(self.running),
-        }
+    def snapshot(self) -> Snapshot:
+        """Everything above, for ``envship.status`` and the dashboard."""
+        return Snapshot(
+            default=self.default,
+            by_name=dict(self.by_name),
+            offers=dict(self.offers),
+            holders={id: self.live_holders(id, grace=0) for id in self.holders},
+            running=dict(self.running),
+        )
 
     # -- helpers -------------------------------------------------------------------
 
     def live_holders(
-        self, id: str, as_peers: bool = True, grace: float = HOLDER_GRACE
-    ) -> list:
-        """Holders of ``id`` whose nanny has a worker, or reported within ``grace`` s."""
-        nannies = {ws.nanny for ws in self.scheduler.workers.values() if ws.nanny}
+        self, id: EnvId, grace: float = HOLDER_GRACE
+    ) -> dict[Address, Holding]:
+        """Holders of ``id`` whose nanny has a worker, or reported within ``grace`` s.
+
+        Complete holders first: they can serve every piece.
+        """
+        workers = self.scheduler.workers.values() if self.scheduler is not None else ()
+        nannies = {ws.nanny for ws in workers if ws.nanny}
         now = time.time()
-        found = {
-            nanny: h
+        found = [
+            (nanny, h)
             for nanny, h in self.holders.get(id, {}).items()
-            if nanny in nannies or now - h["time"] < grace
-        }
-        # Complete holders first: they can serve every piece.
-        ordered = sorted(found.items(), key=lambda kv: not kv[1]["complete"])
-        if as_peers:
-            return [
-                {**Peer(nanny, h["site"]).to_msg(), "complete": h["complete"]}
-                for nanny, h in ordered
-            ]
-        return [{"nanny": nanny, **h} for nanny, h in ordered]
+            if nanny in nannies or now - h.time < grace
+        ]
+        return dict(sorted(found, key=lambda nh: not nh[1].complete))
 
     def _forget_spare_offers(self) -> None:
-        wanted = {self.default, *self.by_name.values()}
+        wanted: set[EnvId | None] = {self.default, *self.by_name.values()}
         for id in list(wanted):
-            thin = self.offers.get(self.thin.get(id))
-            if thin is not None:  # and the base that it refers to
-                wanted |= {thin["id"], thin["manifest"]["base"]}
+            thin = self.offers.get(self.thin[id]) if id in self.thin else None
+            if thin is not None and isinstance(thin.manifest, ThinManifest):
+                # and the base that it refers to
+                wanted |= {EnvId(thin.id), EnvId(thin.manifest.base)}
         spare = [id for id in self.offers if id not in wanted]
         for id in spare[: max(len(spare) - SPARE_OFFERS, 0)]:
             del self.offers[id]
             self.holders.pop(id, None)
         self.thin = {e: t for e, t in self.thin.items() if t in self.offers}
+
+
+def serve(method: Callable[..., Any], request: Any = None) -> Callable[..., Any]:
+    """A comm handler for ``method``: its keyword arguments made into ``request``.
+
+    A handler without ``request`` takes no arguments. The answer goes on the
+    wire as its ``to_msg()`` (a string as it is).
+    """
+    if request is None:
+
+        def handle(**msg):
+            if msg:
+                raise TypeError(
+                    f"{method.__name__}() got an unexpected keyword argument "
+                    f"{next(iter(msg))!r}"
+                )
+            return _on_wire(method())
+
+    else:
+
+        def handle(**msg):
+            return _on_wire(method(request.from_msg(msg)))
+
+    handle.__name__ = handle.__qualname__ = f"envship_{method.__name__}"
+    return handle
+
+
+def _on_wire(answer: Any) -> Any:
+    return answer if isinstance(answer, str) else answer.to_msg()

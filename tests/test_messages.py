@@ -1,0 +1,444 @@
+"""The typed messages between clients, nannies and the scheduler's registry.
+
+Unit tests, no cluster: every message goes to the wire and back unchanged,
+and refuses each lie (a wrong type, a value out of bounds, a missing or
+unknown argument) with the error its handler's callers expect. The registry
+itself is driven through its comm handlers with no scheduler behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import re
+from dataclasses import MISSING, fields
+
+import pytest
+
+from envship import policy
+from envship.errors import EnvshipError
+from envship.ids import (
+    check_address,
+    check_digest,
+    check_id,
+    check_site,
+    check_text,
+    check_thin_id,
+    is_id,
+)
+from envship.manifest import Manifest, ThinManifest
+from envship.messages import NannyStatus, TransferState
+from envship.policy import NotAllowedError, Policy
+from envship.scheduler.messages import (
+    Claim,
+    ClaimAnswer,
+    ClaimRecord,
+    Desire,
+    Hold,
+    Holder,
+    Publish,
+    Release,
+    Runs,
+    Where,
+    WhereAnswer,
+)
+from envship.scheduler.registry import Registry, serve
+from envship.survey import survey
+from envship.transfer.pieces import Offer, Peer, PieceTable
+
+ID, OTHER, BASE = "a" * 32, "b" * 32, "c" * 32
+#: What the fuzz test accepts as a TypeError: only a call with wrong arguments.
+CALL_ERROR = re.compile("required positional|unexpected keyword")
+
+
+def manifest(id: str = ID, name: str = "sklearn-dev") -> Manifest:
+    return Manifest(
+        id=id, name=name, kind="conda", python="3.11.7", file_count=1, unpacked_size=3
+    )
+
+
+def offer(id: str = ID, name: str = "sklearn-dev") -> Offer:
+    table = PieceTable.of_bytes(b"x" * 100_000, piece_size=65536)
+    return Offer(id, name, manifest(id, name), table)
+
+
+def thin_offer() -> Offer:
+    thin = ThinManifest(
+        id=OTHER, thin_of=ID, base=BASE, env=manifest(), packed_size=9, files=1, refs=0
+    )
+    return Offer(OTHER, "sklearn-dev", thin, PieceTable.of_bytes(b"t", 65536))
+
+
+# -- ids ----------------------------------------------------------------------------
+
+
+def test_ids_are_checked_once_from_text():
+    assert check_id(ID) == ID and check_thin_id(ID) == ID and is_id(ID)
+    assert check_digest("0" * 32) == "0" * 32
+    assert check_address("tcp://10.0.0.1:4000") == "tcp://10.0.0.1:4000"
+    assert check_site(None) is None and check_site("east") == "east"
+    for lie in (ID.upper(), ID + "\n", ID[:-1], 5, None, b"a" * 32, "../" + ID[3:]):
+        for check in (check_id, check_thin_id, check_digest):
+            with pytest.raises(ValueError):
+                check(lie)
+    for lie in ("", "x" * 1025, 5, None, ["a"]):
+        with pytest.raises(ValueError, match="a nanny address"):
+            check_address(lie, "a nanny address")
+        with pytest.raises(ValueError):
+            check_text(lie, "a name")
+
+
+def test_old_homes_of_the_id_checks_still_import():
+    from envship.archive import ID_PATTERN, check_id, is_id
+
+    assert check_id(ID) == ID and is_id(ID) and ID_PATTERN.fullmatch(ID)
+
+
+# -- requests of the registry's handlers ----------------------------------------------
+
+REQUESTS = [
+    Publish(offer()),
+    Publish(thin_offer()),
+    Desire(ID, ("worker-0", "7")),
+    Desire(None, None),
+    Desire(ID, None),
+    Where(id=ID),
+    Where(name="worker-0"),
+    Where(),
+    Hold("tcp://a:1", ID, True, "east", "host:1:2"),
+    Hold("tcp://a:1", ID, None),
+    Runs("tcp://a:1", ID, "sklearn-dev"),
+    Runs("tcp://a:1", None),
+    Claim("me/1", "client-1", ("tcp://a:1", "tcp://b:2"), "sklearn-dev"),
+    Claim("me/1", "client-1", (), "x"),
+    Release("me/1"),
+]
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: type(r).__name__)
+def test_requests_go_to_the_wire_and_back(request_):
+    assert type(request_).from_msg(request_.to_msg()) == request_
+
+
+def test_worker_names_are_kept_as_text():
+    # Dask allows any worker name (ints too): the registry keys rules by str.
+    assert Desire.from_msg({"id": None, "names": [0, "w"]}).names == ("0", "w")
+    assert Where.from_msg({"name": 3}).name == "3"
+
+
+LIES = [
+    (Publish, {"offer": {**offer().to_msg(), "id": ID + "\n"}}),
+    (Publish, {"offer": {**offer().to_msg(), "id": OTHER}}),  # not its manifest's
+    (Publish, {"offer": "not a dict"}),
+    (Desire, {"id": "0" * 31}),
+    (Desire, {"id": None, "names": "worker-0"}),  # not a list
+    (Desire, {"id": None, "names": ["x" * 2000]}),
+    (Desire, {"names": list(range(100_001))}),
+    (Where, {"id": ["not", "an", "id"]}),
+    (Where, {"name": "x" * 2000}),
+    (Hold, {"nanny": 5, "id": ID, "complete": True}),
+    (Hold, {"nanny": "x" * 5000, "id": ID, "complete": True}),
+    (Hold, {"nanny": "tcp://a:1", "id": ID, "complete": True, "site": 7}),
+    (Hold, {"nanny": "tcp://a:1", "id": ID, "complete": True, "node": ""}),
+    (Hold, {"nanny": "tcp://a:1", "id": ID, "complete": 1}),
+    (Hold, {"nanny": "tcp://a:1", "id": None, "complete": None}),
+    (Runs, {"nanny": "tcp://a:1", "id": 5}),
+    (Runs, {"nanny": "tcp://a:1", "id": None, "name": 5}),
+    (Claim, {"owner": "o", "client": "c", "nannies": "tcp://a:1", "name": "x"}),
+    (Claim, {"owner": "o", "client": "c", "nannies": [7], "name": "x"}),
+    (Claim, {"owner": "", "client": "c", "nannies": [], "name": "x"}),
+    (Claim, {"owner": "o", "client": None, "nannies": [], "name": "x"}),
+    (Release, {"owner": None}),
+]
+
+
+@pytest.mark.parametrize("message, msg", LIES, ids=lambda v: getattr(v, "__name__", ""))
+def test_requests_refuse_lies(message, msg):
+    with pytest.raises(ValueError):
+        message.from_msg(msg)
+
+
+@pytest.mark.parametrize("message", sorted({type(r) for r in REQUESTS}, key=str))
+def test_requests_refuse_wrong_arguments_as_a_call_would(message):
+    good = next(r for r in REQUESTS if type(r) is message).to_msg()
+    with pytest.raises(TypeError, match=CALL_ERROR):
+        message.from_msg({**good, "extra": 1})
+    required = [f.name for f in fields(message) if f.default is MISSING]
+    for key in required:
+        with pytest.raises(TypeError, match=CALL_ERROR):
+            message.from_msg({k: v for k, v in good.items() if k != key})
+
+
+# -- answers --------------------------------------------------------------------------
+
+
+def test_answers_go_to_the_wire_and_back():
+    where = WhereAnswer(
+        offer(),
+        (Holder(Peer("tcp://a:1", "east"), True), Holder(Peer("tcp://b:2"), False)),
+    )
+    assert WhereAnswer.from_msg(where.to_msg()) == where
+    assert where.to_msg()["holders"][0] == {
+        "address": "tcp://a:1",
+        "site": "east",
+        "complete": True,
+    }
+    assert WhereAnswer.from_msg({"offer": None, "holders": []}) == WhereAnswer(None)
+    claim = ClaimAnswer({"tcp://a:1": ClaimRecord("o/1", "c", "sklearn-dev", 1.5e9)})
+    assert ClaimAnswer.from_msg(claim.to_msg()) == claim
+
+
+@pytest.mark.parametrize(
+    "parse, msg",
+    [
+        (WhereAnswer.from_msg, None),
+        (WhereAnswer.from_msg, {"offer": None}),
+        (WhereAnswer.from_msg, {"offer": {"id": ID}, "holders": []}),
+        (WhereAnswer.from_msg, {"offer": None, "holders": [{"address": 5}]}),
+        (WhereAnswer.from_msg, {"offer": None, "holders": [{"address": "a"}]}),
+        (
+            WhereAnswer.from_msg,
+            {"offer": None, "holders": [{"address": "a", "complete": "yes"}]},
+        ),
+        (ClaimAnswer.from_msg, {"conflicts": []}),
+        (ClaimAnswer.from_msg, {"conflicts": {"tcp://a:1": {"owner": "o"}}}),
+        (
+            ClaimAnswer.from_msg,
+            {
+                "conflicts": {
+                    "tcp://a:1": {
+                        "owner": "o",
+                        "client": "c",
+                        "name": "n",
+                        "since": float("nan"),
+                    }
+                }
+            },
+        ),
+    ],
+)
+def test_answers_refuse_lies(parse, msg):
+    with pytest.raises(ValueError):
+        parse(msg)
+
+
+# -- the registry, through its handlers, with no scheduler ----------------------------
+
+
+def handlers(registry: Registry) -> dict:
+    """The comm handlers, as ``Registry.start`` registers them."""
+    return {
+        "publish": serve(registry.publish, Publish),
+        "desire": serve(registry.desire, Desire),
+        "where": serve(registry.where, Where),
+        "hold": serve(registry.hold, Hold),
+        "runs": serve(registry.runs, Runs),
+        "claim": serve(registry.claim, Claim),
+        "release": serve(registry.release, Release),
+        "registry": serve(registry.snapshot),
+        "policy": serve(registry.get_policy),
+    }
+
+
+def test_the_registry_answers_on_the_wire_as_before():
+    call = handlers(Registry())
+    assert call["where"](name="worker-0") == {"offer": None, "holders": []}
+    assert call["policy"]() == {"allowed": None, "contact": None}
+    with pytest.raises(TypeError, match=CALL_ERROR):
+        call["policy"](extra=1)
+    with pytest.raises(TypeError, match=CALL_ERROR):
+        call["hold"](id=ID, complete=True)
+    assert call["publish"](offer=offer().to_msg()) == "OK"
+    with pytest.raises(ValueError, match="publish the offer"):
+        call["desire"](id=OTHER)
+    assert call["desire"](id=ID, names=["worker-0"]) == "OK"
+    assert call["hold"](nanny="tcp://a:1", id=ID, complete=False, site="east") == "OK"
+    assert call["hold"](nanny="tcp://b:2", id=ID, complete=True) == "OK"
+    assert call["hold"](nanny="tcp://b:2", id=OTHER, complete=True) == "unknown"
+    where = call["where"](name="worker-0")
+    assert where["offer"] == offer().to_msg()
+    assert where["holders"] == [  # whole holders first
+        {"address": "tcp://b:2", "site": None, "complete": True},
+        {"address": "tcp://a:1", "site": "east", "complete": False},
+    ]
+    assert call["where"](name="worker-1")["offer"] is None  # no default
+    assert call["runs"](nanny="tcp://a:1", id=ID, name="sklearn-dev") == "OK"
+    snapshot = call["registry"]()
+    assert snapshot["default"] is None and snapshot["by_name"] == {"worker-0": ID}
+    assert snapshot["offers"] == {
+        ID: {"name": "sklearn-dev", "size": 100_000, "thin_of": None}
+    }
+    assert snapshot["holders"] == {ID: []}  # no worker: none live without grace
+    assert snapshot["running"]["tcp://a:1"]["id"] == ID
+    assert set(snapshot["running"]["tcp://a:1"]) == {"id", "name", "since"}
+    # Gone again: no longer listed.
+    assert call["hold"](nanny="tcp://a:1", id=ID, complete=None) == "OK"
+    assert len(call["where"](id=ID)["holders"]) == 1
+
+
+def test_a_thin_pack_stands_in_for_its_environment():
+    call = handlers(Registry())
+    assert call["publish"](offer=thin_offer().to_msg()) == "OK"
+    assert call["desire"](id=ID) == "OK"  # known through its thin pack
+    assert call["where"](name="any")["offer"]["id"] == OTHER
+    assert call["registry"]()["offers"][OTHER]["thin_of"] == ID
+
+
+def test_claims_are_all_or_nothing():
+    registry = Registry()
+    call = handlers(registry)
+    registry.scheduler = type("Scheduler", (), {"clients": {"c1": 0, "c2": 0}})()
+    mine = {"owner": "c1/1", "client": "c1", "name": "env"}
+    assert call["claim"](**mine, nannies=["tcp://a:1"]) == {"conflicts": {}}
+    other = {"owner": "c2/1", "client": "c2", "name": "other"}
+    answer = call["claim"](**other, nannies=["tcp://b:2", "tcp://a:1"])
+    assert list(answer["conflicts"]) == ["tcp://a:1"]
+    assert answer["conflicts"]["tcp://a:1"]["owner"] == "c1/1"
+    assert "tcp://b:2" not in registry.claims  # nothing claimed
+    assert call["release"](owner="c1/1") == "OK"
+    assert call["claim"](**other, nannies=["tcp://a:1"]) == {"conflicts": {}}
+
+
+def test_the_registry_refuses_what_its_policy_does_not_allow():
+    registry = Registry()
+    registry.policy = Policy(allowed=("vetted",), contact="hpc@uni.edu")
+    call = handlers(registry)
+    call["publish"](offer=offer().to_msg())
+    with pytest.raises(NotAllowedError, match="hpc@uni.edu"):
+        call["desire"](id=ID)
+    assert call["policy"]() == {"allowed": ["vetted"], "contact": "hpc@uni.edu"}
+
+
+# -- the policy -----------------------------------------------------------------------
+
+
+def test_the_policy_is_a_small_frozen_value():
+    import dask.config
+
+    with dask.config.set({"envship.allowed": "a, b", "envship.contact": "me"}):
+        rules = policy.current()
+    assert rules == Policy(("a", "b"), "me")
+    assert Policy.from_msg(rules.to_msg()) == rules
+    with pytest.raises(AttributeError):
+        rules.contact = "you"  # type: ignore[misc]  # frozen: that is the point
+    # check() takes it, or the wire's dict, as the registry's handler sends it.
+    policy.check("a", ID, rules)
+    policy.check("b", ID, rules.to_msg())
+    policy.check("x", ID, Policy(allowed=(ID[:12],)))  # a long enough prefix
+    with pytest.raises(NotAllowedError):
+        policy.check("x", ID, Policy(allowed=(ID[:11],)))
+    with pytest.raises(NotAllowedError, match="allow only these environments: none"):
+        policy.check("x", ID, {"allowed": [], "contact": None})
+    for lie in ("x", {"allowed": "a"}, {"allowed": [5]}, {"contact": 5}):
+        with pytest.raises(ValueError):
+            Policy.from_msg(lie)
+
+
+# -- the nanny's status, and a survey that survives a bad one ----------------------
+
+
+def status(**changes) -> dict:
+    good = NannyStatus(
+        ok=False,
+        error="the administrators of this cluster allow only these environments",
+        seconds=1.5,
+        running=ID,
+        name="sklearn-dev",
+        since=1.7e9,
+        default=None,
+        worker="tcp://10.0.0.1:4001",
+        node="host:2049:1234",
+        site="east",
+        cache_root="/scratch/envship",
+        cache_size=123,
+        transfers=(
+            TransferState(ID, "sklearn-dev", 3, 8, 1 << 20, ("tcp://b:2", "disk")),
+        ),
+    ).to_msg()
+    return {**good, **changes}
+
+
+def test_the_nanny_status_goes_to_the_wire_and_back():
+    parsed = NannyStatus.from_msg(status())
+    assert parsed.to_msg() == status()
+    assert parsed.transfers[0].sources == ("tcp://b:2", "disk")
+    # A newer nanny may add keys: they are ignored.
+    assert NannyStatus.from_msg(status(gpus=2)) == parsed
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"ok": "yes"},
+        {"running": "../../etc"},
+        {"since": None},
+        {"since": float("inf")},
+        {"node": ""},
+        {"cache": "/scratch"},
+        {"cache": {"size": 5}},
+        {"cache": {"root": "/x", "size": -1}},
+        {"transfers": {"id": ID}},
+        {"transfers": [{"id": ID, "name": "x", "have": 1, "count": 2}]},
+        {"transfers": [{**status()["transfers"][0], "have": True}]},
+        {"transfers": [{**status()["transfers"][0], "sources": [5]}]},
+        {"error": 5},
+        {"worker": 5},
+    ],
+)
+def test_the_nanny_status_refuses_lies(changes):
+    with pytest.raises(ValueError):
+        NannyStatus.from_msg(status(**changes))
+    with pytest.raises(ValueError):
+        NannyStatus.from_msg("not a dict")
+
+
+def test_a_bad_status_reply_makes_one_nanny_unreachable_not_the_survey():
+    replies = {
+        "tcp://good:1": status(),
+        "tcp://liar:1": status(running=5),
+        "tcp://old:1": {"ok": True},  # an older nanny, or no envship at all
+        "tcp://junk:1": ["not", "a", "dict"],
+    }
+
+    class Nanny:
+        def __init__(self, address):
+            self.address = address
+
+        async def envship_status(self, cache):
+            return replies[self.address]
+
+    identity = {
+        "workers": {
+            f"tcp://worker-of-{n}": {"nanny": n, "name": n.split("//")[1]}
+            for n in replies
+        }
+    }
+    registry = {
+        "offers": {ID: {"name": "sklearn-dev", "size": 1 << 20, "thin_of": None}},
+        "holders": {},
+        "running": {},
+    }
+    found = asyncio.run(survey(Nanny, identity, registry, timeout=5))
+    rows = {w["nanny"]: w for w in found["workers"]}
+    assert rows["tcp://good:1"]["environment"] == "sklearn-dev"
+    assert rows["tcp://good:1"]["unreachable"] is None
+    for nanny in ("tcp://liar:1", "tcp://old:1", "tcp://junk:1"):
+        assert rows[nanny]["unreachable"].startswith("invalid status reply")
+        assert rows[nanny]["node"] is None
+    assert [n["node"] for n in found["nodes"]] == ["host:2049:1234"]
+    transfers = found["blobs"][0]["transfers"]
+    assert [t["nanny"] for t in transfers] == ["tcp://good:1"]
+    assert transfers[0]["have"] == 3
+
+
+# -- errors travel between processes too ---------------------------------------------
+
+
+def test_errors_say_what_their_subject_is_and_pickle():
+    assert str(EnvshipError("x", "broken")) == "environment 'x': broken"
+    cache = EnvshipError("/tmp/cache", "not ours", "chown it", subject="node cache")
+    assert str(cache) == "node cache '/tmp/cache': not ours\nFix: chown it"
+    for error in (cache, NotAllowedError("mine", "not allowed", "ask")):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
+        assert again.subject == error.subject
