@@ -6,8 +6,8 @@ verified), rarest piece first, spreading its requests over its peers and
 preferring peers of its own site (dask config ``envship.site``). A peer that
 dies, stalls or sends a bad piece is dropped for that blob.
 
-Pieces go straight to a partial file in the node cache's ``tmp/``
-(``<id>.<digest>.partial``, one per node, guarded by the cache's fetch lock); a
+Pieces go straight to a partial file that the node cache names
+(``BlobStore.partial_path``, one per node, guarded by the cache's fetch lock); a
 download that is interrupted resumes from the verified pieces already there;
 only a complete, verified blob is handed to the cache
 (``EnvCache.adopt_archive``). No process holds a whole blob in memory.
@@ -48,6 +48,7 @@ from .pieces import (
     _peers_from_msg,
     check_site,
 )
+from .store import BlobStore
 
 logger = logging.getLogger("envship.transfer")
 
@@ -228,9 +229,10 @@ class BlobServer:
 
     Parameters
     ----------
-    cache : envship.node.cache.EnvCache
-        The node cache that partial and complete blobs live in (this module
-        sits below the node side and takes it as given).
+    cache : BlobStore
+        The node cache that partial and complete blobs live in
+        (``envship.node.cache.EnvCache``; this module sits below the node side
+        and uses only what :class:`BlobStore` names).
     rpc : callable
         A connection pool (``nanny.rpc``) to reach peers.
     address : str
@@ -239,7 +241,7 @@ class BlobServer:
         This node's site label; peers of the same site are asked first.
     """
 
-    def __init__(self, cache, rpc, address: str, site: str | None = None):
+    def __init__(self, cache: BlobStore, rpc, address: str, site: str | None = None):
         self.cache = cache
         self.rpc = rpc
         self.address = address
@@ -408,11 +410,7 @@ class BlobServer:
         key = (offer.id, offer.table.digest)
         download = self.downloads.get(key)
         if download is None or download.done.is_set():  # none, or one that ended
-            path = (
-                self.cache.root
-                / "tmp"
-                / f"{offer.id}.{offer.table.digest[:16]}.partial"
-            )
+            path = self.cache.partial_path(offer.id, offer.table.digest)
             download = self.downloads[key] = Download(offer, path, self.site)
             task = self._tasks[key] = asyncio.create_task(self._run(download))
             # Also when it is cancelled before it ever ran (no `finally` then).
