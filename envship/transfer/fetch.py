@@ -36,6 +36,7 @@ from envship import config
 from envship.archive import check_id
 from envship.errors import EnvshipError
 
+from .choice import Limits, NodeView, PeerView, choose
 from .pieces import (
     MAX_PIECE_SIZE,
     MIN_PIECE_SIZE,
@@ -52,15 +53,10 @@ from .store import BlobStore
 
 logger = logging.getLogger("envship.transfer")
 
-#: Requests a fetching node keeps in flight, in all and per peer.
-IN_FLIGHT = 6
-IN_FLIGHT_PER_PEER = 2
 #: Pieces a nanny serves at once; more requests are answered "busy".
 SERVE_SLOTS = 6
 #: Seconds a ``have`` request waits for news before answering.
 HAVE_WAIT = 1.0
-#: Seconds a busy peer is left alone.
-BUSY_BACKOFF = 0.05
 
 _MISSING = {"missing": True}
 _BUSY = {"busy": True}
@@ -255,6 +251,8 @@ class BlobServer:
         self.piece_timeout = dask.utils.parse_timedelta(
             config.get("transfer.piece-timeout")
         )
+        self.limits = Limits(piece_timeout=self.piece_timeout)
+        self._rng = random.Random()
         #: Called with a download and "started", "complete" or "failed".
         self.on_event: Callable[[Download, str], None] = lambda d, event: None
 
@@ -582,78 +580,36 @@ class BlobServer:
         )
 
     def _choose(self, download: Download) -> list[tuple[int, _PeerState]]:
-        """Requests to make now: rarest pieces first, spread over peers."""
-        budget = IN_FLIGHT - len(download.in_flight)
-        if budget <= 0:
-            return []
-        now = time.monotonic()
-        live = [
-            p
-            for p in download.peers.values()
-            if not p.dropped
-            and p.in_flight < IN_FLIGHT_PER_PEER
-            and p.busy_until <= now
-        ]
-        if not live:
-            return []
-        table = download.table
-        needed = [
-            i
-            for i in range(table.count)
-            if not download.have[i] and i not in download.in_flight
-        ]
-        random.shuffle(needed)
-        holders = {
-            i: [p for p in live if p.complete or (p.have is not None and p.have[i])]
-            for i in needed
-        }
-        needed.sort(key=lambda i: len(holders[i]) or 1 << 30)
-        chosen = []
-        for i in needed:
-            candidates = self._by_site(download, i, holders[i], now)
-            candidates = [p for p in candidates if p.in_flight < IN_FLIGHT_PER_PEER]
-            if not candidates:
-                continue
-            peer = min(candidates, key=lambda p: (p.in_flight, random.random()))
-            peer.in_flight += 1
-            download.in_flight.add(i)
-            chosen.append((i, peer))
-            if len(chosen) >= budget:
-                break
-        return chosen
-
-    def _by_site(self, download: Download, index: int, holders, now: float):
-        """Peers of this site first; another site's only when none of ours will do."""
-        if download.node_site is None:
-            return holders
-        ours = [p for p in holders if p.peer.site == download.node_site]
-        if ours:
-            download.waiting_since.pop(index, None)
-            return ours
-        if not holders:
-            return holders
-        first = download.waiting_since.setdefault(index, now)
-        waited = now - first > self.piece_timeout
-        if download.seed_site == download.node_site:
-            # The client sends our site every piece: a piece seen elsewhere
-            # first is only our view of our peers lagging behind.
-            return holders if waited else []
-        # Only one node of our site fetches each piece across sites, chosen by
-        # the piece's number among our site's live nodes (a stable choice:
-        # nodes that complete stay in it); the others wait for it while it
-        # lives, for a piece timeout at most. A slow link between sites makes
-        # each piece slow to come: not a reason to fetch it twice.
-        ours = sorted(
-            [self.address]
-            + [
-                a
-                for a, p in download.peers.items()
-                if p.peer.site == download.node_site and not p.dropped
-            ]
+        """Requests to make now (:func:`.choice.choose`), counted in flight."""
+        node = NodeView(
+            self.address,
+            download.have,
+            site=download.node_site,
+            seed_site=download.seed_site,
+            in_flight=frozenset(download.in_flight),
+            waiting_since=download.waiting_since,
         )
-        if ours[index % len(ours)] == self.address:
-            return holders
-        return holders if waited else []
+        peers = [
+            PeerView(
+                address,
+                p.peer.site,
+                p.have,
+                p.complete,
+                p.in_flight,
+                p.busy_until,
+                p.dropped is not None,
+            )
+            for address, p in download.peers.items()
+        ]
+        choice = choose(node, peers, time.monotonic(), self._rng, self.limits)
+        download.waiting_since = choice.waiting_since
+        chosen = []
+        for index, address in choice.requests:
+            p = download.peers[address]
+            p.in_flight += 1
+            download.in_flight.add(index)
+            chosen.append((index, p))
+        return chosen
 
     async def _request(self, download: Download, p: _PeerState, index: int) -> None:
         """Ask ``p`` for piece ``index``; a peer's fault drops it, a local one raises."""
@@ -672,7 +628,7 @@ class BlobServer:
             if not isinstance(reply, dict):
                 self._drop(d, p, "answered nonsense")
             elif reply.get("busy"):
-                p.busy_until = time.monotonic() + BUSY_BACKOFF
+                p.busy_until = time.monotonic() + self.limits.busy_backoff
             elif reply.get("missing"):
                 if p.have is not None:
                     p.have[index] = 0
