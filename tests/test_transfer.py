@@ -19,7 +19,14 @@ from distributed.core import ConnectionPool
 import envship
 from envship.node.cache import EnvCache
 from envship.table import MAX_FILES
-from envship.transfer import BlobServer, Offer, Peer, PieceTable, broadcast
+from envship.transfer import (
+    BlobServer,
+    FailureKind,
+    Offer,
+    Peer,
+    PieceTable,
+    broadcast,
+)
 from fixtures.cluster import local_cluster, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -155,7 +162,8 @@ def test_a_serving_nanny_killed_mid_transfer(tmp_path, base):
 
         report = client.sync(kill_while_it_serves)
         assert set(report.failed) == {victim}
-        assert "lost" in report.failed[victim]
+        assert report.failed[victim].kind is FailureKind.LOST
+        assert "lost" in report.failed[victim].why
         for i in range(1, 4):
             archive = EnvCache(caches[f"n{i}"]).archive_path(base.id)
             assert file_hash(archive) == file_hash(base.path)

@@ -12,17 +12,19 @@ piece from which peer, ``choice.py``), verify each against the blob's
 
 from .download import Download
 from .pieces import Offer, Peer, PieceTable, piece_size
-from .seed import ShipReport, broadcast
+from .seed import FailureKind, ShipFailure, ShipReport, broadcast
 from .server import BlobServer
 from .store import BlobStore
 
 __all__ = [
     "BlobServer",
     "BlobStore",
+    "FailureKind",
     "Download",
     "Offer",
     "Peer",
     "PieceTable",
+    "ShipFailure",
     "ShipReport",
     "broadcast",
     "piece_size",
