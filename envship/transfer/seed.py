@@ -17,8 +17,8 @@ from distributed.protocol import to_serialize
 
 from .pieces import Offer, Peer
 
-#: Pieces the client pushes at once.
-IN_FLIGHT = 6
+#: Pieces the client pushes at once (over all nodes).
+PUSH_SLOTS = 6
 
 
 # -- the client side: seeding ------------------------------------------------------
@@ -173,7 +173,7 @@ async def broadcast(
     async def seed(f) -> None:
         if holders and peer_to_peer:
             return  # nodes that hold it already seed the others
-        slots = asyncio.Semaphore(IN_FLIGHT)
+        slots = asyncio.Semaphore(PUSH_SLOTS)
         seeds = [p for p in alive if seed_site and p.site == seed_site] or alive
         plan = (
             [(seeds[i % len(seeds)], i) for i in range(table.count)]
