@@ -445,7 +445,6 @@ def test_an_offer_after_a_failed_download_starts_afresh(tmp_path, base):
                     await server.put(base.id, offer.table.digest, i, f.read(length))
             state = await server.wait(base.id, offer.table.digest, timeout=10)
             assert state["complete"] and state["error"] is None
-            await server.close()
 
     asyncio.run(scenario())
     assert file_hash(EnvCache(tmp_path / "cache").archive_path(base.id)) == file_hash(
@@ -484,7 +483,6 @@ def test_a_node_serves_while_it_hands_the_archive_to_its_cache(tmp_path, base):
             assert state["complete"] and cache.has_archive(base.id)
             reply = await server.piece(base.id, table.digest, table.piece_size, 1)
             assert table.verify(1, reply["data"].data)
-            await server.close()
 
     asyncio.run(scenario())
 

@@ -143,11 +143,6 @@ class Fetcher:
         if task is not None:
             task.cancel()
 
-    async def close(self) -> None:
-        for task in list(self._tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-
     async def _run(self, download: Download) -> None:
         key = (download.offer.id, download.table.digest)
         lock = self.cache.fetch_lock(download.offer.id)
