@@ -135,6 +135,8 @@ class Download:
             )
             return False
         offset, _ = self.table.span(index)
+        if self.fd is None:  # the handlers and the fetch loop never get here
+            raise RuntimeError(f"the download of {self.offer.name} has ended")
         try:
             await asyncio.to_thread(_pwrite_all, self.fd, data, offset)
         except OSError as e:
@@ -155,15 +157,15 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def resume(download: Download) -> None:
-    """Mark the pieces a previous, interrupted download already wrote."""
-    size = os.fstat(download.fd).st_size
+def resume(download: Download, fd: int) -> None:
+    """Mark the pieces a previous, interrupted download wrote to ``fd``."""
+    size = os.fstat(fd).st_size
     table = download.table
     for i in range(table.count):
         offset, length = table.span(i)
         if offset + length > size:
             break
-        if table.verify(i, os.pread(download.fd, length, offset)):
+        if table.verify(i, os.pread(fd, length, offset)):
             download.have[i] = 1
             download.received["disk"] = download.received.get("disk", 0) + length
 

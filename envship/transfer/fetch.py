@@ -190,8 +190,8 @@ class Fetcher:
     async def _download(self, download: Download) -> None:
         table = download.table
         try:
-            download.fd = os.open(download.path, os.O_RDWR | os.O_CREAT, 0o600)
-            await asyncio.to_thread(resume, download)
+            fd = download.fd = os.open(download.path, os.O_RDWR | os.O_CREAT, 0o600)
+            await asyncio.to_thread(resume, download, fd)
         except OSError as e:
             raise disk_error(download, self.cache.root, e) from e
         download.opened.set()
@@ -221,10 +221,10 @@ class Fetcher:
             for task in requests:
                 task.cancel()
         try:
-            await asyncio.to_thread(os.fsync, download.fd)
+            await asyncio.to_thread(os.fsync, fd)
         except OSError as e:
             raise disk_error(download, self.cache.root, e) from e
-        os.close(download.fd)
+        os.close(fd)
         download.fd = None
         await asyncio.to_thread(
             self.cache.adopt_archive,

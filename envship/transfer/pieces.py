@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeGuard
 
 import dask.utils
 import xxhash
@@ -126,7 +127,7 @@ class PieceTable:
         return table
 
 
-def _int_in(value, low: int, high: int) -> bool:
+def _int_in(value, low: int, high: int) -> TypeGuard[int]:
     return (
         isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     )
