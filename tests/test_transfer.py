@@ -102,6 +102,49 @@ def test_piece_table_round_trip_and_refusals():
             PieceTable.from_msg(msg)
 
 
+def test_a_broadcast_says_what_kind_of_failure_each_node_met(base):
+    """Lost, refused or failed, told apart by kind, with nannies played by fakes."""
+    offer = offer_of(base)
+
+    class FakeNanny:
+        def __init__(self, address: str):
+            self.address = address
+
+        async def envship_offer(self, **msg):
+            if self.address == "refuses":
+                raise envship.EnvshipError(base.name, "no room", "free disk space")
+            return {"complete": False, "have": 0}
+
+        async def envship_put(self, **msg):
+            if self.address == "dies":
+                raise OSError("connection closed")
+            return True
+
+        async def envship_wait(self, **msg):
+            await asyncio.sleep(0.01)
+            if self.address == "fails":
+                return {"complete": False, "have": 0, "error": "its disk is full"}
+            if self.address == "dies":
+                return {"complete": False, "have": 0, "unavailable": []}
+            return {"complete": True, "have": offer.table.count, "received": {}}
+
+    names = ["ok", "refuses", "dies", "fails"]
+    report = asyncio.run(
+        broadcast(
+            FakeNanny, base.path, offer, [Peer(n) for n in names], peer_to_peer=False
+        )
+    )
+    assert set(report.nodes) == {"ok"}
+    assert {n: f.kind for n, f in report.failed.items()} == {
+        "refuses": FailureKind.REFUSED,
+        "dies": FailureKind.LOST,
+        "fails": FailureKind.ERROR,
+    }
+    assert str(report.failed["refuses"]) == "could not start the transfer: no room"
+    assert str(report.failed["dies"]).startswith("lost during the transfer")
+    assert report.failed["fails"].why == "its disk is full"
+
+
 # -- broadcast on real clusters -------------------------------------------------
 
 
