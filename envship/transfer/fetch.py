@@ -253,12 +253,12 @@ class Fetcher:
         peers = [
             PeerView(
                 address,
-                p.peer.site,
-                p.have,
-                p.complete,
-                p.in_flight,
-                p.busy_until,
-                p.dropped is not None,
+                site=p.peer.site,
+                have=p.have,
+                complete=p.complete,
+                in_flight=p.in_flight,
+                busy_until=p.busy_until,
+                dropped=p.dropped is not None,
             )
             for address, p in download.peers.items()
         ]
