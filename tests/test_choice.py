@@ -15,7 +15,11 @@ from envship.transfer.choice import (
     crosser,
 )
 
-ALL = bytes([1] * 8)
+LIMITS = Limits(piece_timeout=30.0)
+
+
+def limits_with(**budgets) -> Limits:
+    return Limits(piece_timeout=30.0, **budgets)
 
 
 def node(count=8, **kw) -> NodeView:
@@ -26,8 +30,8 @@ def bitmap(*held: int, count=8) -> bytes:
     return bytes(int(i in held) for i in range(count))
 
 
-def requests(n, peers, now=0.0, seed=0, limits=Limits()) -> tuple[Request, ...]:
-    return choose(n, peers, now, random.Random(seed), limits).requests
+def requests(n, peers, now=0.0, seed=0, limits=None) -> tuple[Request, ...]:
+    return choose(n, peers, now, random.Random(seed), limits or LIMITS).requests
 
 
 def test_rarest_pieces_first():
@@ -37,7 +41,7 @@ def test_rarest_pieces_first():
         PeerView("c", have=bitmap(0, 1)),
         PeerView("d", have=bitmap(0)),
     ]
-    wide = Limits(total=100, per_peer=100)
+    wide = limits_with(total=100, per_peer=100)
     for seed in range(20):
         chosen = requests(node(), peers, seed=seed, limits=wide)
         assert [r.piece for r in chosen] == [3, 2, 1, 0]
@@ -51,7 +55,7 @@ def test_pieces_nobody_holds_are_not_asked_for():
 
 
 def test_the_budget_per_peer():
-    limits = Limits(total=100, per_peer=2)
+    limits = limits_with(total=100, per_peer=2)
     one = [PeerView("a", complete=True)]
     assert len(requests(node(), one, limits=limits)) == 2
     busy = [PeerView("a", complete=True, in_flight=1)]
@@ -66,17 +70,17 @@ def test_the_budget_per_peer():
         "c": 2,
     }
     loaded = [PeerView("a", complete=True, in_flight=1), PeerView("b", complete=True)]
-    chosen = requests(node(), loaded, limits=Limits(total=2, per_peer=2))
+    chosen = requests(node(), loaded, limits=limits_with(total=2, per_peer=2))
     assert chosen[0].peer == "b" and len(chosen) == 2
 
 
 def test_the_total_budget():
     peers = [PeerView(a, complete=True) for a in "abcdefgh"]
-    assert len(requests(node(count=50), peers, limits=Limits(total=6))) == 6
+    assert len(requests(node(count=50), peers, limits=limits_with(total=6))) == 6
     asked = node(count=50, in_flight=frozenset({0, 1, 2, 3}))
-    assert len(requests(asked, peers, limits=Limits(total=6))) == 2
+    assert len(requests(asked, peers, limits=limits_with(total=6))) == 2
     full = node(count=50, in_flight=frozenset(range(6)))
-    assert requests(full, peers, limits=Limits(total=6)) == ()
+    assert requests(full, peers, limits=limits_with(total=6)) == ()
 
 
 def test_dropped_and_busy_peers_are_skipped():
@@ -108,7 +112,7 @@ def test_nothing_is_chosen_twice_nor_what_is_held_or_asked_for():
             for k in range(rng.randrange(0, 8))
         ]
         me = NodeView("me", have, site=rng.choice(["east", None]), in_flight=in_flight)
-        limits = Limits(total=rng.randrange(1, 10), per_peer=rng.randrange(1, 4))
+        limits = limits_with(total=rng.randrange(1, 10), per_peer=rng.randrange(1, 4))
         chosen = requests(me, peers, now=1.0, seed=seed, limits=limits)
         pieces = [r.piece for r in chosen]
         assert len(set(pieces)) == len(pieces)
@@ -125,8 +129,8 @@ def test_nothing_is_chosen_twice_nor_what_is_held_or_asked_for():
 def test_deterministic_and_its_inputs_unchanged():
     peers = [PeerView(a, site="west", complete=True) for a in "abc"]
     me = node(site="east", waiting_since={5: 1.0})
-    first = choose(me, peers, 2.0, random.Random(3))
-    assert first == choose(me, peers, 2.0, random.Random(3))
+    first = choose(me, peers, 2.0, random.Random(3), LIMITS)
+    assert first == choose(me, peers, 2.0, random.Random(3), LIMITS)
     assert me.waiting_since == {5: 1.0}
     assert first.waiting_since is not me.waiting_since
 
@@ -137,12 +141,14 @@ def test_same_site_peers_first():
         PeerView("near", site="east", have=bitmap(0, 1, 2, 3)),
     ]
     me = node(site="east", waiting_since={0: 0.0})
-    choice = choose(me, peers, 1.0, random.Random(0), Limits(total=100, per_peer=100))
+    choice = choose(
+        me, peers, 1.0, random.Random(0), limits_with(total=100, per_peer=100)
+    )
     near = {r.piece for r in choice.requests if r.peer == "near"}
     assert near == {0, 1, 2, 3}
     assert 0 not in choice.waiting_since  # held at our site now
     # A node without a site asks anyone.
-    chosen = requests(node(), peers, limits=Limits(total=100, per_peer=100))
+    chosen = requests(node(), peers, limits=limits_with(total=100, per_peer=100))
     assert {r.peer for r in chosen} == {"far", "near"}
 
 
@@ -150,7 +156,7 @@ def test_one_stable_crosser_per_piece_per_site():
     count = 12
     far = PeerView("far", site="west", complete=True)
     east = ["e0", "e1", "e2"]
-    wide = Limits(total=100, per_peer=100, piece_timeout=30.0)
+    wide = limits_with(total=100, per_peer=100)
 
     def view(me: str, **kw) -> NodeView:
         return NodeView(me, bytes(count), site="east", **kw)
@@ -192,7 +198,7 @@ def test_one_stable_crosser_per_piece_per_site():
 def test_the_seeded_site_never_crosses_before_a_piece_timeout():
     count = 6
     far = PeerView("far", site="west", complete=True)
-    wide = Limits(total=100, per_peer=100, piece_timeout=30.0)
+    wide = limits_with(total=100, per_peer=100)
     me = NodeView("e0", bytes(count), site="east", seed_site="east")
     # It would be the crosser of every piece (its site's only node) ...
     assert {crosser(me, [far], i) for i in range(count)} == {"e0"}

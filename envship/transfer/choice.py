@@ -43,10 +43,11 @@ Bitmap = bytes | bytearray
 class Limits:
     """The budgets of one fetching node, and how long it waits for a crosser."""
 
+    #: Seconds a piece waits for its site's crosser, or for the client
+    #: (``envship.transfer.piece-timeout``).
+    piece_timeout: float
     total: int = REQUESTS_IN_FLIGHT
     per_peer: int = REQUESTS_PER_PEER
-    #: Seconds a piece waits for its site's crosser, or for the client.
-    piece_timeout: float = 30.0
     #: Seconds a busy peer is left alone (applied by the caller).
     busy_backoff: float = BUSY_BACKOFF
 
@@ -104,7 +105,7 @@ def choose(
     peers: Sequence[PeerView],
     now: float,
     rng: random.Random,
-    limits: Limits = Limits(),
+    limits: Limits,
 ) -> Choice:
     """The requests ``node`` makes now: rarest pieces first, spread over ``peers``.
 
@@ -117,7 +118,7 @@ def choose(
     >>> node = NodeView("me", have=bytes(3), in_flight=frozenset({2}))
     >>> a = PeerView("a", have=bytes([1, 1, 0]))
     >>> b = PeerView("b", have=bytes([1, 0, 0]))
-    >>> choose(node, [a, b], now=0.0, rng=random.Random(0)).requests
+    >>> choose(node, [a, b], 0.0, random.Random(0), Limits(piece_timeout=30)).requests
     (Request(piece=1, peer='a'), Request(piece=0, peer='b'))
     """
     waiting_since = dict(node.waiting_since)
