@@ -19,7 +19,14 @@ from distributed.core import ConnectionPool
 import envship
 from envship.node.cache import EnvCache
 from envship.table import MAX_FILES
-from envship.transfer import BlobServer, Offer, Peer, PieceTable, broadcast
+from envship.transfer import (
+    BlobServer,
+    FailureKind,
+    Offer,
+    Peer,
+    PieceTable,
+    broadcast,
+)
 from fixtures.cluster import local_cluster, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -95,6 +102,49 @@ def test_piece_table_round_trip_and_refusals():
             PieceTable.from_msg(msg)
 
 
+def test_a_broadcast_says_what_kind_of_failure_each_node_met(base):
+    """Lost, refused or failed, told apart by kind, with nannies played by fakes."""
+    offer = offer_of(base)
+
+    class FakeNanny:
+        def __init__(self, address: str):
+            self.address = address
+
+        async def envship_offer(self, **msg):
+            if self.address == "refuses":
+                raise envship.EnvshipError(base.name, "no room", "free disk space")
+            return {"complete": False, "have": 0}
+
+        async def envship_put(self, **msg):
+            if self.address == "dies":
+                raise OSError("connection closed")
+            return True
+
+        async def envship_wait(self, **msg):
+            await asyncio.sleep(0.01)
+            if self.address == "fails":
+                return {"complete": False, "have": 0, "error": "its disk is full"}
+            if self.address == "dies":
+                return {"complete": False, "have": 0, "unavailable": []}
+            return {"complete": True, "have": offer.table.count, "received": {}}
+
+    names = ["ok", "refuses", "dies", "fails"]
+    report = asyncio.run(
+        broadcast(
+            FakeNanny, base.path, offer, [Peer(n) for n in names], peer_to_peer=False
+        )
+    )
+    assert set(report.nodes) == {"ok"}
+    assert {n: f.kind for n, f in report.failed.items()} == {
+        "refuses": FailureKind.REFUSED,
+        "dies": FailureKind.LOST,
+        "fails": FailureKind.ERROR,
+    }
+    assert str(report.failed["refuses"]) == "could not start the transfer: no room"
+    assert str(report.failed["dies"]).startswith("lost during the transfer")
+    assert report.failed["fails"].why == "its disk is full"
+
+
 # -- broadcast on real clusters -------------------------------------------------
 
 
@@ -155,7 +205,8 @@ def test_a_serving_nanny_killed_mid_transfer(tmp_path, base):
 
         report = client.sync(kill_while_it_serves)
         assert set(report.failed) == {victim}
-        assert "lost" in report.failed[victim]
+        assert report.failed[victim].kind is FailureKind.LOST
+        assert "lost" in report.failed[victim].why
         for i in range(1, 4):
             archive = EnvCache(caches[f"n{i}"]).archive_path(base.id)
             assert file_hash(archive) == file_hash(base.path)
@@ -437,7 +488,6 @@ def test_an_offer_after_a_failed_download_starts_afresh(tmp_path, base):
                     await server.put(base.id, offer.table.digest, i, f.read(length))
             state = await server.wait(base.id, offer.table.digest, timeout=10)
             assert state["complete"] and state["error"] is None
-            await server.close()
 
     asyncio.run(scenario())
     assert file_hash(EnvCache(tmp_path / "cache").archive_path(base.id)) == file_hash(
@@ -476,7 +526,6 @@ def test_a_node_serves_while_it_hands_the_archive_to_its_cache(tmp_path, base):
             assert state["complete"] and cache.has_archive(base.id)
             reply = await server.piece(base.id, table.digest, table.piece_size, 1)
             assert table.verify(1, reply["data"].data)
-            await server.close()
 
     asyncio.run(scenario())
 

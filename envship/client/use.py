@@ -28,7 +28,14 @@ from envship.errors import EnvshipError, MissingStoreFileError
 from envship.manifest import ThinManifest
 from envship.node.nanny import NannySetup, UseEnvironment
 from envship.scheduler.registry import Registry
-from envship.transfer import Offer, Peer, ShipReport, broadcast
+from envship.transfer import (
+    FailureKind,
+    Offer,
+    Peer,
+    ShipFailure,
+    ShipReport,
+    broadcast,
+)
 
 from . import delta
 from .compat import check_compatibility
@@ -388,7 +395,9 @@ async def _deliver(client, artifact, targets, infos, progress, stages):
         unpacked, stale, gone = await _install(client, artifact, infos, progress, via)
     if gone:
         for nanny in gone:
-            shipped.failed[nanny] = "lost: its nanny left while unpacking"
+            shipped.failed[nanny] = ShipFailure(
+                FailureKind.LOST, "lost: its nanny left while unpacking"
+            )
         infos = _without(infos, _leave_out_lost(targets, infos, shipped))
         stale = [n for n in stale if n in infos]
     if stale:
@@ -635,7 +644,9 @@ async def _ship(client, artifact, infos, progress, only=None):
     finally:
         if plan.thin:  # the nodes hold it now; a later call writes it again
             thin.path.unlink(missing_ok=True)
-    stuck = {n: why for n, why in shipped.failed.items() if not why.startswith("lost")}
+    stuck = {
+        n: why for n, why in shipped.failed.items() if why.kind is not FailureKind.LOST
+    }
     if stuck:
         raise EnvshipError(
             artifact.name,

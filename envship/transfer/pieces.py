@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeGuard
 
 import dask.utils
 import xxhash
@@ -29,7 +30,11 @@ from envship.manifest import Manifest, ThinManifest, blob_manifest
 MIN_PIECE_SIZE = 64 * 1024
 MAX_PIECE_SIZE = 64 * 1024 * 1024
 MAX_BLOB_SIZE = 1 << 40
+#: The longest name, address or label another process may send (``check_text``).
+MAX_SHORT_STRING = 1024
 _DIGEST = re.compile(r"[0-9a-f]{32}")
+
+
 # -- the piece table ------------------------------------------------------------
 
 
@@ -122,7 +127,7 @@ class PieceTable:
         return table
 
 
-def _int_in(value, low: int, high: int) -> bool:
+def _int_in(value, low: int, high: int) -> TypeGuard[int]:
     return (
         isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     )
@@ -169,7 +174,7 @@ class Offer:
         if not isinstance(msg, dict):
             raise ValueError("an offer must be a dict")
         name = msg.get("name")
-        if not isinstance(name, str) or len(name) > 1024:
+        if not isinstance(name, str) or len(name) > MAX_SHORT_STRING:
             raise ValueError("an offer needs a name")
         manifest = blob_manifest(msg.get("manifest"))
         if manifest.id != msg.get("id"):
@@ -199,10 +204,6 @@ class Peer:
         return {"address": self.address, "site": self.site}
 
 
-#: The longest name, address or label another process may send.
-MAX_TEXT = 1024
-
-
 def check_text(value, what: str) -> str:
     """``value`` if it is a short, non-empty string; ValueError naming ``what`` if not.
 
@@ -215,7 +216,7 @@ def check_text(value, what: str) -> str:
     ...
     ValueError: a worker name must be a short string, not 5
     """
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_SHORT_STRING:
         raise ValueError(f"{what} must be a short string, not {value!r}")
     return value
 

@@ -8,6 +8,7 @@ that no live node holds is pushed again to whoever lacks it.
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,11 +17,40 @@ from distributed.protocol import to_serialize
 
 from .pieces import Offer, Peer
 
-#: Pieces the client pushes at once.
-IN_FLIGHT = 6
+#: Pieces the client pushes at once (over all nodes).
+PUSH_SLOTS = 6
 
 
 # -- the client side: seeding ------------------------------------------------------
+
+
+class FailureKind(enum.Enum):
+    """Why a node did not get a blob."""
+
+    #: The node died or left the cluster (its connection broke).
+    LOST = "lost"
+    #: It refused to start the transfer, or refused a piece (its disk, say).
+    REFUSED = "refused"
+    #: Its download failed: no live source of some pieces, a local error.
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class ShipFailure:
+    """A node that did not get a blob: the kind of failure, and what happened.
+
+    Examples
+    --------
+    >>> failure = ShipFailure(FailureKind.LOST, "lost during the transfer: EOF")
+    >>> failure.kind is FailureKind.LOST, str(failure)
+    (True, 'lost during the transfer: EOF')
+    """
+
+    kind: FailureKind
+    why: str
+
+    def __str__(self) -> str:
+        return self.why
 
 
 @dataclass
@@ -29,7 +59,7 @@ class ShipReport:
 
     client_bytes: int = 0
     nodes: dict[str, dict] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, ShipFailure] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)  # workers not switched
 
     def merge(self, other: ShipReport) -> None:
@@ -86,7 +116,8 @@ async def broadcast(
     Returns
     -------
     ShipReport
-        ``failed`` names the nannies that could not get the blob and why.
+        ``failed`` names the nannies that could not get the blob and why
+        (a :class:`ShipFailure` each).
     """
     table = offer.table
     holders = list(holders)
@@ -110,7 +141,9 @@ async def broadcast(
     ):
         if isinstance(outcome, BaseException):
             reason = getattr(outcome, "problem", None) or str(outcome)
-            report.failed[peer.address] = f"could not start the transfer: {reason}"
+            report.failed[peer.address] = ShipFailure(
+                FailureKind.REFUSED, f"could not start the transfer: {reason}"
+            )
         else:
             alive.append(peer)
 
@@ -127,17 +160,20 @@ async def broadcast(
     def give_up(peer: Peer, error: Exception) -> None:
         lost.add(peer.address)
         if isinstance(error, OSError):  # the connection: the nanny is gone
-            reason = f"lost during the transfer: {error}"
-        else:  # the nanny refused the piece (its disk, say)
-            reason = (
-                getattr(error, "problem", None) or f"{type(error).__name__}: {error}"
+            failure = ShipFailure(
+                FailureKind.LOST, f"lost during the transfer: {error}"
             )
-        report.failed.setdefault(peer.address, reason)
+        else:  # the nanny refused the piece (its disk, say)
+            failure = ShipFailure(
+                FailureKind.REFUSED,
+                getattr(error, "problem", None) or f"{type(error).__name__}: {error}",
+            )
+        report.failed.setdefault(peer.address, failure)
 
     async def seed(f) -> None:
         if holders and peer_to_peer:
             return  # nodes that hold it already seed the others
-        slots = asyncio.Semaphore(IN_FLIGHT)
+        slots = asyncio.Semaphore(PUSH_SLOTS)
         seeds = [p for p in alive if seed_site and p.site == seed_site] or alive
         plan = (
             [(seeds[i % len(seeds)], i) for i in range(table.count)]
@@ -177,7 +213,9 @@ async def broadcast(
                 report.nodes[peer.address] = state
                 return
             if state.get("error"):
-                report.failed[peer.address] = state["error"]
+                report.failed[peer.address] = ShipFailure(
+                    FailureKind.ERROR, state["error"]
+                )
                 return
             missing = state.get("unavailable") or []
             stuck = stuck + 1 if missing and seeding.done() else 0

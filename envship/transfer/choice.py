@@ -1,0 +1,224 @@
+"""Piece choice: which pieces a fetching node asks for now, and from which peers.
+
+A pure function of plain data: what this node holds and has asked for, what
+it knows of each peer, the time and the limits in, the requests to make out.
+No asyncio, no I/O, no clock and no global random state (the caller passes a
+``random.Random``), so a simulator can drive it as the fetch loop does
+(``envship.transfer.fetch``).
+
+The rules:
+
+- Rarest first: pieces that fewer usable peers hold are asked for first
+  (ties in random order, so that nodes do not all ask for the same piece).
+- Budgets: at most ``Limits.total`` requests in flight in all and
+  ``Limits.per_peer`` per peer; each request goes to the candidate with the
+  fewest in flight.
+- A dropped peer is never asked; a busy one not before its ``busy_until``.
+- Sites: a node with a site label asks peers of its own site when any of them
+  holds the piece. Else, for each piece, one node of the site (a stable
+  choice by the piece's number among the site's live nodes, "the crosser")
+  fetches it from another site; the others wait for it for a piece timeout
+  at most. Nodes of the site the client seeds (``seed_site``) never cross
+  before that timeout: the client sends them every piece.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+#: Requests a fetching node keeps in flight, in all and per peer.
+REQUESTS_IN_FLIGHT = 6
+REQUESTS_PER_PEER = 2
+#: Seconds a peer that answered "busy" is left alone.
+BUSY_BACKOFF = 0.05
+
+#: One flag per piece, true when the piece is held (``bytes`` or ``bytearray``).
+Bitmap = bytes | bytearray
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The budgets of one fetching node, and how long it waits for a crosser."""
+
+    #: Seconds a piece waits for its site's crosser, or for the client
+    #: (``envship.transfer.piece-timeout``).
+    piece_timeout: float
+    total: int = REQUESTS_IN_FLIGHT
+    per_peer: int = REQUESTS_PER_PEER
+    #: Seconds a busy peer is left alone (applied by the caller).
+    busy_backoff: float = BUSY_BACKOFF
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What the fetching node knows of one peer at the time of choosing."""
+
+    address: str
+    site: str | None = None
+    #: The pieces it is known to hold; None if it has said nothing yet.
+    have: Bitmap | None = None
+    complete: bool = False
+    #: Requests to it in flight now.
+    in_flight: int = 0
+    busy_until: float = 0.0
+    dropped: bool = False
+
+    def holds(self, index: int) -> bool:
+        return self.complete or (self.have is not None and bool(self.have[index]))
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """The fetching node: who it is, what it holds and what it waits for."""
+
+    address: str
+    have: Bitmap
+    site: str | None = None
+    #: The site the client seeds, if it seeds one.
+    seed_site: str | None = None
+    #: Pieces asked for and not answered yet.
+    in_flight: frozenset[int] = frozenset()
+    #: Piece -> when it was first seen only at other sites (from the last Choice).
+    waiting_since: Mapping[int, float] = field(default_factory=dict)
+
+
+class Request(NamedTuple):
+    """Ask ``peer`` (an address) for ``piece`` (its index)."""
+
+    piece: int
+    peer: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The requests to make now, and the node's ``waiting_since`` from now on."""
+
+    requests: tuple[Request, ...]
+    waiting_since: dict[int, float]
+
+
+def choose(
+    node: NodeView,
+    peers: Sequence[PeerView],
+    now: float,
+    rng: random.Random,
+    limits: Limits,
+) -> Choice:
+    """The requests ``node`` makes now: rarest pieces first, spread over ``peers``.
+
+    Deterministic given its inputs; it changes none of them.
+
+    Examples
+    --------
+    Piece 1 is rarer than piece 0 (one holder against two), so it comes first:
+
+    >>> node = NodeView("me", have=bytes(3), in_flight=frozenset({2}))
+    >>> a = PeerView("a", have=bytes([1, 1, 0]))
+    >>> b = PeerView("b", have=bytes([1, 0, 0]))
+    >>> choose(node, [a, b], 0.0, random.Random(0), Limits(piece_timeout=30)).requests
+    (Request(piece=1, peer='a'), Request(piece=0, peer='b'))
+    """
+    waiting_since = dict(node.waiting_since)
+    budget = limits.total - len(node.in_flight)
+    if budget <= 0:
+        return Choice((), waiting_since)
+    in_flight = {p.address: p.in_flight for p in peers}
+    live = [
+        p
+        for p in peers
+        if not p.dropped and p.in_flight < limits.per_peer and p.busy_until <= now
+    ]
+    if not live:
+        return Choice((), waiting_since)
+    needed = [
+        i for i in range(len(node.have)) if not node.have[i] and i not in node.in_flight
+    ]
+    rng.shuffle(needed)
+    holders = {i: [p for p in live if p.holds(i)] for i in needed}
+    needed.sort(key=lambda i: len(holders[i]) or 1 << 30)
+    crossers = _site_nodes(node, peers)
+    chosen: list[Request] = []
+    for i in needed:
+        candidates = [
+            p
+            for p in _by_site(node, i, holders[i], crossers, waiting_since, now, limits)
+            if in_flight[p.address] < limits.per_peer
+        ]
+        if not candidates:
+            continue
+        peer = min(candidates, key=lambda p: (in_flight[p.address], rng.random()))
+        in_flight[peer.address] += 1
+        chosen.append(Request(i, peer.address))
+        if len(chosen) >= budget:
+            break
+    return Choice(tuple(chosen), waiting_since)
+
+
+def crosser(node: NodeView, peers: Sequence[PeerView], index: int) -> str | None:
+    """The node of ``node``'s site that fetches piece ``index`` from other sites.
+
+    None when ``node`` has no site. Stable while the site's nodes live: those
+    that complete stay in the choice.
+
+    Examples
+    --------
+    >>> node = NodeView("b", have=bytes(4), site="east")
+    >>> peers = [PeerView("a", site="east"), PeerView("c", site="west")]
+    >>> [crosser(node, peers, i) for i in range(4)]
+    ['a', 'b', 'a', 'b']
+    """
+    if node.site is None:
+        return None
+    ours = _site_nodes(node, peers)
+    return ours[index % len(ours)]
+
+
+def _site_nodes(node: NodeView, peers: Sequence[PeerView]) -> list[str]:
+    """The live nodes of ``node``'s site, ``node`` included, in a stable order."""
+    return sorted(
+        [node.address]
+        + [
+            p.address
+            for p in peers
+            if p.site == node.site and not p.dropped and p.address != node.address
+        ]
+    )
+
+
+def _by_site(
+    node: NodeView,
+    index: int,
+    holders: list[PeerView],
+    crossers: list[str],
+    waiting_since: dict[int, float],
+    now: float,
+    limits: Limits,
+) -> list[PeerView]:
+    """Peers of this site first; another site's only when none of ours will do.
+
+    Records in ``waiting_since`` since when ``index`` is held only elsewhere.
+    """
+    if node.site is None:
+        return holders
+    ours = [p for p in holders if p.site == node.site]
+    if ours:
+        waiting_since.pop(index, None)
+        return ours
+    if not holders:
+        return holders
+    first = waiting_since.setdefault(index, now)
+    waited = now - first > limits.piece_timeout
+    if node.seed_site == node.site:
+        # The client sends our site every piece: a piece seen elsewhere
+        # first is only our view of our peers lagging behind.
+        return holders if waited else []
+    # Only one node of our site fetches each piece across sites; the others
+    # wait for it while it lives, for a piece timeout at most. A slow link
+    # between sites makes each piece slow to come: not a reason to fetch it
+    # twice.
+    if crossers[index % len(crossers)] == node.address:
+        return holders
+    return holders if waited else []

@@ -1,0 +1,220 @@
+"""Piece choice (``envship.transfer.choice``) on plain data, no cluster: rarest
+first, the budgets, dropped and busy peers, sites and their crossers."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from envship.transfer.choice import (
+    Limits,
+    NodeView,
+    PeerView,
+    Request,
+    choose,
+    crosser,
+)
+
+LIMITS = Limits(piece_timeout=30.0)
+
+
+def limits_with(**budgets) -> Limits:
+    return Limits(piece_timeout=30.0, **budgets)
+
+
+def node(count=8, **kw) -> NodeView:
+    return NodeView(kw.pop("address", "me"), kw.pop("have", bytes(count)), **kw)
+
+
+def bitmap(*held: int, count=8) -> bytes:
+    return bytes(int(i in held) for i in range(count))
+
+
+def requests(n, peers, now=0.0, seed=0, limits=None) -> tuple[Request, ...]:
+    return choose(n, peers, now, random.Random(seed), limits or LIMITS).requests
+
+
+def test_rarest_pieces_first():
+    peers = [
+        PeerView("a", have=bitmap(0, 1, 2, 3)),
+        PeerView("b", have=bitmap(0, 1, 2)),
+        PeerView("c", have=bitmap(0, 1)),
+        PeerView("d", have=bitmap(0)),
+    ]
+    wide = limits_with(total=100, per_peer=100)
+    for seed in range(20):
+        chosen = requests(node(), peers, seed=seed, limits=wide)
+        assert [r.piece for r in chosen] == [3, 2, 1, 0]
+        assert chosen[0] == Request(3, "a")  # its only holder
+
+
+def test_pieces_nobody_holds_are_not_asked_for():
+    peers = [PeerView("a", have=bitmap(1))]
+    assert requests(node(), peers) == (Request(1, "a"),)
+    assert requests(node(), [PeerView("a")]) == ()  # said nothing yet
+
+
+def test_the_budget_per_peer():
+    limits = limits_with(total=100, per_peer=2)
+    one = [PeerView("a", complete=True)]
+    assert len(requests(node(), one, limits=limits)) == 2
+    busy = [PeerView("a", complete=True, in_flight=1)]
+    assert len(requests(node(), busy, limits=limits)) == 1
+    full = [PeerView("a", complete=True, in_flight=2)]
+    assert requests(node(), full, limits=limits) == ()
+    # Spread: each request goes to the peer with the fewest in flight.
+    three = [PeerView(a, complete=True) for a in "abc"]
+    assert Counter(r.peer for r in requests(node(), three, limits=limits)) == {
+        "a": 2,
+        "b": 2,
+        "c": 2,
+    }
+    loaded = [PeerView("a", complete=True, in_flight=1), PeerView("b", complete=True)]
+    chosen = requests(node(), loaded, limits=limits_with(total=2, per_peer=2))
+    assert chosen[0].peer == "b" and len(chosen) == 2
+
+
+def test_the_total_budget():
+    peers = [PeerView(a, complete=True) for a in "abcdefgh"]
+    assert len(requests(node(count=50), peers, limits=limits_with(total=6))) == 6
+    asked = node(count=50, in_flight=frozenset({0, 1, 2, 3}))
+    assert len(requests(asked, peers, limits=limits_with(total=6))) == 2
+    full = node(count=50, in_flight=frozenset(range(6)))
+    assert requests(full, peers, limits=limits_with(total=6)) == ()
+
+
+def test_dropped_and_busy_peers_are_skipped():
+    peers = [
+        PeerView("dropped", complete=True, dropped=True),
+        PeerView("busy", complete=True, busy_until=10.0),
+    ]
+    assert requests(node(), peers, now=5.0) == ()
+    # Once its back-off is over a busy peer is asked again; a dropped never.
+    assert {r.peer for r in requests(node(), peers, now=10.0)} == {"busy"}
+
+
+def test_nothing_is_chosen_twice_nor_what_is_held_or_asked_for():
+    rng = random.Random(7)
+    for seed in range(200):
+        count = rng.randrange(1, 40)
+        have = bytes(rng.random() < 0.3 for _ in range(count))
+        in_flight = frozenset(i for i in range(count) if rng.random() < 0.1)
+        peers = [
+            PeerView(
+                f"p{k}",
+                site=rng.choice(["east", "west", None]),
+                have=bytes(rng.random() < 0.5 for _ in range(count)),
+                complete=rng.random() < 0.1,
+                in_flight=rng.randrange(3),
+                busy_until=rng.choice([0.0, 2.0]),
+                dropped=rng.random() < 0.1,
+            )
+            for k in range(rng.randrange(0, 8))
+        ]
+        me = NodeView("me", have, site=rng.choice(["east", None]), in_flight=in_flight)
+        limits = limits_with(total=rng.randrange(1, 10), per_peer=rng.randrange(1, 4))
+        chosen = requests(me, peers, now=1.0, seed=seed, limits=limits)
+        pieces = [r.piece for r in chosen]
+        assert len(set(pieces)) == len(pieces)
+        assert not any(have[i] or i in in_flight for i in pieces)
+        assert len(chosen) <= max(0, limits.total - len(in_flight))
+        by_address = {p.address: p for p in peers}
+        for address, n in Counter(r.peer for r in chosen).items():
+            p = by_address[address]
+            assert not p.dropped and p.busy_until <= 1.0
+            assert p.in_flight + n <= limits.per_peer
+        assert all(by_address[r.peer].holds(r.piece) for r in chosen)
+
+
+def test_deterministic_and_its_inputs_unchanged():
+    peers = [PeerView(a, site="west", complete=True) for a in "abc"]
+    me = node(site="east", waiting_since={5: 1.0})
+    first = choose(me, peers, 2.0, random.Random(3), LIMITS)
+    assert first == choose(me, peers, 2.0, random.Random(3), LIMITS)
+    assert me.waiting_since == {5: 1.0}
+    assert first.waiting_since is not me.waiting_since
+
+
+def test_same_site_peers_first():
+    peers = [
+        PeerView("far", site="west", complete=True),
+        PeerView("near", site="east", have=bitmap(0, 1, 2, 3)),
+    ]
+    me = node(site="east", waiting_since={0: 0.0})
+    choice = choose(
+        me, peers, 1.0, random.Random(0), limits_with(total=100, per_peer=100)
+    )
+    near = {r.piece for r in choice.requests if r.peer == "near"}
+    assert near == {0, 1, 2, 3}
+    assert 0 not in choice.waiting_since  # held at our site now
+    # A node without a site asks anyone.
+    chosen = requests(node(), peers, limits=limits_with(total=100, per_peer=100))
+    assert {r.peer for r in chosen} == {"far", "near"}
+
+
+def test_one_stable_crosser_per_piece_per_site():
+    count = 12
+    far = PeerView("far", site="west", complete=True)
+    east = ["e0", "e1", "e2"]
+    wide = limits_with(total=100, per_peer=100)
+
+    def view(me: str, **kw) -> NodeView:
+        return NodeView(me, bytes(count), site="east", **kw)
+
+    def peers_of(me: str, **changes) -> list[PeerView]:
+        others = [
+            PeerView(a, site="east", **changes.get(a, {})) for a in east if a != me
+        ]
+        return [far, *others]
+
+    asked: Counter[int] = Counter()
+    for me in east:
+        for r in requests(view(me), peers_of(me), limits=wide):
+            assert r.peer == "far"
+            assert crosser(view(me), peers_of(me), r.piece) == me
+            asked[r.piece] += 1
+    assert asked == {i: 1 for i in range(count)}  # each piece crosses once
+
+    # Stable: a node of the site that completes stays in the choice.
+    done = {"e2": {"complete": True}}
+    assert [crosser(view("e0"), peers_of("e0", **done), i) for i in range(count)] == [
+        crosser(view("e0"), peers_of("e0"), i) for i in range(count)
+    ]
+    # A node that is dropped leaves it: its pieces go to the others.
+    gone = {"e2": {"dropped": True}}
+    crossers = {crosser(view("e0"), peers_of("e0", **gone), i) for i in range(count)}
+    assert crossers == {"e0", "e1"}
+
+    # The others wait for the crosser a piece timeout at most, then cross too.
+    first = choose(view("e0"), peers_of("e0"), 100.0, random.Random(0), wide)
+    mine = {i for i in range(count) if crosser(view("e0"), peers_of("e0"), i) == "e0"}
+    assert {r.piece for r in first.requests} == mine
+    assert set(first.waiting_since) == set(range(count))
+    waited = view("e0", waiting_since=first.waiting_since)
+    later = choose(waited, peers_of("e0"), 130.5, random.Random(0), wide)
+    assert {r.piece for r in later.requests} == set(range(count))
+
+
+def test_the_seeded_site_never_crosses_before_a_piece_timeout():
+    count = 6
+    far = PeerView("far", site="west", complete=True)
+    wide = limits_with(total=100, per_peer=100)
+    me = NodeView("e0", bytes(count), site="east", seed_site="east")
+    # It would be the crosser of every piece (its site's only node) ...
+    assert {crosser(me, [far], i) for i in range(count)} == {"e0"}
+    # ... but the client sends its site every piece.
+    first = choose(me, [far], 0.0, random.Random(0), wide)
+    assert first.requests == ()
+    again = NodeView(
+        "e0",
+        bytes(count),
+        site="east",
+        seed_site="east",
+        waiting_since=first.waiting_since,
+    )
+    assert choose(again, [far], 29.0, random.Random(0), wide).requests == ()
+    late = choose(again, [far], 30.5, random.Random(0), wide)
+    assert {r.piece for r in late.requests} == set(range(count))
+    # A node of another site than the seeded one crosses as usual.
+    west = NodeView("w0", bytes(count), site="north", seed_site="east")
+    assert len(choose(west, [far], 0.0, random.Random(0), wide).requests) == count
