@@ -49,6 +49,7 @@ from envship import config
 from envship.archive import ID_PATTERN as _ID
 from envship.archive import check_id
 from envship.errors import EnvshipError, MissingStoreFileError
+from envship.files import write_atomic, write_json_atomic
 from envship.manifest import Manifest, ThinManifest, blob_manifest
 
 from .extract import Progress, remove_tree
@@ -284,7 +285,7 @@ class EnvCache:
         """Store the manifest of ``id`` (atomically)."""
         if manifest.id != id:
             raise ValueError(f"manifest of {manifest.id} given for {id}")
-        _write_json(self.manifest_path(id), manifest.to_dict())
+        write_json_atomic(self.manifest_path(id), manifest.to_dict())
 
     def add_archive(
         self, id: str, source: str | os.PathLike, manifest: Manifest | ThinManifest
@@ -409,7 +410,7 @@ class EnvCache:
                 raise
             except OSError as e:
                 raise _disk_error(name, self.root, e) from e
-            _write_json(record, info)
+            write_json_atomic(record, info)
             os.rename(tmp, final)
         except BaseException:
             record.unlink(missing_ok=True)
@@ -528,7 +529,7 @@ class EnvCache:
         folder = self.root / "leases" / check_id(id)
         with self._locked(id):
             folder.mkdir(mode=0o700, exist_ok=True)
-            _write_atomic(folder / str(pid), repr(created).encode())
+            write_atomic(folder / str(pid), repr(created).encode())
 
     def release(self, id: str, pid: int) -> None:
         """Drop the lease of process ``pid`` on ``id``, if it has one."""
@@ -929,18 +930,3 @@ def _alive(pid: int, created: float) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())

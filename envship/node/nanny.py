@@ -29,6 +29,7 @@ from distributed.diagnostics.plugin import NannyPlugin
 from envship import config, policy
 from envship.archive import check_id
 from envship.errors import EnvshipError
+from envship.files import write_json_atomic
 from envship.machine import platform_facts
 from envship.manifest import Manifest
 from envship.table import decode_keys, encode_bits
@@ -249,9 +250,7 @@ class NannySide:
             return
         path.parent.mkdir(mode=0o700, exist_ok=True)
         record = {"nanny": str(self.nanny.name), "id": target.id, "name": target.name}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        write_json_atomic(path, record, indent=None)
 
     def resume(self) -> None:
         """Start the first worker in the environment kept for this nanny's name.
