@@ -22,8 +22,9 @@ import zstandard
 from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError
 from envship.manifest import Manifest
-from envship.node.cache import MAX_RATIO, EnvCache
+from envship.node.cache import EnvCache
 from envship.node.extract import remove_tree
+from envship.node.installer import MAX_RATIO
 from envship.node.relocate import fixup_venv
 from fixtures.trees import pack_tree
 
