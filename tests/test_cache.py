@@ -375,8 +375,8 @@ def test_lru_eviction_keeps_leased_and_newest(tmp_path):
         cache.ensure(id_a)
         assert cache.has(id_a) and cache.has(id_b) and not cache.has(id_c)
         assert [e.id for e in cache.entries()] == [id_b, id_a]
-        with pytest.raises(EnvshipError, match="in use by processes"):
-            cache.remove(id_b)
+        # Not even a tiny budget evicts it.
+        assert EnvCache(root, max_size=1).evict(keep=(id_a,)) == []
         assert cache.clear() == [id_a]
         assert cache.has(id_b)
     finally:
@@ -388,13 +388,15 @@ def test_lru_eviction_keeps_leased_and_newest(tmp_path):
     assert os.listdir(root / "tmp") == []
 
 
-def test_remove_with_force_and_size_accounting(tmp_path):
+def test_clear_once_released_and_size_accounting(tmp_path):
     id, archive, manifest = make_artifact(tmp_path)
     cache = EnvCache(tmp_path / "cache", max_size="1 GB")
     cache.add_archive(id, archive, manifest)
     cache.ensure(id, lease_pid=os.getpid())
     assert cache.size() > 0
-    cache.remove(id, force=True)
+    assert cache.clear() == []  # leased by this process
+    cache.release(id, os.getpid())
+    assert cache.clear() == [id]
     assert cache.size() == 0
     assert not cache.path(id).exists()
     assert os.listdir(cache.root / "tmp") == []
@@ -690,5 +692,5 @@ def test_packed_fixture_runs_at_its_final_prefix(tmp_path, fixture, code):
         assert str(prefix) in (prefix / "bin" / "activate").read_text()
     assert_read_only(prefix)
     # Big trees: don't leave them for pytest's own clean-up of old runs.
-    cache.remove(artifact.id)
+    cache.clear()
     remove_tree(tmp_path / "store")

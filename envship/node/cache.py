@@ -33,7 +33,6 @@ from dask.utils import parse_bytes, parse_timedelta
 from filelock import FileLock
 
 from envship import config
-from envship.errors import EnvshipError
 from envship.manifest import Manifest, ThinManifest
 
 from .archives import Archives
@@ -316,20 +315,6 @@ class EnvCache:
             The ids removed.
         """
         return self.budget.evict(needed, keep)
-
-    def remove(self, id: str, *, force: bool = False) -> None:
-        """Remove ``id`` (tree and archive); refuse if leased unless ``force``."""
-        with self.locks.held(id):
-            leases = self.leases.live_locked(id, prune=True)
-            if leases and not force:
-                manifest = self.manifest(id)
-                raise EnvshipError(
-                    manifest.name if manifest else id,
-                    f"it is in use by processes {leases} on this node",
-                    "stop the workers that use it first, or remove it with force",
-                )
-            self.budget.remove_locked(id)
-        self.files.gc()
 
     def clear(self) -> list[str]:
         """Remove every entry that no live process leases; return their ids."""
