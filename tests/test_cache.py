@@ -295,7 +295,8 @@ def test_abandoned_partial_downloads_count_and_expire(tmp_path):
     old, young, busy = "a" * 32, "b" * 32, "c" * 32
     paths = {}
     for id in (old, young, busy):
-        paths[id] = cache.root / "tmp" / f"{id}.{'0' * 16}.partial"
+        paths[id] = cache.partial_path(id, "0" * 32)  # as transfer names it
+        assert paths[id] == cache.root / "tmp" / f"{id}.{'0' * 16}.partial"
         paths[id].write_bytes(os.urandom(1 << 20))
     hours_ago = time.time() - 2 * 3600
     for id in (old, busy):
