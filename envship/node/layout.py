@@ -90,8 +90,9 @@ class CacheLayout:
 
     root: Path
 
-    #: The folders made with the cache (``files/`` is the file store's,
-    #: ``nannies/`` is made by the first nanny that keeps a record).
+    #: The folders made with the cache (``files/`` is the file store's own,
+    #: see :class:`envship.node.filestore.FileStore`; ``nannies/`` is made by
+    #: the first nanny that keeps a record).
     FOLDERS: ClassVar[tuple[str, ...]] = (
         "archives",
         "tmp",
@@ -194,11 +195,6 @@ class CacheLayout:
         return self.tmp / f"{check_id(id)}-remove-{secrets.token_hex(4)}"
 
     # -- node-wide ---------------------------------------------------------------
-
-    @property
-    def files(self) -> Path:
-        """``files/``: the node's file store (:class:`FileStore`)."""
-        return self.root / "files"
 
     @property
     def installs_log(self) -> Path:
