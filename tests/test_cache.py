@@ -22,8 +22,9 @@ import zstandard
 from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError
 from envship.manifest import Manifest
-from envship.node.cache import MAX_RATIO, EnvCache
+from envship.node.cache import EnvCache
 from envship.node.extract import remove_tree
+from envship.node.installer import MAX_RATIO
 from envship.node.relocate import fixup_venv
 from fixtures.trees import pack_tree
 
@@ -294,7 +295,8 @@ def test_abandoned_partial_downloads_count_and_expire(tmp_path):
     old, young, busy = "a" * 32, "b" * 32, "c" * 32
     paths = {}
     for id in (old, young, busy):
-        paths[id] = cache.root / "tmp" / f"{id}.{'0' * 16}.partial"
+        paths[id] = cache.partial_path(id, "0" * 32)  # as transfer names it
+        assert paths[id] == cache.root / "tmp" / f"{id}.{'0' * 16}.partial"
         paths[id].write_bytes(os.urandom(1 << 20))
     hours_ago = time.time() - 2 * 3600
     for id in (old, busy):
@@ -374,8 +376,8 @@ def test_lru_eviction_keeps_leased_and_newest(tmp_path):
         cache.ensure(id_a)
         assert cache.has(id_a) and cache.has(id_b) and not cache.has(id_c)
         assert [e.id for e in cache.entries()] == [id_b, id_a]
-        with pytest.raises(EnvshipError, match="in use by processes"):
-            cache.remove(id_b)
+        # Not even a tiny budget evicts it.
+        assert EnvCache(root, max_size=1).evict(keep=(id_a,)) == []
         assert cache.clear() == [id_a]
         assert cache.has(id_b)
     finally:
@@ -387,13 +389,15 @@ def test_lru_eviction_keeps_leased_and_newest(tmp_path):
     assert os.listdir(root / "tmp") == []
 
 
-def test_remove_with_force_and_size_accounting(tmp_path):
+def test_clear_once_released_and_size_accounting(tmp_path):
     id, archive, manifest = make_artifact(tmp_path)
     cache = EnvCache(tmp_path / "cache", max_size="1 GB")
     cache.add_archive(id, archive, manifest)
     cache.ensure(id, lease_pid=os.getpid())
     assert cache.size() > 0
-    cache.remove(id, force=True)
+    assert cache.clear() == []  # leased by this process
+    cache.release(id, os.getpid())
+    assert cache.clear() == [id]
     assert cache.size() == 0
     assert not cache.path(id).exists()
     assert os.listdir(cache.root / "tmp") == []
@@ -689,5 +693,5 @@ def test_packed_fixture_runs_at_its_final_prefix(tmp_path, fixture, code):
         assert str(prefix) in (prefix / "bin" / "activate").read_text()
     assert_read_only(prefix)
     # Big trees: don't leave them for pytest's own clean-up of old runs.
-    cache.remove(artifact.id)
+    cache.clear()
     remove_tree(tmp_path / "store")

@@ -185,7 +185,8 @@ def test_a_thin_pack_links_everything_the_store_holds(work_env, store, tmp_path)
     assert both < 1.15 * one, (both, one)
 
     # Evicting the base leaves the edited one whole.
-    cache.remove(base.id)
+    EnvCache(cache.root, max_size=1).evict(keep=(edited.id,))
+    assert not cache.has(base.id)
     assert run_in(tree, "import tinypkg, json, sqlite3; print(tinypkg.ANSWER)") == "42"
 
 
@@ -248,7 +249,8 @@ def test_a_store_that_lost_a_file_asks_for_the_whole_archive(work_env, store, tm
     base, edited, thin = edit_after_base(work_env, store, cache)
     cache.add_archive(thin.id, thin.path, thin.manifest)
 
-    cache.remove(base.id)  # and with it, the store files only it linked
+    # Evicted, and with it the store files only it linked.
+    assert EnvCache(cache.root, max_size=1).evict(keep=(thin.id,)) == [base.id]
     with pytest.raises(MissingStoreFileError, match="whole archive"):
         cache.ensure(edited.id, via=thin.id)
     assert not cache.has(edited.id)

@@ -11,9 +11,11 @@ Layout::
     <store>/digests.zst         the digest of each file packed and the stat it
                                 had, so that a re-pack reads only the files
                                 whose stat changed
+    <store>/thin/<id>.tar.zst   thin packs written for a cluster, named by
+                                their own digest (envship.client.delta)
 
-Every write goes to a temporary file in the store and is renamed into place,
-so an interrupted pack leaves nothing half-written.
+Every write goes to a temporary file in the store and is renamed into place
+(:mod:`envship.files`), so an interrupted pack leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import errno
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ import zstandard
 from envship import config
 from envship.archive import is_id
 from envship.errors import EnvshipError
+from envship.files import atomic_file, temporary_file
 from envship.manifest import Manifest, ThinManifest
 from envship.table import EntryTable, pack_msg, unpack_msg, write_archive
 
@@ -192,9 +194,8 @@ class ArtifactStore:
         if len(digests) > MAX_DIGESTS:
             digests = {path: digests[path] for path in seen if path in digests}
         data = zstandard.ZstdCompressor(level=1).compress(pack_msg(digests))
-        with self.writing(label) as (f, tmp):
+        with self.writing_to(self.root / "digests.zst", label) as f:
             f.write(data)
-        os.replace(tmp, self.root / "digests.zst")
 
     # -- writing -----------------------------------------------------------
 
@@ -202,18 +203,32 @@ class ArtifactStore:
     def writing(self, label: str) -> Iterator[tuple[BinaryIO, Path]]:
         """A temporary file in the store; the caller renames it into place.
 
-        The file is removed if the block fails, and a full disk becomes an
+        For a file named by what it holds (a thin pack, by its digest). The
+        file is removed if the block fails, and a full disk becomes an
         ``EnvshipError`` naming the environment.
         """
         self._ensure_dirs()
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".part")
-        path = Path(tmp)
+        with self._full_disk(label), temporary_file(self.root) as (f, tmp):
+            yield f, tmp
+
+    @contextmanager
+    def writing_to(self, path: Path, label: str) -> Iterator[BinaryIO]:
+        """Write ``path`` of the store: it appears only if the block succeeds.
+
+        The temporary file is made in the store's root, never among names or
+        signatures (each file there is read as one); a full disk becomes an
+        ``EnvshipError`` naming the environment.
+        """
+        self._ensure_dirs()
+        with self._full_disk(label), atomic_file(path, temp_dir=self.root) as f:
+            yield f
+
+    @contextmanager
+    def _full_disk(self, label: str) -> Iterator[None]:
         try:
-            with os.fdopen(fd, "wb") as f:
-                yield f, path
-        except BaseException as e:
-            path.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            yield
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise EnvshipError(
                     label,
                     f"the disk holding the store {self.root} is full; nothing "
@@ -224,15 +239,13 @@ class ArtifactStore:
             raise
 
     def _write_text(self, path: Path, text: str, label: str) -> None:
-        with self.writing(label) as (f, tmp):
+        with self.writing_to(path, label) as f:
             f.write(text.encode())
-        os.replace(tmp, path)
 
     def add(self, table: EntryTable, manifest: Manifest) -> Artifact:
         """Record a packed environment: its table and manifest (no archive yet)."""
-        with self.writing(manifest.name) as (f, tmp):
+        with self.writing_to(self.table_path(manifest.id), manifest.name) as f:
             table.save(f)
-        os.replace(tmp, self.table_path(manifest.id))
         _keep_table(str(self.table_path(manifest.id)), table)  # read next, in a switch
         self._put_manifest(manifest)
         self.set_name(manifest.name, manifest.id)
@@ -276,7 +289,7 @@ class ArtifactStore:
         started = time.perf_counter()
         try:
             with (
-                self.writing(artifact.name) as (f, tmp),
+                self.writing_to(artifact.path, artifact.name) as f,
                 progress_bar(
                     f"writing the archive of {artifact.name}",
                     table.unpacked_size,
@@ -293,7 +306,6 @@ class ArtifactStore:
                 f"the environment changed since it was packed: {e}",
                 f"pack it again (`envship pack {artifact.name}`)",
             ) from e
-        os.replace(tmp, artifact.path)
         manifest = artifact.manifest.replace(
             packed_size=packed_size,
             stats={

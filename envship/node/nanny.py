@@ -16,26 +16,23 @@ Turned on by ``dask worker --preload-nanny envship`` (``dask_setup`` in
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import dask.utils
-import xxhash
 from distributed.diagnostics.plugin import NannyPlugin
 
 from envship import config, policy
 from envship.archive import check_id
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
-from envship.manifest import Manifest
 from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Offer, Peer
 from envship.transfer.pieces import check_text
 
 from .cache import EnvCache
+from .targets import default_target, installed_target, keep, kept_target
 from .worker_process import (
     TargetEnvironment,
     bootstrap_script,
@@ -150,9 +147,9 @@ class NannySide:
         before = len(self.cache.installs(check_id(artifact_id)))
         if via is not None:
             check_id(via)
-        manifest = self.cache.manifest(artifact_id) or (
-            via and self.cache.manifest(via)
-        )
+        manifest = self.cache.manifest(artifact_id)
+        if manifest is None and via is not None:
+            manifest = self.cache.manifest(via)
         if manifest is not None:
             policy.check(manifest.name, artifact_id)
         await asyncio.to_thread(
@@ -236,23 +233,6 @@ class NannySide:
 
     # -- what this nanny runs in, kept on the node ------------------------------
 
-    def _kept_path(self) -> Path:
-        """``<cache>/nannies/<hash of the nanny's name>.json``."""
-        key = xxhash.xxh3_128_hexdigest(str(self.nanny.name).encode())
-        return self.cache.root / "nannies" / f"{key}.json"
-
-    def _keep(self, target: TargetEnvironment | None) -> None:
-        """Remember on the node what this nanny's worker runs in (None: forget)."""
-        path = self._kept_path()
-        if target is None:
-            path.unlink(missing_ok=True)
-            return
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        record = {"nanny": str(self.nanny.name), "id": target.id, "name": target.name}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
-
     def resume(self) -> None:
         """Start the first worker in the environment kept for this nanny's name.
 
@@ -260,7 +240,7 @@ class NannySide:
         default environment (``envship.default-environment``), else in the
         nanny's own.
         """
-        target = self._kept_target() or self.default_target()
+        target = kept_target(self.cache, str(self.nanny.name)) or self.default_target()
         if target is None:
             return
         set_initial_target(self.nanny, target)
@@ -268,28 +248,11 @@ class NannySide:
         self.running = {"id": target.id, "since": time.time()}
         logger.info("envship: %s starts its worker in %s", self.nanny.name, target.name)
 
-    def _kept_target(self) -> TargetEnvironment | None:
-        try:
-            record = json.loads(self._kept_path().read_text())
-            artifact_id = check_id(record["id"])
-            if record["nanny"] != str(self.nanny.name):
-                return None
-            if not self.cache.has(artifact_id):
-                logger.info("envship: %s is no longer on this node", record["name"])
-                return None
-            policy.check(str(record["name"]), artifact_id)
-            return self._leased_target(artifact_id, str(record.get("name", "")))
-        except (FileNotFoundError, ValueError, KeyError, TypeError, EnvshipError):
-            return None
-
     def default_target(self) -> TargetEnvironment | None:
         """The administrator's default environment, installed; None if unset.
 
-        ``envship.default-environment`` is the path of an archive that
-        ``envship pack`` wrote, its manifest next to it. The node copies it
-        into its cache once and checks it like anything it is sent. A default
-        that cannot be used is logged and the nanny's own environment used
-        instead: the worker must come up.
+        See :func:`envship.node.targets.default_target`; remembered as what
+        ``use_environment(None)`` switches to.
 
         Examples
         --------
@@ -297,38 +260,9 @@ class NannySide:
         ...     side.default_target().name
         'sklearn-dev'
         """
-        path = config.get("default-environment")
-        self.default_id = None
-        if not path:
-            return None
-        try:
-            artifact_id, manifest = _read_packed(Path(path).expanduser())
-            if not self.cache.has(artifact_id) and not self.cache.has_archive(
-                artifact_id
-            ):
-                self.cache.add_archive(artifact_id, Path(path).expanduser(), manifest)
-            target = self._leased_target(artifact_id, manifest.name)
-            self.default_id = artifact_id
-            return target
-        except (OSError, ValueError, EnvshipError) as e:
-            logger.warning(
-                "envship: cannot use the default environment %s, so workers start "
-                "in the nanny's own: %s",
-                path,
-                e,
-            )
-            return None
-
-    def _leased_target(self, artifact_id: str, name: str) -> TargetEnvironment:
-        """``artifact_id`` installed (if it was not) and leased for this process."""
-        prefix = self.cache.ensure(artifact_id, lease_pid=os.getpid())
-        manifest = self.cache.manifest(artifact_id)
-        return TargetEnvironment(
-            id=artifact_id,
-            prefix=Path(prefix),
-            kind=manifest.kind if manifest else "conda",
-            name=name or (manifest.name if manifest else artifact_id),
-        )
+        target = default_target(self.cache)
+        self.default_id = target.id if target else None
+        return target
 
     # -- talking to the scheduler's registry ----------------------------------
 
@@ -405,13 +339,7 @@ class NannySide:
         prefix = await asyncio.to_thread(
             self.cache.ensure, artifact_id, lease_pid=os.getpid(), via=via
         )
-        manifest = self.cache.manifest(artifact_id)
-        return TargetEnvironment(
-            id=artifact_id,
-            prefix=Path(prefix),
-            kind=manifest.kind if manifest else "conda",
-            name=wanted["name"],
-        )
+        return installed_target(self.cache, artifact_id, prefix, wanted["name"])
 
     async def fetch(self, artifact_id: str, name: str) -> None:
         """Get an archive from the nodes that hold it now (no client involved)."""
@@ -442,13 +370,9 @@ class NannySide:
         expired = [id for id, until in _prepared.items() if until <= now]
         for artifact_id in expired:
             del _prepared[artifact_id]
-        for artifact_id in {*ids, *expired}:
-            if (
-                artifact_id
-                and artifact_id not in _targets.values()
-                and artifact_id not in _prepared
-            ):
-                self.cache.release(artifact_id, os.getpid())
+        for unused in {*ids, *expired}:
+            if unused and unused not in _targets.values() and unused not in _prepared:
+                self.cache.release(unused, os.getpid())
 
     async def switch(self, wanted: dict | None) -> None:
         started = time.perf_counter()
@@ -481,7 +405,8 @@ class NannySide:
         self._release_unused(previous, target.id if target else None)
         running = _targets[self.nanny.address]
         try:  # the administrator's default is not kept: it may change
-            self._keep(target if running and wanted is not None else None)
+            kept = target if running and wanted is not None else None
+            keep(self.cache, str(self.nanny.name), kept)
         except OSError as e:
             logger.warning(
                 "envship: could not keep what %s runs: %s", self.nanny.name, e
@@ -499,21 +424,6 @@ class NannySide:
             "error": outcome["error"],
             "seconds": time.perf_counter() - started,
         }
-
-
-def _read_packed(archive: Path) -> tuple[str, Manifest]:
-    """The id (from the file name) and the manifest of an archive ``envship pack`` wrote."""
-    if not archive.name.endswith(".tar.zst"):
-        raise ValueError(
-            f"{archive} is not an archive of `envship pack` (<id>.tar.zst)"
-        )
-    artifact_id = check_id(archive.name.removesuffix(".tar.zst"))
-    manifest = Manifest.from_dict(
-        json.loads(archive.with_name(f"{artifact_id}.json").read_text())
-    )
-    if manifest.id != artifact_id:
-        raise ValueError(f"the manifest next to {archive} is that of {manifest.id}")
-    return artifact_id, manifest
 
 
 class NannySetup(NannyPlugin):

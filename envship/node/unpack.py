@@ -1,7 +1,7 @@
 """The unpack pipeline: extract and verify, fix up for the final prefix, seal.
 
 Everything happens in a temporary folder that nothing else reads; the caller
-(:class:`envship.node.cache.EnvCache`) renames the tree into place only when
+(:class:`envship.node.installer.Installer`) renames the tree into place only when
 all of it succeeded, so no half-unpacked or unverified environment is ever
 visible. This module decides nothing about where trees live, locks, leases or
 eviction.
@@ -118,7 +118,7 @@ def check_manifest(tree: Path, manifest: Manifest, file_count: int, name: str) -
     found = tree_kind(tree)
     if found != manifest.kind:
         holds = {"conda": "a conda environment", "venv": "a venv"}.get(
-            found, "neither a conda environment nor a venv"
+            found or "", "neither a conda environment nor a venv"
         )
         raise EnvshipError(
             name,
