@@ -27,6 +27,7 @@ from envship import config, policy
 from envship.errors import EnvshipError, MissingStoreFileError
 from envship.manifest import ThinManifest
 from envship.node.nanny import NannySetup, UseEnvironment
+from envship.nodes import one_nanny_per_node
 from envship.scheduler.registry import Registry
 from envship.transfer import Offer, Peer, ShipReport, broadcast
 
@@ -587,11 +588,13 @@ async def _keys_only_on(client, targets) -> int:
 
 def _one_nanny_per_node(infos, missing_only: bool) -> dict[str, str]:
     """Node -> one of its nannies (only nodes that lack the artifact, if asked)."""
-    chosen: dict[str, str] = {}
-    for nanny, info in infos.items():
-        if not missing_only or not (info["installed"] or info["archive"]):
-            chosen.setdefault(info["node"], nanny)
-    return chosen
+    return one_nanny_per_node(
+        {
+            nanny: info["node"]
+            for nanny, info in infos.items()
+            if not missing_only or not (info["installed"] or info["archive"])
+        }
+    )
 
 
 async def _ship(client, artifact, infos, progress, only=None):
