@@ -278,15 +278,15 @@ def foreign(
 
 
 def _foreign(call, artifact, workers, strict) -> ForeignEnvironment:
-    _prepare(call, artifact, workers, strict, foreign=True)
+    _prepare(call, artifact, workers, strict, call_only=True)
     return ForeignEnvironment(artifact.id, artifact.name, artifact.manifest.python)
 
 
-def _prepare(call, artifact, workers, strict, foreign=False) -> SwitchReport:
+def _prepare(call, artifact, workers, strict, call_only=False) -> SwitchReport:
     client = call.client
     with call.stage("check"):
         targets, infos, _ = call.run(
-            _check(client, artifact, workers, strict, artifact.name, foreign)
+            _check(client, artifact, workers, strict, artifact.name, call_only)
         )
     started = time.perf_counter()
     shipped, unpacked = call.run(
@@ -351,7 +351,7 @@ def as_artifact(env, progress: bool) -> Artifact:
     return pack(env, progress=progress, archive=False)
 
 
-async def _check(client, artifact, workers, strict, label, foreign=False):
+async def _check(client, artifact, workers, strict, label, call_only=False):
     """Everything that must hold before anything moves or restarts."""
     targets = await _targets(client, workers, label)
     infos = await _nanny_side(client, targets, artifact, label)
@@ -369,7 +369,7 @@ async def _check(client, artifact, workers, strict, label, foreign=False):
             scheduler_packages=versions["packages"],
             node_platforms=[info["platform"] for info in infos.values()],
             strict=strict,
-            foreign=foreign,
+            call_only=call_only,
         )
     return targets, infos, await _keys_only_on(client, targets)
 
