@@ -175,11 +175,6 @@ def _foreign(switch: Switch, artifact: Artifact) -> ForeignEnvironment:
     return ForeignEnvironment(artifact.id, artifact.name, manifest_of(artifact).python)
 
 
-# ``client.use_environment(...)`` and ``client.prepare_environment(...)`` are
-# the same functions, bound to the client.
-Client.use_environment = use_environment
-Client.prepare_environment = prepare_environment
-
 __all__ = [
     "SwitchReport",
     "WorkerReport",
