@@ -191,6 +191,7 @@ class Switch:
         )
 
     def warn_of_lost_keys(self, lost: int) -> None:
+        """Warn that restarting loses the ``lost`` keys only the targets hold."""
         if lost:
             warnings.warn(
                 f"switching to {self.label} restarts workers that alone hold {lost} "
@@ -342,6 +343,7 @@ class Switch:
             )
 
     def warn_of_left_out(self, report: SwitchReport, done: str) -> None:
+        """Warn of the workers left out because their nanny left meanwhile."""
         if report.transfer.left_out:
             warnings.warn(
                 f"not {done}: workers {', '.join(report.transfer.left_out)}, whose "
