@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from envship.client.foreign import ForeignEnvironment
 from envship.client.gc import gc
+from envship.client.methods import add_client_methods
 from envship.client.pack import pack
+from envship.client.report import SwitchReport, WorkerReport
 from envship.client.status import ClusterStatus, status
 from envship.client.store import Artifact, ArtifactStore
 from envship.client.tasks import environment
-from envship.client.use import (
-    SwitchReport,
-    WorkerReport,
-    foreign,
-    prepare_environment,
-    use_environment,
-)
+from envship.client.use import foreign, prepare_environment, use_environment
 from envship.errors import EnvshipError
 
 from . import config as _config  # noqa: F401  (registers the config defaults)
+
+# The one place envship changes a class of distributed: ``client.use_environment``
+# and ``client.prepare_environment`` (see envship.client.methods).
+add_client_methods()
 
 #: ``envship.prepare(client, env)``: ship and install without restarting anyone.
 prepare = prepare_environment

@@ -288,5 +288,3 @@ def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
     )
     header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
-
-

@@ -66,11 +66,11 @@ def find_mismatches(
     client_python: str,
     scheduler_packages: dict[str, str | None],
     node_platforms: list[dict],
-    foreign: bool = False,
+    call_only: bool = False,
 ) -> list[Mismatch]:
     """Everything that differs between the environment and the cluster.
 
-    With ``foreign``, for an environment that tasks call into through a
+    With ``call_only``, for an environment that tasks call into through a
     bridge (``envship.foreign``) rather than run workers in, only the
     platform counts.
 
@@ -85,7 +85,9 @@ def find_mismatches(
     ...                                  {"distributed": "2026.8.0"}, [])]
     ['python']
     """
-    found = [] if foreign else _interpreter(manifest, client_python, scheduler_packages)
+    found = (
+        [] if call_only else _interpreter(manifest, client_python, scheduler_packages)
+    )
     env_platform = manifest.platform
     for node in node_platforms:
         for key in ("os", "machine"):
@@ -159,21 +161,21 @@ def check_compatibility(
     scheduler_packages: dict[str, str | None],
     node_platforms: list[dict],
     strict: bool = True,
-    foreign: bool = False,
+    call_only: bool = False,
 ) -> list[Mismatch]:
     """Raise ``IncompatibleEnvironmentError`` with a table of differences.
 
     With ``strict=False``, differences that can still work (package versions,
-    Python minor version, a newer libc) only warn. With ``foreign``, only the
+    Python minor version, a newer libc) only warn. With ``call_only``, only the
     platform is compared (see :func:`find_mismatches`).
     """
     mismatches = find_mismatches(
-        manifest, client_python, scheduler_packages, node_platforms, foreign
+        manifest, client_python, scheduler_packages, node_platforms, call_only
     )
     if not mismatches:
         return []
     fatal = any(m.fatal for m in mismatches)
-    where = "its python would fail here" if foreign else "workers would fail in it"
+    where = "its python would fail here" if call_only else "workers would fail in it"
     problem = f"it does not match the cluster, so {where}:\n" + _table(mismatches)
     if strict or fatal:
         raise IncompatibleEnvironmentError(

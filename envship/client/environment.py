@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envship.errors import EnvshipError
+from envship.kinds import environment_kind
 
 #: Packages whose versions must agree between client, scheduler and workers,
 #: and numpy, which users often care about.
@@ -57,11 +58,8 @@ class SourceEnvironment:
                 "give the prefix of an existing conda environment or venv, "
                 "or the name of a conda environment",
             )
-        if (prefix / "conda-meta").is_dir():
-            kind = "conda"
-        elif (prefix / "pyvenv.cfg").is_file():
-            kind = "venv"
-        else:
+        kind = environment_kind(prefix)
+        if kind is None:
             raise EnvshipError(
                 label,
                 f"{prefix} is neither a conda environment (no conda-meta folder) "
@@ -134,8 +132,12 @@ def _python_version(prefix: Path, kind: str, site_packages: Path | None) -> str:
         match = re.search(r"^version(?:_info)?\s*=\s*(\d+\.\d+\.\d+)", config, re.M)
         if match:
             return match.group(1)
-    if site_packages is not None:
-        major, minor = _python_dir.match(site_packages.parent.name).groups()
+    # _find_site_packages chose site_packages by this pattern: it matches.
+    folder = (
+        None if site_packages is None else _python_dir.match(site_packages.parent.name)
+    )
+    if folder is not None:
+        major, minor = folder.groups()
         return f"{major}.{minor}"
     return "unknown"
 

@@ -11,6 +11,8 @@ import asyncio
 
 from distributed import Client
 
+from envship.nodes import one_nanny_per_node
+
 
 def gc(client: Client) -> dict[str, dict]:
     """Clean the cache of every node of the cluster, once per node.
@@ -46,7 +48,7 @@ async def _gc(client: Client) -> dict[str, dict]:
     nodes = dict(
         zip(nannies, await asyncio.gather(*map(node_of, nannies)), strict=True)
     )
-    one_per_node = {node: nanny for nanny, node in nodes.items() if node is not None}
+    one_per_node = one_nanny_per_node(nodes)
 
     async def clean(nanny):
         try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from envship.kinds import environment_kind
+
 
 def looks_like_path(env: str | os.PathLike) -> bool:
     """True if ``env`` is meant as a path rather than an environment name."""
@@ -58,11 +60,11 @@ def find_named(name: str) -> Path | None:
     True
     """
     root = _conda_root()
-    if name == "base" and root is not None and (root / "conda-meta").is_dir():
+    if name == "base" and root is not None and environment_kind(root) == "conda":
         return root
     for place in search_places():
         candidate = place / name
-        if (candidate / "conda-meta").is_dir() or (candidate / "pyvenv.cfg").is_file():
+        if environment_kind(candidate) is not None:
             return candidate
     for prefix in _registered_prefixes():
         if prefix.name == name and prefix.is_dir():

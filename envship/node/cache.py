@@ -188,14 +188,6 @@ class EnvCache:
         """
         self.archives.adopt(id, partial, manifest)
 
-    def partial_path(self, id: str, digest: str) -> Path:
-        """Where a download of ``id`` with piece table ``digest`` is written.
-
-        ``tmp/<id>.<digest[:16]>.partial``: one per node and table, so that an
-        interrupted download resumes from the pieces already there.
-        """
-        return self.root / "tmp" / f"{id}.{digest[:16]}.partial"
-
     def fetch_lock(self, id: str) -> FileLock:
         """The lock one nanny of the node holds while it downloads ``id``.
 

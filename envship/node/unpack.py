@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from envship.errors import EnvshipError
+from envship.kinds import environment_kind
 from envship.manifest import Manifest
 
 from .extract import Progress, extract_archive
@@ -100,22 +101,13 @@ def unpack(
     }
 
 
-def tree_kind(tree: Path) -> str | None:
-    """What kind of environment an unpacked tree is: "conda", "venv" or None."""
-    if (tree / "conda-meta").is_dir():
-        return "conda"
-    if (tree / "pyvenv.cfg").is_file():
-        return "venv"
-    return None
-
-
 def check_manifest(tree: Path, manifest: Manifest, file_count: int, name: str) -> None:
     """The manifest is the sender's word: what the node acts on must match the tree.
 
     Its ``kind`` chooses the fix-up and the worker's variables; its file count
     is checked too. (Its ``unpacked_size`` bounded the extraction.)
     """
-    found = tree_kind(tree)
+    found = environment_kind(tree)
     if found != manifest.kind:
         holds = {"conda": "a conda environment", "venv": "a venv"}.get(
             found or "", "neither a conda environment nor a venv"

@@ -1,0 +1,405 @@
+"""A switch, step by step: the calls behind ``use_environment`` and its kin.
+
+:class:`Switch` holds one call's state (its deadline, progress setting, stage
+times, the workers it concerns and what their nannies said) and runs its
+steps in the order they happen, one method each. Packing happens in the
+calling thread (a cache hit when the environment is unchanged); every other
+step runs on the client's event loop, within what is left of the call's
+timeout. This module decides nothing about what users call: see
+:mod:`envship.client.use`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+from distributed import Client
+from distributed.comm import CommClosedError, get_address_host_port
+from distributed.core import clean_exception
+from distributed.protocol.pickle import dumps
+
+from envship import policy
+from envship.errors import EnvshipError
+from envship.manifest import Manifest
+from envship.node.nanny import UseEnvironment
+from envship.transfer import ShipReport
+
+from .compat import check_compatibility
+from .deliver import deliver
+from .pack import pack
+from .progress import progress_bar
+from .report import SwitchFailedError, SwitchReport, WorkerReport, timing
+from .store import Artifact
+from .targets import (
+    Infos,
+    Targets,
+    ensure_registry,
+    find_targets,
+    keys_only_on,
+    nanny_side,
+    scheduler_of,
+)
+
+PLUGIN_NAME = "envship"
+#: Seconds for a nanny to say how its switch went; to wait for the workers of
+#: a switch whose plugin call the scheduler dropped (a nanny died in it).
+STATUS_TIMEOUT, SETTLE_TIMEOUT = 10.0, 20.0
+#: ``warnings.warn``'s stacklevel from a step to the user's call: the step,
+#: ``Switch.to`` or ``Switch.prepare``, the public function, its caller.
+_USER = 4
+
+T = TypeVar("T")
+
+
+class Switch:
+    """One call of ``use_environment``, ``prepare_environment`` or ``foreign``.
+
+    Its steps, in the order they happen (the methods below, in this order):
+
+    1. :meth:`pack`: the environment, into the local store.
+    2. :meth:`check`: which workers; envship on their nannies and on the
+       scheduler; the scheduler's policy; the environment's compatibility
+       with the cluster. Nothing has moved yet.
+    3. :meth:`claim` the workers, so that no other switch restarts them
+       meanwhile (a switch only).
+    4. :meth:`deliver`: ship it to every node that lacks it, peer to peer,
+       and install it there.
+    5. :meth:`restart` every worker in it (a switch only); when a nanny
+       died meanwhile, :meth:`settle`: wait for the others' workers.
+    6. :meth:`report` what each worker runs in now; :meth:`release` the claim.
+
+    :meth:`to` (a switch) and :meth:`prepare` (no restart) run them.
+
+    Examples
+    --------
+    >>> switch = Switch(client, workers=None, strict=True, timeout=None,
+    ...                 progress=False)  # doctest: +SKIP
+    >>> switch.to(switch.pack("sklearn-dev"))  # doctest: +SKIP
+    worker       environment    seconds  status
+    0            5f0c2d9a1b7e      2.31  ok
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        workers: Iterable[str] | None,
+        strict: bool,
+        timeout: float | None,
+        progress: bool | None,
+    ) -> None:
+        self.client = client
+        self.scheduler = scheduler_of(client)
+        self.workers = None if workers is None else list(workers)
+        self.strict = strict
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        if progress is None:
+            progress = sys.stderr.isatty() or "ipykernel" in sys.modules
+        self.progress: bool = progress
+        self.stages: dict[str, float] = {}
+        self.owner = f"{client.id}/{uuid.uuid4().hex}"
+        # Set by the steps as they go.
+        self.artifact: Artifact | None = None
+        self.label = "the nannies' own environment"
+        self.targets: Targets = {}
+        self.infos: Infos = {}
+        self.shipped = ShipReport()
+        self.unpacked: dict[str, dict] | None = None
+
+    # -- whole calls ---------------------------------------------------------
+
+    def to(self, artifact: Artifact | None) -> SwitchReport:
+        """Switch the workers to ``artifact`` (None: the nannies' own environment)."""
+        with timing(self.stages, "check"):
+            lost = self.run(self.check(artifact))
+        self.warn_of_lost_keys(lost)
+        self.run(self.claim())
+        try:
+            if artifact is not None:
+                self.run(self.deliver())
+            self.run(self.restart())
+            expected = None if artifact is None else artifact.id
+            report = self.run(self.report(self.stages["restart"], expected=expected))
+        finally:
+            self.release()
+        self.raise_for_failed(report)
+        self.warn_of_left_out(report, "switched")
+        return report
+
+    def prepare(self, artifact: Artifact, call_only: bool = False) -> SwitchReport:
+        """Ship and install ``artifact`` on the workers' nodes; restart nobody.
+
+        ``call_only``: tasks call into it rather than run workers in it, so
+        only its platform must suit the nodes.
+        """
+        with timing(self.stages, "check"):
+            self.run(self.check(artifact, call_only))
+        started = time.perf_counter()
+        self.run(self.deliver())
+        report = self.run(self.report(time.perf_counter() - started, prepared=True))
+        self.warn_of_left_out(report, "prepared")
+        return report
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a step on the client's loop within what is left of the timeout."""
+        left = self.deadline
+        if left is not None:
+            left = max(left - time.monotonic(), 0)
+        return self.client.sync(asyncio.wait_for, coro, left)
+
+    # -- the steps, in order -------------------------------------------------
+
+    def pack(self, env: Any) -> Artifact:
+        """The artifact of ``env`` (see :func:`as_artifact`)."""
+        with timing(self.stages, "pack"):
+            return as_artifact(env, self.progress)
+
+    async def check(self, artifact: Artifact | None, call_only: bool = False) -> int:
+        """Everything that must hold before anything moves or restarts.
+
+        Returns how many keys in memory only the target workers hold.
+        """
+        self.artifact = artifact
+        if artifact is not None:
+            self.label = artifact.name
+        self.targets = await find_targets(self.client, self.workers, self.label)
+        self.infos = await nanny_side(self.client, self.targets, artifact, self.label)
+        await ensure_registry(self.client, self.label)
+        if artifact is not None:
+            await self.check_environment(artifact, call_only)
+        return await keys_only_on(self.client, self.targets)
+
+    async def check_environment(self, artifact: Artifact, call_only: bool) -> None:
+        """The scheduler's policy, then compatibility with the cluster."""
+        policy.check(artifact.name, artifact.id, await self.scheduler.envship_policy())
+        versions = await self.scheduler.versions(packages=[])
+        check_compatibility(
+            artifact.name,
+            manifest_of(artifact),
+            client_python=".".join(map(str, sys.version_info[:3])),
+            scheduler_packages=versions["packages"],
+            node_platforms=[info["platform"] for info in self.infos.values()],
+            strict=self.strict,
+            call_only=call_only,
+        )
+
+    def warn_of_lost_keys(self, lost: int) -> None:
+        """Warn that restarting loses the ``lost`` keys only the targets hold."""
+        if lost:
+            warnings.warn(
+                f"switching to {self.label} restarts workers that alone hold {lost} "
+                "keys (scattered data or persisted results): futures of computed "
+                "results will be recomputed, scattered data is lost",
+                stacklevel=_USER,
+            )
+
+    async def claim(self) -> None:
+        """Claim the workers for this switch; refuse if another switch holds any."""
+        names = {t["nanny"]: t["name"] for t in self.targets.values()}
+        answer = await self.scheduler.envship_claim(
+            owner=self.owner,
+            client=self.client.id,
+            nannies=list(names),
+            name=self.label,
+        )
+        conflicts = answer["conflicts"]
+        if conflicts:
+            now = time.time()
+            lines = "\n".join(
+                f"  {names[nanny]}: to {c['name']}, by {c['client']}, for "
+                f"{now - c['since']:.0f} s"
+                for nanny, c in conflicts.items()
+            )
+            raise EnvshipError(
+                self.label,
+                "another switch of the same workers is under way, so this one did "
+                f"not start:\n{lines}",
+                "call use_environment again once it has ended, or switch other "
+                "workers (workers=[...])",
+            )
+
+    async def deliver(self) -> None:
+        """Ship it to every node of the targets and install it there.
+
+        Workers whose nanny left meanwhile are taken out of the targets.
+        """
+        assert self.artifact is not None, "the nannies' own environment is there"
+        self.shipped, self.unpacked = await deliver(
+            self.client,
+            self.artifact,
+            self.targets,
+            self.infos,
+            self.progress,
+            self.stages,
+        )
+
+    async def restart(self) -> None:
+        """Restart every target worker in the environment, through its nanny."""
+        artifact, targets = self.artifact, self.targets
+        names = None if self.workers is None else [t["name"] for t in targets.values()]
+        await self.scheduler.envship_desire(
+            id=None if artifact is None else artifact.id, names=names
+        )
+        started = time.perf_counter()
+        plugin = UseEnvironment(
+            None if artifact is None else {"id": artifact.id, "name": artifact.name},
+            nannies=(
+                None if self.workers is None else [t["nanny"] for t in targets.values()]
+            ),
+        )
+        with progress_bar(f"restarting {len(targets)} workers", None, self.progress):
+            try:
+                responses = await self.scheduler.register_nanny_plugin(
+                    plugin=dumps(plugin), name=PLUGIN_NAME, idempotent=False
+                )
+            except CommClosedError:
+                # A nanny left while the scheduler passed the plugin on, and the
+                # scheduler dropped the call: each nanny is asked below instead,
+                # once the others' workers are back.
+                responses = {}
+                await self.settle()
+        for response in responses.values():
+            if response.get("status") == "error":
+                _, exc, _ = clean_exception(
+                    response["exception"], response["traceback"]
+                )
+                raise EnvshipError(
+                    self.label, f"a nanny could not switch: {exc}"
+                ) from exc
+        self.stages["restart"] = time.perf_counter() - started
+
+    async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Wait until every target nanny has a worker again or is gone, or ``timeout`` s."""
+        waiting = {t["nanny"] for t in self.targets.values()}
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            info = await self.scheduler.identity()
+            waiting -= {w.get("nanny") for w in info["workers"].values()}
+            for nanny in list(waiting):
+                if not await _listening(nanny):
+                    waiting.discard(nanny)  # dead: nothing to wait for
+            await asyncio.sleep(0.2)
+
+    async def report(
+        self, seconds: float, prepared: bool = False, expected: str | None = None
+    ) -> SwitchReport:
+        """What each worker runs in; how its switch went (unless only ``prepared``).
+
+        A switch is ok for a worker only if its nanny says so and the worker
+        runs in ``expected`` now: never ok while it runs elsewhere.
+        """
+        info = await self.scheduler.identity()
+        present = {w.get("nanny") for w in info["workers"].values()}
+
+        async def status(target: dict) -> WorkerReport | str:
+            # A nanny gone from the scheduler is given a short while only:
+            # connecting to a closed port is retried until the connect timeout.
+            wait = STATUS_TIMEOUT if target["nanny"] in present else 2
+            try:
+                s = await asyncio.wait_for(
+                    self.client.rpc(target["nanny"]).envship_status(), wait
+                )
+            except (CommClosedError, OSError, asyncio.TimeoutError):
+                return str(target["name"])  # its nanny left the cluster
+            return _worker_report(target, s, seconds, prepared, expected)
+
+        results = await asyncio.gather(*map(status, self.targets.values()))
+        report = SwitchReport(
+            {r.name: r for r in results if isinstance(r, WorkerReport)},
+            stages=self.stages,
+            transfer=self.shipped,
+            unpacked=self.unpacked,
+            gone=tuple(r for r in results if isinstance(r, str)),
+        )
+        report.transfer.left_out.extend(report.gone)
+        return report
+
+    def release(self) -> None:
+        """End the claim (it ends with the client anyway, hence no error)."""
+        with contextlib.suppress(Exception):
+            self.client.sync(self.scheduler.envship_release, owner=self.owner)
+
+    # -- what the user is told -----------------------------------------------
+
+    def raise_for_failed(self, report: SwitchReport) -> None:
+        """Raise, with the report, if some workers could not start in it."""
+        failed = report.failed()
+        if failed:
+            details = "\n".join(f"  {r.name}: {r.error}" for r in failed)
+            raise SwitchFailedError(
+                self.label,
+                f"{len(failed)} of {len(report)} workers could not start in it and "
+                f"run in the nannies' own environment again:\n{details}",
+                "fix the environment (does `python -c 'import distributed'` work "
+                "in it?), pack it again and call use_environment again",
+                report,
+            )
+
+    def warn_of_left_out(self, report: SwitchReport, done: str) -> None:
+        """Warn of the workers left out because their nanny left meanwhile."""
+        if report.transfer.left_out:
+            warnings.warn(
+                f"not {done}: workers {', '.join(report.transfer.left_out)}, whose "
+                "nanny left the cluster during the call",
+                stacklevel=_USER,
+            )
+
+
+def as_artifact(env: Any, progress: bool) -> Artifact:
+    """``env`` itself if it is an artifact, else what packing it gives."""
+    if isinstance(env, Artifact):
+        return env
+    return pack(env, progress=progress, archive=False)
+
+
+def manifest_of(artifact: Artifact) -> Manifest:
+    """The manifest of the environment ``artifact`` is (a thin pack: the one it carries)."""
+    manifest = artifact.manifest
+    return manifest if isinstance(manifest, Manifest) else manifest.env
+
+
+def _worker_report(
+    target: dict,
+    status: dict,
+    seconds: float,
+    prepared: bool,
+    expected: str | None,
+) -> WorkerReport:
+    """One worker's line of the report, from its nanny's ``envship_status``."""
+    ok, error = status["ok"], status["error"]
+    # None: the nannies' own environment, or their administrator's default.
+    wanted = status.get("default") if expected is None else expected
+    if ok and status["running"] != wanted:
+        ok = False
+        runs = status["name"] or status["running"] or "the nannies' own environment"
+        error = f"it runs in {runs}, not in what was asked: switched again meanwhile?"
+    return WorkerReport(
+        name=target["name"],
+        nanny=target["nanny"],
+        address=status["worker"],
+        environment=status["running"],
+        seconds=seconds if prepared else status.get("seconds") or seconds,
+        ok=prepared or ok,
+        error=None if prepared else error,
+    )
+
+
+async def _listening(address: str) -> bool:
+    """Whether anything accepts connections at ``address`` (a dead nanny: no)."""
+    try:
+        host, port = get_address_host_port(address)
+    except ValueError:
+        return True  # not TCP (inproc, ucx): no way to tell, so wait
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
