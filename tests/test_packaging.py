@@ -37,3 +37,28 @@ def test_wheel_layout(tmp_path):
         "envship = envship.cli:main"
         in zipfile.ZipFile(wheel).read(entry_points).decode()
     )
+
+
+BUILDERS = [
+    "fixtures",
+    "fixtures.__main__",
+    "fixtures.condameta",
+    "fixtures.envs",
+    "fixtures.errors",
+    "fixtures.installer",
+    "fixtures.modules",
+    "fixtures.recipes",
+    "fixtures.relocate",
+    "fixtures.specs",
+]
+
+
+def test_fixture_builders_never_import_envship():
+    """As fixtures/__init__.py says: they build test environments when envship is broken."""
+    code = (
+        "import importlib, sys\n"
+        "sys.modules['envship'] = None  # any import of it fails\n"
+        f"for name in {BUILDERS!r}:\n"
+        "    importlib.import_module(name)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
