@@ -2,15 +2,16 @@
 
 :func:`envship.pack` writes it into every artifact, at :data:`UNPACK_FILE`;
 :mod:`envship.node.relocate` reads it on the node, from a tree that came over
-the network, so :meth:`VenvRecord.from_dict` checks every field's type and
-raises ``ValueError`` naming it. Paths in a record
+the network, so :meth:`VenvRecord.from_dict` and :meth:`CondaRecord.from_dict`
+check every field's type and raise ``ValueError`` naming it. Paths in a record
 are relative to the environment; checking that they stay inside the tree is
 the reader's part (it holds the tree).
 
 - A venv's record: its packing prefix, the text files that hold it, and the
   ``bin/python*`` links to the base interpreter that the packer left out.
-- A conda environment's prefix records, as conda-pack's ``bin/conda-unpack``
-  lists them: :func:`check_prefix_records`.
+- A conda environment's record: conda-pack's prefix records
+  (``Packer.prefixes``, as its ``bin/conda-unpack`` lists them), so that the
+  node never has to parse that script.
 
 This module reads and writes no files and knows nothing of nodes or Dask.
 """
@@ -72,6 +73,34 @@ class VenvRecord:
 
 #: ``(path, placeholder, mode)``: ``path`` holds ``placeholder``, as text or binary.
 PrefixRecord = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class CondaRecord:
+    """conda-pack's prefix records of a conda environment.
+
+    Examples
+    --------
+    >>> r = CondaRecord([("bin/dask", "/opt/env", "text")])
+    >>> CondaRecord.from_dict(json.loads(r.to_json())) == r
+    True
+    >>> CondaRecord.from_dict({"prefix_records": [["bin/dask", "/opt/env", "exec"]]})
+    Traceback (most recent call last):
+    ...
+    ValueError: prefix_records: not a list of (path, placeholder, text|binary)
+    """
+
+    prefix_records: list[PrefixRecord]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls, data: object) -> CondaRecord:
+        """The record in ``data`` (parsed JSON), checked; ValueError if malformed."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return cls(check_prefix_records(data.get("prefix_records")))
 
 
 def check_prefix_records(records: object) -> list[PrefixRecord]:

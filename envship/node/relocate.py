@@ -1,8 +1,11 @@
 """Make an unpacked environment work at its final prefix, on a node.
 
-Conda environments carry conda-pack's ``bin/conda-unpack`` and its prefix
-records; venvs carry ``.envship/unpack.json`` (written by ``envship.pack``, see
-:mod:`envship.unpack_record`). Both are applied to a tree that still sits in a
+Every artifact carries its unpack record, ``.envship/unpack.json`` (written by
+``envship.pack``, see :mod:`envship.unpack_record`): for a venv, its text
+files and base interpreter links; for a conda environment, conda-pack's prefix
+records. (Conda artifacts packed before envship wrote that record carry the
+same records only in conda-pack's ``bin/conda-unpack``: they are read from
+there, parsed, never run.) Both are applied to a tree that still sits in a
 temporary folder, with the FINAL prefix as the new one, so the tree can be
 renamed into place complete.
 Neither ever writes through a hard link: a file that shares its inode (with
@@ -23,6 +26,7 @@ from conda_pack.prefixes import update_prefix
 from envship.errors import EnvshipError
 from envship.unpack_record import (
     UNPACK_FILE,
+    CondaRecord,
     PrefixRecord,
     VenvRecord,
     check_prefix_records,
@@ -158,34 +162,45 @@ def _replace_in_file(path: str, old: bytes, new: bytes) -> None:
 
 
 def fixup_conda(tree: Path, final: Path, name: str) -> None:
-    """Apply the archive's conda-unpack records with ``final`` as the new prefix.
+    """Apply the archive's conda-pack prefix records with ``final`` as the new prefix.
 
-    conda-pack's ``bin/conda-unpack`` is its ``prefixes.py`` followed by the
-    records ``(path, placeholder, mode)`` of files that hold the packing
-    prefix. The records are read from the script (parsed, never run) and
-    applied with the nanny's own conda-pack (``update_prefix``), so no
-    interpreter of the environment runs here and nothing can write outside
-    the tree. conda-pack lists every file pip installed; only those that do
-    hold their placeholder are rewritten (as private copies, see
+    The records ``(path, placeholder, mode)`` of files that hold the packing
+    prefix are the ones conda-pack writes into ``bin/conda-unpack``; they are
+    read from the unpack record, or for an artifact packed before envship
+    wrote it, from the script (parsed, never run). They are applied with the
+    nanny's own conda-pack (``update_prefix``), so no interpreter of the
+    environment runs here and nothing can write outside the tree. conda-pack
+    lists every file pip installed; only those that do hold their placeholder
+    are rewritten (as private copies, see
     :func:`~envship.node.filestore.unshare`).
 
     Raises
     ------
     EnvshipError
-        The script is not conda-pack's, a record names a path outside the
-        environment or missing from it, or a binary rewrite would change a
-        file's length.
+        The record is malformed or the script is not conda-pack's, a record
+        names a path outside the environment or missing from it, or a binary
+        rewrite would change a file's length.
     """
-    script = tree / "bin" / "conda-unpack"
-    if not script.is_file():
-        return  # packed for a fixed destination: nothing to rewrite
+    spec = _read_record(tree, name)
+    if spec is not None:
+        try:
+            records = CondaRecord.from_dict(spec).prefix_records
+        except ValueError:
+            raise EnvshipError(name, f"{UNPACK_FILE} is malformed", _REPACK) from None
+        lister = "unpack.json"
+    else:
+        script = tree / "bin" / "conda-unpack"
+        if not script.is_file():
+            return  # packed for a fixed destination: nothing to rewrite
+        records = _prefix_records(script, name)
+        lister = "conda-unpack"
     root = os.path.realpath(tree)
-    for path, placeholder, mode in _prefix_records(script, name):
+    for path, placeholder, mode in records:
         target = os.path.realpath(os.path.join(root, path))
         if os.path.isabs(path) or not target.startswith(root + os.sep):
             raise EnvshipError(
                 name,
-                f"conda-unpack lists {path!r}, outside the environment",
+                f"{lister} lists {path!r}, outside the environment",
                 _REPACK,
             )
         try:
@@ -204,7 +219,7 @@ def fixup_conda(tree: Path, final: Path, name: str) -> None:
                 os.chmod(target, mode_bits)
         except FileNotFoundError:
             raise EnvshipError(
-                name, f"conda-unpack lists {path!r}, which it does not hold", _REPACK
+                name, f"{lister} lists {path!r}, which it does not hold", _REPACK
             ) from None
         except ValueError as e:  # a binary rewrite that changes the length
             raise EnvshipError(
