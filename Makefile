@@ -12,9 +12,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo.py
 
+# The docstring examples, then the tests. tests/test_dashboard.py needs headless
+# Chromium: .ci/chromium installs it (as root on Debian) or says how, at once.
 test: $(VENV)/.installed
+	.ci/chromium
 	$(VENV)/bin/python -m pytest
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy

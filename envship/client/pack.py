@@ -2,8 +2,9 @@
 
 Conda environments go through conda-pack's own file selection and prefix
 handling (``CondaEnv`` and ``Packer``); venvs are packed the way venv-pack does
-it, without the base interpreter, plus a small ``.envship/unpack.json`` that
-tells the node cache how to fix them up.
+it, without the base interpreter. Either kind carries an unpack record
+(:mod:`envship.unpack_record`) that tells the node cache how to fix it up: for
+a conda environment, conda-pack's own prefix records (``Packer.prefixes``).
 
 Either way, packing is first a *table pass* (:class:`envship.table.TableWriter`):
 it lists every entry and computes the content id, reading only the files
@@ -15,7 +16,6 @@ holds nothing of the environment.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
@@ -29,13 +29,12 @@ from envship.errors import EnvshipError
 from envship.machine import platform_facts
 from envship.manifest import FORMAT_VERSION, Manifest
 from envship.table import ROW_SYMLINK, TableWriter
+from envship.unpack_record import UNPACK_FILE, CondaRecord, VenvRecord
 
 from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
 from .progress import progress_bar
 from .store import Artifact, ArtifactStore, check_name
-
-VENV_UNPACK_FILE = ".envship/unpack.json"
 
 
 def pack(
@@ -208,10 +207,27 @@ def _pack_conda(source, name, writer, ignore_editable, progress) -> None:
         # conda-pack's own scripts: from temporary files, gone right after.
         writer.keep_data = True
         packer.finish()
+        writer.add_bytes(None, _conda_record(packer).to_json(), UNPACK_FILE)
     except CondaPackException as e:
         raise EnvshipError(
             name, f"conda-pack refused it: {e}", _conda_fix(str(e))
         ) from e
+
+
+def _conda_record(packer: Packer) -> CondaRecord:
+    """The prefix records that conda-pack wrote into ``bin/conda-unpack``.
+
+    Taken from the packer itself (``Packer.prefixes``), so that the node reads
+    data rather than parse the script. Like ``Packer.finish``, leaves out the
+    python executables (conda-unpack does not edit the file that runs it).
+    """
+    return CondaRecord(
+        [
+            (path, placeholder, mode)
+            for path, placeholder, mode in packer.prefixes
+            if not path.startswith("bin/python")
+        ]
+    )
 
 
 class _Packer(Packer):
@@ -325,10 +341,8 @@ def _pack_venv(source: SourceEnvironment, name: str, writer, progress) -> None:
             "the venv has no bin/python link to a base interpreter",
             "recreate it with `python -m venv` (without --copies)",
         )
-    unpack = {"prefix": str(prefix), "text_files": text_files, "links": links}
-    writer.add_bytes(
-        None, json.dumps(unpack, indent=1, sort_keys=True).encode(), VENV_UNPACK_FILE
-    )
+    record = VenvRecord(str(prefix), text_files, links)
+    writer.add_bytes(None, record.to_json(), UNPACK_FILE)
 
 
 def _may_hold_prefix(target: str) -> bool:

@@ -1,9 +1,13 @@
 """Make an unpacked environment work at its final prefix, on a node.
 
-Conda environments carry conda-pack's ``bin/conda-unpack`` and its prefix
-records; venvs carry ``.envship/unpack.json`` (written by ``envship.pack``).
-Both are applied to a tree that still sits in a temporary folder, with the
-FINAL prefix as the new one, so the tree can be renamed into place complete.
+Every artifact carries its unpack record, ``.envship/unpack.json`` (written by
+``envship.pack``, see :mod:`envship.unpack_record`): for a venv, its text
+files and base interpreter links; for a conda environment, conda-pack's prefix
+records. (Conda artifacts packed before envship wrote that record carry the
+same records only in conda-pack's ``bin/conda-unpack``: they are read from
+there, parsed, never run.) Both are applied to a tree that still sits in a
+temporary folder, with the FINAL prefix as the new one, so the tree can be
+renamed into place complete.
 Neither ever writes through a hard link: a file that shares its inode (with
 the node's file store) is first replaced by a private copy.
 """
@@ -20,13 +24,21 @@ from pathlib import Path
 from conda_pack.prefixes import update_prefix
 
 from envship.errors import EnvshipError
+from envship.unpack_record import (
+    UNPACK_FILE,
+    CondaRecord,
+    PrefixRecord,
+    VenvRecord,
+    check_prefix_records,
+)
 
 from .filestore import unshare
 
 #: Largest bin/conda-unpack read for its records (conda-pack writes a few
 #: kilobytes of code and one line per file with a prefix).
 MAX_UNPACK_SCRIPT = 64 << 20
-_MODES = ("text", "binary")
+#: Largest unpack record read (the same records as JSON: a little larger).
+MAX_UNPACK_RECORD = 2 * MAX_UNPACK_SCRIPT
 _REPACK = "pack the environment again with envship"
 
 
@@ -67,41 +79,25 @@ def fixup_venv(
     tree = Path(tree)
     final = os.fspath(final_prefix)
     name = env or tree.name
-    spec_path = tree / ".envship" / "unpack.json"
     repack = _REPACK
+    spec = _read_record(tree, name)
+    if spec is None:
+        raise EnvshipError(name, f"the venv artifact has no {UNPACK_FILE}", repack)
     try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EnvshipError(
-            name, "the venv artifact has no .envship/unpack.json", repack
-        ) from None
-    except ValueError as e:
-        raise EnvshipError(
-            name, f".envship/unpack.json is not valid JSON ({e})", repack
-        ) from None
-    old = spec.get("prefix") if isinstance(spec, dict) else None
-    text_files = spec.get("text_files", []) if isinstance(spec, dict) else None
-    links = spec.get("links", {}) if isinstance(spec, dict) else None
-    if (
-        not isinstance(old, str)
-        or not os.path.isabs(old)
-        or not isinstance(text_files, list)
-        or not all(isinstance(p, str) for p in text_files)
-        or not isinstance(links, dict)
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in links.items())
-    ):
-        raise EnvshipError(name, ".envship/unpack.json is malformed", repack)
+        record = VenvRecord.from_dict(spec)
+    except ValueError:
+        raise EnvshipError(name, f"{UNPACK_FILE} is malformed", repack) from None
     root = os.path.realpath(tree)
-    old_bytes = os.fsencode(old)
+    old_bytes = os.fsencode(record.prefix)
     new_bytes = os.fsencode(final)
-    for rel in text_files:
+    for rel in record.text_files:
         path = os.path.realpath(os.path.join(root, rel))
         if os.path.isabs(rel) or not path.startswith(root + os.sep):
             raise EnvshipError(
                 name, f"unpack.json lists {rel!r}, outside the environment", repack
             )
         _replace_in_file(path, old_bytes, new_bytes)
-    for rel, target in links.items():
+    for rel, target in record.links.items():
         if not fnmatchcase(rel, "bin/python*") or "/" in rel[len("bin/") :]:
             raise EnvshipError(
                 name,
@@ -126,6 +122,24 @@ def fixup_venv(
         os.symlink(target, link)
 
 
+def _read_record(tree: Path, name: str) -> object | None:
+    """The parsed JSON of the tree's unpack record; None if it has none."""
+    path = tree / UNPACK_FILE
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_UNPACK_RECORD + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > MAX_UNPACK_RECORD:
+        raise EnvshipError(name, f"{UNPACK_FILE} is too large", _REPACK)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as e:
+        raise EnvshipError(
+            name, f"{UNPACK_FILE} is not valid JSON ({e})", _REPACK
+        ) from None
+
+
 def _replace_in_file(path: str, old: bytes, new: bytes) -> None:
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
@@ -148,34 +162,45 @@ def _replace_in_file(path: str, old: bytes, new: bytes) -> None:
 
 
 def fixup_conda(tree: Path, final: Path, name: str) -> None:
-    """Apply the archive's conda-unpack records with ``final`` as the new prefix.
+    """Apply the archive's conda-pack prefix records with ``final`` as the new prefix.
 
-    conda-pack's ``bin/conda-unpack`` is its ``prefixes.py`` followed by the
-    records ``(path, placeholder, mode)`` of files that hold the packing
-    prefix. The records are read from the script (parsed, never run) and
-    applied with the nanny's own conda-pack (``update_prefix``), so no
-    interpreter of the environment runs here and nothing can write outside
-    the tree. conda-pack lists every file pip installed; only those that do
-    hold their placeholder are rewritten (as private copies, see
+    The records ``(path, placeholder, mode)`` of files that hold the packing
+    prefix are the ones conda-pack writes into ``bin/conda-unpack``; they are
+    read from the unpack record, or for an artifact packed before envship
+    wrote it, from the script (parsed, never run). They are applied with the
+    nanny's own conda-pack (``update_prefix``), so no interpreter of the
+    environment runs here and nothing can write outside the tree. conda-pack
+    lists every file pip installed; only those that do hold their placeholder
+    are rewritten (as private copies, see
     :func:`~envship.node.filestore.unshare`).
 
     Raises
     ------
     EnvshipError
-        The script is not conda-pack's, a record names a path outside the
-        environment or missing from it, or a binary rewrite would change a
-        file's length.
+        The record is malformed or the script is not conda-pack's, a record
+        names a path outside the environment or missing from it, or a binary
+        rewrite would change a file's length.
     """
-    script = tree / "bin" / "conda-unpack"
-    if not script.is_file():
-        return  # packed for a fixed destination: nothing to rewrite
+    spec = _read_record(tree, name)
+    if spec is not None:
+        try:
+            records = CondaRecord.from_dict(spec).prefix_records
+        except ValueError:
+            raise EnvshipError(name, f"{UNPACK_FILE} is malformed", _REPACK) from None
+        lister = "unpack.json"
+    else:
+        script = tree / "bin" / "conda-unpack"
+        if not script.is_file():
+            return  # packed for a fixed destination: nothing to rewrite
+        records = _prefix_records(script, name)
+        lister = "conda-unpack"
     root = os.path.realpath(tree)
-    for path, placeholder, mode in _prefix_records(script, name):
+    for path, placeholder, mode in records:
         target = os.path.realpath(os.path.join(root, path))
         if os.path.isabs(path) or not target.startswith(root + os.sep):
             raise EnvshipError(
                 name,
-                f"conda-unpack lists {path!r}, outside the environment",
+                f"{lister} lists {path!r}, outside the environment",
                 _REPACK,
             )
         try:
@@ -194,7 +219,7 @@ def fixup_conda(tree: Path, final: Path, name: str) -> None:
                 os.chmod(target, mode_bits)
         except FileNotFoundError:
             raise EnvshipError(
-                name, f"conda-unpack lists {path!r}, which it does not hold", _REPACK
+                name, f"{lister} lists {path!r}, which it does not hold", _REPACK
             ) from None
         except ValueError as e:  # a binary rewrite that changes the length
             raise EnvshipError(
@@ -202,7 +227,7 @@ def fixup_conda(tree: Path, final: Path, name: str) -> None:
             ) from None
 
 
-def _prefix_records(script: Path, name: str) -> list[tuple[str, str, str]]:
+def _prefix_records(script: Path, name: str) -> list[PrefixRecord]:
     """The ``_prefix_records`` literal of a conda-unpack script, checked."""
     bad = EnvshipError(
         name, "its bin/conda-unpack is not one that conda-pack writes", _REPACK
@@ -218,15 +243,10 @@ def _prefix_records(script: Path, name: str) -> list[tuple[str, str, str]]:
             and [getattr(t, "id", None) for t in node.targets] == ["_prefix_records"]
         ]
         records = ast.literal_eval(value)
+        if not isinstance(records, list) or not all(
+            isinstance(r, tuple) for r in records
+        ):
+            raise ValueError("not conda-pack's list of tuples")
+        return check_prefix_records(records)
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         raise bad from None
-    if not isinstance(records, list) or not all(
-        isinstance(r, tuple)
-        and len(r) == 3
-        and all(isinstance(x, str) for x in r)
-        and r[1]
-        and r[2] in _MODES
-        for r in records
-    ):
-        raise bad
-    return records
