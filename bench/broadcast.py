@@ -86,7 +86,7 @@ from envship.manifest import Manifest
 from envship.transfer import Offer, Peer, PieceTable, broadcast, piece_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Sample, small_parser, target_line  # noqa: E402
+from timing import Sample, rotated, small_parser, target_line  # noqa: E402
 
 PREFIX = "esb-"
 SWITCH = "esb-switch"
@@ -429,11 +429,6 @@ def scatter(client, bed, data: bytes, nodes) -> dict:
             raise RuntimeError("the workers kept the scattered blob")
         time.sleep(0.2)
     return m
-
-
-def rotated(kinds: list[str], round: int) -> list[str]:
-    """The order of one round: the kinds as given, reversed every other round."""
-    return kinds if round % 2 == 0 else kinds[::-1]
 
 
 def middle(runs: list[dict]) -> dict:

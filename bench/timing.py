@@ -80,6 +80,11 @@ class Sample:
         )
 
 
+def rotated(names: list[T], round: int) -> list[T]:
+    """The order of round ``round``: as given, reversed every other round."""
+    return names if round % 2 == 0 else names[::-1]
+
+
 def interleave(
     runs: dict[str, Callable[[], object]],
     rounds: int,
@@ -94,8 +99,7 @@ def interleave(
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         before_round()
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
+        for name in rotated(names, r):
             took, _ = timed(runs[name])
             seconds[name].append(took)
     return seconds
