@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from timing import Sample, small_parser, target_line  # noqa: E402
 
-import envship  # noqa: E402, F401
+import envship  # noqa: E402
 import fixtures  # noqa: E402
 from fixtures.cluster import local_cluster  # noqa: E402
 
@@ -107,7 +107,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="envship-bench-bridge-") as tmp:
         with local_cluster(Path(tmp), {"node": 1}) as (client, _):
             started = time.perf_counter()
-            py2 = client.use_environment(prefix, progress=False)
+            py2 = envship.use_environment(client, prefix, progress=False)
+            assert isinstance(py2, envship.ForeignEnvironment)
             installed = time.perf_counter() - started
             f = client.submit(measure, py2, calls, spawns, rounds, mb, pure=False)
             f = f.result()

@@ -75,6 +75,7 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask
 import psutil
@@ -252,6 +253,12 @@ class Testbed:
             {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"},
         )
 
+    @property
+    def scheduler_pid(self) -> int:
+        if self.scheduler is None:
+            raise RuntimeError("the scheduler is not running")
+        return self.scheduler.pid
+
     def start_nodes(self, sites: bool) -> None:
         """A nanny per node, west the second half if ``sites`` else all east."""
         for k in range(self.count):
@@ -288,7 +295,7 @@ class Testbed:
         workers = [w for n in nannies for w in n.children(recursive=True)]
         return [
             psutil.Process(),
-            psutil.Process(self.scheduler.pid),
+            psutil.Process(self.scheduler_pid),
             *nannies,
             *workers,
         ]
@@ -350,7 +357,7 @@ def measuring(bed: Testbed):
     own = cpu_seconds(processes)
     psutil.cpu_percent()
     start = time.perf_counter()
-    with RssPeak(bed.scheduler.pid) as rss:
+    with RssPeak(bed.scheduler_pid) as rss:
         yield m
     m["seconds"] = time.perf_counter() - start
     m["cpu"] = psutil.cpu_percent()
@@ -484,8 +491,8 @@ def measure_all(
     enter_netns(PREFIX + "client")
     with Client(SCHEDULER, timeout="120s") as client:
         client.wait_for_workers(bed.count, timeout=120)
-        rss = psutil.Process(bed.scheduler.pid).memory_info().rss
-        results = {"nodes": bed.count, "scheduler_rss_start": rss}
+        rss = psutil.Process(bed.scheduler_pid).memory_info().rss
+        results: dict[str, Any] = {"nodes": bed.count, "scheduler_rss_start": rss}
         results["scaling"] = scaling_runs(client, bed, blob, counts, rounds)
         if sites:
             results["sites"] = site_runs(client, bed, blob, rounds)

@@ -153,6 +153,13 @@ class Side:
         return f"store {'on' if self.links else 'off'}"
 
 
+def switch(client: Client, env) -> envship.SwitchReport:
+    """``envship.use_environment`` of a Python 3 environment, without progress bars."""
+    report = envship.use_environment(client, env, progress=False)
+    assert isinstance(report, envship.SwitchReport)
+    return report
+
+
 def step(side: Side, env, name: str) -> dict:
     """Pack (the table pass; a cache hit if unchanged) and switch; what it cost."""
     client, cache = side.client, side.cache
@@ -161,7 +168,7 @@ def step(side: Side, env, name: str) -> dict:
         start = time.perf_counter()
         artifact = envship.pack(env, name=name, archive=False)
         packed = time.perf_counter() - start
-        report = client.use_environment(artifact, progress=False)
+        report = switch(client, artifact)
         seconds = time.perf_counter() - start
     installs = EnvCache(cache).installs(artifact.id)
     written = sum(r["files"] - r.get("linked_files", 0) for r in installs)
@@ -182,10 +189,10 @@ def warm(side: Side) -> dict:
     """One warm switch: back to the nannies' own environment (untimed), then in."""
     client = side.client
     with dask.config.set({"envship.store": str(side.store)}):
-        client.use_environment(None, progress=False)
+        switch(client, None)
         os.sync()
         start = time.perf_counter()
-        report = client.use_environment(side.work, progress=False)
+        report = switch(client, side.work)
         return {"seconds": time.perf_counter() - start, "stages": report.stages}
 
 
@@ -248,7 +255,7 @@ def run_clusters(tmp: Path, setup: Setup, source: Path, derived_env: Path) -> di
             res["two"] = disk_usage(res["1"]["tree"], res["3"]["tree"]) / disk_usage(
                 res["1"]["tree"]
             )
-            side.client.use_environment(None, progress=False)
+            switch(side.client, None)
         on = sides[1]
         on.results["floors"] = floors(
             on.work, on.results["2"]["tree"], tmp / "cluster-True"
@@ -304,8 +311,8 @@ def main() -> None:
     setup = SMALL if args.small else FULL
     logging.getLogger("distributed").setLevel(logging.ERROR)
     source = fixtures.build(setup.source)
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=Path.home()) as name:
+        tmp = Path(name)
         print("preparing the derived environment...", flush=True)
         derived_env = derived(
             source, tmp / setup.derived_name, setup.derived, setup.drop
@@ -346,8 +353,8 @@ def report(
                 f"    spread (min-max): store on {min(a['all']):.2f}-{max(a['all']):.2f}"
                 f", store off {min(b['all']):.2f}-{max(b['all']):.2f}"
             )
-        stages = {**a["stages"], "pack": a["pack"]}  # the re-pack, timed here
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "check")
+        timed = {**a["stages"], "pack": a["pack"]}  # the re-pack, timed here
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in timed.items() if k != "check")
         print(
             f"    store on: {stages}; store off: {b['written']} files written, disk {b['disk'] / mb:.0f} MB"
         )

@@ -35,6 +35,7 @@ from timing import Sample, interleave, small_parser, target_line  # noqa: E402
 
 import envship  # noqa: E402
 import fixtures  # noqa: E402
+from envship.manifest import Manifest  # noqa: E402
 from envship.node.extract import extract_archive  # noqa: E402
 
 ROUNDS = 3
@@ -104,6 +105,7 @@ class Contenders:
 
     def envship_unpack(self) -> None:
         assert self.artifact is not None and self.artifact.path is not None
+        assert isinstance(self.artifact.manifest, Manifest)  # a full pack, not thin
         extract_archive(
             self.artifact.path,
             self._fresh("es-tree"),
@@ -145,6 +147,7 @@ def main() -> None:
         cp_all_size = c.outputs["cp-1"].stat().st_size
         es_size = c.artifact.path.stat().st_size
         m = c.artifact.manifest
+        assert isinstance(m, Manifest)
 
     p = {k: Sample(v) for k, v in packs.items()}
     cp1, cpall, es = p.values()

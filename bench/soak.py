@@ -144,17 +144,18 @@ def main(
     warnings.simplefilter("ignore")
     random.seed(7)
     workers = sum(nodes.values())
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=Path.home()) as name:
+        tmp = Path(name)
         with (
             dask.config.set({"envship.store": str(tmp / "store")}),
             local_cluster(tmp / "cluster", nodes) as cluster,
         ):
             client = cluster.client
+            assert client is not None
             client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
             artifacts = [envship.pack(fixtures.build(n), archive=False) for n in envs]
             for artifact in artifacts:  # a first round: what every later one reuses
-                client.use_environment(artifact, progress=False)
+                envship.use_environment(client, artifact, progress=False)
             originals = [p.pid for ps in cluster.nannies.values() for p in ps]
             start = snapshot(cluster, originals)
             seconds, kills, retries, unexpected = [], 0, 0, []
@@ -166,7 +167,8 @@ def main(
                     timer = kill_one(cluster, random.uniform(0.0, 2.0), killed)
                 began = time.perf_counter()
                 try:
-                    ok = client.use_environment(artifact, progress=False).ok
+                    switched = envship.use_environment(client, artifact, progress=False)
+                    ok = isinstance(switched, envship.SwitchReport) and switched.ok
                 except EnvshipError:
                     ok = False
                 except Exception as e:  # not envship's error: a bug to report
@@ -183,7 +185,7 @@ def main(
                     )
                 if not ok or not in_place(cluster, artifact, workers):
                     retries += 1
-                    client.use_environment(artifact, progress=False)
+                    envship.use_environment(client, artifact, progress=False)
                 wait_until(
                     lambda a=artifact: in_place(cluster, a, workers), timeout=120
                 )
@@ -240,11 +242,7 @@ if __name__ == "__main__":
     parser.add_argument("kill_every", nargs="?", type=int, help=f"default {KILL_EVERY}")
     args = parser.parse_args()
     if args.small:
-        sizes = dict(nodes=SMALL_NODES, envs=SMALL_ENVS)
-        switches = args.switches or 3
         kill_every = 3 if args.kill_every is None else args.kill_every
-    else:
-        sizes = {}
-        switches = args.switches or SWITCHES
-        kill_every = KILL_EVERY if args.kill_every is None else args.kill_every
-    sys.exit(main(switches, kill_every, **sizes))
+        sys.exit(main(args.switches or 3, kill_every, SMALL_NODES, SMALL_ENVS))
+    kill_every = KILL_EVERY if args.kill_every is None else args.kill_every
+    sys.exit(main(args.switches or SWITCHES, kill_every))

@@ -36,23 +36,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from distributed import Client  # noqa: E402
 from distributed.diagnostics.plugin import PipInstall  # noqa: E402
 from timing import Sample, rotated, small_parser, target_line, timed  # noqa: E402
 
 import envship  # noqa: E402
 import fixtures  # noqa: E402
+from envship.manifest import Manifest  # noqa: E402
 from fixtures.cluster import local_cluster  # noqa: E402
 
 WORKERS = 4
 REPEAT = 3
 
 
-def sklearn_version():
+def sklearn_version() -> str | None:
+    """The scikit-learn installed where this runs (in a worker), if any."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import sklearn
-    except ImportError:
+        return version("scikit-learn")
+    except PackageNotFoundError:
         return None
-    return sklearn.__version__
+
+
+def switch(client: Client, env) -> envship.SwitchReport:
+    """``envship.use_environment`` of a Python 3 environment, without progress bars."""
+    report = envship.use_environment(client, env, progress=False)
+    assert isinstance(report, envship.SwitchReport)
+    return report
 
 
 def all_workers(client):
@@ -90,8 +101,8 @@ def main() -> None:
         set(fixtures.SPECS["sklearn-dev"].packages)
         - set(fixtures.SPECS["base"].packages)
     )
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=Path.home()) as name:
+        tmp = Path(name)
         print("preparing a throwaway venv for the nannies...", flush=True)
         python = throwaway_venv(tmp / "venv")
         t_pack, artifact = timed(
@@ -104,7 +115,7 @@ def main() -> None:
         ):
             client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
             # (a) cold
-            t_cold, cold = timed(client.use_environment, artifact, progress=False)
+            t_cold, cold = timed(switch, client, artifact)
             assert set(client.run(sklearn_version).values()) == {"1.9.1"}
             copies = []
             for r in range(rounds):
@@ -121,14 +132,12 @@ def main() -> None:
 
             def into(env_inside: bool) -> None:
                 if inside[0] != env_inside:
-                    client.use_environment(
-                        artifact if env_inside else None, progress=False
-                    )
+                    switch(client, artifact if env_inside else None)
                     inside[0] = env_inside
 
             def warm() -> float:
                 into(False)
-                took, _ = timed(client.use_environment, artifact, progress=False)
+                took, _ = timed(switch, client, artifact)
                 inside[0] = True
                 return took
 
@@ -160,10 +169,11 @@ def main() -> None:
             client.wait_for_workers(workers)
             assert set(client.run(sklearn_version).values()) == {"1.9.1"}
 
+    m = artifact.manifest
+    assert isinstance(m, Manifest)  # a full pack, not thin
     print(
         f"\n{workers} workers on one node, environment sklearn-dev "
-        f"({artifact.manifest.file_count} files, "
-        f"{artifact.manifest.unpacked_size / 1e6:.0f} MB); {rounds} rounds; "
+        f"({m.file_count} files, {m.unpacked_size / 1e6:.0f} MB); {rounds} rounds; "
         "seconds: median (min-max, n)"
     )
     print(f"pack into a fresh store             {t_pack:6.2f}")
