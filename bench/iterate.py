@@ -72,7 +72,6 @@ from timing import Sample, rotated, small_parser, target_line  # noqa: E402
 
 import envship  # noqa: E402
 import fixtures  # noqa: E402
-from envship.node.cache import EnvCache, disk_usage  # noqa: E402
 from envship.node.filestore import FileStore  # noqa: E402
 from fixtures.cluster import local_cluster  # noqa: E402
 
@@ -148,9 +147,29 @@ class Side:
     work: Path
     store: Path
     results: dict = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)  # environments installed so far
 
     def __str__(self) -> str:
         return f"store {'on' if self.links else 'off'}"
+
+
+def running_prefix() -> str:
+    """Runs in a worker: the environment it runs in."""
+    return sys.prefix
+
+
+def disk_usage(*trees: Path) -> int:
+    """Bytes on disk under ``trees``, a file with several links counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, files in (w for tree in trees for w in os.walk(tree)):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(folder, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
 
 
 def switch(client: Client, env) -> envship.SwitchReport:
@@ -170,8 +189,9 @@ def step(side: Side, env, name: str) -> dict:
         packed = time.perf_counter() - start
         report = switch(client, artifact)
         seconds = time.perf_counter() - start
-    installs = EnvCache(cache).installs(artifact.id)
-    written = sum(r["files"] - r.get("linked_files", 0) for r in installs)
+    written = sum(u["written"] for u in (report.unpacked or {}).values())
+    side.ids.add(artifact.id)
+    (tree,) = set(client.run(running_prefix).values())  # one node: one tree
     return {
         "seconds": seconds,
         "pack": packed,
@@ -179,9 +199,9 @@ def step(side: Side, env, name: str) -> dict:
         "written": written,
         # Trees and the file store; the archives kept for peers are not counted.
         "disk": disk_usage(*(p for p in cache.iterdir() if p.name != "archives")),
-        "trees": sum(e.has_tree for e in EnvCache(cache).entries()),
+        "trees": len(side.ids),
         "stages": report.stages,
-        "tree": cache / artifact.id,
+        "tree": Path(tree),
     }
 
 
