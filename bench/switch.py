@@ -105,6 +105,7 @@ def main() -> None:
         tmp = Path(name)
         print("preparing a throwaway venv for the nannies...", flush=True)
         python = throwaway_venv(tmp / "venv")
+        print("packing sklearn-dev into a fresh store...", flush=True)
         t_pack, artifact = timed(
             envship.pack, sklearn_dev, name="sklearn-dev", store=tmp / "store"
         )
@@ -114,7 +115,7 @@ def main() -> None:
             _,
         ):
             client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
-            # (a) cold
+            print("(a) cold switch...", flush=True)
             t_cold, cold = timed(switch, client, artifact)
             assert set(client.run(sklearn_version).values()) == {"1.9.1"}
             copies = []
@@ -128,6 +129,7 @@ def main() -> None:
             t_copy = Sample(copies)
 
             # (b) warm, against restarts inside the environment and outside it.
+            print("(b) warm switches and restarts, interleaved...", flush=True)
             inside = [True]  # where the workers run now: the environment
 
             def into(env_inside: bool) -> None:
@@ -161,6 +163,7 @@ def main() -> None:
             floor = t_copy.median + t_inside.median
 
             # (c) PipInstall into the nannies' own environment.
+            print("(c) PipInstall...", flush=True)
             into(False)
             assert set(client.run(sklearn_version).values()) == {None}
             t_pip, _ = timed(
