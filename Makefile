@@ -22,3 +22,15 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Every benchmark in its small mode (tiny sizes, two nodes, seconds each): the
+# same code paths as the full runs, failing on a crash. bench/broadcast.py
+# needs root and `ip netns` (it fails, never skips, without them): CI is root.
+.PHONY: bench-small
+bench-small: $(VENV)/.installed
+	$(VENV)/bin/python bench/pack.py --small
+	$(VENV)/bin/python bench/broadcast.py --small
+	$(VENV)/bin/python bench/bridge.py --small
+	$(VENV)/bin/python bench/switch.py --small
+	$(VENV)/bin/python bench/iterate.py --small
+	$(VENV)/bin/python bench/soak.py --small

@@ -3,7 +3,9 @@
 In one run, on two clusters of four nannies on one node that differ only in
 ``envship.cache.hard-links`` (the node's file store and with it delta
 shipping, on and off: the nodes then report every file lacking and get whole
-archives, as before the store existed), each through the same steps:
+archives, as before the store existed), both running at once, each through
+the same steps, interleaved (a step on one cluster, then the same step on the
+other, the order rotating from step to step):
 
 (1) the first switch into a working copy of sklearn-dev (nothing on the node);
 (2) the same environment plus one small package (``pip install six`` into it),
@@ -13,7 +15,8 @@ archives, as before the store existed), each through the same steps:
     (a ``cp -a`` copy, so unchanged packages keep their files and mtimes, with
     scikit-learn 1.8.0 in place of 1.9.1), re-pack included;
 (w) a warm switch (back to the nannies' own environment, then into
-    the working copy again) as the yardstick.
+    the working copy again) as the yardstick, taken on the cluster being
+    measured: (2) on each cluster is compared with that cluster's own.
 
 Per step: seconds (and per stage), bytes the client sent, files written on
 the node (the rest were linked from the store), node disk afterwards (each
@@ -38,18 +41,25 @@ pack, and 0.45 to 0.6 s of building a verified tree of 12k links on the node
 other scikit-learn on top. The restart into a freshly built tree also tends
 to take longer than into one started before.
 
-    python bench/iterate.py
+Figures are medians with their spread (min-max).
+
+    python bench/iterate.py [--small]
+
+``--small``: the base fixture for sklearn-dev, fsspec 2026.7.0 in place of
+2026.9.0 for the derived environment, one edit, one worker per cluster, one
+warm switch: the same steps in seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,10 +67,11 @@ sys.path.insert(0, str(ROOT))
 
 import dask.config  # noqa: E402
 import xxhash  # noqa: E402
+from distributed import Client  # noqa: E402
+from timing import Sample, rotated, small_parser, target_line  # noqa: E402
 
 import envship  # noqa: E402
 import fixtures  # noqa: E402
-from envship.node.cache import EnvCache, disk_usage  # noqa: E402
 from envship.node.filestore import FileStore  # noqa: E402
 from fixtures.cluster import local_cluster  # noqa: E402
 
@@ -82,6 +93,7 @@ def derived(source: Path, dest: Path, pip_args: list[str], drop: str | None) -> 
 
 def pip_install(prefix: Path, args: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PIP_ROOT_USER_ACTION"] = "ignore"  # CI runs as root
     subprocess.run(
         [prefix / "bin" / "python", "-m", "pip", "install", "--quiet", *args],
         check=True,
@@ -89,16 +101,97 @@ def pip_install(prefix: Path, args: list[str]) -> None:
     )
 
 
-def step(client, cache: Path, env, name: str) -> dict:
+@dataclass
+class Setup:
+    """What a run measures: sizes of the full run or of ``--small``."""
+
+    workers: int
+    repeat: int
+    edits: list[str]
+    source: str  # the fixture the working copy is made of
+    derived: list[str]  # pip arguments that make the derived environment
+    drop: str  # the conda record that pip replaces there
+    derived_name: str
+    dedup: tuple[str, str]  # two fixtures built separately: what they share
+
+
+FULL = Setup(
+    WORKERS,
+    REPEAT,
+    EDITS,
+    "sklearn-dev",
+    ["--no-deps", "scikit-learn==1.8.0"],
+    "scikit-learn",
+    "sklearn-1.8",
+    ("base", "sklearn-dev"),
+)
+SMALL = Setup(
+    1,
+    1,
+    ["six"],
+    "base",
+    ["--no-deps", "fsspec==2026.7.0"],
+    "fsspec",
+    "fsspec-2026.7",
+    ("base", "no-distributed"),
+)
+
+
+@dataclass
+class Side:
+    """One of the two clusters: its store, cache and working copy."""
+
+    links: bool
+    client: Client
+    cache: Path
+    work: Path
+    store: Path
+    results: dict = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)  # environments installed so far
+
+    def __str__(self) -> str:
+        return f"store {'on' if self.links else 'off'}"
+
+
+def running_prefix() -> str:
+    """Runs in a worker: the environment it runs in."""
+    return sys.prefix
+
+
+def disk_usage(*trees: Path) -> int:
+    """Bytes on disk under ``trees``, a file with several links counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, files in (w for tree in trees for w in os.walk(tree)):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(folder, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def switch(client: Client, env) -> envship.SwitchReport:
+    """``envship.use_environment`` of a Python 3 environment, without progress bars."""
+    report = envship.use_environment(client, env, progress=False)
+    assert isinstance(report, envship.SwitchReport)
+    return report
+
+
+def step(side: Side, env, name: str) -> dict:
     """Pack (the table pass; a cache hit if unchanged) and switch; what it cost."""
+    client, cache = side.client, side.cache
     os.sync()  # what earlier steps wrote goes to disk now, not during this one
-    start = time.perf_counter()
-    artifact = envship.pack(env, name=name, archive=False)
-    packed = time.perf_counter() - start
-    report = client.use_environment(artifact, progress=False)
-    seconds = time.perf_counter() - start
-    installs = EnvCache(cache).installs(artifact.id)
-    written = sum(r["files"] - r.get("linked_files", 0) for r in installs)
+    with dask.config.set({"envship.store": str(side.store)}):
+        start = time.perf_counter()
+        artifact = envship.pack(env, name=name, archive=False)
+        packed = time.perf_counter() - start
+        report = switch(client, artifact)
+        seconds = time.perf_counter() - start
+    written = sum(u["written"] for u in (report.unpacked or {}).values())
+    side.ids.add(artifact.id)
+    (tree,) = set(client.run(running_prefix).values())  # one node: one tree
     return {
         "seconds": seconds,
         "pack": packed,
@@ -106,48 +199,88 @@ def step(client, cache: Path, env, name: str) -> dict:
         "written": written,
         # Trees and the file store; the archives kept for peers are not counted.
         "disk": disk_usage(*(p for p in cache.iterdir() if p.name != "archives")),
-        "trees": sum(e.has_tree for e in EnvCache(cache).entries()),
+        "trees": len(side.ids),
         "stages": report.stages,
-        "tree": cache / artifact.id,
+        "tree": Path(tree),
     }
 
 
-def warm(client, env) -> dict:
-    times, stages = [], []
-    for _ in range(REPEAT):
-        client.use_environment(None, progress=False)
+def warm(side: Side) -> dict:
+    """One warm switch: back to the nannies' own environment (untimed), then in."""
+    client = side.client
+    with dask.config.set({"envship.store": str(side.store)}):
+        switch(client, None)
         os.sync()
         start = time.perf_counter()
-        report = client.use_environment(env, progress=False)
-        times.append(time.perf_counter() - start)
-        stages.append(report.stages)
-    middle = times.index(statistics.median(times))
-    return {"seconds": times[middle], "stages": stages[middle]}
+        report = switch(client, side.work)
+        return {"seconds": time.perf_counter() - start, "stages": report.stages}
 
 
-def run_cluster(folder: Path, links: bool, sklearn_dev: Path, derived_env: Path):
-    env = {"DASK_ENVSHIP__CACHE__HARD_LINKS": str(links)}
-    # Not inside ``folder``: the workers' local directory is <folder>/work.
-    work = folder.with_name(f"{folder.name}-env")
-    subprocess.run(["cp", "-a", sklearn_dev, work], check=True)
-    with local_cluster(folder, {"node": WORKERS}, node_env=env) as (client, caches):
-        client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
-        cache = caches["node"]
-        results = {"1": step(client, cache, work, "work")}
-        edits = []
-        for package in EDITS:
-            pip_install(work, [package])  # the edit itself is not timed
-            edits.append(step(client, cache, work, "work"))
-        results["2"] = sorted(edits, key=lambda r: r["seconds"])[len(edits) // 2]
-        results["3"] = step(client, cache, derived_env, "sklearn-1.8")
-        results["w"] = warm(client, work)
-        # The two sklearn environments, each inode once: shared files count once.
-        first, second = results["1"]["tree"], results["3"]["tree"]
-        results["two"] = disk_usage(first, second) / disk_usage(first)
-        client.use_environment(None, progress=False)
-        if links:
-            results["floors"] = floors(work, results["2"]["tree"], folder)
-    return results
+def both(sides: list[Side], index: int, measure) -> dict[bool, dict]:
+    """``measure(side)`` on each side, the order rotating with ``index``; by ``links``."""
+    return {side.links: measure(side) for side in rotated(sides, index)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median time (the lower of two middles), with every time."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "all": [r["seconds"] for r in runs]}
+
+
+def run_clusters(tmp: Path, setup: Setup, source: Path, derived_env: Path) -> dict:
+    """Both clusters at once, every step on each, interleaved."""
+    sides: list[Side] = []
+    with ExitStack() as stack:
+        for links in (False, True):
+            folder = tmp / f"cluster-{links}"
+            # Not inside ``folder``: the workers' local directory is <folder>/work.
+            work = folder.with_name(f"{folder.name}-env")
+            subprocess.run(["cp", "-a", source, work], check=True)
+            env = {"DASK_ENVSHIP__CACHE__HARD_LINKS": str(links)}
+            print(f"cluster with the file store {'on' if links else 'off'}...")
+            client, caches = stack.enter_context(
+                local_cluster(folder, {"node": setup.workers}, node_env=env)
+            )
+            client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
+            store = tmp / f"store-{links}"  # every pack below is measured
+            sides.append(Side(links, client, caches["node"], work, store))
+        by_links = {side.links: side for side in sides}
+
+        def work_step(side: Side) -> dict:
+            return step(side, side.work, "work")
+
+        k = 0  # rotates the order of the two clusters
+        first = both(sides, k, work_step)
+        edits: dict[bool, list[dict]] = {side.links: [] for side in sides}
+        for package in setup.edits:
+            for side in sides:
+                pip_install(side.work, [package])  # the edit itself is not timed
+            k += 1
+            for links, r in both(sides, k, work_step).items():
+                edits[links].append(r)
+        k += 1
+        third = both(sides, k, lambda s: step(s, derived_env, setup.derived_name))
+        warms: dict[bool, list[dict]] = {side.links: [] for side in sides}
+        for _ in range(setup.repeat):
+            k += 1
+            for links, r in both(sides, k, warm).items():
+                warms[links].append(r)
+        for links, side in by_links.items():
+            res = side.results
+            res["1"] = first[links]
+            res["2"] = median_run(edits[links])
+            res["3"] = third[links]
+            res["w"] = median_run(warms[links])
+            # The two environments, each inode once: shared files count once.
+            res["two"] = disk_usage(res["1"]["tree"], res["3"]["tree"]) / disk_usage(
+                res["1"]["tree"]
+            )
+            switch(side.client, None)
+        on = sides[1]
+        on.results["floors"] = floors(
+            on.work, on.results["2"]["tree"], tmp / "cluster-True"
+        )
+        return {side.links: side.results for side in sides}
 
 
 def floors(work: Path, tree: Path, folder: Path) -> dict:
@@ -194,100 +327,110 @@ def dedup_between(a: Path, b: Path) -> tuple[float, float]:
 
 
 def main() -> None:
+    args = small_parser(__doc__).parse_args()
+    setup = SMALL if args.small else FULL
     logging.getLogger("distributed").setLevel(logging.ERROR)
-    sklearn_dev = fixtures.build("sklearn-dev")
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        tmp = Path(tmp)
+    source = fixtures.build(setup.source)
+    with tempfile.TemporaryDirectory(dir=Path.home()) as name:
+        tmp = Path(name)
         print("preparing the derived environment...", flush=True)
         derived_env = derived(
-            sklearn_dev,
-            tmp / "sklearn-1.8",
-            ["--no-deps", "scikit-learn==1.8.0"],
-            "scikit-learn",
+            source, tmp / setup.derived_name, setup.derived, setup.drop
         )
-        results = {}
-        for links in (False, True):
-            # A fresh artifact store per cluster: every pack below is measured.
-            with dask.config.set({"envship.store": str(tmp / f"store-{links}")}):
-                print(f"cluster with the file store {'on' if links else 'off'}...")
-                results[links] = run_cluster(
-                    tmp / f"cluster-{links}", links, sklearn_dev, derived_env
-                )
-        same, shared = dedup_between(fixtures.build("base"), sklearn_dev)
-        one_env = disk_usage(sklearn_dev)
-    report(results, same, shared, one_env)
+        results = run_clusters(tmp, setup, source, derived_env)
+        same, shared = dedup_between(*(fixtures.build(n) for n in setup.dedup))
+        one_env = disk_usage(source)
+    report(results, same, shared, one_env, setup)
 
 
-def report(results: dict, same: float, shared: float, one_env: int) -> None:
+def report(
+    results: dict, same: float, shared: float, one_env: int, setup: Setup
+) -> None:
     off, on = results[False], results[True]
     mb = 1e6
-    print(f"\n{WORKERS} workers on one node; store off = today's behaviour")
     print(
-        f"{'step':<34} {'store on':>9} {'store off':>9} {'ratio':>6}  "
+        f"\n{setup.workers} workers on one node per cluster; store off = today's "
+        "behaviour; the two clusters ran at once, their steps interleaved"
+    )
+    print(
+        f"{'step':<36} {'store on':>9} {'store off':>9} {'ratio':>6}  "
         f"{'sent MB':>8} {'written':>8} {'disk MB':>8}"
     )
     names = {
-        "1": "(1) first switch, sklearn-dev copy",
-        "2": "(2) + one small package (median 3)",
-        "3": "(3) derived: scikit-learn 1.8.0",
+        "1": f"(1) first switch, {setup.source} copy",
+        "2": f"(2) + one small package (median {len(setup.edits)})",
+        "3": f"(3) derived: {' '.join(setup.derived[1:])}",
     }
     for key, label in names.items():
         a, b = on[key], off[key]
         print(
-            f"{label:<34} {a['seconds']:8.2f}s {b['seconds']:8.2f}s "
+            f"{label:<36} {a['seconds']:8.2f}s {b['seconds']:8.2f}s "
             f"{b['seconds'] / a['seconds']:6.2f}  {a['sent'] / mb:8.1f} "
             f"{a['written']:8d} {a['disk'] / mb:8.0f}"
         )
-        stages = {**a["stages"], "pack": a["pack"]}  # the re-pack, timed here
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "check")
+        if "all" in a:
+            print(
+                f"    spread (min-max): store on {min(a['all']):.2f}-{max(a['all']):.2f}"
+                f", store off {min(b['all']):.2f}-{max(b['all']):.2f}"
+            )
+        timed = {**a["stages"], "pack": a["pack"]}  # the re-pack, timed here
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in timed.items() if k != "check")
         print(
             f"    store on: {stages}; store off: {b['written']} files written, disk {b['disk'] / mb:.0f} MB"
         )
-    print(
-        f"(w) warm switch (median {REPEAT})       {on['w']['seconds']:8.2f}s {off['w']['seconds']:8.2f}s"
-    )
+    w_on, w_off = Sample(on["w"]["all"]), Sample(off["w"]["all"])
+    print(f"(w) warm switch, each cluster its own: store on {w_on}, store off {w_off}")
     stages = ", ".join(f"{k} {v:.2f}" for k, v in on["w"]["stages"].items())
     print(f"    store on: {stages}")
-    f, w = on["floors"], on["w"]["seconds"]
+    print(
+        f"    (2) / its own cluster's warm switch: store on "
+        f"{on['2']['seconds'] / w_on.median:.2f}, store off "
+        f"{off['2']['seconds'] / w_off.median:.2f}"
+    )
+    f, w = on["floors"], w_on.median
     print(
         f"floors of (2) beyond a warm switch: conda-pack's file listing "
         f"{f['listing']:.2f}s, cp -al of the tree {f['links']:.2f}s; so (2) >= "
         f"{(w + f['listing'] + f['links']) / w:.2f}x warm with any design that "
         "packs with conda-pack and links a whole tree"
     )
+    a, b = setup.dedup
     print(
-        f"\nbase and sklearn-dev, each built by pip: {same:.0%} of sklearn-dev's bytes "
-        f"have the same content in base, {shared:.0%} the same content, mode and mtime"
+        f"\n{a} and {b}, each built by pip: {same:.0%} of {b}'s bytes "
+        f"have the same content in {a}, {shared:.0%} the same content, mode and mtime"
     )
-    checks = [
-        ("(2) <= 1.5x warm", on["2"]["seconds"] / on["w"]["seconds"], 1.5, "<="),
-        (
-            "(3) >= 3x faster than store off",
-            off["3"]["seconds"] / on["3"]["seconds"],
-            3,
-            ">=",
-        ),
-        (
-            "(1) <= 1.05x store off",
-            on["1"]["seconds"] / off["1"]["seconds"],
-            1.05,
+    print("\ntargets")
+    for line in (
+        target_line(
+            "(2) / warm switch, store on cluster (medians)",
+            on["2"]["seconds"] / w_on.median,
             "<=",
+            1.5,
         ),
-        ("node disk, the two sklearn envs / one", on["two"], 1.15, "<="),
+        target_line(
+            "(3) store off / store on (speed-up)",
+            off["3"]["seconds"] / on["3"]["seconds"],
+            ">=",
+            3,
+        ),
+        target_line(
+            "(1) store on / store off",
+            on["1"]["seconds"] / off["1"]["seconds"],
+            "<=",
+            1.05,
+        ),
+        target_line(
+            "node disk, the two envs of (1) and (3) / one", on["two"], "<=", 1.15
+        ),
         # Every environment on the node after (3), and the file store.
-        (
+        target_line(
             f"node disk, all {on['3']['trees']} envs + store / one",
             on["3"]["disk"] / one_env,
-            1.15,
             "<=",
+            1.15,
         ),
-    ]
-    print()
-    for label, value, target, how in checks:
-        ok = value <= target if how == "<=" else value >= target
-        print(
-            f"{label:<40} {value:6.2f}  target {how} {target}  {'PASS' if ok else 'MISS'}"
-        )
+    ):
+        print(line)
 
 
 if __name__ == "__main__":

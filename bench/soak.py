@@ -14,7 +14,14 @@ scheduler and of the nannies alive throughout, worker processes, and the
 bytes and files in each node cache's ``tmp/``, after a first round of the
 three environments (start) and at the end. Growth must be zero beyond noise.
 
-    python bench/soak.py [SWITCHES [KILL_EVERY]]   # KILL_EVERY 0: no kills
+Targets: no error other than EnvshipError (any other ends the run with exit
+status 1: a crash), no process and no file in ``tmp/`` more at the end than at
+the start.
+
+    python bench/soak.py [--small] [SWITCHES [KILL_EVERY]]   # KILL_EVERY 0: no kills
+
+``--small``: 2 nodes of 1 nanny, base and venv, 3 switches, a nanny killed in
+the third.
 """
 
 from __future__ import annotations
@@ -35,16 +42,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dask.config  # noqa: E402
+from timing import small_parser, target_line  # noqa: E402
 
 import envship  # noqa: E402
 import fixtures  # noqa: E402
-from envship.errors import EnvshipError  # noqa: E402
+from envship import EnvshipError  # noqa: E402
 from fixtures.cluster import local_cluster, wait_until  # noqa: E402
 
 NODES = {f"n{i}": 2 for i in range(4)}
-WORKERS = sum(NODES.values())
 ENVS = ["base", "sklearn-dev", "venv"]
 KILL_EVERY = 5
+SWITCHES = 20
+SMALL_NODES = {f"n{i}": 1 for i in range(2)}
+SMALL_ENVS = ["base", "venv"]
 
 
 def prefix() -> str:
@@ -59,10 +69,16 @@ def running_in(client) -> dict[str, str]:
     return {names[a]: p for a, p in client.run(prefix).items() if a in names}
 
 
-def in_place(cluster, artifact) -> bool:
+def in_place(cluster, artifact, workers: int) -> bool:
+    """Every worker runs in a tree of ``artifact`` in its own node's cache.
+
+    Only that the tree is named by the id and lies in the node's cache
+    folder is assumed of the cache's layout.
+    """
     found = running_in(cluster.client)
-    return len(found) == WORKERS and all(
-        p == str(cluster.caches[name.rsplit("-", 1)[0]] / artifact.id)
+    return len(found) == workers and all(
+        Path(p).name == artifact.id
+        and Path(p).is_relative_to(cluster.caches[name.rsplit("-", 1)[0]])
         for name, p in found.items()
     )
 
@@ -117,21 +133,29 @@ def kill_one(cluster, when: float, killed: list) -> threading.Timer:
     return timer
 
 
-def main(switches: int, kill_every: int = KILL_EVERY) -> None:
+def main(
+    switches: int,
+    kill_every: int = KILL_EVERY,
+    nodes: dict[str, int] = NODES,
+    envs: list[str] = ENVS,
+) -> int:
+    """Run the soak and print its report; the exit status (1: unexpected errors)."""
     logging.getLogger("distributed").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
     random.seed(7)
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        tmp = Path(tmp)
+    workers = sum(nodes.values())
+    with tempfile.TemporaryDirectory(dir=Path.home()) as name:
+        tmp = Path(name)
         with (
             dask.config.set({"envship.store": str(tmp / "store")}),
-            local_cluster(tmp / "cluster", NODES) as cluster,
+            local_cluster(tmp / "cluster", nodes) as cluster,
         ):
             client = cluster.client
+            assert client is not None
             client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
-            artifacts = [envship.pack(fixtures.build(n), archive=False) for n in ENVS]
+            artifacts = [envship.pack(fixtures.build(n), archive=False) for n in envs]
             for artifact in artifacts:  # a first round: what every later one reuses
-                client.use_environment(artifact, progress=False)
+                envship.use_environment(client, artifact, progress=False)
             originals = [p.pid for ps in cluster.nannies.values() for p in ps]
             start = snapshot(cluster, originals)
             seconds, kills, retries, unexpected = [], 0, 0, []
@@ -143,7 +167,8 @@ def main(switches: int, kill_every: int = KILL_EVERY) -> None:
                     timer = kill_one(cluster, random.uniform(0.0, 2.0), killed)
                 began = time.perf_counter()
                 try:
-                    ok = client.use_environment(artifact, progress=False).ok
+                    switched = envship.use_environment(client, artifact, progress=False)
+                    ok = isinstance(switched, envship.SwitchReport) and switched.ok
                 except EnvshipError:
                     ok = False
                 except Exception as e:  # not envship's error: a bug to report
@@ -154,24 +179,27 @@ def main(switches: int, kill_every: int = KILL_EVERY) -> None:
                     timer.join()
                     kills += 1
                     cluster.add_node(killed[0], 1)  # a new nanny, as SLURM would
-                    client.wait_for_workers(WORKERS, timeout=120)
+                    client.wait_for_workers(workers, timeout=120)
                     wait_until(
-                        lambda: len(client.scheduler_info()["workers"]) == WORKERS
+                        lambda: len(client.scheduler_info()["workers"]) == workers
                     )
-                if not ok or not in_place(cluster, artifact):
+                if not ok or not in_place(cluster, artifact, workers):
                     retries += 1
-                    client.use_environment(artifact, progress=False)
-                wait_until(lambda a=artifact: in_place(cluster, a), timeout=120)
-                print(f"switch {i + 1:2d}: {ENVS[i % 3]:<12} {seconds[-1]:5.2f} s"
+                    envship.use_environment(client, artifact, progress=False)
+                wait_until(
+                    lambda a=artifact: in_place(cluster, a, workers), timeout=120
+                )
+                print(f"switch {i + 1:2d}: {envs[i % len(envs)]:<12} {seconds[-1]:5.2f} s"
                       f"{'  (a nanny killed)' if killed else ''}"
                       f"{'' if ok else '  (failed, called again)'}", flush=True)  # fmt: skip
             end = snapshot(cluster, originals)
-    report(switches, kills, retries, seconds, start, end, unexpected)
+    report(switches, workers, kills, retries, seconds, start, end, unexpected)
+    return 1 if unexpected else 0
 
 
-def report(switches, kills, retries, seconds, start, end, unexpected) -> None:
+def report(switches, workers, kills, retries, seconds, start, end, unexpected) -> None:
     print(
-        f"\n{switches} switches on {WORKERS} workers, {kills} nannies killed "
+        f"\n{switches} switches on {workers} workers, {kills} nannies killed "
         f"mid-switch (and replaced), {retries} switches called again; every "
         "switch ended with every worker in the environment asked for"
     )
@@ -196,8 +224,25 @@ def report(switches, kills, retries, seconds, start, end, unexpected) -> None:
     for key in start:
         a, b = start[key], end[key]
         print(f"{key:<28} {a:10.1f} {b:10.1f} {b - a:+10.1f}")
+    print("\ntargets")
+    for label, value in (
+        ("errors other than EnvshipError", len(unexpected)),
+        (
+            "growth: processes of the cluster",
+            end["processes of the cluster"] - start["processes of the cluster"],
+        ),
+        ("growth: files in tmp/", end["files in tmp/"] - start["files in tmp/"]),
+    ):
+        print(target_line(label, value, "<=", 0))
 
 
 if __name__ == "__main__":
-    args = [int(a) for a in sys.argv[1:3]]
-    main(*args) if args else main(20)
+    parser = small_parser(__doc__)
+    parser.add_argument("switches", nargs="?", type=int, help=f"default {SWITCHES}")
+    parser.add_argument("kill_every", nargs="?", type=int, help=f"default {KILL_EVERY}")
+    args = parser.parse_args()
+    if args.small:
+        kill_every = 3 if args.kill_every is None else args.kill_every
+        sys.exit(main(args.switches or 3, kill_every, SMALL_NODES, SMALL_ENVS))
+    kill_every = KILL_EVERY if args.kill_every is None else args.kill_every
+    sys.exit(main(args.switches or SWITCHES, kill_every))
