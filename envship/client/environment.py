@@ -37,9 +37,10 @@ class SourceEnvironment:
 
     Examples
     --------
-    >>> env = SourceEnvironment.from_prefix(sys.prefix)  # doctest: +SKIP
-    >>> env.kind
-    'venv'
+    >>> import sys
+    >>> env = SourceEnvironment.from_prefix(sys.prefix)
+    >>> env.kind in ("conda", "venv"), env.prefix == Path(sys.prefix)
+    (True, True)
     """
 
     prefix: Path
