@@ -115,19 +115,21 @@ class CacheLayout:
             # The default lives in the shared temp folder: never use one
             # that another user made for us.
             raise EnvshipError(
-                "node cache",
-                f"the cache folder {root} belongs to another user",
+                str(root),
+                "the cache folder belongs to another user",
                 "set envship.cache.directory (DASK_ENVSHIP__CACHE__DIRECTORY) "
                 "to a folder of your own",
+                subject="node cache",
             )
         if st.st_mode & 0o022:
             # Others could plant trees or archives that workers then run.
             raise EnvshipError(
-                "node cache",
-                f"the cache folder {root} may be written by other users "
+                str(root),
+                "the cache folder may be written by other users "
                 f"(mode {stat.S_IMODE(st.st_mode):o})",
                 f"chmod go-w {root}, or set envship.cache.directory to a "
                 "folder only the nannies' user may write",
+                subject="node cache",
             )
         for sub in self.FOLDERS:
             (root / sub).mkdir(mode=0o700, exist_ok=True)
