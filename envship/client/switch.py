@@ -28,6 +28,8 @@ from distributed.protocol.pickle import dumps
 from envship import policy
 from envship.errors import EnvshipError
 from envship.manifest import Manifest
+from envship.messages import NannyStatus
+from envship.node.messages import Status
 from envship.node.nanny import UseEnvironment
 from envship.transfer import ShipReport
 
@@ -185,7 +187,7 @@ class Switch:
             manifest_of(artifact),
             client_python=".".join(map(str, sys.version_info[:3])),
             scheduler_packages=versions["packages"],
-            node_platforms=[info["platform"] for info in self.infos.values()],
+            node_platforms=[info.platform for info in self.infos.values()],
             strict=self.strict,
             call_only=call_only,
         )
@@ -302,12 +304,16 @@ class Switch:
             # A nanny gone from the scheduler is given a short while only:
             # connecting to a closed port is retried until the connect timeout.
             wait = STATUS_TIMEOUT if target["nanny"] in present else 2
+            rpc = self.client.rpc(target["nanny"])
             try:
-                s = await asyncio.wait_for(
-                    self.client.rpc(target["nanny"]).envship_status(), wait
+                s = NannyStatus.from_msg(
+                    await asyncio.wait_for(
+                        rpc.envship_status(**Status().to_msg()), wait
+                    )
                 )
-            except (CommClosedError, OSError, asyncio.TimeoutError):
-                return str(target["name"])  # its nanny left the cluster
+            except (CommClosedError, OSError, asyncio.TimeoutError, ValueError):
+                # Its nanny left the cluster, or is no envship nanny any more.
+                return str(target["name"])
             return _worker_report(target, s, seconds, prepared, expected)
 
         results = await asyncio.gather(*map(status, self.targets.values()))
@@ -367,25 +373,25 @@ def manifest_of(artifact: Artifact) -> Manifest:
 
 def _worker_report(
     target: dict,
-    status: dict,
+    status: NannyStatus,
     seconds: float,
     prepared: bool,
     expected: str | None,
 ) -> WorkerReport:
     """One worker's line of the report, from its nanny's ``envship_status``."""
-    ok, error = status["ok"], status["error"]
+    ok, error = status.ok, status.error
     # None: the nannies' own environment, or their administrator's default.
-    wanted = status.get("default") if expected is None else expected
-    if ok and status["running"] != wanted:
+    wanted = status.default if expected is None else expected
+    if ok and status.running != wanted:
         ok = False
-        runs = status["name"] or status["running"] or "the nannies' own environment"
+        runs = status.name or status.running or "the nannies' own environment"
         error = f"it runs in {runs}, not in what was asked: switched again meanwhile?"
     return WorkerReport(
         name=target["name"],
         nanny=target["nanny"],
-        address=status["worker"],
-        environment=status["running"],
-        seconds=seconds if prepared else status.get("seconds") or seconds,
+        address=status.worker,
+        environment=status.running,
+        seconds=seconds if prepared else status.seconds or seconds,
         ok=prepared or ok,
         error=None if prepared else error,
     )

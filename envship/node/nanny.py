@@ -24,14 +24,26 @@ import dask.utils
 from distributed.diagnostics.plugin import NannyPlugin
 
 from envship import config, policy
-from envship.archive import check_id
 from envship.errors import EnvshipError
+from envship.ids import EnvId, check_id
 from envship.machine import platform_facts
+from envship.messages import NannyStatus, TransferState, serve
 from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Offer, Peer
-from envship.transfer.pieces import check_text
 
 from .cache import EnvCache
+from .messages import (
+    Foreign,
+    ForeignAnswer,
+    GcAnswer,
+    Info,
+    InfoAnswer,
+    Install,
+    InstallAnswer,
+    Lacks,
+    LastSwitch,
+    Status,
+)
 from .targets import default_target, installed_target, keep, kept_target
 from .worker_process import (
     TargetEnvironment,
@@ -44,7 +56,15 @@ from .worker_process import (
 
 logger = logging.getLogger("envship")
 
-HANDLERS = ("info", "lacks", "install", "status", "gc", "foreign")
+#: The nanny's own handlers (``envship_<name>``) and the requests they take.
+HANDLERS = {
+    "info": Info,
+    "lacks": Lacks,
+    "install": Install,
+    "status": Status,
+    "gc": None,
+    "foreign": Foreign,
+}
 #: Seconds before a nanny asks a scheduler without the registry again.
 REGISTRY_RETRY = 30.0
 BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
@@ -71,8 +91,8 @@ def setup_nanny(nanny) -> NannySide:
     if side is None:
         side = NannySide(nanny)
         nanny._envship = side
-        for name in HANDLERS:
-            nanny.handlers[f"envship_{name}"] = getattr(side, name)
+        for name, request in HANDLERS.items():
+            nanny.handlers[f"envship_{name}"] = serve(getattr(side, name), request)
         for name in BLOB_HANDLERS:
             nanny.handlers[f"envship_{name}"] = getattr(side.blobs, name)
         install(nanny)
@@ -96,13 +116,13 @@ class NannySide:
         self.site = config.get("site")
         self.blobs = BlobServer(self.cache, nanny.rpc, nanny.address, self.site)
         self.blobs.on_event = self._report_holding
-        self.last_switch: dict = {"ok": True, "error": None, "seconds": None}
+        self.last_switch = LastSwitch()
         self._reports: set[asyncio.Task] = set()  # held until sent
         self._registry_missing_until = 0.0
         self.running: dict = {"id": None, "since": time.time()}
         #: The administrator's default environment, once resolved: what
         #: ``use_environment(None)`` switches to.
-        self.default_id: str | None = None
+        self.default_id: EnvId | None = None
 
     @property
     def node(self) -> str:
@@ -112,31 +132,27 @@ class NannySide:
 
     # -- comm handlers ------------------------------------------------------
 
-    def info(self, artifact_id: str | None = None) -> dict:
+    def info(self, request: Info) -> InfoAnswer:
         """Which node and site this nanny is on and whether it holds ``artifact_id``."""
-        held = {}
-        if artifact_id is not None:
-            held = {
-                "installed": self.cache.has(check_id(artifact_id)),
-                "archive": self.cache.has_archive(artifact_id),
-            }
-        return {
-            "node": self.node,
-            "site": self.site,
-            "platform": platform_facts(),
-            **held,
-        }
+        id = request.artifact_id
+        return InfoAnswer(
+            node=self.node,
+            site=self.site,
+            platform=platform_facts(),
+            installed=None if id is None else self.cache.has(id),
+            archive=None if id is None else self.cache.has_archive(id),
+        )
 
-    async def lacks(self, keys: bytes) -> bytes:
+    async def lacks(self, request: Lacks) -> bytes:
         """One bit per file: whether the node's file store lacks it.
 
         ``keys`` are store keys, as ``envship.table.encode_keys`` sends them.
         """
-        names = decode_keys(keys)
+        names = decode_keys(request.keys)
         lacking = await asyncio.to_thread(self.cache.files.lacking, names)
         return encode_bits(lacking)
 
-    async def install(self, artifact_id: str, via: str | None = None) -> dict:
+    async def install(self, request: Install) -> InstallAnswer:
         """Unpack a held archive (or the held thin pack ``via``) into the node cache.
 
         Once per node. Returns the seconds it took and, if this call unpacked
@@ -144,9 +160,8 @@ class NannySide:
         file store.
         """
         started = time.perf_counter()
-        before = len(self.cache.installs(check_id(artifact_id)))
-        if via is not None:
-            check_id(via)
+        artifact_id, via = request.artifact_id, request.via
+        before = len(self.cache.installs(artifact_id))
         manifest = self.cache.manifest(artifact_id)
         if manifest is None and via is not None:
             manifest = self.cache.manifest(via)
@@ -160,46 +175,50 @@ class NannySide:
         records = self.cache.installs(artifact_id)
         done = records[-1] if len(records) > before else {}
         linked = done.get("linked_files", 0)
-        return {
-            "seconds": time.perf_counter() - started,
-            "written": done.get("files", linked) - linked,
-            "linked": linked,
-        }
+        return InstallAnswer(
+            seconds=time.perf_counter() - started,
+            written=done.get("files", linked) - linked,
+            linked=linked,
+        )
 
-    async def status(self, cache: bool = False) -> dict:
+    async def status(self, request: Status) -> NannyStatus:
         """The last switch, what the worker runs in since when, and transfers.
 
         With ``cache``, also the node cache's use (a walk of its file store, in
         a thread): for ``envship.status``, not after every switch.
         """
         target = getattr(self.nanny.process, "target", None)
-        size = await asyncio.to_thread(self.cache.size) if cache else None
-        return {
-            **self.last_switch,
-            "running": target.id if target else None,
-            "name": target.name if target else None,
-            "since": self.running["since"],
-            "default": self.default_id,
-            "worker": self.nanny.worker_address,
-            "node": self.node,
-            "site": self.site,
-            "cache": {"root": str(self.cache.root), "size": size},
-            "transfers": [
-                {
-                    "id": d.offer.id,
-                    "name": d.offer.name,
-                    "have": d.count,
-                    "count": d.table.count,
-                    "bytes": d.table.size,
-                    "sources": sorted(d.received),
-                    "error": d.error,
-                }
+        size = await asyncio.to_thread(self.cache.size) if request.cache else None
+        last = self.last_switch
+        return NannyStatus(
+            ok=last.ok,
+            error=last.error,
+            seconds=last.seconds,
+            running=EnvId(target.id) if target else None,
+            name=target.name if target else None,
+            since=self.running["since"],
+            default=self.default_id,
+            worker=self.nanny.worker_address,
+            node=self.node,
+            site=self.site,
+            cache_root=str(self.cache.root),
+            cache_size=size,
+            transfers=tuple(
+                TransferState(
+                    id=EnvId(d.offer.id),
+                    name=d.offer.name,
+                    have=d.count,
+                    count=d.table.count,
+                    bytes=d.table.size,
+                    sources=tuple(sorted(d.received)),
+                    error=d.error,
+                )
                 for d in self.blobs.downloads.values()
                 if not d.done.is_set()
-            ],
-        }
+            ),
+        )
 
-    async def gc(self) -> dict:
+    async def gc(self) -> GcAnswer:
         """Clean the node's cache: leftovers, dead leases, then evict to budget.
 
         Never evicts what a worker of the node runs in or a switch just
@@ -207,9 +226,9 @@ class NannySide:
         """
         evicted = await asyncio.to_thread(self.cache.gc)
         size = await asyncio.to_thread(self.cache.size)
-        return {"node": self.node, "evicted": evicted, "size": size}
+        return GcAnswer(self.node, tuple(map(EnvId, evicted)), size)
 
-    async def foreign(self, id: str, name: str, pid: int) -> dict:
+    async def foreign(self, request: Foreign) -> ForeignAnswer:
         """Hold environment ``id`` for a bridge of this nanny's worker ``pid``.
 
         For calls into an environment whose Python cannot host a worker
@@ -218,18 +237,17 @@ class NannySide:
         environment's python, the variables a worker inside it would get, and
         the path of ``bootstrap/bridge.py``.
         """
-        if not isinstance(pid, int) or pid != self.nanny.pid:
+        pid = request.pid
+        if pid != self.nanny.pid:
             raise ValueError(f"pid {pid!r} is not this nanny's worker")
-        target = await self.target_for(
-            {"id": check_id(id), "name": check_text(name, "a name")}
-        )
+        target = await self.target_for({"id": request.id, "name": request.name})
         self.cache.lease(target.id, pid)
         self._release_unused(target.id)  # what target_for leased for the nanny
-        return {
-            "python": str(target.python),
-            "environ": child_environ(target, os.environ, self.nanny.env),
-            "script": str(bootstrap_script("bridge.py")),
-        }
+        return ForeignAnswer(
+            python=str(target.python),
+            environ=child_environ(target, os.environ, self.nanny.env),
+            script=str(bootstrap_script("bridge.py")),
+        )
 
     # -- what this nanny runs in, kept on the node ------------------------------
 
@@ -261,7 +279,7 @@ class NannySide:
         'sklearn-dev'
         """
         target = default_target(self.cache)
-        self.default_id = target.id if target else None
+        self.default_id = EnvId(target.id) if target else None
         return target
 
     # -- talking to the scheduler's registry ----------------------------------
@@ -384,14 +402,14 @@ class NannySide:
                 target = await self.target_for(wanted)
         except Exception as e:
             logger.warning("envship: cannot switch to %s: %s", wanted, e)
-            self.last_switch = {"ok": False, "error": str(e), "seconds": None}
+            self.last_switch = LastSwitch.failed(e)
             return
         _targets[self.nanny.address] = target.id if target else None
         if target is not None:
             _prepared.pop(target.id, None)  # the switch's own lease takes over
         if self.nanny.process is None:  # a nanny joining: its first worker
             set_initial_target(self.nanny, target)
-            outcome = {"ok": True, "error": None}
+            outcome: dict = {"ok": True, "error": None}
         else:
             outcome = await switch(self.nanny, target, reason="envship-switch")
             if not outcome["ok"]:
@@ -419,11 +437,9 @@ class NannySide:
             id=running,
             name=target.name if target and running else None,
         )
-        self.last_switch = {
-            "ok": outcome["ok"],
-            "error": outcome["error"],
-            "seconds": time.perf_counter() - started,
-        }
+        self.last_switch = LastSwitch(
+            outcome["ok"], outcome["error"], time.perf_counter() - started
+        )
 
 
 class NannySetup(NannyPlugin):
