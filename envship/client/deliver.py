@@ -18,7 +18,7 @@ from distributed.comm import CommClosedError
 
 from envship import config
 from envship.errors import EnvshipError, MissingStoreFileError
-from envship.ids import check_id, check_thin_id
+from envship.ids import Address, check_id, check_thin_id
 from envship.manifest import ThinManifest
 from envship.messages import optional
 from envship.node.messages import Install, InstallAnswer
@@ -228,7 +228,7 @@ async def _broadcast(
     offer = await asyncio.to_thread(Offer.of_artifact, blob)
     await scheduler_of(client).envship_publish(offer=offer.to_msg())
     holders = await _holders(client, blob.id, infos, holding)
-    fetchers = [Peer(nanny, infos[nanny].site) for nanny in nannies]
+    fetchers = [Peer(Address(nanny), infos[nanny].site) for nanny in nannies]
     total = offer.table.size * len(fetchers)  # bytes, over all nodes
     piece = offer.table.piece_size
     what = "a thin pack of " if isinstance(blob.manifest, ThinManifest) else ""
@@ -253,7 +253,7 @@ async def _holders(
     """Nannies that hold the whole blob: ``holding`` targets, and any the registry knows."""
     where = await scheduler_of(client).envship_where(id=blob_id)
     chosen = one_nanny_per_node({n: infos[n].node for n in holding}).values()
-    holders = {nanny: Peer(nanny, infos[nanny].site) for nanny in chosen}
+    holders = {nanny: Peer(Address(nanny), infos[nanny].site) for nanny in chosen}
     for msg in where["holders"]:
         if msg["complete"] and msg["address"] not in infos:
             holders[msg["address"]] = Peer.from_msg(msg)

@@ -67,7 +67,6 @@ HANDLERS = {
 }
 #: Seconds before a nanny asks a scheduler without the registry again.
 REGISTRY_RETRY = 30.0
-BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
 
 #: nanny address -> the environment id its worker should run in, for every
 #: nanny of this process: a lease is released only when none still uses it.
@@ -93,8 +92,7 @@ def setup_nanny(nanny) -> NannySide:
         nanny._envship = side
         for name, request in HANDLERS.items():
             nanny.handlers[f"envship_{name}"] = serve(getattr(side, name), request)
-        for name in BLOB_HANDLERS:
-            nanny.handlers[f"envship_{name}"] = getattr(side.blobs, name)
+        nanny.handlers.update(side.blobs.handlers())
         install(nanny)
         if nanny.process is None:
             side.resume()
