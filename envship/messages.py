@@ -11,7 +11,7 @@ whatever is wrong, and keys that a newer sender adds are ignored.
 This module sits on the bottom floor (it imports only :mod:`envship.ids`), so
 that node, scheduler, client and :mod:`envship.survey` may all import it.
 Messages that carry an offer live with the registry's
-(:mod:`envship.scheduler.messages`), above :mod:`envship.transfer`.
+(:mod:`envship.registry_messages`), above :mod:`envship.transfer`.
 """
 
 from __future__ import annotations

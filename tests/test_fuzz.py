@@ -217,9 +217,9 @@ def test_messages_from_others_are_checked_or_refused(msg):
 )
 def test_registry_and_status_messages_are_checked_or_refused(msg):
     """Requests and answers of the registry, the policy, a nanny's status."""
+    from envship import registry_messages as messages
     from envship.messages import NannyStatus
     from envship.policy import Policy
-    from envship.scheduler import messages
 
     parsers = [NannyStatus.from_msg, Policy.from_msg]
     parsers += [getattr(messages, name).from_msg for name in MESSAGES]
@@ -232,7 +232,7 @@ def test_registry_and_status_messages_are_checked_or_refused(msg):
             assert re.search("required positional|unexpected keyword", str(e))
 
 
-#: The registry's typed requests and answers (envship.scheduler.messages).
+#: The registry's typed requests and answers (envship.registry_messages).
 MESSAGES = [
     "Publish", "Desire", "Where", "Hold", "Runs", "Claim", "Release",
     "Holder", "WhereAnswer", "ClaimRecord", "ClaimAnswer",

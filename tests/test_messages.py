@@ -29,7 +29,7 @@ from envship.ids import (
 from envship.manifest import Manifest, ThinManifest
 from envship.messages import NannyStatus, TransferState
 from envship.policy import NotAllowedError, Policy
-from envship.scheduler.messages import (
+from envship.registry_messages import (
     Claim,
     ClaimAnswer,
     ClaimRecord,

@@ -19,7 +19,7 @@ A small scheduler plugin, registered by the first client that switches (or by
   second is refused, naming the first.
 
 It never sees a blob's bytes, and it trusts no message: every handler takes
-its keyword arguments as a typed request (:mod:`envship.scheduler.messages`),
+its keyword arguments as a typed request (:mod:`envship.registry_messages`),
 checked for types and sizes before anything is stored, and answers with a
 typed answer that goes on the wire as the dict it always was.
 """
@@ -35,8 +35,7 @@ from envship import policy
 from envship.ids import Address, EnvId, ThinId
 from envship.manifest import ThinManifest
 from envship.messages import serve
-from envship.scheduler.dashboard import add_page
-from envship.scheduler.messages import (
+from envship.registry_messages import (
     Claim,
     ClaimAnswer,
     ClaimRecord,
@@ -52,6 +51,7 @@ from envship.scheduler.messages import (
     Where,
     WhereAnswer,
 )
+from envship.scheduler.dashboard import add_page
 from envship.transfer import Offer, Peer
 
 #: Offers kept beyond those that rules point to (the most recent ones).
