@@ -132,7 +132,7 @@ def serve(method: Callable[..., Any], request: Any = None) -> Callable[..., Any]
     """A comm handler for ``method``: its keyword arguments made into ``request``.
 
     A handler without ``request`` takes no arguments. The answer goes on the
-    wire as its ``to_msg()`` (a string or bytes as they are). A coroutine
+    wire as its ``to_msg()`` (a string, bytes or a bool as they are). A coroutine
     ``method`` gives a coroutine handler (distributed awaits it).
 
     Examples
@@ -181,7 +181,7 @@ def serve(method: Callable[..., Any], request: Any = None) -> Callable[..., Any]
 
 def on_wire(answer: Any) -> Any:
     """What goes on the wire for a handler's ``answer``: its ``to_msg()``, or itself."""
-    return answer if isinstance(answer, str | bytes) else answer.to_msg()
+    return answer if isinstance(answer, str | bytes | bool) else answer.to_msg()
 
 
 # -- the nanny's status ----------------------------------------------------------

@@ -23,6 +23,7 @@ from envship.manifest import ThinManifest
 from envship.messages import optional
 from envship.node.messages import Install, InstallAnswer
 from envship.nodes import one_nanny_per_node
+from envship.registry_messages import Publish, Where, WhereAnswer
 from envship.transfer import (
     FailureKind,
     Offer,
@@ -226,7 +227,7 @@ async def _broadcast(
 ) -> ShipReport:
     """Publish ``blob``'s offer and broadcast it to ``nannies``."""
     offer = await asyncio.to_thread(Offer.of_artifact, blob)
-    await scheduler_of(client).envship_publish(offer=offer.to_msg())
+    await scheduler_of(client).envship_publish(**Publish(offer).to_msg())
     holders = await _holders(client, blob.id, infos, holding)
     fetchers = [Peer(Address(nanny), infos[nanny].site) for nanny in nannies]
     total = offer.table.size * len(fetchers)  # bytes, over all nodes
@@ -251,10 +252,11 @@ async def _holders(
     client: Client, blob_id: str, infos: Infos, holding: Iterable[str]
 ) -> list[Peer]:
     """Nannies that hold the whole blob: ``holding`` targets, and any the registry knows."""
-    where = await scheduler_of(client).envship_where(id=blob_id)
+    request = Where(id=check_id(blob_id)).to_msg()
+    where = WhereAnswer.from_msg(await scheduler_of(client).envship_where(**request))
     chosen = one_nanny_per_node({n: infos[n].node for n in holding}).values()
     holders = {nanny: Peer(Address(nanny), infos[nanny].site) for nanny in chosen}
-    for msg in where["holders"]:
-        if msg["complete"] and msg["address"] not in infos:
-            holders[msg["address"]] = Peer.from_msg(msg)
+    for holder in where.holders:
+        if holder.complete and holder.peer.address not in infos:
+            holders[holder.peer.address] = holder.peer
     return list(holders.values())

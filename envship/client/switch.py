@@ -27,10 +27,12 @@ from distributed.protocol.pickle import dumps
 
 from envship import policy
 from envship.errors import EnvshipError
+from envship.ids import check_id
 from envship.manifest import Manifest
 from envship.messages import NannyStatus
-from envship.node.messages import Status
+from envship.node.messages import Status, Wanted
 from envship.node.nanny import UseEnvironment
+from envship.registry_messages import Claim, ClaimAnswer, Desire, Release
 from envship.transfer import ShipReport
 
 from .compat import check_compatibility
@@ -205,18 +207,14 @@ class Switch:
     async def claim(self) -> None:
         """Claim the workers for this switch; refuse if another switch holds any."""
         names = {t["nanny"]: t["name"] for t in self.targets.values()}
-        answer = await self.scheduler.envship_claim(
-            owner=self.owner,
-            client=self.client.id,
-            nannies=list(names),
-            name=self.label,
-        )
-        conflicts = answer["conflicts"]
+        claim = Claim(self.owner, self.client.id, tuple(names), self.label)
+        answer = await self.scheduler.envship_claim(**claim.to_msg())
+        conflicts = ClaimAnswer.from_msg(answer).conflicts
         if conflicts:
             now = time.time()
             lines = "\n".join(
-                f"  {names[nanny]}: to {c['name']}, by {c['client']}, for "
-                f"{now - c['since']:.0f} s"
+                f"  {names.get(nanny, nanny)}: to {c.name}, by {c.client}, for "
+                f"{now - c.since:.0f} s"
                 for nanny, c in conflicts.items()
             )
             raise EnvshipError(
@@ -245,13 +243,19 @@ class Switch:
     async def restart(self) -> None:
         """Restart every target worker in the environment, through its nanny."""
         artifact, targets = self.artifact, self.targets
-        names = None if self.workers is None else [t["name"] for t in targets.values()]
-        await self.scheduler.envship_desire(
-            id=None if artifact is None else artifact.id, names=names
+        names = (
+            None
+            if self.workers is None
+            else tuple(str(t["name"]) for t in targets.values())
         )
+        wanted = (
+            None if artifact is None else Wanted(check_id(artifact.id), artifact.name)
+        )
+        desire = Desire(None if wanted is None else wanted.id, names)
+        await self.scheduler.envship_desire(**desire.to_msg())
         started = time.perf_counter()
         plugin = UseEnvironment(
-            None if artifact is None else {"id": artifact.id, "name": artifact.name},
+            None if wanted is None else wanted.to_msg(),
             nannies=(
                 None if self.workers is None else [t["nanny"] for t in targets.values()]
             ),
@@ -330,7 +334,9 @@ class Switch:
     def release(self) -> None:
         """End the claim (it ends with the client anyway, hence no error)."""
         with contextlib.suppress(Exception):
-            self.client.sync(self.scheduler.envship_release, owner=self.owner)
+            self.client.sync(
+                self.scheduler.envship_release, **Release(self.owner).to_msg()
+            )
 
     # -- what the user is told -----------------------------------------------
 

@@ -287,3 +287,49 @@ class LastSwitch:
     def failed(cls, error: object) -> LastSwitch:
         """A switch that failed with ``error`` (its text, kept short)."""
         return cls(False, check_error(str(error)[:MAX_ERROR]))
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """An environment a nanny's worker should run in, as a switch carries it.
+
+    ``id`` and ``name``; for an environment whose whole archive nobody holds,
+    the thin pack to install it from (``via``) and the ``base`` environment
+    whose files that refers to. It travels in the ``UseEnvironment`` plugin
+    as ``to_msg()``'s dict.
+
+    Examples
+    --------
+    >>> Wanted.from_msg({"id": "5f0c" * 8, "name": "sklearn-dev"}).via is None
+    True
+    >>> Wanted.from_msg({"id": "5f0c" * 8, "name": "x", "via": "a" * 32})
+    Traceback (most recent call last):
+    ...
+    ValueError: a thin pack (via) needs its base, and a base its thin pack
+    """
+
+    id: EnvId
+    name: str
+    via: ThinId | None = None
+    base: EnvId | None = None
+
+    def to_msg(self) -> dict:
+        msg: dict[str, str | None] = {"id": self.id, "name": self.name}
+        if self.via is not None:
+            msg.update(via=self.via, base=self.base)
+        return msg
+
+    @classmethod
+    def from_msg(cls, msg: object) -> Wanted:
+        m = reply_fields(msg, "an environment", ("id", "name"))
+        wanted = cls(
+            check_id(m["id"]),
+            check_text(m["name"], "a name"),
+            optional(check_thin_id, m.get("via")),
+            optional(check_id, m.get("base")),
+        )
+        if (wanted.via is None) != (wanted.base is None):
+            raise ValueError(
+                "a thin pack (via) needs its base, and a base its thin pack"
+            )
+        return wanted

@@ -25,11 +25,13 @@ from distributed.diagnostics.plugin import NannyPlugin
 
 from envship import config, policy
 from envship.errors import EnvshipError
-from envship.ids import EnvId, check_id
+from envship.ids import EnvId, ThinId, check_id
 from envship.machine import platform_facts
+from envship.manifest import ThinManifest
 from envship.messages import NannyStatus, TransferState, serve
+from envship.registry_messages import Hold, Runs, Where, WhereAnswer
 from envship.table import decode_keys, encode_bits
-from envship.transfer import BlobServer, Download, Offer, Peer
+from envship.transfer import BlobServer, Download, Peer
 
 from .cache import EnvCache
 from .messages import (
@@ -43,6 +45,7 @@ from .messages import (
     Lacks,
     LastSwitch,
     Status,
+    Wanted,
 )
 from .targets import default_target, installed_target, keep, kept_target
 from .worker_process import (
@@ -70,7 +73,7 @@ REGISTRY_RETRY = 30.0
 
 #: nanny address -> the environment id its worker should run in, for every
 #: nanny of this process: a lease is released only when none still uses it.
-_targets: dict[str, str | None] = {}
+_targets: dict[str, EnvId | None] = {}
 #: environment id -> until when (monotonic) the lease taken when it was
 #: installed lasts, unless a switch into it takes over: no eviction between
 #: the unpack and the restart of a switch, nor soon after a prepare.
@@ -238,7 +241,7 @@ class NannySide:
         pid = request.pid
         if pid != self.nanny.pid:
             raise ValueError(f"pid {pid!r} is not this nanny's worker")
-        target = await self.target_for({"id": request.id, "name": request.name})
+        target = await self.target_for(Wanted(request.id, request.name))
         self.cache.lease(target.id, pid)
         self._release_unused(target.id)  # what target_for leased for the nanny
         return ForeignAnswer(
@@ -260,7 +263,7 @@ class NannySide:
         if target is None:
             return
         set_initial_target(self.nanny, target)
-        _targets[self.nanny.address] = target.id
+        _targets[self.nanny.address] = EnvId(target.id)
         self.running = {"id": target.id, "since": time.time()}
         logger.info("envship: %s starts its worker in %s", self.nanny.name, target.name)
 
@@ -282,7 +285,7 @@ class NannySide:
 
     # -- talking to the scheduler's registry ----------------------------------
 
-    async def _registry(self, op: str, **msg):
+    async def _registry(self, op: str, request: Hold | Runs | Where):
         """Call a registry handler; None if the scheduler has no registry.
 
         After a failure it is not asked again for a while: a scheduler without
@@ -291,90 +294,90 @@ class NannySide:
         if time.monotonic() < self._registry_missing_until:
             return None
         try:
-            return await getattr(self.nanny.scheduler, f"envship_{op}")(**msg)
+            handler = getattr(self.nanny.scheduler, f"envship_{op}")
+            return await handler(**request.to_msg())
         except Exception as e:  # no registry (no client switched yet), or gone
             logger.debug("envship: registry %s failed: %s", op, e)
             self._registry_missing_until = time.monotonic() + REGISTRY_RETRY
             return None
 
+    async def _where(self, request: Where) -> WhereAnswer:
+        """The registry's answer to ``request``; no offer if none or invalid."""
+        answer = await self._registry("where", request)
+        try:
+            return WhereAnswer.from_msg(answer or {"offer": None, "holders": []})
+        except ValueError as e:
+            logger.warning("envship: the registry answered nonsense: %s", e)
+            return WhereAnswer(None)
+
     def _report_holding(self, download: Download, event: str) -> None:
         complete = {"started": False, "complete": True, "failed": None}[event]
-        report = asyncio.ensure_future(
-            self._registry(
-                "hold",
-                nanny=self.nanny.address,
-                id=download.offer.id,
-                complete=complete,
-                site=self.site,
-                node=self.node,
-            )
+        hold = Hold(
+            self.nanny.address, download.offer.id, complete, self.site, self.node
         )
+        report = asyncio.ensure_future(self._registry("hold", hold))
         self._reports.add(report)
         report.add_done_callback(self._reports.discard)
 
     # -- used by the plugin -------------------------------------------------
 
-    async def wanted_on_joining(self) -> dict | None:
+    async def wanted_on_joining(self) -> Wanted | None:
         """What the registry says this nanny's first worker should run in."""
-        where = await self._registry("where", name=str(self.nanny.name))
-        offer = (where or {}).get("offer")
+        offer = (await self._where(Where(name=str(self.nanny.name)))).offer
         if offer is None:
             return None
-        thin_of = offer["manifest"].get("thin_of")
-        if thin_of is None:
-            return {"id": offer["id"], "name": offer["name"]}
+        if not isinstance(offer.manifest, ThinManifest):
+            return Wanted(offer.id, offer.name)
         # Only a thin pack of it is held: get its base first.
-        return {
-            "id": thin_of,
-            "name": offer["name"],
-            "via": offer["id"],
-            "base": offer["manifest"]["base"],
-        }
+        manifest = offer.manifest
+        return Wanted(
+            check_id(manifest.thin_of),
+            offer.name,
+            via=ThinId(offer.id),
+            base=check_id(manifest.base),
+        )
 
-    async def target_for(self, wanted: dict) -> TargetEnvironment:
+    async def target_for(self, wanted: Wanted) -> TargetEnvironment:
         """Make sure the node holds ``wanted`` unpacked; lease it for this process.
 
         ``wanted`` may name a thin pack (``via``) and the ``base`` whose files
         it refers to: the base is fetched and unpacked first, so that the
         node's file store holds them.
         """
-        artifact_id = check_id(wanted["id"])
-        policy.check(str(wanted["name"]), artifact_id)
-        via = wanted.get("via")
+        artifact_id, name, via = wanted.id, wanted.name, wanted.via
+        policy.check(name, artifact_id)
         if not self.cache.has(artifact_id) and not self.cache.has_archive(artifact_id):
-            if via is None:
-                await self.fetch(artifact_id, wanted["name"])
+            if via is None or wanted.base is None:
+                await self.fetch(artifact_id, name)
             else:
-                base = check_id(wanted["base"])
+                base = wanted.base
                 if not self.cache.has(base):
                     if not self.cache.has_archive(base):
-                        await self.fetch(base, f"{wanted['name']} (its base)")
+                        await self.fetch(base, f"{name} (its base)")
                     await asyncio.to_thread(self.cache.ensure, base)
-                if not self.cache.has_archive(check_id(via)):
-                    await self.fetch(via, wanted["name"])
+                if not self.cache.has_archive(via):
+                    await self.fetch(via, name)
         prefix = await asyncio.to_thread(
             self.cache.ensure, artifact_id, lease_pid=os.getpid(), via=via
         )
-        return installed_target(self.cache, artifact_id, prefix, wanted["name"])
+        return installed_target(self.cache, artifact_id, prefix, name)
 
-    async def fetch(self, artifact_id: str, name: str) -> None:
+    async def fetch(self, artifact_id: EnvId, name: str) -> None:
         """Get an archive from the nodes that hold it now (no client involved)."""
-        where = await self._registry("where", id=artifact_id)
-        if not where or not where.get("offer"):
+        where = await self._where(Where(id=artifact_id))
+        if where.offer is None:
             raise EnvshipError(
                 name,
                 "this node lacks it and the scheduler knows no node that holds it",
                 "call use_environment again so that the client sends it",
             )
-        offer = Offer.from_msg(where["offer"])
         stall = dask.utils.parse_timedelta(config.get("transfer.stall-timeout"))
 
         async def holders_now() -> list[Peer]:
-            where = await self._registry("where", id=artifact_id) or {}
-            return [Peer.from_msg(p) for p in where.get("holders", ())]
+            return [h.peer for h in (await self._where(Where(id=artifact_id))).holders]
 
-        holders = [Peer.from_msg(p) for p in where["holders"]]
-        await self.blobs.fetch(offer, holders, stall, more_peers=holders_now)
+        holders = [h.peer for h in where.holders]
+        await self.blobs.fetch(where.offer, holders, stall, more_peers=holders_now)
 
     def _release_unused(self, *ids: str | None) -> None:
         """Drop this process's lease on environments none of its nannies use.
@@ -390,7 +393,7 @@ class NannySide:
             if unused and unused not in _targets.values() and unused not in _prepared:
                 self.cache.release(unused, os.getpid())
 
-    async def switch(self, wanted: dict | None) -> None:
+    async def switch(self, wanted: Wanted | None) -> None:
         started = time.perf_counter()
         previous = _targets.get(self.nanny.address)
         try:
@@ -402,7 +405,7 @@ class NannySide:
             logger.warning("envship: cannot switch to %s: %s", wanted, e)
             self.last_switch = LastSwitch.failed(e)
             return
-        _targets[self.nanny.address] = target.id if target else None
+        _targets[self.nanny.address] = EnvId(target.id) if target else None
         if target is not None:
             _prepared.pop(target.id, None)  # the switch's own lease takes over
         if self.nanny.process is None:  # a nanny joining: its first worker
@@ -429,12 +432,8 @@ class NannySide:
             )
         if running != self.running["id"]:
             self.running = {"id": running, "since": time.time()}
-        await self._registry(
-            "runs",
-            nanny=self.nanny.address,
-            id=running,
-            name=target.name if target and running else None,
-        )
+        name = target.name if target and running else None
+        await self._registry("runs", Runs(self.nanny.address, running, name))
         self.last_switch = LastSwitch(
             outcome["ok"], outcome["error"], time.perf_counter() - started
         )
@@ -460,8 +459,10 @@ class UseEnvironment(NannyPlugin):
     Parameters
     ----------
     environment : dict or None
-        ``{"id": ..., "name": ...}`` of the artifact; None for the nannies'
-        own environment. The nodes hold its archive already.
+        ``{"id": ..., "name": ...}`` of the artifact (a
+        :class:`envship.node.messages.Wanted`'s ``to_msg()``, checked on
+        the nanny); None for the nannies' own environment. The nodes hold
+        its archive already.
     nannies : list of str, optional
         Addresses of the nannies to switch; None for all.
 
@@ -481,4 +482,5 @@ class UseEnvironment(NannyPlugin):
         if nanny.process is None:  # joining (or back after a reboot)
             await side.switch(await side.wanted_on_joining())
         elif self.nannies is None or nanny.address in self.nannies:
-            await side.switch(self.environment)
+            env = self.environment
+            await side.switch(None if env is None else Wanted.from_msg(env))
