@@ -188,6 +188,20 @@ def on_wire(answer: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class Status:
+    """``envship_status(cache)``: the nanny's state; with ``cache``, its cache's size."""
+
+    cache: bool = False
+
+    @classmethod
+    def from_msg(cls, msg: dict[str, Any]) -> Status:
+        return cls(check_bool(call_arguments(cls, msg)["cache"], "cache"))
+
+    def to_msg(self) -> dict:
+        return {"cache": self.cache}
+
+
+@dataclass(frozen=True)
 class TransferState:
     """A download under way on a nanny: pieces held of how many, from whom."""
 

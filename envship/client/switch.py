@@ -29,8 +29,8 @@ from envship import policy
 from envship.errors import EnvshipError
 from envship.ids import check_id
 from envship.manifest import Manifest
-from envship.messages import NannyStatus
-from envship.node.messages import Status, Wanted
+from envship.messages import NannyStatus, Status
+from envship.node.messages import Wanted
 from envship.node.nanny import UseEnvironment
 from envship.registry_messages import Claim, ClaimAnswer, Desire, Release
 from envship.transfer import ShipReport

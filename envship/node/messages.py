@@ -7,9 +7,10 @@ value once (ValueError) and refuses missing or unknown arguments as a Python
 call would (TypeError, see :func:`envship.messages.call_arguments`). Each
 answer has a ``to_msg``, the dict on the wire, and a ``from_msg`` for the
 clients that read it (ValueError whatever is wrong). The wire format is the
-one the handlers always had. ``envship_status`` answers
-:class:`envship.messages.NannyStatus`, which lives on the bottom floor since
-the dashboard reads it too; ``envship_lacks`` answers bytes (one bit per
+one the handlers always had. ``envship_status`` takes
+:class:`envship.messages.Status` and answers
+:class:`envship.messages.NannyStatus`, which live on the bottom floor since
+the dashboard reads them too; ``envship_lacks`` answers bytes (one bit per
 file, :func:`envship.table.encode_bits`).
 
 Examples
@@ -100,20 +101,6 @@ class Install:
 
     def to_msg(self) -> dict:
         return {"artifact_id": self.artifact_id, "via": self.via}
-
-
-@dataclass(frozen=True)
-class Status:
-    """``envship_status(cache)``: the nanny's state; with ``cache``, its cache's size."""
-
-    cache: bool = False
-
-    @classmethod
-    def from_msg(cls, msg: dict[str, Any]) -> Status:
-        return cls(check_bool(call_arguments(cls, msg)["cache"], "cache"))
-
-    def to_msg(self) -> dict:
-        return {"cache": self.cache}
 
 
 @dataclass(frozen=True)

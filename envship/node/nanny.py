@@ -28,7 +28,7 @@ from envship.errors import EnvshipError
 from envship.ids import EnvId, ThinId, check_id
 from envship.machine import platform_facts
 from envship.manifest import ThinManifest
-from envship.messages import NannyStatus, TransferState, serve
+from envship.messages import NannyStatus, Status, TransferState, serve
 from envship.registry_messages import Hold, Runs, Where, WhereAnswer
 from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Peer
@@ -44,7 +44,6 @@ from .messages import (
     InstallAnswer,
     Lacks,
     LastSwitch,
-    Status,
     Wanted,
 )
 from .targets import default_target, installed_target, keep, kept_target
