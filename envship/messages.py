@@ -11,11 +11,12 @@ whatever is wrong, and keys that a newer sender adds are ignored.
 This module sits on the bottom floor (it imports only :mod:`envship.ids`), so
 that node, scheduler, client and :mod:`envship.survey` may all import it.
 Messages that carry an offer live with the registry's
-(:mod:`envship.scheduler.messages`), above :mod:`envship.transfer`.
+(:mod:`envship.registry_messages`), above :mod:`envship.transfer`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -124,7 +125,80 @@ def check_list(value: object, what: str, most: int = MAX_ITEMS) -> list:
     return list(value)
 
 
+# -- serving handlers ---------------------------------------------------------------
+
+
+def serve(method: Callable[..., Any], request: Any = None) -> Callable[..., Any]:
+    """A comm handler for ``method``: its keyword arguments made into ``request``.
+
+    A handler without ``request`` takes no arguments. The answer goes on the
+    wire as its ``to_msg()`` (a string, bytes or a bool as they are). A coroutine
+    ``method`` gives a coroutine handler (distributed awaits it).
+
+    Examples
+    --------
+    >>> @dataclass(frozen=True)
+    ... class Echo:
+    ...     text: str
+    ...     @classmethod
+    ...     def from_msg(cls, msg):
+    ...         return cls(check_text(call_arguments(cls, msg)["text"], "a text"))
+    >>> def echo(request: Echo) -> str:
+    ...     return request.text
+    >>> handler = serve(echo, Echo)
+    >>> handler.__name__, handler(text="hi")
+    ('envship_echo', 'hi')
+    >>> handler(txt="hi")
+    Traceback (most recent call last):
+    ...
+    TypeError: Echo() got an unexpected keyword argument 'txt'
+    """
+
+    def take(msg: dict[str, Any]) -> tuple:
+        if request is not None:
+            return (request.from_msg(msg),)
+        if msg:
+            raise TypeError(
+                f"{method.__name__}() got an unexpected keyword argument "
+                f"{next(iter(msg))!r}"
+            )
+        return ()
+
+    handle: Callable[..., Any]
+    if inspect.iscoroutinefunction(method):
+
+        async def handle(**msg):
+            return on_wire(await method(*take(msg)))
+
+    else:
+
+        def handle(**msg):
+            return on_wire(method(*take(msg)))
+
+    handle.__name__ = handle.__qualname__ = f"envship_{method.__name__}"
+    return handle
+
+
+def on_wire(answer: Any) -> Any:
+    """What goes on the wire for a handler's ``answer``: its ``to_msg()``, or itself."""
+    return answer if isinstance(answer, str | bytes | bool) else answer.to_msg()
+
+
 # -- the nanny's status ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    """``envship_status(cache)``: the nanny's state; with ``cache``, its cache's size."""
+
+    cache: bool = False
+
+    @classmethod
+    def from_msg(cls, msg: dict[str, Any]) -> Status:
+        return cls(check_bool(call_arguments(cls, msg)["cache"], "cache"))
+
+    def to_msg(self) -> dict:
+        return {"cache": self.cache}
 
 
 @dataclass(frozen=True)

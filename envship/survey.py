@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from envship.messages import NannyStatus
+from envship.messages import NannyStatus, Status
 
 #: What a survey uses when the scheduler has no registry yet (nobody switched).
 EMPTY_REGISTRY: dict[str, dict] = {"offers": {}, "holders": {}, "running": {}}
@@ -68,7 +68,7 @@ async def survey(
     async def ask(nanny: str) -> NannyStatus | Unreachable:
         try:
             reply = await asyncio.wait_for(
-                rpc(nanny).envship_status(cache=True), timeout
+                rpc(nanny).envship_status(**Status(cache=True).to_msg()), timeout
             )
         except asyncio.TimeoutError:
             return Unreachable(f"timed out after {timeout} s")

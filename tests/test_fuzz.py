@@ -217,9 +217,9 @@ def test_messages_from_others_are_checked_or_refused(msg):
 )
 def test_registry_and_status_messages_are_checked_or_refused(msg):
     """Requests and answers of the registry, the policy, a nanny's status."""
+    from envship import registry_messages as messages
     from envship.messages import NannyStatus
     from envship.policy import Policy
-    from envship.scheduler import messages
 
     parsers = [NannyStatus.from_msg, Policy.from_msg]
     parsers += [getattr(messages, name).from_msg for name in MESSAGES]
@@ -232,10 +232,94 @@ def test_registry_and_status_messages_are_checked_or_refused(msg):
             assert re.search("required positional|unexpected keyword", str(e))
 
 
-#: The registry's typed requests and answers (envship.scheduler.messages).
+#: The registry's typed requests and answers (envship.registry_messages).
 MESSAGES = [
     "Publish", "Desire", "Where", "Hold", "Runs", "Claim", "Release",
     "Holder", "WhereAnswer", "ClaimRecord", "ClaimAnswer",
+]  # fmt: skip
+
+
+@FUZZ
+@given(
+    msg=st.dictionaries(
+        st.sampled_from(
+            [
+                "artifact_id",
+                "via",
+                "base",
+                "keys",
+                "cache",
+                "id",
+                "name",
+                "pid",
+                "node",
+                "site",
+                "platform",
+                "installed",
+                "archive",
+                "seconds",
+                "written",
+                "linked",
+                "evicted",
+                "size",
+                "python",
+                "environ",
+                "script",
+                "offer",
+                "peers",
+                "seed_site",
+                "digest",
+                "index",
+                "data",
+                "timeout",
+                "piece_size",
+                "known",
+                "complete",
+                "have",
+                "count",
+                "received",
+                "rejected",
+                "dropped",
+                "unavailable",
+                "error",
+                "busy",
+                "missing",
+                "x",
+            ]
+        ),  # fmt: skip
+        json_values
+        | st.binary(max_size=30)
+        | st.sampled_from(["0" * 32, "tcp://a:1", 65536, -1]),
+        max_size=10,
+    )
+)
+def test_nanny_and_transfer_messages_are_checked_or_refused(msg):
+    """Requests and answers of a nanny's handlers and of its transfer handlers."""
+    from envship import messages
+    from envship.node import messages as node_messages
+    from envship.transfer import messages as transfer_messages
+
+    parsers = [messages.Status.from_msg]
+    parsers += [getattr(node_messages, name).from_msg for name in NODE_MESSAGES]
+    parsers += [getattr(transfer_messages, n).from_msg for n in TRANSFER_MESSAGES]
+    for parse in parsers:
+        try:
+            parse(msg)
+        except ValueError:
+            pass
+        except TypeError as e:  # only as a call with wrong arguments is
+            assert re.search("required positional|unexpected keyword", str(e))
+
+
+#: The typed requests and answers of a nanny (envship.node.messages) and of its
+#: transfer handlers (envship.transfer.messages).
+NODE_MESSAGES = [
+    "Info", "Lacks", "Install", "Foreign", "InfoAnswer", "InstallAnswer",
+    "GcAnswer", "ForeignAnswer", "Wanted",
+]  # fmt: skip
+TRANSFER_MESSAGES = [
+    "OfferRequest", "Put", "Wait", "PieceRequest", "Have", "OfferAnswer",
+    "WaitAnswer", "PieceAnswer", "HaveAnswer",
 ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import MISSING, fields
 
 import pytest
+from distributed.protocol.serialize import Serialize
 
 from envship import policy
 from envship.errors import EnvshipError
@@ -27,9 +28,20 @@ from envship.ids import (
     is_id,
 )
 from envship.manifest import Manifest, ThinManifest
-from envship.messages import NannyStatus, TransferState
+from envship.messages import NannyStatus, Status, TransferState
+from envship.node.messages import (
+    Foreign,
+    ForeignAnswer,
+    GcAnswer,
+    Info,
+    InfoAnswer,
+    Install,
+    InstallAnswer,
+    Lacks,
+    Wanted,
+)
 from envship.policy import NotAllowedError, Policy
-from envship.scheduler.messages import (
+from envship.registry_messages import (
     Claim,
     ClaimAnswer,
     ClaimRecord,
@@ -44,6 +56,17 @@ from envship.scheduler.messages import (
 )
 from envship.scheduler.registry import Registry, serve
 from envship.survey import survey
+from envship.transfer.messages import (
+    Have,
+    HaveAnswer,
+    OfferAnswer,
+    OfferRequest,
+    PieceAnswer,
+    PieceRequest,
+    Put,
+    Wait,
+    WaitAnswer,
+)
 from envship.transfer.pieces import Offer, Peer, PieceTable
 
 ID, OTHER, BASE = "a" * 32, "b" * 32, "c" * 32
@@ -429,6 +452,180 @@ def test_a_bad_status_reply_makes_one_nanny_unreachable_not_the_survey():
     transfers = found["blobs"][0]["transfers"]
     assert [t["nanny"] for t in transfers] == ["tcp://good:1"]
     assert transfers[0]["have"] == 3
+
+
+# -- the nanny's own handlers and its transfer handlers ----------------------------
+
+DIGEST = offer().table.digest
+NANNY_REQUESTS = [
+    Info(),
+    Info(ID),
+    Lacks(bytes(26)),
+    Install(ID),
+    Install(ID, OTHER),
+    Status(),
+    Status(cache=True),
+    Foreign(ID, "py2-legacy", 4242),
+    OfferRequest(offer()),
+    OfferRequest(thin_offer(), (Peer("tcp://a:1", "east"), Peer("tcp://b:2")), "east"),
+    Put(ID, DIGEST, 0, b"piece"),
+    Wait(ID, DIGEST),
+    Wait(ID, DIGEST, 0.0),
+    PieceRequest(ID, DIGEST, 65536, 1),
+    Have(ID, DIGEST, 65536),
+    Have(ID, DIGEST, 65536, 3),
+]
+
+
+@pytest.mark.parametrize("request_", NANNY_REQUESTS, ids=lambda r: type(r).__name__)
+def test_nanny_requests_go_to_the_wire_and_back(request_):
+    assert type(request_).from_msg(request_.to_msg()) == request_
+
+
+NANNY_LIES = [
+    (Info, {"artifact_id": "../etc"}),
+    (Info, {"artifact_id": 5}),
+    (Lacks, {"keys": "text"}),
+    (Lacks, {"keys": [1, 2]}),
+    (Install, {"artifact_id": ID, "via": "../x"}),
+    (Install, {"artifact_id": ID + "\n"}),
+    (Status, {"cache": "yes"}),
+    (Status, {"cache": 1}),
+    (Foreign, {"id": ID, "name": "x", "pid": True}),
+    (Foreign, {"id": ID, "name": "x", "pid": -1}),
+    (Foreign, {"id": ID, "name": "", "pid": 1}),
+    (OfferRequest, {"offer": {**offer().to_msg(), "id": OTHER}}),
+    (OfferRequest, {"offer": offer().to_msg(), "peers": [{"address": 5}]}),
+    (OfferRequest, {"offer": offer().to_msg(), "peers": "tcp://a:1"}),
+    (OfferRequest, {"offer": offer().to_msg(), "seed_site": 7}),
+    (Put, {"id": ID, "digest": "z" * 32, "index": 0, "data": b""}),
+    (Put, {"id": ID, "digest": DIGEST, "index": -1, "data": b""}),
+    (Put, {"id": ID, "digest": DIGEST, "index": True, "data": b""}),
+    (Put, {"id": ID, "digest": DIGEST, "index": "0", "data": b""}),
+    (Put, {"id": ID, "digest": DIGEST, "index": 2**62, "data": b""}),
+    (Put, {"id": ID, "digest": DIGEST, "index": 0, "data": "text"}),
+    (Wait, {"id": ID, "digest": DIGEST, "timeout": -1}),
+    (Wait, {"id": ID, "digest": DIGEST, "timeout": 1e9}),
+    (Wait, {"id": ID, "digest": DIGEST, "timeout": "1"}),
+    (Wait, {"id": ID, "digest": DIGEST, "timeout": float("nan")}),
+    (PieceRequest, {"id": ID, "digest": DIGEST, "piece_size": 10, "index": 0}),
+    (PieceRequest, {"id": ID, "digest": DIGEST, "piece_size": 65536, "index": -1}),
+    (Have, {"id": ID, "digest": DIGEST, "piece_size": 65536, "known": -2}),
+    (Have, {"id": ID, "digest": DIGEST, "piece_size": 65536, "known": -1.0}),
+    (Have, {"id": ID, "digest": DIGEST, "piece_size": 1 << 40}),
+]
+
+
+@pytest.mark.parametrize(
+    "message, msg", NANNY_LIES, ids=lambda v: getattr(v, "__name__", "")
+)
+def test_nanny_requests_refuse_lies(message, msg):
+    with pytest.raises(ValueError):
+        message.from_msg(msg)
+
+
+@pytest.mark.parametrize("message", sorted({type(r) for r in NANNY_REQUESTS}, key=str))
+def test_nanny_requests_refuse_wrong_arguments_as_a_call_would(message):
+    good = next(r for r in NANNY_REQUESTS if type(r) is message).to_msg()
+    with pytest.raises(TypeError, match=CALL_ERROR):
+        message.from_msg({**good, "extra": 1})
+    required = [f.name for f in fields(message) if f.default is MISSING]
+    for key in required:
+        with pytest.raises(TypeError, match=CALL_ERROR):
+            message.from_msg({k: v for k, v in good.items() if k != key})
+
+
+NANNY_ANSWERS = [
+    InfoAnswer("host:2049:1", "east", {"os": "linux", "machine": "x86_64"}),
+    InfoAnswer("host:2049:1", None, {"os": "linux"}, installed=False, archive=True),
+    InstallAnswer(1.5, 10, 90),
+    GcAnswer("host:2049:1", (ID, OTHER), 1 << 30),
+    ForeignAnswer("/env/bin/python", {"PATH": "/env/bin"}, "/b/bridge.py"),
+    Wanted(ID, "sklearn-dev"),
+    Wanted(ID, "sklearn-dev", via=OTHER, base=BASE),
+    OfferAnswer(False, 0),
+    WaitAnswer(True),
+    WaitAnswer(False, "its disk is full"),
+    WaitAnswer(False, None, 1, 2, {"client": 65536}, {}, {"tcp://b:2": "gone"}, (1,)),
+    PieceAnswer(busy=True),
+    PieceAnswer(missing=True),
+    HaveAnswer(False, b"\1\0"),
+    HaveAnswer(True),
+]
+
+
+@pytest.mark.parametrize("answer", NANNY_ANSWERS, ids=lambda a: type(a).__name__)
+def test_nanny_answers_go_to_the_wire_and_back(answer):
+    assert type(answer).from_msg(answer.to_msg()) == answer
+
+
+def test_nanny_answers_keep_their_wire_format():
+    assert InfoAnswer("n", None, {}).to_msg() == {
+        "node": "n",
+        "site": None,
+        "platform": {},
+    }
+    assert WaitAnswer(True).to_msg() == {"complete": True, "error": None}
+    assert PieceAnswer(busy=True).to_msg() == {"busy": True}
+    assert PieceAnswer(missing=True).to_msg() == {"missing": True}
+    # A piece goes as a serialized frame, and comes back as its bytes.
+    data = PieceAnswer(b"piece").to_msg()["data"]
+    assert isinstance(data, Serialize) and data.data == b"piece"
+    assert PieceAnswer.from_msg({"data": data}).data == b"piece"
+    assert Put.from_msg(Put(ID, DIGEST, 0, b"x").to_msg()).data == b"x"
+    assert Wanted(ID, "x").to_msg() == {"id": ID, "name": "x"}
+
+
+@pytest.mark.parametrize(
+    "parse, msg",
+    [
+        (InfoAnswer.from_msg, None),
+        (InfoAnswer.from_msg, {"node": "n"}),
+        (InfoAnswer.from_msg, {"node": "n", "platform": {"os": 5}}),
+        (InfoAnswer.from_msg, {"node": "n", "platform": {}, "installed": "yes"}),
+        (InstallAnswer.from_msg, {"seconds": 1, "written": -1, "linked": 0}),
+        (InstallAnswer.from_msg, {"seconds": "1", "written": 0, "linked": 0}),
+        (GcAnswer.from_msg, {"node": "n", "evicted": ["../x"], "size": 0}),
+        (GcAnswer.from_msg, {"node": "n", "evicted": [], "size": None}),
+        (ForeignAnswer.from_msg, {"python": "p", "environ": {"A": 5}, "script": "s"}),
+        (ForeignAnswer.from_msg, {"python": "p", "environ": [], "script": "s"}),
+        (ForeignAnswer.from_msg, {"python": "", "environ": {}, "script": "s"}),
+        (Wanted.from_msg, {"id": "../x", "name": "x"}),
+        (Wanted.from_msg, {"id": ID, "name": "x", "base": BASE}),
+        (Wanted.from_msg, {"id": ID}),
+        (OfferAnswer.from_msg, {"complete": 1, "have": 0}),
+        (OfferAnswer.from_msg, {"complete": False, "have": -1}),
+        (WaitAnswer.from_msg, {"error": None}),
+        (WaitAnswer.from_msg, {"complete": False, "have": "all"}),
+        (WaitAnswer.from_msg, {"complete": False, "received": {"client": -1}}),
+        (WaitAnswer.from_msg, {"complete": False, "unavailable": [-1]}),
+        (WaitAnswer.from_msg, {"complete": False, "dropped": {"a": 5}}),
+        (PieceAnswer.from_msg, "nonsense"),
+        (PieceAnswer.from_msg, {}),
+        (PieceAnswer.from_msg, {"data": 5}),
+        (HaveAnswer.from_msg, {"complete": None}),
+        (HaveAnswer.from_msg, {"complete": False, "have": [1, 0]}),
+    ],
+)
+def test_nanny_answers_refuse_lies(parse, msg):
+    with pytest.raises(ValueError):
+        parse(msg)
+
+
+def test_handlers_are_served_typed_sync_or_async():
+    reply = status()
+
+    async def status_of(request: Status) -> NannyStatus:
+        return NannyStatus.from_msg(reply)
+
+    handler = serve(status_of, Status)
+    assert handler.__name__ == "envship_status_of"
+    assert asyncio.run(handler(cache=True)) == reply
+    with pytest.raises(TypeError, match=CALL_ERROR):
+        asyncio.run(handler(cash=True))
+    with pytest.raises(ValueError):
+        asyncio.run(handler(cache="yes"))
+    assert serve(lambda request: True, Status)(cache=False) is True  # a bool: as is
 
 
 # -- errors travel between processes too ---------------------------------------------

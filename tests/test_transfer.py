@@ -472,21 +472,31 @@ def test_an_offer_after_a_failed_download_starts_afresh(tmp_path, base):
     async def scenario():
         async with ConnectionPool() as rpc:
             server = BlobServer(EnvCache(tmp_path / "cache"), rpc, "tcp://127.0.0.1:1")
-            await server.offer(offer.to_msg(), peers=[])
+            call = server.handlers()  # as the nanny installs them
+            await call["envship_offer"](offer=offer.to_msg(), peers=[])
             first = server.downloads[(base.id, offer.table.digest)]
             server.cancel(first, "gave up")
-            state = await server.wait(base.id, offer.table.digest, timeout=10)
+            state = await call["envship_wait"](
+                id=base.id, digest=offer.table.digest, timeout=10
+            )
             assert state["error"] == "gave up" and not state["complete"]
 
-            await server.offer(offer.to_msg(), peers=[])
+            await call["envship_offer"](offer=offer.to_msg(), peers=[])
             second = server.downloads[(base.id, offer.table.digest)]
             assert second is not first and second.error is None
             with open(base.path, "rb") as f:
                 for i in range(offer.table.count):
                     offset, length = offer.table.span(i)
                     f.seek(offset)
-                    await server.put(base.id, offer.table.digest, i, f.read(length))
-            state = await server.wait(base.id, offer.table.digest, timeout=10)
+                    await call["envship_put"](
+                        id=base.id,
+                        digest=offer.table.digest,
+                        index=i,
+                        data=f.read(length),
+                    )
+            state = await call["envship_wait"](
+                id=base.id, digest=offer.table.digest, timeout=10
+            )
             assert state["complete"] and state["error"] is None
 
     asyncio.run(scenario())
@@ -503,7 +513,8 @@ def test_a_node_serves_while_it_hands_the_archive_to_its_cache(tmp_path, base):
     async def scenario():
         async with ConnectionPool() as rpc:
             server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
-            await server.offer(offer.to_msg(), peers=[])
+            call = server.handlers()  # as the nanny installs them
+            await call["envship_offer"](offer=offer.to_msg(), peers=[])
             # Another process installing this id holds its lock: the hand-over
             # of the finished download (adopt_archive) waits for it.
             lock = cache._lock(base.id)
@@ -513,18 +524,34 @@ def test_a_node_serves_while_it_hands_the_archive_to_its_cache(tmp_path, base):
                     for i in range(table.count):
                         offset, length = table.span(i)
                         f.seek(offset)
-                        await server.put(base.id, table.digest, i, f.read(length))
+                        await call["envship_put"](
+                            id=base.id,
+                            digest=table.digest,
+                            index=i,
+                            data=f.read(length),
+                        )
                 await asyncio.sleep(0.5)
                 assert not cache.has_archive(base.id)  # still handing over
-                have = await server.have(base.id, table.digest, table.piece_size)
+                have = await call["envship_have"](
+                    id=base.id, digest=table.digest, piece_size=table.piece_size
+                )
                 assert have["complete"]
-                reply = await server.piece(base.id, table.digest, table.piece_size, 0)
+                reply = await call["envship_piece"](
+                    id=base.id,
+                    digest=table.digest,
+                    piece_size=table.piece_size,
+                    index=0,
+                )
                 assert table.verify(0, reply["data"].data)
             finally:
                 lock.release()
-            state = await server.wait(base.id, table.digest, timeout=10)
+            state = await call["envship_wait"](
+                id=base.id, digest=table.digest, timeout=10
+            )
             assert state["complete"] and cache.has_archive(base.id)
-            reply = await server.piece(base.id, table.digest, table.piece_size, 1)
+            reply = await call["envship_piece"](
+                id=base.id, digest=table.digest, piece_size=table.piece_size, index=1
+            )
             assert table.verify(1, reply["data"].data)
 
     asyncio.run(scenario())

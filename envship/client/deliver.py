@@ -18,8 +18,12 @@ from distributed.comm import CommClosedError
 
 from envship import config
 from envship.errors import EnvshipError, MissingStoreFileError
+from envship.ids import Address, check_id, check_thin_id
 from envship.manifest import ThinManifest
+from envship.messages import optional
+from envship.node.messages import Install, InstallAnswer
 from envship.nodes import one_nanny_per_node
+from envship.registry_messages import Publish, Where, WhereAnswer
 from envship.transfer import (
     FailureKind,
     Offer,
@@ -112,7 +116,7 @@ async def ship(
             artifact = await asyncio.to_thread(
                 store.ensure_archive, artifact, progress=bool(progress)
             )
-        holding = [n for n, i in infos.items() if i["archive"]]
+        holding = [n for n, i in infos.items() if i.archive]
         jobs.append(_broadcast(client, artifact, plan.full, infos, progress, holding))
     shipped = ShipReport()
     try:
@@ -150,17 +154,20 @@ async def install(
     refers to (they need the whole archive) and those that left meanwhile.
     ``only``: these nannies.
     """
-    node_of = {nanny: info["node"] for nanny, info in infos.items()}
+    node_of = {nanny: info.node for nanny, info in infos.items()}
     nodes = list(only or one_nanny_per_node(node_of).values())
     stale: list[str] = []
     gone: list[str] = []
     with progress_bar(f"unpacking {artifact.name}", len(nodes), progress) as bar:
 
         async def on(nanny: str) -> dict | None:
+            request = Install(
+                check_id(artifact.id), optional(check_thin_id, via.get(nanny))
+            )
             try:
-                return await client.rpc(nanny).envship_install(
-                    artifact_id=artifact.id, via=via.get(nanny)
-                )
+                reply = await client.rpc(nanny).envship_install(**request.to_msg())
+                # Checked, and kept as the dict the report shows.
+                return InstallAnswer.from_msg(reply).to_msg()
             except MissingStoreFileError:
                 stale.append(nanny)
             except (CommClosedError, OSError):
@@ -184,8 +191,8 @@ def leave_out_lost(targets: Targets, infos: Infos, shipped: ShipReport) -> set[s
 
     Their workers are taken out of ``targets`` and named in ``shipped.left_out``.
     """
-    lost_nodes = {infos[n]["node"] for n in shipped.failed if n in infos}
-    lost = {n for n, info in infos.items() if info["node"] in lost_nodes}
+    lost_nodes = {infos[n].node for n in shipped.failed if n in infos}
+    lost = {n for n, info in infos.items() if info.node in lost_nodes}
     for address in [a for a, t in targets.items() if t["nanny"] in lost]:
         shipped.left_out.append(str(targets.pop(address)["name"]))
     if not targets:
@@ -200,9 +207,9 @@ def leave_out_lost(targets: Targets, infos: Infos, shipped: ShipReport) -> set[s
 def _lacking(infos: Infos) -> dict[str, str]:
     """Nanny -> its node, for the nannies that hold neither the tree nor the archive."""
     return {
-        nanny: info["node"]
+        nanny: info.node
         for nanny, info in infos.items()
-        if not (info["installed"] or info["archive"])
+        if not (info.installed or info.archive)
     }
 
 
@@ -220,9 +227,9 @@ async def _broadcast(
 ) -> ShipReport:
     """Publish ``blob``'s offer and broadcast it to ``nannies``."""
     offer = await asyncio.to_thread(Offer.of_artifact, blob)
-    await scheduler_of(client).envship_publish(offer=offer.to_msg())
+    await scheduler_of(client).envship_publish(**Publish(offer).to_msg())
     holders = await _holders(client, blob.id, infos, holding)
-    fetchers = [Peer(nanny, infos[nanny]["site"]) for nanny in nannies]
+    fetchers = [Peer(Address(nanny), infos[nanny].site) for nanny in nannies]
     total = offer.table.size * len(fetchers)  # bytes, over all nodes
     piece = offer.table.piece_size
     what = "a thin pack of " if isinstance(blob.manifest, ThinManifest) else ""
@@ -245,10 +252,11 @@ async def _holders(
     client: Client, blob_id: str, infos: Infos, holding: Iterable[str]
 ) -> list[Peer]:
     """Nannies that hold the whole blob: ``holding`` targets, and any the registry knows."""
-    where = await scheduler_of(client).envship_where(id=blob_id)
-    chosen = one_nanny_per_node({n: infos[n]["node"] for n in holding}).values()
-    holders = {nanny: Peer(nanny, infos[nanny]["site"]) for nanny in chosen}
-    for msg in where["holders"]:
-        if msg["complete"] and msg["address"] not in infos:
-            holders[msg["address"]] = Peer.from_msg(msg)
+    request = Where(id=check_id(blob_id)).to_msg()
+    where = WhereAnswer.from_msg(await scheduler_of(client).envship_where(**request))
+    chosen = one_nanny_per_node({n: infos[n].node for n in holding}).values()
+    holders = {nanny: Peer(Address(nanny), infos[nanny].site) for nanny in chosen}
+    for holder in where.holders:
+        if holder.complete and holder.peer.address not in infos:
+            holders[holder.peer.address] = holder.peer
     return list(holders.values())

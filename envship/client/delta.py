@@ -24,6 +24,7 @@ from envship import config
 from envship.archive import path_digest
 from envship.errors import EnvshipError
 from envship.manifest import Manifest, ThinManifest
+from envship.node.messages import Lacks
 from envship.table import Entry, EntryTable, decode_bits, encode_keys
 from envship.thin import write_thin_pack
 
@@ -59,7 +60,7 @@ async def plan(client, artifact: Artifact, nannies: list[str]) -> Plan:
 
     async def lacks(nanny):
         try:
-            bits = await client.rpc(nanny).envship_lacks(keys=keys)
+            bits = await client.rpc(nanny).envship_lacks(**Lacks(keys).to_msg())
             return decode_bits(bits, len(shared))
         except Exception:  # an older nanny, or one that left: send it all
             return None

@@ -11,6 +11,7 @@ import asyncio
 
 from distributed import Client
 
+from envship.node.messages import GcAnswer, InfoAnswer
 from envship.nodes import one_nanny_per_node
 
 
@@ -41,8 +42,8 @@ async def _gc(client: Client) -> dict[str, dict]:
 
     async def node_of(nanny):
         try:
-            return (await client.rpc(nanny).envship_info())["node"]
-        except Exception:  # no envship there, or gone
+            return InfoAnswer.from_msg(await client.rpc(nanny).envship_info()).node
+        except Exception:  # no envship there, or gone, or an invalid answer
             return None
 
     nodes = dict(
@@ -52,8 +53,8 @@ async def _gc(client: Client) -> dict[str, dict]:
 
     async def clean(nanny):
         try:
-            answer = await client.rpc(nanny).envship_gc()
-            return {"evicted": answer["evicted"], "size": answer["size"]}
+            answer = GcAnswer.from_msg(await client.rpc(nanny).envship_gc())
+            return {"evicted": list(answer.evicted), "size": answer.size}
         except Exception as e:
             return {"error": str(e)}
 

@@ -27,8 +27,12 @@ from distributed.protocol.pickle import dumps
 
 from envship import policy
 from envship.errors import EnvshipError
+from envship.ids import check_id
 from envship.manifest import Manifest
+from envship.messages import NannyStatus, Status
+from envship.node.messages import Wanted
 from envship.node.nanny import UseEnvironment
+from envship.registry_messages import Claim, ClaimAnswer, Desire, Release
 from envship.transfer import ShipReport
 
 from .compat import check_compatibility
@@ -185,7 +189,7 @@ class Switch:
             manifest_of(artifact),
             client_python=".".join(map(str, sys.version_info[:3])),
             scheduler_packages=versions["packages"],
-            node_platforms=[info["platform"] for info in self.infos.values()],
+            node_platforms=[info.platform for info in self.infos.values()],
             strict=self.strict,
             call_only=call_only,
         )
@@ -203,18 +207,14 @@ class Switch:
     async def claim(self) -> None:
         """Claim the workers for this switch; refuse if another switch holds any."""
         names = {t["nanny"]: t["name"] for t in self.targets.values()}
-        answer = await self.scheduler.envship_claim(
-            owner=self.owner,
-            client=self.client.id,
-            nannies=list(names),
-            name=self.label,
-        )
-        conflicts = answer["conflicts"]
+        claim = Claim(self.owner, self.client.id, tuple(names), self.label)
+        answer = await self.scheduler.envship_claim(**claim.to_msg())
+        conflicts = ClaimAnswer.from_msg(answer).conflicts
         if conflicts:
             now = time.time()
             lines = "\n".join(
-                f"  {names[nanny]}: to {c['name']}, by {c['client']}, for "
-                f"{now - c['since']:.0f} s"
+                f"  {names.get(nanny, nanny)}: to {c.name}, by {c.client}, for "
+                f"{now - c.since:.0f} s"
                 for nanny, c in conflicts.items()
             )
             raise EnvshipError(
@@ -243,13 +243,19 @@ class Switch:
     async def restart(self) -> None:
         """Restart every target worker in the environment, through its nanny."""
         artifact, targets = self.artifact, self.targets
-        names = None if self.workers is None else [t["name"] for t in targets.values()]
-        await self.scheduler.envship_desire(
-            id=None if artifact is None else artifact.id, names=names
+        names = (
+            None
+            if self.workers is None
+            else tuple(str(t["name"]) for t in targets.values())
         )
+        wanted = (
+            None if artifact is None else Wanted(check_id(artifact.id), artifact.name)
+        )
+        desire = Desire(None if wanted is None else wanted.id, names)
+        await self.scheduler.envship_desire(**desire.to_msg())
         started = time.perf_counter()
         plugin = UseEnvironment(
-            None if artifact is None else {"id": artifact.id, "name": artifact.name},
+            None if wanted is None else wanted.to_msg(),
             nannies=(
                 None if self.workers is None else [t["nanny"] for t in targets.values()]
             ),
@@ -302,12 +308,16 @@ class Switch:
             # A nanny gone from the scheduler is given a short while only:
             # connecting to a closed port is retried until the connect timeout.
             wait = STATUS_TIMEOUT if target["nanny"] in present else 2
+            rpc = self.client.rpc(target["nanny"])
             try:
-                s = await asyncio.wait_for(
-                    self.client.rpc(target["nanny"]).envship_status(), wait
+                s = NannyStatus.from_msg(
+                    await asyncio.wait_for(
+                        rpc.envship_status(**Status().to_msg()), wait
+                    )
                 )
-            except (CommClosedError, OSError, asyncio.TimeoutError):
-                return str(target["name"])  # its nanny left the cluster
+            except (CommClosedError, OSError, asyncio.TimeoutError, ValueError):
+                # Its nanny left the cluster, or is no envship nanny any more.
+                return str(target["name"])
             return _worker_report(target, s, seconds, prepared, expected)
 
         results = await asyncio.gather(*map(status, self.targets.values()))
@@ -324,7 +334,9 @@ class Switch:
     def release(self) -> None:
         """End the claim (it ends with the client anyway, hence no error)."""
         with contextlib.suppress(Exception):
-            self.client.sync(self.scheduler.envship_release, owner=self.owner)
+            self.client.sync(
+                self.scheduler.envship_release, **Release(self.owner).to_msg()
+            )
 
     # -- what the user is told -----------------------------------------------
 
@@ -367,25 +379,25 @@ def manifest_of(artifact: Artifact) -> Manifest:
 
 def _worker_report(
     target: dict,
-    status: dict,
+    status: NannyStatus,
     seconds: float,
     prepared: bool,
     expected: str | None,
 ) -> WorkerReport:
     """One worker's line of the report, from its nanny's ``envship_status``."""
-    ok, error = status["ok"], status["error"]
+    ok, error = status.ok, status.error
     # None: the nannies' own environment, or their administrator's default.
-    wanted = status.get("default") if expected is None else expected
-    if ok and status["running"] != wanted:
+    wanted = status.default if expected is None else expected
+    if ok and status.running != wanted:
         ok = False
-        runs = status["name"] or status["running"] or "the nannies' own environment"
+        runs = status.name or status.running or "the nannies' own environment"
         error = f"it runs in {runs}, not in what was asked: switched again meanwhile?"
     return WorkerReport(
         name=target["name"],
         nanny=target["nanny"],
-        address=status["worker"],
-        environment=status["running"],
-        seconds=seconds if prepared else status.get("seconds") or seconds,
+        address=status.worker,
+        environment=status.running,
+        seconds=seconds if prepared else status.seconds or seconds,
         ok=prepared or ok,
         error=None if prepared else error,
     )

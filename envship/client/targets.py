@@ -18,6 +18,8 @@ from distributed.core import PooledRPCCall, rpc
 from distributed.protocol.pickle import dumps
 
 from envship.errors import EnvshipError
+from envship.ids import check_id
+from envship.node.messages import Info, InfoAnswer
 from envship.node.nanny import NannySetup
 from envship.scheduler.registry import Registry
 
@@ -28,7 +30,7 @@ Targets = dict[str, dict[str, Any]]
 #: Nanny address -> its ``envship_info`` answer (``node``, ``site``,
 #: ``platform``, whether it holds the environment ``installed`` or its
 #: ``archive``).
-Infos = dict[str, dict[str, Any]]
+Infos = dict[str, InfoAnswer]
 
 
 def scheduler_of(client: Client) -> rpc | PooledRPCCall:
@@ -78,10 +80,10 @@ async def nanny_side(
 ) -> Infos:
     """Each target nanny's ``envship_info``, installing the nanny side if needed."""
     nannies = [t["nanny"] for t in targets.values()]
-    artifact_id = artifact.id if artifact else None
+    request = Info(check_id(artifact.id) if artifact else None).to_msg()
 
     async def info(nanny: str) -> dict:
-        return await client.rpc(nanny).envship_info(artifact_id=artifact_id)
+        return await client.rpc(nanny).envship_info(**request)
 
     results = await asyncio.gather(*map(info, nannies), return_exceptions=True)
     # A nanny without envship's handlers answers an error or nothing.
@@ -98,7 +100,17 @@ async def nanny_side(
                 "and start them with `dask worker --preload-nanny envship`",
             ) from e
         results = await asyncio.gather(*map(info, nannies))
-    return dict(zip(nannies, results, strict=True))
+    infos = {}
+    for nanny, answer in zip(nannies, results, strict=True):
+        try:
+            infos[nanny] = InfoAnswer.from_msg(answer)
+        except ValueError as e:
+            raise EnvshipError(
+                label,
+                f"the nanny {nanny} answered an invalid info ({e})",
+                "install the same envship version on every node",
+            ) from e
+    return infos
 
 
 async def ensure_registry(client: Client, label: str) -> None:

@@ -24,14 +24,28 @@ import dask.utils
 from distributed.diagnostics.plugin import NannyPlugin
 
 from envship import config, policy
-from envship.archive import check_id
 from envship.errors import EnvshipError
+from envship.ids import EnvId, ThinId, check_id
 from envship.machine import platform_facts
+from envship.manifest import ThinManifest
+from envship.messages import NannyStatus, Status, TransferState, serve
+from envship.registry_messages import Hold, Runs, Where, WhereAnswer
 from envship.table import decode_keys, encode_bits
-from envship.transfer import BlobServer, Download, Offer, Peer
-from envship.transfer.pieces import check_text
+from envship.transfer import BlobServer, Download, Peer
 
 from .cache import EnvCache
+from .messages import (
+    Foreign,
+    ForeignAnswer,
+    GcAnswer,
+    Info,
+    InfoAnswer,
+    Install,
+    InstallAnswer,
+    Lacks,
+    LastSwitch,
+    Wanted,
+)
 from .targets import default_target, installed_target, keep, kept_target
 from .worker_process import (
     TargetEnvironment,
@@ -44,14 +58,21 @@ from .worker_process import (
 
 logger = logging.getLogger("envship")
 
-HANDLERS = ("info", "lacks", "install", "status", "gc", "foreign")
+#: The nanny's own handlers (``envship_<name>``) and the requests they take.
+HANDLERS = {
+    "info": Info,
+    "lacks": Lacks,
+    "install": Install,
+    "status": Status,
+    "gc": None,
+    "foreign": Foreign,
+}
 #: Seconds before a nanny asks a scheduler without the registry again.
 REGISTRY_RETRY = 30.0
-BLOB_HANDLERS = ("offer", "put", "wait", "piece", "have")
 
 #: nanny address -> the environment id its worker should run in, for every
 #: nanny of this process: a lease is released only when none still uses it.
-_targets: dict[str, str | None] = {}
+_targets: dict[str, EnvId | None] = {}
 #: environment id -> until when (monotonic) the lease taken when it was
 #: installed lasts, unless a switch into it takes over: no eviction between
 #: the unpack and the restart of a switch, nor soon after a prepare.
@@ -71,10 +92,9 @@ def setup_nanny(nanny) -> NannySide:
     if side is None:
         side = NannySide(nanny)
         nanny._envship = side
-        for name in HANDLERS:
-            nanny.handlers[f"envship_{name}"] = getattr(side, name)
-        for name in BLOB_HANDLERS:
-            nanny.handlers[f"envship_{name}"] = getattr(side.blobs, name)
+        for name, request in HANDLERS.items():
+            nanny.handlers[f"envship_{name}"] = serve(getattr(side, name), request)
+        nanny.handlers.update(side.blobs.handlers())
         install(nanny)
         if nanny.process is None:
             side.resume()
@@ -96,13 +116,13 @@ class NannySide:
         self.site = config.get("site")
         self.blobs = BlobServer(self.cache, nanny.rpc, nanny.address, self.site)
         self.blobs.on_event = self._report_holding
-        self.last_switch: dict = {"ok": True, "error": None, "seconds": None}
+        self.last_switch = LastSwitch()
         self._reports: set[asyncio.Task] = set()  # held until sent
         self._registry_missing_until = 0.0
         self.running: dict = {"id": None, "since": time.time()}
         #: The administrator's default environment, once resolved: what
         #: ``use_environment(None)`` switches to.
-        self.default_id: str | None = None
+        self.default_id: EnvId | None = None
 
     @property
     def node(self) -> str:
@@ -112,31 +132,27 @@ class NannySide:
 
     # -- comm handlers ------------------------------------------------------
 
-    def info(self, artifact_id: str | None = None) -> dict:
+    def info(self, request: Info) -> InfoAnswer:
         """Which node and site this nanny is on and whether it holds ``artifact_id``."""
-        held = {}
-        if artifact_id is not None:
-            held = {
-                "installed": self.cache.has(check_id(artifact_id)),
-                "archive": self.cache.has_archive(artifact_id),
-            }
-        return {
-            "node": self.node,
-            "site": self.site,
-            "platform": platform_facts(),
-            **held,
-        }
+        id = request.artifact_id
+        return InfoAnswer(
+            node=self.node,
+            site=self.site,
+            platform=platform_facts(),
+            installed=None if id is None else self.cache.has(id),
+            archive=None if id is None else self.cache.has_archive(id),
+        )
 
-    async def lacks(self, keys: bytes) -> bytes:
+    async def lacks(self, request: Lacks) -> bytes:
         """One bit per file: whether the node's file store lacks it.
 
         ``keys`` are store keys, as ``envship.table.encode_keys`` sends them.
         """
-        names = decode_keys(keys)
+        names = decode_keys(request.keys)
         lacking = await asyncio.to_thread(self.cache.files.lacking, names)
         return encode_bits(lacking)
 
-    async def install(self, artifact_id: str, via: str | None = None) -> dict:
+    async def install(self, request: Install) -> InstallAnswer:
         """Unpack a held archive (or the held thin pack ``via``) into the node cache.
 
         Once per node. Returns the seconds it took and, if this call unpacked
@@ -144,9 +160,8 @@ class NannySide:
         file store.
         """
         started = time.perf_counter()
-        before = len(self.cache.installs(check_id(artifact_id)))
-        if via is not None:
-            check_id(via)
+        artifact_id, via = request.artifact_id, request.via
+        before = len(self.cache.installs(artifact_id))
         manifest = self.cache.manifest(artifact_id)
         if manifest is None and via is not None:
             manifest = self.cache.manifest(via)
@@ -160,46 +175,50 @@ class NannySide:
         records = self.cache.installs(artifact_id)
         done = records[-1] if len(records) > before else {}
         linked = done.get("linked_files", 0)
-        return {
-            "seconds": time.perf_counter() - started,
-            "written": done.get("files", linked) - linked,
-            "linked": linked,
-        }
+        return InstallAnswer(
+            seconds=time.perf_counter() - started,
+            written=done.get("files", linked) - linked,
+            linked=linked,
+        )
 
-    async def status(self, cache: bool = False) -> dict:
+    async def status(self, request: Status) -> NannyStatus:
         """The last switch, what the worker runs in since when, and transfers.
 
         With ``cache``, also the node cache's use (a walk of its file store, in
         a thread): for ``envship.status``, not after every switch.
         """
         target = getattr(self.nanny.process, "target", None)
-        size = await asyncio.to_thread(self.cache.size) if cache else None
-        return {
-            **self.last_switch,
-            "running": target.id if target else None,
-            "name": target.name if target else None,
-            "since": self.running["since"],
-            "default": self.default_id,
-            "worker": self.nanny.worker_address,
-            "node": self.node,
-            "site": self.site,
-            "cache": {"root": str(self.cache.root), "size": size},
-            "transfers": [
-                {
-                    "id": d.offer.id,
-                    "name": d.offer.name,
-                    "have": d.count,
-                    "count": d.table.count,
-                    "bytes": d.table.size,
-                    "sources": sorted(d.received),
-                    "error": d.error,
-                }
+        size = await asyncio.to_thread(self.cache.size) if request.cache else None
+        last = self.last_switch
+        return NannyStatus(
+            ok=last.ok,
+            error=last.error,
+            seconds=last.seconds,
+            running=EnvId(target.id) if target else None,
+            name=target.name if target else None,
+            since=self.running["since"],
+            default=self.default_id,
+            worker=self.nanny.worker_address,
+            node=self.node,
+            site=self.site,
+            cache_root=str(self.cache.root),
+            cache_size=size,
+            transfers=tuple(
+                TransferState(
+                    id=EnvId(d.offer.id),
+                    name=d.offer.name,
+                    have=d.count,
+                    count=d.table.count,
+                    bytes=d.table.size,
+                    sources=tuple(sorted(d.received)),
+                    error=d.error,
+                )
                 for d in self.blobs.downloads.values()
                 if not d.done.is_set()
-            ],
-        }
+            ),
+        )
 
-    async def gc(self) -> dict:
+    async def gc(self) -> GcAnswer:
         """Clean the node's cache: leftovers, dead leases, then evict to budget.
 
         Never evicts what a worker of the node runs in or a switch just
@@ -207,9 +226,9 @@ class NannySide:
         """
         evicted = await asyncio.to_thread(self.cache.gc)
         size = await asyncio.to_thread(self.cache.size)
-        return {"node": self.node, "evicted": evicted, "size": size}
+        return GcAnswer(self.node, tuple(map(EnvId, evicted)), size)
 
-    async def foreign(self, id: str, name: str, pid: int) -> dict:
+    async def foreign(self, request: Foreign) -> ForeignAnswer:
         """Hold environment ``id`` for a bridge of this nanny's worker ``pid``.
 
         For calls into an environment whose Python cannot host a worker
@@ -218,18 +237,17 @@ class NannySide:
         environment's python, the variables a worker inside it would get, and
         the path of ``bootstrap/bridge.py``.
         """
-        if not isinstance(pid, int) or pid != self.nanny.pid:
+        pid = request.pid
+        if pid != self.nanny.pid:
             raise ValueError(f"pid {pid!r} is not this nanny's worker")
-        target = await self.target_for(
-            {"id": check_id(id), "name": check_text(name, "a name")}
-        )
+        target = await self.target_for(Wanted(request.id, request.name))
         self.cache.lease(target.id, pid)
         self._release_unused(target.id)  # what target_for leased for the nanny
-        return {
-            "python": str(target.python),
-            "environ": child_environ(target, os.environ, self.nanny.env),
-            "script": str(bootstrap_script("bridge.py")),
-        }
+        return ForeignAnswer(
+            python=str(target.python),
+            environ=child_environ(target, os.environ, self.nanny.env),
+            script=str(bootstrap_script("bridge.py")),
+        )
 
     # -- what this nanny runs in, kept on the node ------------------------------
 
@@ -244,7 +262,7 @@ class NannySide:
         if target is None:
             return
         set_initial_target(self.nanny, target)
-        _targets[self.nanny.address] = target.id
+        _targets[self.nanny.address] = EnvId(target.id)
         self.running = {"id": target.id, "since": time.time()}
         logger.info("envship: %s starts its worker in %s", self.nanny.name, target.name)
 
@@ -261,12 +279,12 @@ class NannySide:
         'sklearn-dev'
         """
         target = default_target(self.cache)
-        self.default_id = target.id if target else None
+        self.default_id = EnvId(target.id) if target else None
         return target
 
     # -- talking to the scheduler's registry ----------------------------------
 
-    async def _registry(self, op: str, **msg):
+    async def _registry(self, op: str, request: Hold | Runs | Where):
         """Call a registry handler; None if the scheduler has no registry.
 
         After a failure it is not asked again for a while: a scheduler without
@@ -275,90 +293,90 @@ class NannySide:
         if time.monotonic() < self._registry_missing_until:
             return None
         try:
-            return await getattr(self.nanny.scheduler, f"envship_{op}")(**msg)
+            handler = getattr(self.nanny.scheduler, f"envship_{op}")
+            return await handler(**request.to_msg())
         except Exception as e:  # no registry (no client switched yet), or gone
             logger.debug("envship: registry %s failed: %s", op, e)
             self._registry_missing_until = time.monotonic() + REGISTRY_RETRY
             return None
 
+    async def _where(self, request: Where) -> WhereAnswer:
+        """The registry's answer to ``request``; no offer if none or invalid."""
+        answer = await self._registry("where", request)
+        try:
+            return WhereAnswer.from_msg(answer or {"offer": None, "holders": []})
+        except ValueError as e:
+            logger.warning("envship: the registry answered nonsense: %s", e)
+            return WhereAnswer(None)
+
     def _report_holding(self, download: Download, event: str) -> None:
         complete = {"started": False, "complete": True, "failed": None}[event]
-        report = asyncio.ensure_future(
-            self._registry(
-                "hold",
-                nanny=self.nanny.address,
-                id=download.offer.id,
-                complete=complete,
-                site=self.site,
-                node=self.node,
-            )
+        hold = Hold(
+            self.nanny.address, download.offer.id, complete, self.site, self.node
         )
+        report = asyncio.ensure_future(self._registry("hold", hold))
         self._reports.add(report)
         report.add_done_callback(self._reports.discard)
 
     # -- used by the plugin -------------------------------------------------
 
-    async def wanted_on_joining(self) -> dict | None:
+    async def wanted_on_joining(self) -> Wanted | None:
         """What the registry says this nanny's first worker should run in."""
-        where = await self._registry("where", name=str(self.nanny.name))
-        offer = (where or {}).get("offer")
+        offer = (await self._where(Where(name=str(self.nanny.name)))).offer
         if offer is None:
             return None
-        thin_of = offer["manifest"].get("thin_of")
-        if thin_of is None:
-            return {"id": offer["id"], "name": offer["name"]}
+        if not isinstance(offer.manifest, ThinManifest):
+            return Wanted(offer.id, offer.name)
         # Only a thin pack of it is held: get its base first.
-        return {
-            "id": thin_of,
-            "name": offer["name"],
-            "via": offer["id"],
-            "base": offer["manifest"]["base"],
-        }
+        manifest = offer.manifest
+        return Wanted(
+            check_id(manifest.thin_of),
+            offer.name,
+            via=ThinId(offer.id),
+            base=check_id(manifest.base),
+        )
 
-    async def target_for(self, wanted: dict) -> TargetEnvironment:
+    async def target_for(self, wanted: Wanted) -> TargetEnvironment:
         """Make sure the node holds ``wanted`` unpacked; lease it for this process.
 
         ``wanted`` may name a thin pack (``via``) and the ``base`` whose files
         it refers to: the base is fetched and unpacked first, so that the
         node's file store holds them.
         """
-        artifact_id = check_id(wanted["id"])
-        policy.check(str(wanted["name"]), artifact_id)
-        via = wanted.get("via")
+        artifact_id, name, via = wanted.id, wanted.name, wanted.via
+        policy.check(name, artifact_id)
         if not self.cache.has(artifact_id) and not self.cache.has_archive(artifact_id):
-            if via is None:
-                await self.fetch(artifact_id, wanted["name"])
+            if via is None or wanted.base is None:
+                await self.fetch(artifact_id, name)
             else:
-                base = check_id(wanted["base"])
+                base = wanted.base
                 if not self.cache.has(base):
                     if not self.cache.has_archive(base):
-                        await self.fetch(base, f"{wanted['name']} (its base)")
+                        await self.fetch(base, f"{name} (its base)")
                     await asyncio.to_thread(self.cache.ensure, base)
-                if not self.cache.has_archive(check_id(via)):
-                    await self.fetch(via, wanted["name"])
+                if not self.cache.has_archive(via):
+                    await self.fetch(via, name)
         prefix = await asyncio.to_thread(
             self.cache.ensure, artifact_id, lease_pid=os.getpid(), via=via
         )
-        return installed_target(self.cache, artifact_id, prefix, wanted["name"])
+        return installed_target(self.cache, artifact_id, prefix, name)
 
-    async def fetch(self, artifact_id: str, name: str) -> None:
+    async def fetch(self, artifact_id: EnvId, name: str) -> None:
         """Get an archive from the nodes that hold it now (no client involved)."""
-        where = await self._registry("where", id=artifact_id)
-        if not where or not where.get("offer"):
+        where = await self._where(Where(id=artifact_id))
+        if where.offer is None:
             raise EnvshipError(
                 name,
                 "this node lacks it and the scheduler knows no node that holds it",
                 "call use_environment again so that the client sends it",
             )
-        offer = Offer.from_msg(where["offer"])
         stall = dask.utils.parse_timedelta(config.get("transfer.stall-timeout"))
 
         async def holders_now() -> list[Peer]:
-            where = await self._registry("where", id=artifact_id) or {}
-            return [Peer.from_msg(p) for p in where.get("holders", ())]
+            return [h.peer for h in (await self._where(Where(id=artifact_id))).holders]
 
-        holders = [Peer.from_msg(p) for p in where["holders"]]
-        await self.blobs.fetch(offer, holders, stall, more_peers=holders_now)
+        holders = [h.peer for h in where.holders]
+        await self.blobs.fetch(where.offer, holders, stall, more_peers=holders_now)
 
     def _release_unused(self, *ids: str | None) -> None:
         """Drop this process's lease on environments none of its nannies use.
@@ -374,7 +392,7 @@ class NannySide:
             if unused and unused not in _targets.values() and unused not in _prepared:
                 self.cache.release(unused, os.getpid())
 
-    async def switch(self, wanted: dict | None) -> None:
+    async def switch(self, wanted: Wanted | None) -> None:
         started = time.perf_counter()
         previous = _targets.get(self.nanny.address)
         try:
@@ -384,14 +402,14 @@ class NannySide:
                 target = await self.target_for(wanted)
         except Exception as e:
             logger.warning("envship: cannot switch to %s: %s", wanted, e)
-            self.last_switch = {"ok": False, "error": str(e), "seconds": None}
+            self.last_switch = LastSwitch.failed(e)
             return
-        _targets[self.nanny.address] = target.id if target else None
+        _targets[self.nanny.address] = EnvId(target.id) if target else None
         if target is not None:
             _prepared.pop(target.id, None)  # the switch's own lease takes over
         if self.nanny.process is None:  # a nanny joining: its first worker
             set_initial_target(self.nanny, target)
-            outcome = {"ok": True, "error": None}
+            outcome: dict = {"ok": True, "error": None}
         else:
             outcome = await switch(self.nanny, target, reason="envship-switch")
             if not outcome["ok"]:
@@ -413,17 +431,11 @@ class NannySide:
             )
         if running != self.running["id"]:
             self.running = {"id": running, "since": time.time()}
-        await self._registry(
-            "runs",
-            nanny=self.nanny.address,
-            id=running,
-            name=target.name if target and running else None,
+        name = target.name if target and running else None
+        await self._registry("runs", Runs(self.nanny.address, running, name))
+        self.last_switch = LastSwitch(
+            outcome["ok"], outcome["error"], time.perf_counter() - started
         )
-        self.last_switch = {
-            "ok": outcome["ok"],
-            "error": outcome["error"],
-            "seconds": time.perf_counter() - started,
-        }
 
 
 class NannySetup(NannyPlugin):
@@ -446,8 +458,10 @@ class UseEnvironment(NannyPlugin):
     Parameters
     ----------
     environment : dict or None
-        ``{"id": ..., "name": ...}`` of the artifact; None for the nannies'
-        own environment. The nodes hold its archive already.
+        ``{"id": ..., "name": ...}`` of the artifact (a
+        :class:`envship.node.messages.Wanted`'s ``to_msg()``, checked on
+        the nanny); None for the nannies' own environment. The nodes hold
+        its archive already.
     nannies : list of str, optional
         Addresses of the nannies to switch; None for all.
 
@@ -467,4 +481,5 @@ class UseEnvironment(NannyPlugin):
         if nanny.process is None:  # joining (or back after a reboot)
             await side.switch(await side.wanted_on_joining())
         elif self.nannies is None or nanny.address in self.nannies:
-            await side.switch(self.environment)
+            env = self.environment
+            await side.switch(None if env is None else Wanted.from_msg(env))

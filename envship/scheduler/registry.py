@@ -19,7 +19,7 @@ A small scheduler plugin, registered by the first client that switches (or by
   second is refused, naming the first.
 
 It never sees a blob's bytes, and it trusts no message: every handler takes
-its keyword arguments as a typed request (:mod:`envship.scheduler.messages`),
+its keyword arguments as a typed request (:mod:`envship.registry_messages`),
 checked for types and sizes before anything is stored, and answers with a
 typed answer that goes on the wire as the dict it always was.
 """
@@ -27,7 +27,6 @@ typed answer that goes on the wire as the dict it always was.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -35,8 +34,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from envship import policy
 from envship.ids import Address, EnvId, ThinId
 from envship.manifest import ThinManifest
-from envship.scheduler.dashboard import add_page
-from envship.scheduler.messages import (
+from envship.messages import serve
+from envship.registry_messages import (
     Claim,
     ClaimAnswer,
     ClaimRecord,
@@ -52,6 +51,7 @@ from envship.scheduler.messages import (
     Where,
     WhereAnswer,
 )
+from envship.scheduler.dashboard import add_page
 from envship.transfer import Offer, Peer
 
 #: Offers kept beyond those that rules point to (the most recent ones).
@@ -254,32 +254,3 @@ class Registry(SchedulerPlugin):
             del self.offers[id]
             self.holders.pop(id, None)
         self.thin = {e: t for e, t in self.thin.items() if t in self.offers}
-
-
-def serve(method: Callable[..., Any], request: Any = None) -> Callable[..., Any]:
-    """A comm handler for ``method``: its keyword arguments made into ``request``.
-
-    A handler without ``request`` takes no arguments. The answer goes on the
-    wire as its ``to_msg()`` (a string as it is).
-    """
-    if request is None:
-
-        def handle(**msg):
-            if msg:
-                raise TypeError(
-                    f"{method.__name__}() got an unexpected keyword argument "
-                    f"{next(iter(msg))!r}"
-                )
-            return _on_wire(method())
-
-    else:
-
-        def handle(**msg):
-            return _on_wire(method(request.from_msg(msg)))
-
-    handle.__name__ = handle.__qualname__ = f"envship_{method.__name__}"
-    return handle
-
-
-def _on_wire(answer: Any) -> Any:
-    return answer if isinstance(answer, str) else answer.to_msg()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from envship.errors import EnvshipError
 
+from .messages import WaitAnswer
 from .pieces import Offer, Peer, PieceTable
 
 logger = logging.getLogger("envship.transfer")
@@ -104,18 +105,18 @@ class Download:
             and not any(p.complete or (p.have and p.have[i]) for p in live)
         ]
 
-    def state(self) -> dict:
+    def state(self) -> WaitAnswer:
         """For whoever waits: ``complete`` once the blob is in the node cache."""
-        return {
-            "complete": self.done.is_set() and self.error is None,
-            "have": self.count,
-            "count": self.table.count,
-            "received": dict(self.received),
-            "rejected": dict(self.rejected),
-            "dropped": {a: p.dropped for a, p in self.peers.items() if p.dropped},
-            "unavailable": [] if self.complete else self.unavailable(),
-            "error": self.error,
-        }
+        return WaitAnswer(
+            complete=self.done.is_set() and self.error is None,
+            error=self.error,
+            have=self.count,
+            count=self.table.count,
+            received=dict(self.received),
+            rejected=dict(self.rejected),
+            dropped={a: p.dropped for a, p in self.peers.items() if p.dropped},
+            unavailable=() if self.complete else tuple(self.unavailable()),
+        )
 
     def bitmap(self) -> bytes:
         return bytes(self.have)

@@ -28,6 +28,7 @@ from envship.errors import EnvshipError
 
 from .choice import Limits, NodeView, PeerView, choose
 from .download import Download, PeerState, disk_error, resume
+from .messages import Have, HaveAnswer, PieceAnswer, PieceRequest, WaitAnswer
 from .pieces import Offer, Peer
 from .store import BlobStore
 
@@ -88,7 +89,7 @@ class Fetcher:
         peers: list[Peer],
         stall: float,
         more_peers: Callable[[], Awaitable[list[Peer]]] | None = None,
-    ) -> dict:
+    ) -> WaitAnswer:
         """Fetch ``offer`` from peers alone (no client); its state when done.
 
         ``more_peers``, if given, is asked for the nodes that hold it now
@@ -102,7 +103,7 @@ class Fetcher:
             for ``stall`` seconds, or a local failure.
         """
         if self.cache.has_archive(offer.id):
-            return {"complete": True}
+            return WaitAnswer(complete=True)
         if not [p for p in peers if p.address != self.address]:
             raise EnvshipError(
                 offer.name,
@@ -277,7 +278,7 @@ class Fetcher:
         d = download
         try:
             try:
-                reply = await self._ask_piece(d, p, index)
+                msg = await self._ask_piece(d, p, index)
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncio.TimeoutError) as e:
@@ -286,15 +287,18 @@ class Fetcher:
             except Exception as e:  # the peer raised: no source for this blob
                 self._drop(d, p, f"failed: {e}")
                 return
-            if not isinstance(reply, dict):
+            try:
+                reply = PieceAnswer.from_msg(msg)
+            except ValueError:
                 self._drop(d, p, "answered nonsense")
-            elif reply.get("busy"):
+                return
+            if reply.busy:
                 p.busy_until = time.monotonic() + self.limits.busy_backoff
-            elif reply.get("missing"):
+            elif reply.missing or reply.data is None:
                 if p.have is not None:
                     p.have[index] = 0
                 p.complete = False
-            elif not await d.accept(index, reply.get("data", b""), p.peer.address):
+            elif not await d.accept(index, reply.data, p.peer.address):
                 self._drop(d, p, f"sent a bad piece {index}")
         finally:
             p.in_flight -= 1
@@ -302,13 +306,9 @@ class Fetcher:
             d.changed.set()
 
     async def _ask_piece(self, d: Download, p: PeerState, index: int):
+        request = PieceRequest(d.offer.id, d.table.digest, d.table.piece_size, index)
         return await asyncio.wait_for(
-            self.rpc(p.peer.address).envship_piece(
-                id=d.offer.id,
-                digest=d.table.digest,
-                piece_size=d.table.piece_size,
-                index=index,
-            ),
+            self.rpc(p.peer.address).envship_piece(**request.to_msg()),
             self.piece_timeout,
         )
 
@@ -317,14 +317,10 @@ class Fetcher:
         d = download
         known = -1
         while not d.complete and not p.dropped and not p.complete:
+            request = Have(d.offer.id, d.table.digest, d.table.piece_size, known)
             try:
-                reply = await asyncio.wait_for(
-                    self.rpc(p.peer.address).envship_have(
-                        id=d.offer.id,
-                        digest=d.table.digest,
-                        piece_size=d.table.piece_size,
-                        known=known,
-                    ),
+                msg = await asyncio.wait_for(
+                    self.rpc(p.peer.address).envship_have(**request.to_msg()),
                     HAVE_WAIT + self.piece_timeout,
                 )
             except asyncio.CancelledError:
@@ -332,13 +328,15 @@ class Fetcher:
             except Exception as e:
                 self._drop(d, p, f"unreachable ({type(e).__name__})")
                 return
-            if not isinstance(reply, dict):
+            try:
+                reply = HaveAnswer.from_msg(msg)
+            except ValueError:
                 self._drop(d, p, "answered nonsense")
                 return
-            have = reply.get("have")
-            if reply.get("complete"):
+            have = reply.have
+            if reply.complete:
                 p.complete = True
-            elif isinstance(have, bytes) and len(have) == d.table.count:
+            elif have is not None and len(have) == d.table.count:
                 p.have = bytearray(have)
                 known = sum(p.have)
             else:

@@ -14,7 +14,6 @@ type and bounds first (``from_msg``).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TypeGuard
@@ -23,16 +22,22 @@ import dask.utils
 import xxhash
 
 from envship import config
-from envship.archive import check_id
+from envship.ids import (
+    ID_PATTERN,
+    MAX_TEXT,
+    Address,
+    Digest,
+    EnvId,
+    check_address,
+    check_id,
+    check_site,
+)
 from envship.manifest import Manifest, ThinManifest, blob_manifest
 
 #: Bounds on what a piece table may declare.
 MIN_PIECE_SIZE = 64 * 1024
 MAX_PIECE_SIZE = 64 * 1024 * 1024
 MAX_BLOB_SIZE = 1 << 40
-#: The longest name, address or label another process may send (``check_text``).
-MAX_SHORT_STRING = 1024
-_DIGEST = re.compile(r"[0-9a-f]{32}")
 
 
 # -- the piece table ------------------------------------------------------------
@@ -72,12 +77,12 @@ class PieceTable:
         return cls(len(data), piece_size, digests)
 
     @cached_property
-    def digest(self) -> str:
+    def digest(self) -> Digest:
         """xxh3-128 of the whole table: what binds it to the blob."""
         h = xxhash.xxh3_128(f"{self.size} {self.piece_size}\n".encode())
         for d in self.digests:
             h.update(d.encode())
-        return h.hexdigest()
+        return Digest(h.hexdigest())
 
     @property
     def count(self) -> int:
@@ -119,7 +124,7 @@ class PieceTable:
         expected = -(-size // piece_size)
         if not isinstance(digests, list | tuple) or len(digests) != expected:
             raise ValueError(f"a blob of {size} bytes has {expected} pieces")
-        if not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in digests):
+        if not all(isinstance(d, str) and ID_PATTERN.fullmatch(d) for d in digests):
             raise ValueError("piece digests must be 32 hex digits")
         table = cls(size, piece_size, tuple(digests))
         if table.digest != (digest if digest is not None else msg.get("digest")):
@@ -147,7 +152,7 @@ class Offer:
     unpacked); ``table`` binds every piece of the archive.
     """
 
-    id: str
+    id: EnvId
     name: str
     manifest: Manifest | ThinManifest
     table: PieceTable
@@ -155,7 +160,7 @@ class Offer:
     @classmethod
     def of_artifact(cls, artifact) -> Offer:
         return cls(
-            artifact.id,
+            check_id(artifact.id),
             artifact.name,
             artifact.manifest,
             PieceTable.of_file(artifact.path, piece_size()),
@@ -174,7 +179,7 @@ class Offer:
         if not isinstance(msg, dict):
             raise ValueError("an offer must be a dict")
         name = msg.get("name")
-        if not isinstance(name, str) or len(name) > MAX_SHORT_STRING:
+        if not isinstance(name, str) or len(name) > MAX_TEXT:
             raise ValueError("an offer needs a name")
         manifest = blob_manifest(msg.get("manifest"))
         if manifest.id != msg.get("id"):
@@ -191,53 +196,19 @@ class Offer:
 class Peer:
     """A nanny to fetch from: its address and site label."""
 
-    address: str
+    address: Address
     site: str | None = None
 
     @classmethod
     def from_msg(cls, msg) -> Peer:
         if not isinstance(msg, dict) or not isinstance(msg.get("address"), str):
-            raise ValueError(f"not a peer: {msg!r}")
-        return cls(msg["address"], check_site(msg.get("site")))
+            raise ValueError(f"not a peer: {msg!r:.200}")
+        return cls(check_address(msg["address"], "a peer"), check_site(msg.get("site")))
 
     def to_msg(self) -> dict:
         return {"address": self.address, "site": self.site}
 
 
-def check_text(value, what: str) -> str:
-    """``value`` if it is a short, non-empty string; ValueError naming ``what`` if not.
-
-    Examples
-    --------
-    >>> check_text("worker-0", "a worker name")
-    'worker-0'
-    >>> check_text(5, "a worker name")
-    Traceback (most recent call last):
-    ...
-    ValueError: a worker name must be a short string, not 5
-    """
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_SHORT_STRING:
-        raise ValueError(f"{what} must be a short string, not {value!r}")
-    return value
-
-
-def check_site(site) -> str | None:
-    """``site`` if it is a site label (a short string) or None; ValueError if not."""
-    return None if site is None else check_text(site, "a site")
-
-
-def _peers_from_msg(peers) -> list[Peer]:
-    if not isinstance(peers, list | tuple) or len(peers) > 100_000:
-        raise ValueError("peers must be a list")
-    return [Peer.from_msg(p) for p in peers]
-
-
-def _check_digest(digest) -> str:
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise ValueError(f"not a piece table digest: {digest!r}")
-    return digest
-
-
-def _check_index(index, table: PieceTable) -> None:
+def check_index(index, table: PieceTable) -> None:
     if not _int_in(index, 0, table.count - 1):
         raise ValueError(f"piece index out of bounds: {index!r}")

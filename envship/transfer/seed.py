@@ -13,8 +13,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from distributed.protocol import to_serialize
-
+from .messages import OfferRequest, Put, Wait, WaitAnswer
 from .pieces import Offer, Peer
 
 #: Pieces the client pushes at once (over all nodes).
@@ -122,16 +121,13 @@ async def broadcast(
     table = offer.table
     holders = list(holders)
     report = ShipReport()
-    peers = [p.to_msg() for p in fetchers + holders] if peer_to_peer else []
-    msg = offer.to_msg()
-
     seeds = [p for p in fetchers if p.site is not None and p.site == client_site]
     seed_site = client_site if seeds and peer_to_peer else None
+    peers = tuple(fetchers + holders) if peer_to_peer else ()
+    request = OfferRequest(offer, peers, seed_site).to_msg()
 
     async def start(peer: Peer) -> None:
-        await rpc(peer.address).envship_offer(
-            offer=msg, peers=peers, seed_site=seed_site
-        )
+        await rpc(peer.address).envship_offer(**request)
 
     alive: list[Peer] = []
     for peer, outcome in zip(
@@ -150,9 +146,8 @@ async def broadcast(
     async def push(peer: Peer, index: int, f) -> None:
         offset, length = table.span(index)
         data = await asyncio.to_thread(_pread_fd, f, offset, length)
-        await rpc(peer.address).envship_put(
-            id=offer.id, digest=table.digest, index=index, data=to_serialize(data)
-        )
+        put = Put(offer.id, table.digest, index, data)
+        await rpc(peer.address).envship_put(**put.to_msg())
         report.client_bytes += length
 
     lost: set[str] = set()  # nannies gone, or that refused: pushed no more
@@ -197,27 +192,30 @@ async def broadcast(
     async def follow(peer: Peer, f) -> None:
         """Wait for ``peer`` to complete; push what no live node holds."""
         stuck = 0
+        wait = Wait(offer.id, table.digest, timeout=1.0).to_msg()
         while peer.address not in lost:
             try:
-                state = await rpc(peer.address).envship_wait(
-                    id=offer.id, digest=table.digest, timeout=1.0
+                state = WaitAnswer.from_msg(
+                    await rpc(peer.address).envship_wait(**wait)
                 )
-            except Exception as e:
+            except Exception as e:  # gone, or an invalid answer (ValueError)
                 give_up(peer, e)
                 return
             held[peer.address] = (
-                state.get("have", table.count) if not state["complete"] else table.count
+                table.count
+                if state.complete or state.have is None
+                else min(state.have, table.count)
             )
             on_progress(sum(held.values()))
-            if state["complete"]:
-                report.nodes[peer.address] = state
+            if state.complete:
+                report.nodes[peer.address] = state.to_msg()
                 return
-            if state.get("error"):
+            if state.error:
                 report.failed[peer.address] = ShipFailure(
-                    FailureKind.ERROR, state["error"]
+                    FailureKind.ERROR, state.error
                 )
                 return
-            missing = state.get("unavailable") or []
+            missing = [i for i in state.unavailable or () if i < table.count]
             stuck = stuck + 1 if missing and seeding.done() else 0
             if stuck >= 2:
                 for index in missing:

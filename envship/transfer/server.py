@@ -6,8 +6,10 @@ and peers call, installed on the nanny as ``envship_<name>``: ``offer``,
 verified, from a download under way or from the complete archive in the node
 cache, at most ``SERVE_SLOTS`` at once and within ``envship.transfer.max-rate``.
 
-Every handler takes ids, digests, indices and bytes from other processes: each
-is checked for type and bounds before anything is read, written or allocated.
+Every handler takes ids, digests, indices and bytes from other processes, as a
+typed request of :mod:`.messages` whose every value was checked for type and
+bounds before anything is read, written or allocated; it answers a typed
+answer of the same module.
 """
 
 from __future__ import annotations
@@ -15,35 +17,38 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dask.utils
 from dask.utils import format_bytes
-from distributed.protocol import to_serialize
 
 from envship import config
-from envship.archive import check_id
 from envship.errors import EnvshipError
+from envship.ids import Digest, EnvId
+from envship.messages import serve
 
 from .fetch import HAVE_WAIT, Fetcher
-from .pieces import (
-    MAX_PIECE_SIZE,
-    MIN_PIECE_SIZE,
-    Offer,
-    PieceTable,
-    _check_digest,
-    _check_index,
-    _int_in,
-    _peers_from_msg,
-    check_site,
+from .messages import (
+    Have,
+    HaveAnswer,
+    OfferAnswer,
+    OfferRequest,
+    PieceAnswer,
+    PieceRequest,
+    Put,
+    Wait,
+    WaitAnswer,
 )
+from .pieces import Offer, PieceTable, check_index
 from .store import BlobStore
 
 #: Pieces a nanny serves at once; more requests are answered "busy".
 SERVE_SLOTS = 6
 
-_MISSING = {"missing": True}
-_BUSY = {"busy": True}
+_MISSING = PieceAnswer(missing=True)
+_BUSY = PieceAnswer(busy=True)
 
 
 class BlobServer(Fetcher):
@@ -62,61 +67,67 @@ class BlobServer(Fetcher):
 
     # -- handlers ----------------------------------------------------------------
 
-    async def offer(
-        self, offer: dict, peers: list | None = None, seed_site: str | None = None
-    ) -> dict:
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """The comm handlers to install on the nanny: ``envship_offer`` and the others."""
+        requests: list[tuple[Callable[..., Any], type]] = [
+            (self.offer, OfferRequest),
+            (self.put, Put),
+            (self.wait, Wait),
+            (self.piece, PieceRequest),
+            (self.have, Have),
+        ]
+        return {
+            f"envship_{method.__name__}": serve(method, request)
+            for method, request in requests
+        }
+
+    async def offer(self, request: OfferRequest) -> OfferAnswer:
         """Start (or resume, or join) fetching a blob; answer at once.
 
         ``seed_site``: the site whose nodes the client seeds, if only one.
         """
-        parsed = Offer.from_msg(offer)
-        if self.cache.has_archive(parsed.id):
-            return {"complete": True, "have": parsed.table.count}
-        peers = _peers_from_msg(peers or [])
-        check_site(seed_site)
-        if (parsed.id, parsed.table.digest) not in self.downloads:
-            self._check_room(parsed)
-        download = self.start(parsed, peers)
-        download.seed_site = seed_site
-        return {"complete": download.complete, "have": download.count}
+        offer = request.offer
+        if self.cache.has_archive(offer.id):
+            return OfferAnswer(True, offer.table.count)
+        if (offer.id, offer.table.digest) not in self.downloads:
+            self._check_room(offer)
+        download = self.start(offer, list(request.peers))
+        download.seed_site = request.seed_site
+        return OfferAnswer(download.complete, download.count)
 
-    async def put(self, id: str, digest: str, index: int, data) -> bool:
+    async def put(self, request: Put) -> bool:
         """A piece pushed by the client into a download started by ``offer``."""
-        download = self.downloads.get((check_id(id), _check_digest(digest)))
+        index = request.index
+        download = self.downloads.get((request.id, request.digest))
         if download is None:
-            raise ValueError(f"no download of {id} here: offer it first")
-        _check_index(index, download.table)
+            raise ValueError(f"no download of {request.id} here: offer it first")
+        check_index(index, download.table)
         await download.opened.wait()
         if download.fd is None:  # ended meanwhile: complete, or failed
             return bool(download.have[index])
-        return await download.accept(index, data, "client")
+        return await download.accept(index, request.data, "client")
 
-    async def wait(self, id: str, digest: str, timeout: float = 1.0) -> dict:
+    async def wait(self, request: Wait) -> WaitAnswer:
         """The state of a download, once complete or after ``timeout`` seconds."""
-        key = (check_id(id), _check_digest(digest))
-        download = self.downloads.get(key)
+        download = self.downloads.get((request.id, request.digest))
         if download is None:
-            if self.cache.has_archive(id):
-                return {"complete": True, "error": None}
-            return {"complete": False, "error": f"no download of {id} here"}
-        if not isinstance(timeout, int | float) or not 0 <= timeout <= 60:
-            raise ValueError(f"timeout out of bounds: {timeout!r}")
+            if self.cache.has_archive(request.id):
+                return WaitAnswer(complete=True)
+            return WaitAnswer(False, f"no download of {request.id} here")
         try:
-            await asyncio.wait_for(download.done.wait(), timeout)
+            await asyncio.wait_for(download.done.wait(), request.timeout)
         except asyncio.TimeoutError:
             pass
         return download.state()
 
-    async def piece(self, id: str, digest: str, piece_size: int, index: int):
+    async def piece(self, request: PieceRequest) -> PieceAnswer:
         """One verified piece of a blob this nanny holds, for a peer."""
-        key = (check_id(id), _check_digest(digest))
-        if not _int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
-            raise ValueError(f"piece size out of bounds: {piece_size!r}")
-        source = await self._source(key, piece_size)
+        key, index = (request.id, request.digest), request.index
+        source = await self._source(key, request.piece_size)
         if source is None:
             return _MISSING
         path, table = source
-        _check_index(index, table)
+        check_index(index, table)
         download = self.downloads.get(key)
         if download is not None and path == download.path:
             if not download.have[index]:
@@ -135,28 +146,22 @@ class BlobServer(Fetcher):
                 data = await asyncio.to_thread(_pread, archive, offset, length)
         finally:
             self._serving -= 1
-        return {"data": to_serialize(data)}
+        return PieceAnswer(data)
 
-    async def have(
-        self, id: str, digest: str, piece_size: int, known: int = -1
-    ) -> dict:
+    async def have(self, request: Have) -> HaveAnswer:
         """Which pieces this nanny holds; waits a little for news beyond ``known``."""
-        key = (check_id(id), _check_digest(digest))
-        if not _int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
-            raise ValueError(f"piece size out of bounds: {piece_size!r}")
-        if not _int_in(known, -1, 1 << 30):
-            raise ValueError(f"known out of bounds: {known!r}")
+        key = (request.id, request.digest)
         download = self.downloads.get(key)
         if download is not None and not download.done.is_set():
-            if download.count <= known:
+            if download.count <= request.known:
                 try:
                     await asyncio.wait_for(download.news.wait(), HAVE_WAIT)
                 except asyncio.TimeoutError:
                     pass
             # Complete but not yet handed to the cache: it serves all the same.
-            return {"complete": download.complete, "have": download.bitmap()}
-        source = await self._source(key, piece_size)
-        return {"complete": source is not None, "have": None}
+            return HaveAnswer(download.complete, download.bitmap())
+        source = await self._source(key, request.piece_size)
+        return HaveAnswer(source is not None)
 
     def _check_room(self, offer: Offer) -> None:
         """Refuse a blob larger than the free disk up front, not once it is full.
@@ -184,7 +189,7 @@ class BlobServer(Fetcher):
 
     # -- serving helpers -----------------------------------------------------------
 
-    async def _source(self, key: tuple[str, str], piece_size: int):
+    async def _source(self, key: tuple[EnvId, Digest], piece_size: int):
         """(path, table) to serve ``key`` from, or None if this node lacks it."""
         id, digest = key
         download = self.downloads.get(key)

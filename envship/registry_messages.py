@@ -9,6 +9,12 @@ or unknown arguments as a Python call would (TypeError). Each answer has a
 
 Besides them, the registry's own records (who holds what, who runs what,
 who claimed which nannies) are typed here, since its snapshot sends them.
+
+This module sits between :mod:`envship.transfer` (an offer is a
+:class:`envship.transfer.pieces.Offer`) and the three sides above it: the
+registry (:mod:`envship.scheduler.registry`) answers these messages, the
+nannies (:mod:`envship.node.nanny`) and clients send them and read the
+answers, and none of those imports another sideways to do so.
 """
 
 from __future__ import annotations
