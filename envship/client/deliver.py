@@ -57,7 +57,7 @@ async def deliver(
     """
     with timing(stages, "ship"):
         shipped, via = await ship(client, artifact, infos, progress)
-    infos = _without(infos, leave_out_lost(targets, infos, shipped))
+    infos = _without(infos, leave_out_lost(targets, infos, shipped, artifact.name))
     with timing(stages, "unpack"):
         unpacked, stale, gone = await install(client, artifact, infos, progress, via)
     if gone:
@@ -65,7 +65,7 @@ async def deliver(
             shipped.failed[nanny] = ShipFailure(
                 FailureKind.LOST, "lost: its nanny left while unpacking"
             )
-        infos = _without(infos, leave_out_lost(targets, infos, shipped))
+        infos = _without(infos, leave_out_lost(targets, infos, shipped, artifact.name))
         stale = [n for n in stale if n in infos]
     if stale:
         with timing(stages, "ship"):
@@ -186,7 +186,9 @@ async def install(
     return unpacked, stale, gone
 
 
-def leave_out_lost(targets: Targets, infos: Infos, shipped: ShipReport) -> set[str]:
+def leave_out_lost(
+    targets: Targets, infos: Infos, shipped: ShipReport, name: str
+) -> set[str]:
     """Leave out the nodes whose nanny left during the transfer; their nannies.
 
     Their workers are taken out of ``targets`` and named in ``shipped.left_out``.
@@ -197,7 +199,7 @@ def leave_out_lost(targets: Targets, infos: Infos, shipped: ShipReport) -> set[s
         shipped.left_out.append(str(targets.pop(address)["name"]))
     if not targets:
         raise EnvshipError(
-            "the environment",
+            name,
             "every node left the cluster during the transfer",
             "start workers, then call use_environment again",
         )
