@@ -28,7 +28,7 @@ from envship.ids import (
     is_id,
 )
 from envship.manifest import Manifest, ThinManifest
-from envship.messages import NannyStatus, Status, TransferState
+from envship.messages import NannyStatus, Status, TransferState, serve
 from envship.node.messages import (
     Foreign,
     ForeignAnswer,
@@ -54,7 +54,7 @@ from envship.registry_messages import (
     Where,
     WhereAnswer,
 )
-from envship.scheduler.registry import Registry, serve
+from envship.scheduler.registry import Registry
 from envship.survey import survey
 from envship.transfer.messages import (
     Have,
