@@ -143,7 +143,7 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
             "pack it again (`envship.pack` or use_environment with its path)",
         ) from e
     thin_id = path_digest(tmp)
-    path = store.root / "thin" / f"{thin_id}.tar.zst"
+    path = store.thin_path(thin_id)
     path.parent.mkdir(exist_ok=True)
     os.replace(tmp, path)
     manifest = ThinManifest(

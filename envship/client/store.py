@@ -173,6 +173,9 @@ class ArtifactStore:
     def table_path(self, artifact_id: str) -> Path:
         return self.root / f"{artifact_id}.table.zst"
 
+    def thin_path(self, thin_id: str) -> Path:
+        return self.root / "thin" / f"{thin_id}.tar.zst"
+
     def load_digests(self) -> dict:
         """What earlier packs learnt of files' digests: ``{path: [stat..., digest]}``."""
         try:
