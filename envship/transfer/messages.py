@@ -41,7 +41,7 @@ from envship.messages import (
     reply_fields,
 )
 
-from .pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, Offer, Peer
+from .pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, Offer, Peer, int_in
 
 #: The most pieces a blob may have (a 1 TiB blob of 64 KiB pieces).
 MAX_PIECES = 1 << 24
@@ -330,21 +330,13 @@ class HaveAnswer:
 
 
 def _index(value: object) -> int:
-    if (
-        not isinstance(value, int)
-        or isinstance(value, bool)
-        or not 0 <= value < MAX_PIECES
-    ):
+    if not int_in(value, 0, MAX_PIECES - 1):
         raise ValueError(f"piece index out of bounds: {value!r}")
     return value
 
 
 def _piece_size(value: object) -> int:
-    if (
-        not isinstance(value, int)
-        or isinstance(value, bool)
-        or not MIN_PIECE_SIZE <= value <= MAX_PIECE_SIZE
-    ):
+    if not int_in(value, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
         raise ValueError(f"piece size out of bounds: {value!r}")
     return value
 

@@ -117,9 +117,9 @@ class PieceTable:
             msg.get("piece_size"),
             msg.get("digests"),
         )
-        if not _int_in(size, 0, MAX_BLOB_SIZE):
+        if not int_in(size, 0, MAX_BLOB_SIZE):
             raise ValueError(f"blob size out of bounds: {size!r}")
-        if not _int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
+        if not int_in(piece_size, MIN_PIECE_SIZE, MAX_PIECE_SIZE):
             raise ValueError(f"piece size out of bounds: {piece_size!r}")
         expected = -(-size // piece_size)
         if not isinstance(digests, list | tuple) or len(digests) != expected:
@@ -132,7 +132,8 @@ class PieceTable:
         return table
 
 
-def _int_in(value, low: int, high: int) -> TypeGuard[int]:
+def int_in(value, low: int, high: int) -> TypeGuard[int]:
+    """Whether ``value`` is an int (not a bool) from ``low`` to ``high``."""
     return (
         isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     )
@@ -210,5 +211,5 @@ class Peer:
 
 
 def check_index(index, table: PieceTable) -> None:
-    if not _int_in(index, 0, table.count - 1):
+    if not int_in(index, 0, table.count - 1):
         raise ValueError(f"piece index out of bounds: {index!r}")
