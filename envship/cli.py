@@ -132,6 +132,20 @@ def rm(name_or_id, store):
     click.echo(f"removed {artifact.name} {artifact.id}")
 
 
+def _connect(scheduler: str):
+    """A client of ``--scheduler``; an EnvshipError that says where it came from."""
+    from envship.client.connect import connect_scheduler
+
+    try:
+        return connect_scheduler(scheduler)
+    except EnvshipError as e:
+        source = click.get_current_context().get_parameter_source("scheduler")
+        if source is not click.core.ParameterSource.ENVIRONMENT:
+            raise
+        fix = f"{e.fix}; it is DASK_SCHEDULER_ADDRESS's: change it, or pass --scheduler"
+        raise EnvshipError(e.env, e.problem, fix, e.subject) from None
+
+
 @main.command()
 @click.argument("env")
 @click.option(
@@ -147,12 +161,10 @@ def rm(name_or_id, store):
 @click.option("--timeout", type=float, default=None, help="Seconds to wait at most.")
 def use(env, scheduler, workers, no_strict, timeout):
     """Restart the cluster's workers inside ENV ("none": the nannies' own)."""
-    from distributed import Client
-
     from envship.client.foreign import ForeignEnvironment
     from envship.client.use import use_environment
 
-    with Client(scheduler, timeout=timeout or 30) as client:
+    with _connect(scheduler) as client:
         report = use_environment(
             client,
             None if env.lower() == "none" else env,
@@ -179,11 +191,9 @@ def use(env, scheduler, workers, no_strict, timeout):
 )
 def status(scheduler):
     """What every worker runs in, each node's cache, who holds which environment."""
-    from distributed import Client
-
     from envship.client.status import status as cluster_status
 
-    with Client(scheduler, timeout=30) as client:
+    with _connect(scheduler) as client:
         click.echo(repr(cluster_status(client)))
 
 
@@ -246,11 +256,9 @@ def cache_gc(directory, scheduler):
         evicted = EnvCache(directory).gc()
         click.echo(f"evicted {len(evicted)} environment(s)")
         return
-    from distributed import Client
-
     from envship.client.gc import gc
 
-    with Client(scheduler, timeout=30) as client:
+    with _connect(scheduler) as client:
         for node, outcome in gc(client).items():
             if "error" in outcome:
                 click.echo(f"{node}: {outcome['error']}")
