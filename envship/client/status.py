@@ -93,9 +93,9 @@ async def _status(client: Client) -> ClusterStatus:
     if scheduler is None:
         raise ValueError("the client is not connected to a scheduler")
     identity = await scheduler.identity()
-    try:
-        registry = await scheduler.envship_registry()
-    except Exception:  # no client has switched yet: no registry
+    try:  # no client has switched yet: no registry (None, or an error)
+        registry = await scheduler.envship_registry() or EMPTY_REGISTRY
+    except Exception:
         registry = EMPTY_REGISTRY
     found = await survey(client.rpc, identity, registry, timeout=NANNY_TIMEOUT)
     return ClusterStatus(**found)
