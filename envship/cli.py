@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import textwrap
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -219,12 +220,16 @@ def use(env, scheduler, workers, no_strict, timeout):
         )
     if isinstance(report, ForeignEnvironment):
         click.echo(
-            f"{report.name} (Python {report.python}) cannot host workers: it is "
-            "installed on the nodes, and tasks call into it with "
-            f"envship.foreign(client, {report.name!r}).call"
+            textwrap.fill(
+                f"{report.name} (Python {report.python}) cannot host workers: it "
+                "is installed on the nodes, and tasks call into it with "
+                f"envship.foreign(client, {report.name!r}).call",
+                _width(),
+                break_long_words=False,
+            )
         )
         return
-    click.echo(repr(report))
+    click.echo(report.render(_width()))
 
 
 @main.command()

@@ -248,3 +248,24 @@ def test_a_switch_in_a_terminal_warns_once_and_counts_restarts(env_prefix, tmp_p
     restarts = [line for line in lines if line.startswith("restarting workers")]
     assert restarts and re.search(r" 2/2 ", restarts[-1])
     assert all(re.search(r" [012]/2 ", line) for line in restarts)
+
+
+def test_a_switch_report_fits_80_columns_with_its_failures():
+    from envship.client.report import SwitchReport, WorkerReport
+
+    long = "a-much-longer-worker-name-3"
+    error = (
+        "could not import distributed: ModuleNotFoundError: No module named "
+        "'distributed' in /scratch/envship/5f0c2d9a1b7e9f0c/lib/python3.11"
+    )
+    report = SwitchReport(
+        {
+            "w-0": WorkerReport("w-0", "tcp://n:1", "tcp://w:2", "5f0c" * 8, 2.3, True),
+            long: WorkerReport(long, "tcp://n:3", None, None, 2.3, False, error),
+        },
+        stages={"pack": 0.5, "check": 0.1, "ship": 1.8, "unpack": 3.1, "restart": 2},
+    )
+    shown = repr(report)
+    assert_fits(shown)
+    assert shown.splitlines()[1].split() == [long, "(nanny's", "own)", "2.30", "FAILED"]
+    assert "/scratch/envship/5f0c2d9a1b7e9f0c/lib/python3.11" in shown
