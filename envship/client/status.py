@@ -66,9 +66,9 @@ class ClusterStatus:
         sites = any(w["site"] for w in self.workers) or any(
             n["site"] for n in self.nodes
         )
-        columns = [Col("worker", keep=True), Col("host", drop=2)]
-        columns += [Col("site", drop=3)] if sites else []
-        columns += [Col("environment", keep=True), Col("since", drop=1)]
+        columns = [Col("worker", keep=True), Col("host", drop=3)]
+        columns += [Col("site", drop=1)] if sites else []
+        columns += [Col("environment", keep=True), Col("since", drop=2)]
         if wide:
             columns += [Col("address"), Col("nanny"), Col("node id"), Col("id")]
         workers = TextTable(*columns)
@@ -139,25 +139,32 @@ class ClusterStatus:
 
 
 def host_labels(workers: list[dict], nodes: list[dict]) -> dict[str, str]:
-    """Node id -> its host name; ``host[2]`` for a host's second cache folder.
+    """Node id -> its short host name; ``host[2]`` for a host's second cache folder.
 
     A node id is ``host:device:inode`` of its cache folder (nannies that share
-    a folder share a copy): only the host means something to a user.
+    a folder share a copy): only the host means something to a user, and its
+    first label (``gpu1`` of ``gpu1.example.org``) unless two hosts share it.
 
     Examples
     --------
     >>> host_labels([], [{"node": "vm:65024:1"}, {"node": "vm:65024:2"},
-    ...                  {"node": "gpu1:2049:7"}])
-    {'vm:65024:1': 'vm', 'vm:65024:2': 'vm[2]', 'gpu1:2049:7': 'gpu1'}
+    ...                  {"node": "gpu1.example.org:2049:7"}])
+    {'vm:65024:1': 'vm', 'vm:65024:2': 'vm[2]', 'gpu1.example.org:2049:7': 'gpu1'}
     """
+    ids = [n["node"] for n in nodes] + [w["node"] for w in workers]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    hosts = {i: i.rsplit(":", 2)[0] for i in ids}
+    short: dict[str, set[str]] = {}
+    for host in hosts.values():
+        short.setdefault(host.split(".")[0], set()).add(host)
     labels: dict[str, str] = {}
     seen: dict[str, int] = {}
-    for node in [n["node"] for n in nodes] + [w["node"] for w in workers]:
-        if node is None or node in labels:
-            continue
-        host = node.rsplit(":", 2)[0]
-        seen[host] = seen.get(host, 0) + 1
-        labels[node] = host if seen[host] == 1 else f"{host}[{seen[host]}]"
+    for node, host in hosts.items():
+        name = host.split(".")[0]
+        if len(short[name]) > 1:
+            name = host
+        seen[name] = seen.get(name, 0) + 1
+        labels[node] = name if seen[name] == 1 else f"{name}[{seen[name]}]"
     return labels
 
 
