@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import textwrap
+import warnings
 from datetime import datetime
+from pathlib import Path
 
 import click
 from dask.utils import format_bytes
@@ -12,6 +17,21 @@ from dask.utils import format_bytes
 from envship.client.store import ArtifactStore
 from envship.errors import EnvshipError
 from envship.manifest import Manifest
+from envship.text_table import Col, TextTable, clock_time
+
+
+def _width() -> int:
+    """The terminal's width (``COLUMNS`` if set); 80 in a pipe."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _home(path: Path) -> str:
+    """``path`` with the home folder as ``~``: shorter, and the shell expands it."""
+    home = os.path.expanduser("~")
+    text = str(path)
+    if home != "/" and text.startswith(home + os.sep):
+        return "~" + text[len(home) :]
+    return text
 
 
 class _Group(click.Group):
@@ -37,6 +57,12 @@ store_option = click.option(
 @click.version_option(package_name="envship")
 def main():
     """Pack environments and ship them to Dask workers."""
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line on stderr, without the file and line it came from."""
+    click.secho(f"warning: {message}", fg="yellow", err=True)
 
 
 @main.command()
@@ -57,6 +83,7 @@ def pack(env, name, level, threads, ignore_editable, store):
     """Pack ENV (a conda environment name, or a conda env or venv path)."""
     from envship.client.pack import pack as pack_env
 
+    before = _archives(ArtifactStore(store))
     artifact = pack_env(
         env,
         name=name,
@@ -69,26 +96,51 @@ def pack(env, name, level, threads, ignore_editable, store):
     m = artifact.manifest
     assert isinstance(m, Manifest)  # an environment's own artifact, never thin
     size = "no archive" if m.packed_size is None else format_bytes(m.packed_size)
+    created = datetime.fromisoformat(m.created).timestamp() if m.created else None
+    if before.get(artifact.path.name) == _mtime(artifact.path):
+        when = clock_time(created) if created else "an earlier pack"
+        click.echo(
+            f"cache hit: {artifact.name} {artifact.short_id} unchanged since {when}"
+        )
+    else:
+        click.echo(f"packed {artifact.name} {artifact.short_id}")
     click.echo(
-        f"{artifact.name}  {artifact.id}  {size} "
-        f"({format_bytes(m.unpacked_size)} unpacked, {m.file_count} files, "
-        f"python {m.python})"
+        f"  {size} archive, {format_bytes(m.unpacked_size)} unpacked, "
+        f"{m.file_count} files, python {m.python}"
     )
-    click.echo(str(artifact.path))
+    click.echo(_home(artifact.path))
+
+
+def _archives(store: ArtifactStore) -> dict[str, int | None]:
+    """The archives in ``store`` and their mtimes: to tell a cache hit afterwards."""
+    if not store.root.is_dir():
+        return {}
+    return {p.name: _mtime(p) for p in store.root.glob("*.tar.zst")}
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 @main.command("list")
 @store_option
 def list_artifacts(store):
     """List the packed environments in the store."""
-    from rich.console import Console
-    from rich.table import Table
-
     store = ArtifactStore(store)
     names: dict[str, list[str]] = {}
     for name, artifact_id in store.names().items():
         names.setdefault(artifact_id, []).append(name)
-    table = Table("name", "id", "archive", "unpacked", "python", "created", box=None)
+    table = TextTable(
+        Col("name", keep=True),
+        Col("id", keep=True),
+        Col("archive", right=True),
+        Col("unpacked", right=True, drop=1),
+        Col("python", drop=3),
+        Col("created", drop=2),
+    )
     for a in store.artifacts():
         m = a.manifest
         created = datetime.fromisoformat(m.created).astimezone()
@@ -100,7 +152,7 @@ def list_artifacts(store):
             m.python,
             created.strftime("%Y-%m-%d %H:%M"),
         )
-    Console().print(table)
+    click.echo(table.render(_width()))
 
 
 def _find(store: ArtifactStore, name_or_id: str):
@@ -116,11 +168,17 @@ def _find(store: ArtifactStore, name_or_id: str):
 
 @main.command()
 @click.argument("name_or_id")
+@click.option("--json", "as_json", is_flag=True, help="The manifest as JSON.")
 @store_option
-def inspect(name_or_id, store):
-    """Print the manifest of an artifact."""
-    artifact = _find(ArtifactStore(store), name_or_id)
-    click.echo(json.dumps(artifact.manifest.to_dict(), indent=2, sort_keys=True))
+def inspect(name_or_id, as_json, store):
+    """Show an artifact: by name, id, or the path `envship pack` printed."""
+    from envship.client.describe import describe, find_by_path
+
+    artifact = find_by_path(name_or_id) or _find(ArtifactStore(store), name_or_id)
+    if as_json:
+        click.echo(json.dumps(artifact.manifest.to_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(describe(artifact, _width()))
 
 
 @main.command()
@@ -174,12 +232,16 @@ def use(env, scheduler, workers, no_strict, timeout):
         )
     if isinstance(report, ForeignEnvironment):
         click.echo(
-            f"{report.name} (Python {report.python}) cannot host workers: it is "
-            "installed on the nodes, and tasks call into it with "
-            f"envship.foreign(client, {report.name!r}).call"
+            textwrap.fill(
+                f"{report.name} (Python {report.python}) cannot host workers: it "
+                "is installed on the nodes, and tasks call into it with "
+                f"envship.foreign(client, {report.name!r}).call",
+                _width(),
+                break_long_words=False,
+            )
         )
         return
-    click.echo(repr(report))
+    click.echo(report.render(_width()))
 
 
 @main.command()
@@ -189,12 +251,20 @@ def use(env, scheduler, workers, no_strict, timeout):
     required=True,
     help="Scheduler address (or DASK_SCHEDULER_ADDRESS).",
 )
-def status(scheduler):
+@click.option("--wide", is_flag=True, help="Also addresses, node ids, full ids.")
+@click.option("--json", "as_json", is_flag=True, help="Everything, as JSON.")
+def status(scheduler, wide, as_json):
     """What every worker runs in, each node's cache, who holds which environment."""
+    from dataclasses import asdict
+
     from envship.client.status import status as cluster_status
 
     with _connect(scheduler) as client:
-        click.echo(repr(cluster_status(client)))
+        found = cluster_status(client)
+    if as_json:
+        click.echo(json.dumps(asdict(found), indent=2, default=str))
+    else:
+        click.echo(found.render(_width(), wide=wide))
 
 
 @main.group()
@@ -214,29 +284,32 @@ directory_option = click.option(
 @directory_option
 def cache_list(directory):
     """List the environments cached on this node."""
-    from rich.console import Console
-    from rich.table import Table
-
     from envship.node.cache import EnvCache
 
     node = EnvCache(directory)
-    table = Table("name", "id", "own", "shared", "last used", "in use by", box=None)
+    table = TextTable(
+        Col("name", keep=True),
+        Col("id", keep=True),
+        Col("own", right=True),
+        Col("shared", right=True, drop=1),
+        Col("last used", drop=3),
+        Col("in use by", drop=2),
+    )
     for e in node.entries():
-        used = datetime.fromtimestamp(e.last_used) if e.last_used else None
         table.add_row(
             e.name or "-",
             e.id[:12],
             format_bytes(e.size),
             format_bytes(e.shared),
-            used.strftime("%Y-%m-%d %H:%M") if used else "-",
+            clock_time(e.last_used) if e.last_used else "-",
             ", ".join(map(str, e.leases)) or "-",
         )
-    Console().print(table)
+    click.echo(table.render(_width()))
     files, stored = node.files.usage()
     unbounded = node.max_size == float("inf")
     budget = "no limit" if unbounded else format_bytes(int(node.max_size))
     click.echo(
-        f"{node.root}: {format_bytes(node.size())} of {budget}; "
+        f"{node.root}:\n  {format_bytes(node.size())} of {budget}; "
         f"its file store holds {files} files, {format_bytes(stored)}"
     )
 

@@ -6,6 +6,7 @@ nannies is a step of :class:`envship.client.switch.Switch`.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from dask.utils import format_bytes
 
 from envship.errors import EnvshipError
+from envship.text_table import Col, TextTable
 from envship.transfer import ShipReport
 
 
@@ -57,8 +59,8 @@ class SwitchReport(Mapping[str, WorkerReport]):
     >>> report.ok, report["w-0"].environment, list(report)
     (True, '5f0c2d9a1b7e9f', ['w-0'])
     >>> report
-    worker       environment    seconds  status
-    w-0          5f0c2d9a1b7e      2.31  ok
+    worker  environment   seconds  status
+    w-0     5f0c2d9a1b7e     2.31  ok
     pack 0.50 s
     """
 
@@ -88,15 +90,27 @@ class SwitchReport(Mapping[str, WorkerReport]):
         return len(self.workers)
 
     def __repr__(self) -> str:
-        lines = [f"{'worker':<12} {'environment':<14} {'seconds':>7}  status"]
+        return self.render()
+
+    def render(self, width: int | None = 80) -> str:
+        """The report as text, each line within ``width`` (names are never cut)."""
+        table = TextTable(
+            Col("worker", keep=True),
+            Col("environment"),
+            Col("seconds", right=True),
+            Col("status"),
+        )
+        failures = []
         for name, r in sorted(self.workers.items(), key=lambda kv: str(kv[0])):
             env = r.environment[:12] if r.environment else "(nanny's own)"
-            status = "ok" if r.ok else f"FAILED: {r.error}"
-            lines.append(f"{str(name):<12} {env:<14} {r.seconds:>7.2f}  {status}")
+            table.add_row(name, env, f"{r.seconds:.2f}", "ok" if r.ok else "FAILED")
+            if not r.ok:
+                failures.append(f"{name}: {r.error}")
+        notes = []
         if self.stages:
-            lines.append(", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()))
+            notes.append(", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()))
         if self.transfer.nodes:
-            lines.append(
+            notes.append(
                 f"shipped to {len(self.transfer.nodes)} node(s); the client sent "
                 f"{format_bytes(self.transfer.client_bytes)}"
             )
@@ -108,9 +122,22 @@ class SwitchReport(Mapping[str, WorkerReport]):
         if unpacked:
             written = sum(u["written"] for u in unpacked.values())
             linked = sum(u["linked"] for u in unpacked.values())
-            lines.append(
+            notes.append(
                 f"unpacked on {len(unpacked)} node(s): {written} files written, "
                 f"{linked} linked from the nodes' file stores"
+            )
+        lines = [table.render(width)]
+        for note in failures + notes:
+            lines += (
+                textwrap.wrap(
+                    note,
+                    width,
+                    subsequent_indent="    ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
+                if width
+                else [note]
             )
         return "\n".join(lines)
 

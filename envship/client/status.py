@@ -7,13 +7,14 @@ a blob.
 
 from __future__ import annotations
 
-import time
+import textwrap
 from dataclasses import dataclass
 
-from dask.utils import format_bytes, format_time
+from dask.utils import format_bytes
 from distributed import Client
 
 from envship.survey import EMPTY_REGISTRY, survey
+from envship.text_table import Col, TextTable, clock_time
 
 #: Seconds each nanny has to answer; one that does not is listed without its state.
 NANNY_TIMEOUT = 30.0
@@ -41,8 +42,8 @@ class ClusterStatus:
     Examples
     --------
     >>> envship.status(client)  # doctest: +SKIP
-    worker     node             site   environment        since
-    node-a-0   host1:2049:1234  east   sklearn-dev (5f0c)  3.2 m
+    worker    host   site  environment           since
+    node-a-0  host1  east  sklearn-dev 5f0c2d9a  14:03:22
     ...
     """
 
@@ -51,31 +52,133 @@ class ClusterStatus:
     blobs: list[dict]
 
     def __repr__(self) -> str:
-        now = time.time()
-        lines = [f"{'worker':<16} {'node':<28} {'site':<10} {'environment':<28} since"]
+        return self.render()
+
+    def render(self, width: int | None = 80, wide: bool = False) -> str:
+        """The three tables as text, each line within ``width`` where it can be.
+
+        Names are never cut. ``wide``: also each worker's address, its
+        nanny's, its node's id and the full environment id (no width limit).
+        """
+        if wide:
+            width = None
+        hosts = host_labels(self.workers, self.nodes)
+        sites = any(w["site"] for w in self.workers) or any(
+            n["site"] for n in self.nodes
+        )
+        columns = [Col("worker", keep=True), Col("host", drop=3)]
+        columns += [Col("site", drop=1)] if sites else []
+        columns += [Col("environment", keep=True), Col("since", drop=2)]
+        if wide:
+            columns += [Col("address"), Col("nanny"), Col("node id"), Col("id")]
+        workers = TextTable(*columns)
+        notes = []
         for w in self.workers:
-            env = f"{w['environment']} ({w['id'][:8]})" if w["id"] else "(nanny's own)"
-            since = format_time(now - w["since"]) if w["since"] else "?"
-            lines.append(
-                f"{str(w['name']):<16} {str(w['node']):<28} {str(w['site']):<10} "
-                f"{env:<28} {since}"
-            )
-        lines += ["", f"{'node':<28} {'site':<10} {'nannies':>7}  cache"]
+            if w["unreachable"]:
+                env = "(no answer)"
+                notes.append(
+                    f"{w['name']}: its nanny did not answer: {w['unreachable']}"
+                )
+            elif w["id"]:
+                env = f"{w['environment']} {w['id'][:8]}"
+            else:
+                env = "(nanny's own)"
+            row = [w["name"], hosts.get(w["node"], "-")]
+            row += [w["site"]] if sites else []
+            row += [env, clock_time(w["since"]) if w["since"] else "-"]
+            if wide:
+                row += [w["address"], w["nanny"], w["node"], w["id"]]
+            workers.add_row(*row)
+        lines = [workers.render(width)]
+        lines += _wrapped(notes, width)
+
+        nodes = TextTable(
+            *[Col("host", keep=True)],
+            *([Col("site", drop=2)] if sites else []),
+            Col("nannies", right=True),
+            Col("cache", right=True),
+            Col("folder"),
+            *([Col("node id")] if wide else []),
+        )
         for n in self.nodes:
-            lines.append(
-                f"{n['node']:<28} {str(n['site']):<10} {n['nannies']:>7}  "
-                f"{format_bytes(n['cache_size'])} in {n['cache']}"
+            nodes.add_row(
+                hosts[n["node"]],
+                *([n["site"]] if sites else []),
+                n["nannies"],
+                "?" if n["cache_size"] is None else format_bytes(n["cache_size"]),
+                n["cache"],
+                *([n["node"]] if wide else []),
             )
-        lines += ["", f"{'blob':<34} {'name':<20} {'size':>10}  holders"]
-        for b in self.blobs:
-            line = (
-                f"{b['id']:<34} {b['name']:<20} {format_bytes(b['size']):>10}  "
-                f"{b['complete']} whole, {b['partial']} fetching"
+        lines += ["", nodes.render(width)]
+
+        if self.blobs:
+            names = {w["nanny"]: str(w["name"]) for w in self.workers}
+            blobs = TextTable(
+                Col("environment", keep=True),
+                Col("id", keep=True),
+                Col("size", right=True),
+                Col("holders"),
             )
-            for t in b["transfers"]:
-                line += f"\n    {t['nanny']}: {t['have']}/{t['count']} pieces from {', '.join(t['sources']) or '-'}"
-            lines.append(line)
+            transfers = []
+            for b in self.blobs:
+                blobs.add_row(
+                    b["name"],
+                    b["id"] if wide else b["id"][:12],
+                    format_bytes(b["size"]),
+                    f"{b['complete']} whole, {b['partial']} fetching",
+                )
+                for t in b["transfers"]:
+                    sources = ", ".join(names.get(a, a) for a in t["sources"]) or "-"
+                    transfers.append(
+                        f"{names.get(t['nanny'], t['nanny'])} fetching {b['name']}: "
+                        f"{t['have']}/{t['count']} pieces, from {sources}"
+                    )
+            lines += ["", blobs.render(width)]
+            lines += _wrapped(transfers, width)
         return "\n".join(lines)
+
+
+def host_labels(workers: list[dict], nodes: list[dict]) -> dict[str, str]:
+    """Node id -> its short host name; ``host[2]`` for a host's second cache folder.
+
+    A node id is ``host:device:inode`` of its cache folder (nannies that share
+    a folder share a copy): only the host means something to a user, and its
+    first label (``gpu1`` of ``gpu1.example.org``) unless two hosts share it.
+
+    Examples
+    --------
+    >>> host_labels([], [{"node": "vm:65024:1"}, {"node": "vm:65024:2"},
+    ...                  {"node": "gpu1.example.org:2049:7"}])
+    {'vm:65024:1': 'vm', 'vm:65024:2': 'vm[2]', 'gpu1.example.org:2049:7': 'gpu1'}
+    """
+    ids = [n["node"] for n in nodes] + [w["node"] for w in workers]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    hosts = {i: i.rsplit(":", 2)[0] for i in ids}
+    short: dict[str, set[str]] = {}
+    for host in hosts.values():
+        short.setdefault(host.split(".")[0], set()).add(host)
+    labels: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for node, host in hosts.items():
+        name = host.split(".")[0]
+        if len(short[name]) > 1:
+            name = host
+        seen[name] = seen.get(name, 0) + 1
+        labels[node] = name if seen[name] == 1 else f"{name}[{seen[name]}]"
+    return labels
+
+
+def _wrapped(notes: list[str], width: int | None) -> list[str]:
+    """Notes under a table, wrapped to ``width`` and indented after the first line."""
+    if width is None:
+        return notes
+    return [
+        line
+        for note in notes
+        for line in textwrap.wrap(
+            note, width, subsequent_indent="    ", break_long_words=False
+        )
+    ]
 
 
 def status(client: Client) -> ClusterStatus:

@@ -195,12 +195,10 @@ class Switch:
         )
 
     def warn_of_lost_keys(self, lost: int) -> None:
-        """Warn that restarting loses the ``lost`` keys only the targets hold."""
+        """Warn, in one sentence, that restarting loses the ``lost`` keys only the targets hold."""
         if lost:
             warnings.warn(
-                f"switching to {self.label} restarts workers that alone hold {lost} "
-                "keys (scattered data or persisted results): futures of computed "
-                "results will be recomputed, scattered data is lost",
+                lost_keys_sentence(self.label, len(self.targets), lost),
                 stacklevel=_USER,
             )
 
@@ -260,7 +258,10 @@ class Switch:
                 None if self.workers is None else [t["nanny"] for t in targets.values()]
             ),
         )
-        with progress_bar(f"restarting {len(targets)} workers", None, self.progress):
+        with progress_bar(
+            "restarting workers", len(targets), self.progress, counting=True
+        ) as bar:
+            counter = asyncio.ensure_future(self.count_restarted(bar))
             try:
                 responses = await self.scheduler.register_nanny_plugin(
                     plugin=dumps(plugin), name=PLUGIN_NAME, idempotent=False
@@ -271,6 +272,9 @@ class Switch:
                 # once the others' workers are back.
                 responses = {}
                 await self.settle()
+            finally:
+                counter.cancel()
+            bar.update(len(targets))
         for response in responses.values():
             if response.get("status") == "error":
                 _, exc, _ = clean_exception(
@@ -280,6 +284,25 @@ class Switch:
                     self.label, f"a nanny could not switch: {exc}"
                 ) from exc
         self.stages["restart"] = time.perf_counter() - started
+
+    async def count_restarted(self, bar, interval: float = 0.2) -> None:
+        """Advance ``bar`` as each target's worker is back (a new address), until cancelled."""
+        if not self.progress:
+            return
+        old = {t["nanny"]: address for address, t in self.targets.items()}
+        back: set[str] = set()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                info = await self.scheduler.identity()
+            except Exception:  # only a bar: the restart itself says what failed
+                return
+            back |= {
+                w.get("nanny")
+                for address, w in info["workers"].items()
+                if w.get("nanny") in old and address != old[w.get("nanny")]
+            }
+            bar.update(len(back))
 
     async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Wait until every target nanny has a worker again or is gone, or ``timeout`` s."""
@@ -362,6 +385,27 @@ class Switch:
                 "nanny left the cluster during the call",
                 stacklevel=_USER,
             )
+
+
+def lost_keys_sentence(label: str, workers: int, keys: int) -> str:
+    """The warning of a switch that restarts workers holding the only copy of keys.
+
+    Examples
+    --------
+    >>> lost_keys_sentence("sklearn-dev", 2, 5)
+    'Switching to sklearn-dev restarts 2 workers that alone hold 5 keys; their results will be recomputed and scattered data lost.'
+    >>> lost_keys_sentence("venv", 1, 1)
+    'Switching to venv restarts 1 worker that alone holds 1 key; its results will be recomputed and scattered data lost.'
+    """
+    if workers == 1:
+        who = "1 worker that alone holds"
+    else:
+        who = f"{workers} workers that alone hold"
+    what = "1 key; its" if keys == 1 else f"{keys} keys; their"
+    return (
+        f"Switching to {label} restarts {who} {what} results will be recomputed "
+        "and scattered data lost."
+    )
 
 
 def as_artifact(env: Any, progress: bool) -> Artifact:
