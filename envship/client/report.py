@@ -91,6 +91,11 @@ class SwitchReport(Mapping[str, WorkerReport]):
     def __len__(self) -> int:
         return len(self.workers)
 
+    def _repr_html_(self) -> str:
+        from .html import switch_report
+
+        return switch_report(self)
+
     def __repr__(self) -> str:
         lines = [f"{'worker':<12} {'environment':<14} {'seconds':>7}  status"]
         for name, r in sorted(self.workers.items(), key=lambda kv: str(kv[0])):

@@ -50,6 +50,11 @@ class ClusterStatus:
     nodes: list[dict]
     blobs: list[dict]
 
+    def _repr_html_(self) -> str:
+        from .html import cluster_status
+
+        return cluster_status(self)
+
     def __repr__(self) -> str:
         now = time.time()
         lines = [f"{'worker':<16} {'node':<28} {'site':<10} {'environment':<28} since"]
