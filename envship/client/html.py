@@ -51,7 +51,7 @@ def switch_report(report: SwitchReport) -> str:
     for name, r in sorted(report.workers.items(), key=lambda kv: str(kv[0])):
         env = r.environment[:12] if r.environment else NANNY_OWN
         status = "ok" if r.ok else _styled(f"FAILED: {r.error}", _BAD)
-        rows.append([name, env, f"{r.seconds:.2f} s", status])
+        rows.append([name, env, f"{r.seconds:.2f}", status])
     lines = []
     if report.stages:
         lines.append(", ".join(f"{k} {v:.2f} s" for k, v in report.stages.items()))
@@ -157,7 +157,7 @@ def artifact(artifact: Artifact) -> str:
         ["archive", size],
         ["created", env.created or None],
         ["packed from", env.source_prefix or None],
-        ["platform", " ".join(env.platform.values()) or None],
+        ["platform", _platform(env.platform)],
     ]
     if not isinstance(manifest, Manifest):
         rows.append(["thin pack of", f"{manifest.thin_of} (base {manifest.base})"])
@@ -308,6 +308,13 @@ def _since(since: float | None, now: float) -> str:
         return "?"
     clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
     return f"{clock} ({format_time(max(now - since, 0))} ago)"
+
+
+def _platform(platform: dict[str, str]) -> str | None:
+    """``linux x86_64, glibc 2.36`` from a manifest's platform facts."""
+    machine = " ".join(platform[k] for k in ("os", "machine") if platform.get(k))
+    libc = " ".join(platform[k] for k in ("libc", "libc_version") if platform.get(k))
+    return ", ".join(part for part in (machine, libc) if part) or None
 
 
 def _bytes(size: int | None) -> str:
