@@ -7,7 +7,9 @@ folder, where ``client.upload_file`` puts modules) go at the end of
 ``sys.path``. Each request is ``(target, args, kwargs)``, ``target`` naming a
 function by import path (``"package.module.function"`` or
 ``"package.module:Class.method"``); each response is ``("ok", result)`` or
-``("error", type name, message, traceback text)``. End of file on the
+``("error", type name, message, traceback text)``, the type name
+``NumpyMissing`` when the arguments hold a numpy array and this environment
+has no numpy. End of file on the
 requests means the worker is gone: the bridge exits.
 
 Messages, both ways: a 4-byte big-endian count of frames, then each frame as
@@ -43,6 +45,10 @@ _CHUNK = 1 << 24
 
 class CannotCross(TypeError):
     """A value that cannot travel between the two interpreters."""
+
+
+class NumpyMissing(CannotCross):
+    """A value holds a numpy array, and this side has no numpy to rebuild it."""
 
 
 # -- messages --------------------------------------------------------------------
@@ -139,7 +145,13 @@ def loads(frames):
 
     def persistent_load(pid):
         kind, spec, shape, index = pid
-        import numpy
+        try:
+            import numpy
+        except ImportError:
+            raise NumpyMissing(  # noqa: B904 (Python 2)
+                "it holds a numpy array, and the Python here (%s) has no numpy"
+                % (sys.prefix,)
+            )
 
         dtype = numpy.dtype(_native(spec))
         array = numpy.frombuffer(frames[index], dtype=dtype).reshape(shape)
@@ -224,6 +236,8 @@ def handle(frames):
     """The response to one request's frames."""
     try:
         target, args, kwargs = loads(frames)
+    except NumpyMissing as e:
+        return _error("NumpyMissing", _text(e))
     except CannotCross as e:
         return _error("CannotCross", "an argument cannot cross: %s" % (e,))
     except Exception as e:

@@ -120,6 +120,8 @@ class Bridge:
                 )
         try:
             outcome = p["loads"](response)
+        except p["NumpyMissing"]:
+            raise _numpy_missing_here(self.env, target) from None
         except p["CannotCross"] as e:
             raise TypeError(
                 f"the result of {target} cannot cross back from {name} (Python "
@@ -133,6 +135,14 @@ class Bridge:
         if outcome[0] == "ok":
             return outcome[1]
         _, kind, message, text = outcome
+        if kind == "NumpyMissing":
+            raise _envship_error(
+                name,
+                f"the arguments of {target} hold a numpy array, and {name} "
+                f"(Python {python}) has no numpy to receive it",
+                f"install numpy into {name}, then envship.foreign(client, {name!r}) "
+                "again, or pass lists instead of arrays (array.tolist())",
+            )
         raise _error_like(kind)(
             f"{message}\n\nin {target}, under Python {python} of {name}:\n{text}"
         )
@@ -150,6 +160,74 @@ class Bridge:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+def _numpy_missing_here(env: dict, target: str) -> Exception:
+    """The error for a result holding an array, on a worker without numpy."""
+    here = _worker_environment()
+    lists = f"or have {target} return lists (array.tolist())"
+    if here is None:
+        fix = (
+            "switch the workers into an environment with numpy "
+            "(client.use_environment(...)), or install numpy where the nannies "
+            f"run (`{sys.executable} -m pip install numpy` on each node), {lists}"
+        )
+    else:
+        fix = (
+            f"install numpy into {here} where you packed it, then "
+            f"client.use_environment({here!r}) again, {lists}"
+        )
+    return _envship_error(
+        here or "the nannies' own environment",
+        f"the result of {target}, from {env['name']}, holds a numpy array, and "
+        f"the environment the workers run in (python at {sys.prefix}) has no "
+        "numpy to receive it",
+        fix,
+    )
+
+
+def _worker_environment() -> str | None:
+    """The name of the environment this worker runs in; None: the nannies' own."""
+    from distributed import get_worker
+    from distributed.utils import sync
+
+    try:
+        worker = get_worker()
+        nanny = worker.nanny
+        assert isinstance(nanny, str), "a bridge needs a nanny (see _start)"
+        status = sync(
+            worker.loop, lambda: worker.rpc(nanny).envship_status(cache=False)
+        )
+    except Exception:  # no nanny to ask: name it by its folder
+        return os.path.basename(sys.prefix)
+    return status.get("name") or status.get("running")
+
+
+def _envship_error(env: str, problem: str, fix: str) -> Exception:
+    """``envship.errors.EnvshipError(env, problem, fix)`` where envship imports.
+
+    A worker in a shipped environment cannot import envship: it raises a
+    :class:`_PortableEnvshipError` instead, which becomes the EnvshipError
+    when the client unpickles it.
+    """
+    try:
+        from envship.errors import EnvshipError
+    except ImportError:
+        return _PortableEnvshipError(env, problem, fix)
+    return EnvshipError(env, problem, fix)
+
+
+class _PortableEnvshipError(TypeError):
+    """An EnvshipError raised where envship is not installed (same text)."""
+
+    def __init__(self, env: str, problem: str, fix: str):
+        super().__init__(f"environment {env!r}: {problem}\nFix: {fix}")
+        self.fields = (env, problem, fix)
+
+    def __reduce__(self):
+        # This module travels by value: unpickling runs this function on the
+        # client, where envship imports.
+        return _envship_error, self.fields
 
 
 def _error_like(kind: str) -> type[Exception]:

@@ -8,8 +8,12 @@ a cluster.
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from distributed.versions import optional_packages
 
 from envship.errors import IncompatibleEnvironmentError
 from envship.manifest import Manifest
@@ -17,6 +21,10 @@ from envship.manifest import Manifest
 #: Packages whose versions must match the scheduler's: they serialise tasks
 #: and messages between client, scheduler and workers.
 WIRE_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "toolz")
+#: Packages distributed compares between client and workers beyond those
+#: (``distributed.versions.optional_packages``: numpy, pandas, lz4): data of
+#: their types cannot be unpickled where they are missing.
+OPTIONAL_PACKAGES = tuple(optional_packages)
 
 
 @dataclass(frozen=True)
@@ -186,3 +194,57 @@ def check_compatibility(
         stacklevel=3,
     )
     return mismatches
+
+
+def missing_optional(
+    manifest: Manifest,
+    client_packages: Mapping[str, str | None],
+    files: Iterable[str] | None = None,
+) -> tuple[str, ...]:
+    """The optional packages (numpy, pandas, lz4) the client has and the environment lacks.
+
+    Read from the manifest's packages; ``files``, the paths in the environment
+    (its table), confirm that one is missing (a manifest packed by an older
+    envship lists numpy only).
+
+    Examples
+    --------
+    >>> manifest = Manifest(
+    ...     id="0" * 32, name="x", kind="conda", python="3.11.7", file_count=1,
+    ...     unpacked_size=1, packages={"distributed": "2026.8.0"})
+    >>> missing_optional(manifest, {"numpy": "2.1.0", "pandas": None, "lz4": "4.3"},
+    ...                  ["lib/python3.11/site-packages/lz4/__init__.py"])
+    ('numpy',)
+    """
+    lacking = [
+        name
+        for name in OPTIONAL_PACKAGES
+        if client_packages.get(name) and name not in manifest.packages
+    ]
+    if files is not None and lacking:
+        found = _site_packages(files)
+        lacking = [name for name in lacking if name not in found]
+    return tuple(lacking)
+
+
+_TOP_LEVEL = re.compile(r"(?:^|/)site-packages/([^/]+)/")
+
+
+def _site_packages(files: Iterable[str]) -> set[str]:
+    """The top-level folders in site-packages (the import names of packages)."""
+    return {m.group(1) for path in files if (m := _TOP_LEVEL.search(path))}
+
+
+def optional_warning(name: str, missing: tuple[str, ...]) -> str:
+    """The one line that says what ``missing_optional`` found.
+
+    Examples
+    --------
+    >>> optional_warning("sklearn-dev", ("numpy", "pandas"))
+    'sklearn-dev lacks numpy, pandas that this client has: results of those types cannot be unpickled on the workers (install them into sklearn-dev to use them there)'
+    """
+    return (
+        f"{name} lacks {', '.join(missing)} that this client has: results of "
+        "those types cannot be unpickled on the workers (install them into "
+        f"{name} to use them there)"
+    )

@@ -17,7 +17,8 @@ from envship.errors import EnvshipError
 from envship.kinds import environment_kind
 
 #: Packages whose versions must agree between client, scheduler and workers,
-#: and numpy, which users often care about.
+#: and those distributed compares too (numpy, pandas, lz4: see
+#: ``envship.client.compat.missing_optional``).
 TRACKED_PACKAGES = (
     "dask",
     "distributed",
@@ -26,6 +27,8 @@ TRACKED_PACKAGES = (
     "tornado",
     "toolz",
     "numpy",
+    "pandas",
+    "lz4",
 )
 
 _python_dir = re.compile(r"^python(\d+)\.(\d+)$")

@@ -48,6 +48,11 @@ class ForeignEnvironment:
     name: str
     python: str
 
+    def _repr_html_(self) -> str:
+        from .html import foreign_environment
+
+        return foreign_environment(self)
+
     @property
     def call(self):
         """``call(target, *args, **kwargs)``, a function for tasks to run.

@@ -47,7 +47,10 @@ class SwitchReport(Mapping[str, WorkerReport]):
     ``unpacked``, per node that unpacked it now (one nanny's address), the
     files written and the files linked from the node's file store (None when
     nothing was shipped: a switch back to the nannies' own environment);
-    ``gone``, the workers whose nanny left during the call.
+    ``gone``, the workers whose nanny left during the call;
+    ``missing_optional``, the packages distributed compares beyond the
+    required ones (numpy, pandas, lz4) that the client has and the
+    environment lacks: data of those types cannot be unpickled on its workers.
 
     Examples
     --------
@@ -69,6 +72,7 @@ class SwitchReport(Mapping[str, WorkerReport]):
     transfer: ShipReport = field(default_factory=ShipReport)
     unpacked: dict[str, dict] | None = None
     gone: tuple[str, ...] = ()
+    missing_optional: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -88,6 +92,11 @@ class SwitchReport(Mapping[str, WorkerReport]):
 
     def __len__(self) -> int:
         return len(self.workers)
+
+    def _repr_html_(self) -> str:
+        from .html import switch_report
+
+        return switch_report(self)
 
     def __repr__(self) -> str:
         return self.render()
@@ -125,6 +134,11 @@ class SwitchReport(Mapping[str, WorkerReport]):
             notes.append(
                 f"unpacked on {len(unpacked)} node(s): {written} files written, "
                 f"{linked} linked from the nodes' file stores"
+            )
+        if self.missing_optional:
+            notes.append(
+                f"the environment lacks {', '.join(self.missing_optional)} that "
+                "this client has"
             )
         lines = [table.render(width)]
         for note in failures + notes:

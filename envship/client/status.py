@@ -51,6 +51,11 @@ class ClusterStatus:
     nodes: list[dict]
     blobs: list[dict]
 
+    def _repr_html_(self) -> str:
+        from .html import cluster_status
+
+        return cluster_status(self)
+
     def __repr__(self) -> str:
         return self.render()
 

@@ -98,6 +98,11 @@ class Artifact:
     def short_id(self) -> str:
         return self.id[:12]
 
+    def _repr_html_(self) -> str:
+        from .html import artifact
+
+        return artifact(self)
+
     @property
     def size(self) -> int | None:
         """Bytes of the compressed archive; None until it is written."""
@@ -159,6 +164,11 @@ class ArtifactStore:
 
     def __repr__(self) -> str:
         return f"ArtifactStore({str(self.root)!r})"
+
+    def _repr_html_(self) -> str:
+        from .html import artifact_store
+
+        return artifact_store(self, self.artifacts())
 
     def _ensure_dirs(self) -> None:
         for sub in ("names", "signatures"):

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from distributed import Client
 from distributed.comm import CommClosedError, get_address_host_port
 from distributed.core import clean_exception
 from distributed.protocol.pickle import dumps
+from distributed.versions import get_package_info
 
 from envship import policy
 from envship.errors import EnvshipError
@@ -35,7 +37,12 @@ from envship.node.nanny import UseEnvironment
 from envship.registry_messages import Claim, ClaimAnswer, Desire, Release
 from envship.transfer import ShipReport
 
-from .compat import check_compatibility
+from .compat import (
+    OPTIONAL_PACKAGES,
+    check_compatibility,
+    missing_optional,
+    optional_warning,
+)
 from .deliver import deliver
 from .pack import pack
 from .progress import progress_bar
@@ -60,6 +67,11 @@ STATUS_TIMEOUT, SETTLE_TIMEOUT = 10.0, 20.0
 _USER = 4
 
 T = TypeVar("T")
+
+#: Per client, the environments it warned of lacking optional packages: once each.
+_WARNED_OPTIONAL: weakref.WeakKeyDictionary[Client, set[str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Switch:
@@ -116,6 +128,7 @@ class Switch:
         self.infos: Infos = {}
         self.shipped = ShipReport()
         self.unpacked: dict[str, dict] | None = None
+        self.missing_optional: tuple[str, ...] = ()
 
     # -- whole calls ---------------------------------------------------------
 
@@ -124,6 +137,7 @@ class Switch:
         with timing(self.stages, "check"):
             lost = self.run(self.check(artifact))
         self.warn_of_lost_keys(lost)
+        self.warn_of_missing_optional()
         self.run(self.claim())
         try:
             if artifact is not None:
@@ -193,6 +207,13 @@ class Switch:
             strict=self.strict,
             call_only=call_only,
         )
+        if not call_only:
+            table = artifact.table()
+            self.missing_optional = missing_optional(
+                manifest_of(artifact),
+                get_package_info(OPTIONAL_PACKAGES),
+                None if table is None else (e.path for e in table.files),
+            )
 
     def warn_of_lost_keys(self, lost: int) -> None:
         """Warn, in one sentence, that restarting loses the ``lost`` keys only the targets hold."""
@@ -200,6 +221,17 @@ class Switch:
             warnings.warn(
                 lost_keys_sentence(self.label, len(self.targets), lost),
                 stacklevel=_USER,
+            )
+
+    def warn_of_missing_optional(self) -> None:
+        """Warn, once per client and environment, of what ``missing_optional`` found."""
+        if not self.missing_optional or self.artifact is None:
+            return
+        warned = _WARNED_OPTIONAL.setdefault(self.client, set())
+        if self.artifact.id not in warned:
+            warned.add(self.artifact.id)
+            warnings.warn(
+                optional_warning(self.label, self.missing_optional), stacklevel=_USER
             )
 
     async def claim(self) -> None:
@@ -350,6 +382,7 @@ class Switch:
             transfer=self.shipped,
             unpacked=self.unpacked,
             gone=tuple(r for r in results if isinstance(r, str)),
+            missing_optional=self.missing_optional,
         )
         report.transfer.left_out.extend(report.gone)
         return report
