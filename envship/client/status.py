@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from dask.utils import format_bytes, format_time
 from distributed import Client
 
 from envship.survey import EMPTY_REGISTRY, survey
+
+from .targets import nannies_with_envship
 
 #: Seconds each nanny has to answer; one that does not is listed without its state.
 NANNY_TIMEOUT = 30.0
@@ -26,7 +29,9 @@ class ClusterStatus:
     Attributes
     ----------
     workers : list of dict
-        ``name``, ``address``, ``nanny``, ``node``, ``site``, ``environment``
+        ``name`` (its name; for a worker started without one, its nanny's
+        address, which survives its restarts), ``address`` (its current one),
+        ``nanny``, ``node``, ``site``, ``environment``
         (a name, or None for the nannies' own), ``id``, ``since`` (unix
         time) and ``unreachable`` (why its nanny did not answer, or None).
     nodes : list of dict
@@ -97,5 +102,22 @@ async def _status(client: Client) -> ClusterStatus:
         registry = await scheduler.envship_registry()
     except Exception:  # no client has switched yet: no registry
         registry = EMPTY_REGISTRY
-    found = await survey(client.rpc, identity, registry, timeout=NANNY_TIMEOUT)
+    # A nanny without envship's handlers is not called on them (it would log
+    # a traceback): its workers are listed with why it has no state.
+    with_envship = await nannies_with_envship(client, identity["workers"])
+
+    def rpc(nanny: str) -> Any:
+        return client.rpc(nanny) if nanny in with_envship else _WithoutEnvship()
+
+    found = await survey(rpc, identity, registry, timeout=NANNY_TIMEOUT)
     return ClusterStatus(**found)
+
+
+class _WithoutEnvship:
+    """Stands for a nanny that has no envship yet, in :func:`survey`."""
+
+    async def envship_status(self, **_: Any) -> dict:
+        raise LookupError(
+            "envship is not set up on its nanny (it will be at the first "
+            "switch, or at start with `dask worker --preload-nanny envship`)"
+        )
