@@ -40,7 +40,8 @@ async def _gc(client: Client) -> dict[str, dict]:
     identity = await client.scheduler.identity()
     # Only nannies with envship's handlers are asked: a nanny without them
     # has no cache of envship's, and would log a traceback for the call.
-    nannies = sorted(await nannies_with_envship(client, identity["workers"]))
+    nanny_of = {a: w["nanny"] for a, w in identity["workers"].items() if w.get("nanny")}
+    nannies = sorted(await nannies_with_envship(client, nanny_of))
 
     async def node_of(nanny):
         try:

@@ -98,13 +98,19 @@ async def _status(client: Client) -> ClusterStatus:
     if scheduler is None:
         raise ValueError("the client is not connected to a scheduler")
     identity = await scheduler.identity()
-    try:
+
+    # Asked without calling it: a scheduler logs a traceback for a handler it
+    # lacks. Defined here to be pickled by value (the scheduler may lack envship).
+    def has_registry(dask_scheduler: Any) -> bool:
+        return "envship_registry" in dask_scheduler.handlers
+
+    registry = EMPTY_REGISTRY  # until a client switches, or with no preload
+    if await client._run_on_scheduler(has_registry):
         registry = await scheduler.envship_registry()
-    except Exception:  # no client has switched yet: no registry
-        registry = EMPTY_REGISTRY
     # A nanny without envship's handlers is not called on them (it would log
     # a traceback): its workers are listed with why it has no state.
-    with_envship = await nannies_with_envship(client, identity["workers"])
+    nanny_of = {a: w["nanny"] for a, w in identity["workers"].items() if w.get("nanny")}
+    with_envship = await nannies_with_envship(client, nanny_of)
 
     def rpc(nanny: str) -> Any:
         return client.rpc(nanny) if nanny in with_envship else _WithoutEnvship()

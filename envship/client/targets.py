@@ -10,7 +10,7 @@ client's event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from distributed import Client
@@ -101,10 +101,10 @@ def _some(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f" and {more} more" if more > 0 else "")
 
 
-async def nannies_with_envship(client: Client, workers: Iterable[str]) -> set[str]:
-    """The nannies of ``workers`` (worker addresses) that have envship's handlers.
+async def nannies_with_envship(client: Client, nannies: Mapping[str, str]) -> set[str]:
+    """Which of the ``nannies`` (worker address -> its nanny's) have envship.
 
-    Found without calling those handlers: a nanny that lacks one logs a
+    Found without calling envship's handlers: a nanny that lacks one logs a
     warning with a traceback when called on it (Dask's answer to an unknown
     operation). Each nanny is asked through ``client.run`` instead, one round
     trip through the scheduler. A nanny that did not answer (gone, or it could
@@ -112,11 +112,12 @@ async def nannies_with_envship(client: Client, workers: Iterable[str]) -> set[st
 
     Examples
     --------
-    >>> await nannies_with_envship(client, ["tcp://10.0.0.5:40124"])  # doctest: +SKIP
+    >>> await nannies_with_envship(
+    ...     client, {"tcp://10.0.0.5:40124": "tcp://10.0.0.5:40123"}
+    ... )  # doctest: +SKIP
     {'tcp://10.0.0.5:40123'}
     """
-    workers = sorted(set(workers))
-    if not workers:
+    if not nannies:
         return set()
 
     # Defined here so that it is pickled by value: a nanny without envship
@@ -124,13 +125,13 @@ async def nannies_with_envship(client: Client, workers: Iterable[str]) -> set[st
     def has_envship(dask_worker) -> bool:
         return "envship_info" in dask_worker.handlers
 
-    try:
+    try:  # answers by worker address, though the nannies ran it
         answers = await client._run(
-            has_envship, workers=workers, nanny=True, on_error="return"
+            has_envship, workers=sorted(nannies), nanny=True, on_error="return"
         )
     except Exception:  # a worker left meanwhile: the scheduler refused the call
         return set()
-    return {nanny for nanny, yes in answers.items() if yes is True}
+    return {nannies[w] for w, yes in answers.items() if yes is True and w in nannies}
 
 
 async def nanny_side(
@@ -144,7 +145,8 @@ async def nanny_side(
     """
     nannies = [t["nanny"] for t in targets.values()]
     request = Info(check_id(artifact.id) if artifact else None).to_msg()
-    if not set(nannies) <= await nannies_with_envship(client, targets):
+    nanny_of = {address: t["nanny"] for address, t in targets.items()}
+    if not set(nannies) <= await nannies_with_envship(client, nanny_of):
         try:
             await client._register_nanny_plugin(
                 NannySetup(), name=NannySetup.name, idempotent=False
