@@ -106,8 +106,15 @@ def test_unnamed_workers_are_named_by_their_nanny_across_switches(unnamed, venv)
     # A second switch by the report's names; or by a worker's current
     # address; or by its nanny's address written without tcp://.
     one, two, _ = sorted(report)
-    back = client.use_environment(None, workers=[one], progress=False)
-    assert back.ok and set(back) == {one}
+    back = subprocess.run(
+        [sys.executable, "-m", "envship.cli", "use", "none", "--worker", one],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DASK_SCHEDULER_ADDRESS": cluster.address},
+    )
+    assert back.returncode == 0, back.stderr
+    assert one in back.stdout and "ok" in back.stdout
+    assert prefixes(client)[one] == sys.prefix
     again = client.use_environment(
         venv, workers=[workers(client)[one], two.removeprefix("tcp://")], progress=False
     )
