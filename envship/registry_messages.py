@@ -61,7 +61,9 @@ class Publish:
 class Desire:
     """``envship_desire(id, names)``: workers ``names`` (None: all) should run ``id``.
 
-    ``id`` None: the nannies' own environment. A worker name may be any
+    ``id`` None: the nannies' own environment. ``names`` are worker
+    identities (:mod:`envship.identity`): a worker's name, or for a worker
+    started without one, its nanny's address. A worker name may be any
     value (Dask allows ints); it is kept as its ``str``.
     """
 
@@ -85,7 +87,10 @@ class Desire:
 
 @dataclass(frozen=True)
 class Where:
-    """``envship_where(id=...)``: blob ``id``; or ``name=...``: what that worker should run."""
+    """``envship_where(id=...)``: blob ``id``; or ``name=...``: what that worker should run.
+
+    ``name`` is the worker's identity (:mod:`envship.identity`).
+    """
 
     id: EnvId | None = None
     name: str | None = None

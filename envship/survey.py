@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from envship.identity import worker_identity
 from envship.messages import NannyStatus, Status
 
 #: What a survey uses when the scheduler has no registry yet (nobody switched).
@@ -60,7 +61,7 @@ async def survey(
     ['sklearn-dev', 'sklearn-dev']
     """
     workers = {
-        w["nanny"]: (address, w["name"])
+        w["nanny"]: (address, worker_identity(w["name"], address, w["nanny"]))
         for address, w in identity["workers"].items()
         if w.get("nanny")
     }

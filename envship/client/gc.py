@@ -14,6 +14,8 @@ from distributed import Client
 from envship.node.messages import GcAnswer, InfoAnswer
 from envship.nodes import one_nanny_per_node
 
+from .targets import nannies_with_envship
+
 
 def gc(client: Client) -> dict[str, dict]:
     """Clean the cache of every node of the cluster, once per node.
@@ -36,14 +38,15 @@ async def _gc(client: Client) -> dict[str, dict]:
     if client.scheduler is None:
         raise ValueError("the client is not connected to a scheduler")
     identity = await client.scheduler.identity()
-    nannies = sorted(
-        {w["nanny"] for w in identity["workers"].values() if w.get("nanny")}
-    )
+    # Only nannies with envship's handlers are asked: a nanny without them
+    # has no cache of envship's, and would log a traceback for the call.
+    nanny_of = {a: w["nanny"] for a, w in identity["workers"].items() if w.get("nanny")}
+    nannies = sorted(await nannies_with_envship(client, nanny_of))
 
     async def node_of(nanny):
         try:
             return InfoAnswer.from_msg(await client.rpc(nanny).envship_info()).node
-        except Exception:  # no envship there, or gone, or an invalid answer
+        except Exception:  # gone meanwhile, or an invalid answer
             return None
 
     nodes = dict(

@@ -21,7 +21,13 @@ from envship.transfer import ShipReport
 
 @dataclass(frozen=True)
 class WorkerReport:
-    """How one worker's switch went."""
+    """How one worker's switch went.
+
+    ``name`` is the worker's identity, which survives its restarts: its name,
+    or for a worker started without one, its nanny's address (its own
+    ``address``, after the switch, is a new one). ``workers=[name]`` and
+    ``envship use --worker NAME`` take it.
+    """
 
     name: str
     nanny: str
@@ -36,7 +42,8 @@ class WorkerReport:
 class SwitchReport(Mapping[str, WorkerReport]):
     """How a switch went: per worker, and what was shipped and unpacked.
 
-    ``workers`` maps each worker's name to its :class:`WorkerReport`. For
+    ``workers`` maps each worker's name (for a worker started without one,
+    its nanny's address: see :class:`WorkerReport`) to its report. For
     compatibility with the dict this report once was, the report itself is a
     read-only mapping over ``workers``: ``report["worker-0"]``,
     ``set(report)``, ``report.values()`` and ``len(report)`` read it.

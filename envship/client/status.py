@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
+from typing import Any
 
 from dask.utils import format_bytes
 from distributed import Client
 
 from envship.survey import EMPTY_REGISTRY, survey
 from envship.text_table import Col, TextTable, clock_time
+
+from .targets import nannies_with_envship
 
 #: Seconds each nanny has to answer; one that does not is listed without its state.
 NANNY_TIMEOUT = 30.0
@@ -27,7 +30,9 @@ class ClusterStatus:
     Attributes
     ----------
     workers : list of dict
-        ``name``, ``address``, ``nanny``, ``node``, ``site``, ``environment``
+        ``name`` (its name; for a worker started without one, its nanny's
+        address, which survives its restarts), ``address`` (its current one),
+        ``nanny``, ``node``, ``site``, ``environment``
         (a name, or None for the nannies' own), ``id``, ``since`` (unix
         time) and ``unreachable`` (why its nanny did not answer, or None).
     nodes : list of dict
@@ -201,9 +206,32 @@ async def _status(client: Client) -> ClusterStatus:
     if scheduler is None:
         raise ValueError("the client is not connected to a scheduler")
     identity = await scheduler.identity()
-    try:  # no client has switched yet: no registry (None, or an error)
+
+    # Asked without calling it: a scheduler logs a traceback for a handler it
+    # lacks. Defined here to be pickled by value (the scheduler may lack envship).
+    def has_registry(dask_scheduler: Any) -> bool:
+        return "envship_registry" in dask_scheduler.handlers
+
+    registry = EMPTY_REGISTRY  # until a client switches, or with no preload
+    if await client._run_on_scheduler(has_registry):
         registry = await scheduler.envship_registry() or EMPTY_REGISTRY
-    except Exception:
-        registry = EMPTY_REGISTRY
-    found = await survey(client.rpc, identity, registry, timeout=NANNY_TIMEOUT)
+    # A nanny without envship's handlers is not called on them (it would log
+    # a traceback): its workers are listed with why it has no state.
+    nanny_of = {a: w["nanny"] for a, w in identity["workers"].items() if w.get("nanny")}
+    with_envship = await nannies_with_envship(client, nanny_of)
+
+    def rpc(nanny: str) -> Any:
+        return client.rpc(nanny) if nanny in with_envship else _WithoutEnvship()
+
+    found = await survey(rpc, identity, registry, timeout=NANNY_TIMEOUT)
     return ClusterStatus(**found)
+
+
+class _WithoutEnvship:
+    """Stands for a nanny that has no envship yet, in :func:`survey`."""
+
+    async def envship_status(self, **_: Any) -> dict:
+        raise LookupError(
+            "envship is not set up on its nanny (it will be at the first "
+            "switch, or at start with `dask worker --preload-nanny envship`)"
+        )

@@ -25,6 +25,7 @@ from distributed.diagnostics.plugin import NannyPlugin
 
 from envship import config, policy
 from envship.errors import EnvshipError
+from envship.identity import nanny_identity
 from envship.ids import EnvId, ThinId, check_id
 from envship.machine import platform_facts
 from envship.manifest import ThinManifest
@@ -123,6 +124,17 @@ class NannySide:
         #: The administrator's default environment, once resolved: what
         #: ``use_environment(None)`` switches to.
         self.default_id: EnvId | None = None
+
+    @property
+    def identity(self) -> str:
+        """What this nanny's worker goes by across its restarts.
+
+        Its name; for a nanny started without one (whose worker takes its
+        own address, new at each restart), the nanny's address. The client
+        computes the same (:mod:`envship.identity`): the registry's rules
+        and the records kept on the node use it.
+        """
+        return nanny_identity(self.nanny.name, self.nanny.address)
 
     @property
     def node(self) -> str:
@@ -252,19 +264,19 @@ class NannySide:
     # -- what this nanny runs in, kept on the node ------------------------------
 
     def resume(self) -> None:
-        """Start the first worker in the environment kept for this nanny's name.
+        """Start the first worker in the environment kept for this nanny's identity.
 
         Only if it is still installed here; else in the administrator's
         default environment (``envship.default-environment``), else in the
         nanny's own.
         """
-        target = kept_target(self.cache, str(self.nanny.name)) or self.default_target()
+        target = kept_target(self.cache, self.identity) or self.default_target()
         if target is None:
             return
         set_initial_target(self.nanny, target)
         _targets[self.nanny.address] = EnvId(target.id)
         self.running = {"id": target.id, "since": time.time()}
-        logger.info("envship: %s starts its worker in %s", self.nanny.name, target.name)
+        logger.info("envship: %s starts its worker in %s", self.identity, target.name)
 
     def default_target(self) -> TargetEnvironment | None:
         """The administrator's default environment, installed; None if unset.
@@ -322,7 +334,7 @@ class NannySide:
 
     async def wanted_on_joining(self) -> Wanted | None:
         """What the registry says this nanny's first worker should run in."""
-        offer = (await self._where(Where(name=str(self.nanny.name)))).offer
+        offer = (await self._where(Where(name=self.identity))).offer
         if offer is None:
             return None
         if not isinstance(offer.manifest, ThinManifest):
@@ -424,11 +436,9 @@ class NannySide:
         running = _targets[self.nanny.address]
         try:  # the administrator's default is not kept: it may change
             kept = target if running and wanted is not None else None
-            keep(self.cache, str(self.nanny.name), kept)
+            keep(self.cache, self.identity, kept)
         except OSError as e:
-            logger.warning(
-                "envship: could not keep what %s runs: %s", self.nanny.name, e
-            )
+            logger.warning("envship: could not keep what %s runs: %s", self.identity, e)
         if running != self.running["id"]:
             self.running = {"id": running, "since": time.time()}
         name = target.name if target and running else None

@@ -3,10 +3,14 @@
 A small scheduler plugin, registered by the first client that switches (or by
 ``dask scheduler --preload envship``). It keeps
 
-- the *desired* environment: a cluster default, and rules by worker name for
-  workers switched on their own, so a nanny that joins or comes back later
+- the *desired* environment: a cluster default, and rules by worker identity
+  for workers switched on their own, so a nanny that joins or comes back later
   (adaptive scaling, a job scheduler starting more workers, a rebooted node)
-  starts its first worker in the right environment;
+  starts its first worker in the right environment. A worker's identity
+  (:mod:`envship.identity`) is its name or, for a worker started without one
+  (whose name is its address, new at each restart), its nanny's address:
+  clients and nannies both send it, so a rule still matches the worker
+  after its restarts;
 - each environment's *offer* (id, name, manifest, piece table: a few KiB),
   and the thin packs sent for environments whose whole archive nobody
   holds (a thin pack of X refers to files of a *base* environment whose
@@ -82,7 +86,7 @@ class Registry(SchedulerPlugin):
         self.offers: dict[EnvId, Offer] = {}
         self.thin: dict[EnvId, ThinId] = {}  # environment -> its thin pack
         self.default: EnvId | None = None
-        self.by_name: dict[str, EnvId | None] = {}
+        self.by_name: dict[str, EnvId | None] = {}  # by worker identity
         self.holders: dict[EnvId, dict[Address, Holding]] = {}
         self.running: dict[Address, Running] = {}
         self.claims: dict[Address, ClaimRecord] = {}  # the switches under way
@@ -121,7 +125,10 @@ class Registry(SchedulerPlugin):
         return "OK"
 
     def desire(self, request: Desire) -> str:
-        """Record that workers (``names``, or all) should run in ``id`` (None: their own)."""
+        """Record that workers (``names``, or all) should run in ``id`` (None: their own).
+
+        ``names`` are worker identities (:mod:`envship.identity`).
+        """
         id = request.id
         if id is not None:
             offer = self.offers.get(id) or self.offers.get(self.thin.get(id, id))
@@ -138,6 +145,8 @@ class Registry(SchedulerPlugin):
 
     def where(self, request: Where) -> WhereAnswer:
         """The offer of blob ``id``, or of what worker ``name`` should run, and its holders.
+
+        ``name`` is the worker's identity, as its nanny gives it.
 
         For a worker's environment whose whole archive nobody holds, the
         offer is that of its thin pack (its manifest says ``thin_of`` and
