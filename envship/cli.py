@@ -209,7 +209,7 @@ def cache_list(directory):
 
     from envship.node.cache import EnvCache
 
-    node = EnvCache(directory)
+    node = EnvCache(directory, create=False)
     table = Table("name", "id", "own", "shared", "last used", "in use by", box=None)
     for e in node.entries():
         used = datetime.fromtimestamp(e.last_used) if e.last_used else None
@@ -243,7 +243,7 @@ def cache_gc(directory, scheduler):
     if scheduler is None:
         from envship.node.cache import EnvCache
 
-        evicted = EnvCache(directory).gc()
+        evicted = EnvCache(directory, create=False).gc()
         click.echo(f"evicted {len(evicted)} environment(s)")
         return
     from distributed import Client
@@ -267,7 +267,7 @@ def cache_clear(directory):
     """Remove every cached environment that no running worker uses."""
     from envship.node.cache import EnvCache
 
-    removed = EnvCache(directory).clear()
+    removed = EnvCache(directory, create=False).clear()
     click.echo(f"removed {len(removed)} environment(s)")
 
 
