@@ -21,6 +21,9 @@ not unpack, download or verify environments. It relies on, from distributed
   ``on_exit``, ``status``, ``running``, ``stopped``, ``process``,
   ``worker_address``, ``worker_dir``; its methods ``start``, ``kill``,
   ``_on_exit`` and ``mark_stopped``, and their status transitions.
+- ``WorkerProcess.mark_stopped`` calling ``on_exit``, whose
+  ``Nanny._on_worker_exit`` runs in a task made there (so it inherits the
+  context: see :mod:`envship.node.logs`) and logs ``Restarting worker``.
 - ``Nanny.instantiate`` building a ``WorkerProcess`` only while
   ``nanny.process`` is None, so one object lives through restarts;
   ``Nanny.restart`` (kill then instantiate) and ``Nanny._on_worker_exit``
