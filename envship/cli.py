@@ -286,7 +286,7 @@ def cache_list(directory):
     """List the environments cached on this node."""
     from envship.node.cache import EnvCache
 
-    node = EnvCache(directory)
+    node = EnvCache(directory, create=False)
     table = TextTable(
         Col("name", keep=True),
         Col("id", keep=True),
@@ -326,7 +326,7 @@ def cache_gc(directory, scheduler):
     if scheduler is None:
         from envship.node.cache import EnvCache
 
-        evicted = EnvCache(directory).gc()
+        evicted = EnvCache(directory, create=False).gc()
         click.echo(f"evicted {len(evicted)} environment(s)")
         return
     from envship.client.gc import gc
@@ -348,7 +348,7 @@ def cache_clear(directory):
     """Remove every cached environment that no running worker uses."""
     from envship.node.cache import EnvCache
 
-    removed = EnvCache(directory).clear()
+    removed = EnvCache(directory, create=False).clear()
     click.echo(f"removed {len(removed)} environment(s)")
 
 

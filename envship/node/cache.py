@@ -57,7 +57,8 @@ class EnvCache:
     ----------
     root : path, optional
         The cache folder; default ``envship.cache.directory`` (see
-        :func:`envship.config.cache_directory`). Created with mode 0700.
+        :func:`envship.config.cache_directory`). Created with mode 0700
+        unless ``create`` is False.
     max_size : int or str, optional
         The budget for trees and archives, in bytes or as ``"20 GB"``;
         default ``envship.cache.max-size``. Least recently used, unleased
@@ -65,6 +66,11 @@ class EnvCache:
     lock_timeout : float
         Seconds to wait for another process's install of the same id;
         default ``envship.timeouts.install``.
+    create : bool
+        Make the cache if it is not there (a nanny, which writes to it).
+        False for readers (``envship cache list``, ``gc``, ``clear``): they
+        make nothing, and a folder that holds no cache is an
+        :class:`~envship.errors.EnvshipError` ("no cache there").
 
     Examples
     --------
@@ -82,6 +88,7 @@ class EnvCache:
         max_size: int | str | None = None,
         *,
         lock_timeout: float | None = None,
+        create: bool = True,
     ) -> None:
         default = root is None
         if root is None:
@@ -94,7 +101,10 @@ class EnvCache:
             lock_timeout = parse_timedelta(config.get("timeouts.install"))
         self.lock_timeout = lock_timeout
         self.layout = CacheLayout(self.root)
-        self.layout.create(check_owner=default)
+        if create:
+            self.layout.create(check_owner=default)
+        else:
+            self.layout.open(check_owner=default)
         self.files = FileStore(self.root, links=config.get("cache.hard-links"))
         self.locks = CacheLocks(self.layout, lock_timeout)
         self.leases = Leases(self.layout, self.locks)

@@ -131,6 +131,14 @@ class Installer:
             logger.warning("removing %s: no install record", final)
             self.budget.remove_locked(id, keep_archive=True)
         limit = self._make_room(id, via, archive, manifest, name)
+        logger.info(
+            "unpacking %s (%s) from %s (%s) into %s",
+            name,
+            id[:12],
+            "its thin pack" if archive != layout.archive(id) else "its archive",
+            format_bytes(os.stat(archive).st_size),
+            layout.root,
+        )
         tmp = layout.make_install_dir(id)
         record = layout.install_record(id)
         try:
@@ -169,10 +177,10 @@ class Installer:
         # next eviction: a thin pack of an edited environment refers to them.
         self._log(info)
         logger.info(
-            "installed %s (%s) in %.1f s: %d files, %d of them linked from the "
+            "unpacked %s (%s) in %.1f s: %d files, %d of them linked from the "
             "file store; %s on disk, %s of it its own",
             name,
-            id,
+            id[:12],
             info["seconds"],
             info["files"],
             info["linked_files"],

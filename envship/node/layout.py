@@ -26,7 +26,8 @@ nobody ever sees half an environment, and a crashed install leaves only a
 temp folder that the next one for that id removes.
 
 This module names paths and reads names back; it decides nothing and reads
-or writes no file (it only makes the folders, checking who may write them).
+or writes no file (it only makes the folders, checking who may write them,
+and only for writers: reading a cache never creates one).
 As uv's cache buckets, each kind of entry has one method here: nobody else
 spells a path of the cache.
 """
@@ -64,6 +65,27 @@ def bucket(id: str) -> str:
     '6f'
     """
     return check_id(id)[:2]
+
+
+def private_folder(shared: Path, *, sticky: bool = False) -> Path:
+    """A cache folder of the user's own to suggest instead of ``shared``.
+
+    Inside ``shared`` if it has the sticky bit (as ``/tmp``: others may not
+    rename or remove what is yours there), else in the temp folder, else
+    (that is ``shared`` itself) in ``~/.cache``.
+
+    Examples
+    --------
+    >>> private_folder(Path("/tmp"), sticky=True).parent.as_posix()
+    '/tmp'
+    """
+    user = os.environ.get("USER") or str(os.getuid())
+    if sticky:
+        return shared / f"envship-{user}"
+    suggestion = Path(tempfile.gettempdir()) / f"envship-{user}"
+    if suggestion == shared:
+        suggestion = Path.home() / ".cache" / "envship"
+    return suggestion
 
 
 def _is_id(text: str) -> bool:
@@ -106,33 +128,88 @@ class CacheLayout:
         """Make the cache's folders (mode 0700); refuse a root others may write.
 
         ``check_owner``: refuse a root that another user made (the default
-        root lives in the shared temp folder).
+        root lives in the shared temp folder). Only writers call this: a
+        nanny, an install. Readers call :meth:`open`.
         """
         root = self.root
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._check_safe(check_owner=check_owner)
+        for sub in self.FOLDERS:
+            (root / sub).mkdir(mode=0o700, exist_ok=True)
+
+    def open(self, *, check_owner: bool) -> None:
+        """Check that a cache is here, for reading it: makes nothing.
+
+        Raises
+        ------
+        EnvshipError
+            The folder does not exist or holds no envship cache (as ``ls``
+            of a missing folder fails, listing it is an error, not an empty
+            cache), or other users may write it.
+        """
+        root = self.root
+        fix = (
+            "check the path (--directory), or envship.cache.directory; a "
+            "nanny makes its cache when it starts"
+        )
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise EnvshipError(
+                str(root), f"no cache there: the path {what}", fix, subject="node cache"
+            )
+        self._check_safe(check_owner=check_owner)
+        missing = [s for s in (*self.FOLDERS, "files") if not (root / s).is_dir()]
+        if missing:
+            raise EnvshipError(
+                str(root),
+                f"no cache there: the folder has no {missing[0]}/ folder, so "
+                "no nanny has used it as its cache",
+                fix,
+                subject="node cache",
+            )
+
+    def _check_safe(self, *, check_owner: bool) -> None:
+        """Refuse a root that another user owns (``check_owner``) or may write.
+
+        The fix never loosens or tightens a folder that is not the user's
+        own: a shared folder with the sticky bit (``/tmp``, ``/var/tmp``,
+        ``/dev/shm``) is meant to be writable by all, and changing it would
+        break the machine for everyone. Such a folder is never a cache
+        root; a private folder inside it is (the sticky bit keeps others
+        from renaming it away).
+        """
+        root = self.root
         st = root.stat()
-        if check_owner and st.st_uid != os.geteuid():
+        mine = st.st_uid == os.geteuid()
+        if check_owner and not mine:
             # The default lives in the shared temp folder: never use one
             # that another user made for us.
             raise EnvshipError(
                 str(root),
                 "the cache folder belongs to another user",
                 "set envship.cache.directory (DASK_ENVSHIP__CACHE__DIRECTORY) "
-                "to a folder of your own",
+                f"to a folder of your own, such as {private_folder(root)}",
                 subject="node cache",
             )
-        if st.st_mode & 0o022:
-            # Others could plant trees or archives that workers then run.
-            raise EnvshipError(
-                str(root),
-                "the cache folder may be written by other users "
-                f"(mode {stat.S_IMODE(st.st_mode):o})",
-                f"chmod go-w {root}, or set envship.cache.directory to a "
-                "folder only the nannies' user may write",
-                subject="node cache",
-            )
-        for sub in self.FOLDERS:
-            (root / sub).mkdir(mode=0o700, exist_ok=True)
+        if not st.st_mode & 0o022:
+            return
+        # Others could plant trees or archives that workers then run.
+        mode = stat.S_IMODE(st.st_mode)
+        private = private_folder(root, sticky=bool(st.st_mode & stat.S_ISVTX))
+        fix = (
+            f"set envship.cache.directory (or --directory) to a folder only "
+            f"you may write, such as {private}"
+        )
+        if mine and not st.st_mode & stat.S_ISVTX and os.geteuid() != 0:
+            # The user's own folder, not a shared one: tightening it is safe.
+            fix = f"chmod go-w {root}, or {fix}"
+        raise EnvshipError(
+            str(root),
+            f"the cache folder may be written by other users (mode {mode:o}), "
+            "who could plant environments that workers then run",
+            fix,
+            subject="node cache",
+        )
 
     # -- what the cache holds for an id -----------------------------------------
 

@@ -35,6 +35,7 @@ from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Peer
 
 from .cache import EnvCache
+from .logs import route_envship_logs
 from .messages import (
     Foreign,
     ForeignAnswer,
@@ -91,6 +92,7 @@ def setup_nanny(nanny) -> NannySide:
     """
     side = getattr(nanny, "_envship", None)
     if side is None:
+        route_envship_logs()
         side = NannySide(nanny)
         nanny._envship = side
         for name, request in HANDLERS.items():
@@ -100,10 +102,10 @@ def setup_nanny(nanny) -> NannySide:
         if nanny.process is None:
             side.resume()
         logger.info(
-            "envship: nanny %s uses cache %s (site %s)",
+            "envship: nanny %s uses cache %s (%s)",
             nanny.address,
             side.cache.root,
-            side.site,
+            f"site {side.site}" if side.site else "no site set",
         )
     return side
 
@@ -186,6 +188,12 @@ class NannySide:
         asyncio.get_running_loop().call_later(PREPARED_LEASE + 1, self._release_unused)
         records = self.cache.installs(artifact_id)
         done = records[-1] if len(records) > before else {}
+        if not done:
+            logger.info(
+                "envship: %s (%s) is unpacked in this node's cache already",
+                manifest.name if manifest else "an environment",
+                artifact_id[:12],
+            )
         linked = done.get("linked_files", 0)
         return InstallAnswer(
             seconds=time.perf_counter() - started,
@@ -357,6 +365,21 @@ class NannySide:
         """
         artifact_id, name, via = wanted.id, wanted.name, wanted.via
         policy.check(name, artifact_id)
+        if self.cache.has(artifact_id):
+            state = "unpacked in this node's cache already"
+        elif self.cache.has_archive(artifact_id) or (
+            via is not None and self.cache.has_archive(via)
+        ):
+            state = "its archive is in this node's cache"
+        else:
+            state = "this node lacks it: fetching it from the nodes that hold it"
+        logger.info(
+            "envship: %s (%s) for %s: %s",
+            name,
+            artifact_id[:12],
+            self.nanny.name,
+            state,
+        )
         if not self.cache.has(artifact_id) and not self.cache.has_archive(artifact_id):
             if via is None or wanted.base is None:
                 await self.fetch(artifact_id, name)

@@ -21,6 +21,9 @@ not unpack, download or verify environments. It relies on, from distributed
   ``on_exit``, ``status``, ``running``, ``stopped``, ``process``,
   ``worker_address``, ``worker_dir``; its methods ``start``, ``kill``,
   ``_on_exit`` and ``mark_stopped``, and their status transitions.
+- ``WorkerProcess.mark_stopped`` calling ``on_exit``, whose
+  ``Nanny._on_worker_exit`` runs in a task made there (so it inherits the
+  context: see :mod:`envship.node.logs`) and logs ``Restarting worker``.
 - ``Nanny.instantiate`` building a ``WorkerProcess`` only while
   ``nanny.process`` is None, so one object lives through restarts;
   ``Nanny.restart`` (kill then instantiate) and ``Nanny._on_worker_exit``
@@ -58,6 +61,7 @@ from distributed.proctitle import enable_proctitle_on_children
 from envship import config
 from envship.resources import ENVIRONMENT_UNITS, resource_name
 
+from .logs import envship_restart
 from .worker_environ import TargetEnvironment, bootstrap_script, child_environ
 from .worker_subprocess import WorkerSubprocess, encode_frame
 
@@ -103,6 +107,10 @@ class EnvWorkerProcess(WorkerProcess):
     start_timeout : float or None
         Seconds the environment's worker has to report its address; None:
         ``envship.timeouts.worker-start``.
+    restarting : str or None
+        While :func:`switch` restarts the worker: what into (for the log).
+        The nanny's reaction to the exit then logs at INFO, not as a crash
+        (see :mod:`envship.node.logs`).
     """
 
     # Class attributes, so that an instance converted by install() has them.
@@ -110,6 +118,7 @@ class EnvWorkerProcess(WorkerProcess):
     last_error: str | None = None
     worker_python: str | None = None
     start_timeout: float | None = None
+    restarting: str | None = None
     _switch_lock: asyncio.Lock | None = None
 
     def __init__(self, worker_kwargs, *args, **kwargs):
@@ -251,6 +260,20 @@ class EnvWorkerProcess(WorkerProcess):
         if tail:
             message += f"\nLast lines of its stderr:\n{tail}"
         return f"{message}\n{fallback}"
+
+    def mark_stopped(self) -> None:
+        # The nanny hears of the exit in here (on_exit), and reacts in a task
+        # made here: it inherits the context, so its log records can tell a
+        # restart envship asked for from a crash. Also when a converted
+        # WorkerProcess's old bound _on_exit calls this.
+        if self.restarting is None:
+            super().mark_stopped()
+            return
+        token = envship_restart.set(self.restarting)
+        try:
+            super().mark_stopped()
+        finally:
+            envship_restart.reset(token)
 
     def _on_exit(self, proc: Any) -> None:
         if (
@@ -411,10 +434,25 @@ async def switch(
         )
     if timeout is None:
         timeout = process.worker_start_timeout + 30
+    into = f"{target.name} ({target.id[:12]})" if target else "the nanny's own Python"
     async with process.switch_lock:
         process.target = target
         process.last_error = None
-        outcome = await nanny.restart(timeout=timeout, reason=reason)
+        logger.info("envship: restarting worker %s into %s", nanny.name, into)
+        process.restarting = into
+        try:
+            outcome = await nanny.restart(timeout=timeout, reason=reason)
+        finally:
+            process.restarting = None
+
+    if outcome == "OK" and not process.last_error and process.status == Status.running:
+        logger.info(
+            "envship: worker %s runs in %s, at %s (restart took %.1f s)",
+            nanny.name,
+            into,
+            nanny.worker_address,
+            time.perf_counter() - started,
+        )
 
     if outcome == "timed out":
         return result(f"the restart did not finish within {timeout:g} s")

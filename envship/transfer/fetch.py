@@ -179,6 +179,15 @@ class Fetcher:
             self._tasks.pop(key, None)
             if download.error is not None:
                 self.on_event(download, "failed")
+                logger.log(
+                    logging.INFO if download.error == "cancelled" else logging.WARNING,
+                    "envship: could not get %s (%s): %s (%d of %d pieces)",
+                    download.offer.name,
+                    download.offer.id[:12],
+                    download.error,
+                    download.count,
+                    download.table.count,
+                )
             # Keep a failed download's state until its waiters have read it;
             # a later offer starts a fresh one that resumes the partial file.
             loop = asyncio.get_running_loop()
@@ -198,6 +207,16 @@ class Fetcher:
         download.opened.set()
         download.changed.set()
         self.on_event(download, "started")
+        resumed = download.received.get("disk", 0)
+        logger.info(
+            "envship: receiving %s (%s): %s in %d pieces%s; peers: %s",
+            download.offer.name,
+            download.offer.id[:12],
+            dask.utils.format_bytes(table.size),
+            table.count,
+            f", {dask.utils.format_bytes(resumed)} here already" if resumed else "",
+            ", ".join(download.peers) or "none yet (the client sends it)",
+        )
         requests: set[asyncio.Task] = set()
         try:
             while not download.complete:
@@ -234,11 +253,18 @@ class Fetcher:
             download.offer.manifest,
         )
         self.on_event(download, "complete")
+        seconds = time.time() - download.started
         logger.info(
-            "envship: %s arrived (%d pieces; from %s)",
+            "envship: %s (%s) arrived: %s in %.1f s (%s/s), from %s",
             download.offer.name,
-            table.count,
-            ", ".join(f"{s}: {n} B" for s, n in download.received.items()) or "disk",
+            download.offer.id[:12],
+            dask.utils.format_bytes(table.size),
+            seconds,
+            dask.utils.format_bytes(int(table.size / max(seconds, 1e-3))),
+            ", ".join(
+                f"{source} {dask.utils.format_bytes(n)}"
+                for source, n in sorted(download.received.items())
+            ),
         )
 
     def _choose(self, download: Download) -> list[tuple[int, PeerState]]:
