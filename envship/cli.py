@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from datetime import datetime
 
 import click
 from dask.utils import format_bytes
 
-from envship.client.store import ArtifactStore
+from envship.client.store import ArtifactStore, DamagedEntry
 from envship.errors import EnvshipError
 from envship.manifest import Manifest
 
@@ -56,16 +57,21 @@ def main():
 def pack(env, name, level, threads, ignore_editable, store):
     """Pack ENV (a conda environment name, or a conda env or venv path)."""
     from envship.client.pack import pack as pack_env
+    from envship.client.store import StoreRepairWarning
 
-    artifact = pack_env(
-        env,
-        name=name,
-        store=store,
-        level=level,
-        threads=threads,
-        ignore_editable=ignore_editable,
-        progress=sys.stderr.isatty(),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StoreRepairWarning)
+        artifact = pack_env(
+            env,
+            name=name,
+            store=store,
+            level=level,
+            threads=threads,
+            ignore_editable=ignore_editable,
+            progress=sys.stderr.isatty(),
+        )
+    for warning in caught:  # one line each, without the warnings module's source line
+        click.echo(f"note: {warning.message}", err=True)
     m = artifact.manifest
     assert isinstance(m, Manifest)  # an environment's own artifact, never thin
     size = "no archive" if m.packed_size is None else format_bytes(m.packed_size)
@@ -101,6 +107,10 @@ def list_artifacts(store):
             created.strftime("%Y-%m-%d %H:%M"),
         )
     Console().print(table)
+    for entry in store.damaged():
+        called = ", ".join(entry.names) or "-"
+        click.echo(f"damaged: {called}  {entry.id}  {entry.problem}")
+        click.echo(f"  Fix: {entry.fix}")
 
 
 def _find(store: ArtifactStore, name_or_id: str):
@@ -128,8 +138,11 @@ def inspect(name_or_id, store):
 @store_option
 def rm(name_or_id, store):
     """Remove an artifact and the names pointing to it."""
-    artifact = ArtifactStore(store).remove(name_or_id)
-    click.echo(f"removed {artifact.name} {artifact.id}")
+    removed = ArtifactStore(store).remove(name_or_id)
+    if isinstance(removed, DamagedEntry):
+        click.echo(f"removed the damaged entry {removed.id}")
+    else:
+        click.echo(f"removed {removed.name} {removed.id}")
 
 
 @main.command()
