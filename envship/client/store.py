@@ -386,9 +386,10 @@ class ArtifactStore:
     def check_table(self, artifact_id: str) -> str | None:
         """What is wrong with the table of ``artifact_id``; None if it is sound.
 
-        Sound: it reads, hashes to the artifact's id, and its bytes have the
-        size and digest recorded when it was written (when they were: an
-        older envship did not record them).
+        Sound: its bytes have the size and xxh3-128 digest recorded when it
+        was written (a millisecond). A table of an older envship, with nothing
+        recorded, is read whole and must hash to the artifact's id; its
+        digest is then recorded.
 
         Examples
         --------
@@ -398,15 +399,25 @@ class ArtifactStore:
         path = self.table_path(artifact_id)
         if not path.is_file():
             return f"its table {path.name} is missing"
-        problem = _check_file(path, self._checks(artifact_id).get("table"))
+        key = _verified_key(path)
+        if key in _VERIFIED:
+            return None
+        recorded = self._checks(artifact_id).get("table")
+        problem = _check_file(path, recorded)
         if problem is not None:
             return f"its table {problem}"
-        try:
-            table = EntryTable.load(path)
-        except UNREADABLE as e:
-            return f"its table {path.name} cannot be read: {e}"
-        if table.id != artifact_id:
-            return f"its table {path.name} hashes to {table.id}, not to its id"
+        if recorded is None:
+            try:
+                table = EntryTable.load(path)
+            except UNREADABLE as e:
+                return f"its table {path.name} cannot be read: {e}"
+            if table.id != artifact_id:
+                return f"its table {path.name} hashes to {table.id}, not to its id"
+            try:
+                self._record(self.get(artifact_id), "table", _file_check(path))
+            except DamagedArtifactError as e:
+                return e.damaged
+        _VERIFIED.add(key)
         return None
 
     def check_archive(self, artifact: Artifact, *, deep: bool = False) -> str | None:
@@ -688,7 +699,8 @@ CHECKS = "checks"
 #: The files of an entry, after its id.
 SUFFIXES = (".json", ".table.zst", ".tar.zst")
 READ_SIZE = 1 << 20
-#: Archives checked in this session, by (path, size, mtime, ctime, inode):
+#: Tables and archives checked in this session, by (path, size, mtime, ctime,
+#: inode):
 #: any write or ``touch`` changes the ctime, so a file changed since is read again.
 _VERIFIED: set[tuple] = set()
 
