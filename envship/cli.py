@@ -129,8 +129,15 @@ def _find(store: ArtifactStore, name_or_id: str):
 @store_option
 def inspect(name_or_id, store):
     """Print the manifest of an artifact."""
-    artifact = _find(ArtifactStore(store), name_or_id)
+    store = ArtifactStore(store)
+    artifact = _find(store, name_or_id)
     click.echo(json.dumps(artifact.manifest.to_dict(), indent=2, sort_keys=True))
+    problem = store.check(artifact)
+    if problem is not None:
+        assert isinstance(artifact.manifest, Manifest)
+        source = artifact.manifest.source_prefix or artifact.name
+        click.echo(f"damaged: {problem}", err=True)
+        click.echo(f"  Fix: `envship pack {source}` writes it again", err=True)
 
 
 @main.command()

@@ -148,6 +148,10 @@ def test_flipped_archive_is_packed_again(copy, env_prefix):
     flip(base.path, base.path.stat().st_size // 2)
     artifact = store.get(base.id)
     assert "has digest" in store.check_archive(artifact)
+    shown = cli("inspect", "base", "--store", store.root)
+    assert shown.returncode == 0 and f'"id": "{base.id}"' in shown.stdout
+    assert shown.stderr.startswith(f"damaged: its archive {base.id}.tar.zst has digest")
+    assert f"Fix: `envship pack {env_prefix('base')}` writes it again" in shown.stderr
 
     packed = cli("pack", env_prefix("base"), "--name", "base", "--store", store.root)
     assert packed.returncode == 0, packed.stderr
@@ -175,6 +179,14 @@ def test_archive_of_an_older_envship_is_checked_by_its_content(copy):
     path.write_text(json.dumps(data))  # nothing recorded, again
     flip(venv.path, -1000)
     assert "does not read" in store.check_archive(artifact)
+
+    # A table: read whole, it must hash to the id; then its digest is recorded.
+    del data["checks"]["table"]
+    path.write_text(json.dumps(data))
+    assert store.check_table(venv.id) is None
+    assert (
+        store._checks(venv.id)["table"][0] == store.table_path(venv.id).stat().st_size
+    )
 
 
 @pytest.mark.parametrize("offset", [40, -40])

@@ -461,6 +461,18 @@ class ArtifactStore:
         _VERIFIED.add(key)
         return None
 
+    def check(self, artifact: Artifact) -> str | None:
+        """What is wrong with the table or archive of ``artifact``; None if nothing.
+
+        The quick checks of :meth:`check_table` and :meth:`check_archive`, for
+        the files it has (an artifact may have either or both).
+        """
+        if self.table_path(artifact.id).is_file():
+            problem = self.check_table(artifact.id)
+            if problem is not None:
+                return problem
+        return self.check_archive(artifact) if artifact.has_archive else None
+
     def _checks(self, artifact_id: str) -> dict:
         """The sizes and digests recorded for the files of ``artifact_id``."""
         try:
