@@ -271,15 +271,18 @@ class ArtifactStore:
     def add(self, table: EntryTable, manifest: Manifest) -> Artifact:
         """Record a packed environment: its table and manifest (no archive yet).
 
-        Replaces whatever the store held under its id (a damaged entry).
+        Replaces whatever the store held under its id (a damaged entry),
+        keeping the names that pointed to it.
         """
+        names = [n for n, i in self.names().items() if i == manifest.id]
         self.discard(manifest.id)
         path = self.table_path(manifest.id)
         with self.writing_to(path, manifest.name) as f:
             table.save(f)
         _keep_table(str(path), table)  # read next, in a switch
         self._put_manifest(manifest, {"table": _file_check(path)})
-        self.set_name(manifest.name, manifest.id)
+        for name in {*names, manifest.name}:
+            self.set_name(name, manifest.id)
         return self.get(manifest.id)
 
     def _put_manifest(self, manifest: Manifest, checks: dict) -> None:
