@@ -207,7 +207,7 @@ def which_side(
     --------
     >>> print(which_side(artifact, refused, {}))  # doctest: +SKIP
     environment 'sklearn-dev': your local copy of 5f0c... is damaged (...)
-    Fix: re-pack with `envship pack /envs/sklearn-dev` (done automatically next time)
+    Fix: re-pack with `envship pack /envs/sklearn-dev` (done automatically next time); no worker was restarted
     """
     store = ArtifactStore(artifact.path.parent)
     problem = None
@@ -218,25 +218,26 @@ def which_side(
         problem = store.check_archive(artifact, deep=True)
         if problem is not None:
             artifact.path.unlink(missing_ok=True)
-    nanny, error = next(iter(refused.items()))
+    error = next(iter(refused.values()))
+    nodes = ("nodes " if len(refused) > 1 else "node ") + ", ".join(refused)
     if problem is not None:
         source = artifact.manifest
         prefix = source.source_prefix if isinstance(source, Manifest) else ""
         return EnvshipError(
             artifact.name,
-            f"your local copy of {artifact.id} is damaged ({problem}); node "
-            f"{nanny} refused it: {error.problem}",
+            f"your local copy of {artifact.id} is damaged ({problem}); "
+            f"{nodes} refused it: {error.problem}",
             f"re-pack with `envship pack {prefix or artifact.name}` (done "
             "automatically next time); no worker was restarted",
         )
     return EnvshipError(
         artifact.name,
-        f"node {nanny} refused a verified artifact: {error.problem}. This "
+        f"{nodes} refused a verified artifact: {error.problem}. This "
         f"machine's copy of {artifact.id} reads as it should, so what the node "
         "received or wrote went wrong there; no worker was restarted",
-        "call use_environment again (the node discarded its copy and fetches "
-        "it again); if that node refuses it again, check its disk and memory, "
-        "and leave it out meanwhile (workers=[...])",
+        "call use_environment again (a node discards a copy it refuses and "
+        "fetches it again); if the same node refuses it again, check its disk "
+        "and memory, and leave it out meanwhile (workers=[...])",
     )
 
 
