@@ -70,8 +70,11 @@ def pack(env, name, level, threads, ignore_editable, store):
             ignore_editable=ignore_editable,
             progress=sys.stderr.isatty(),
         )
-    for warning in caught:  # one line each, without the warnings module's source line
-        click.echo(f"note: {warning.message}", err=True)
+    for w in caught:
+        if issubclass(w.category, StoreRepairWarning):  # one line, no source line
+            click.echo(f"note: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     m = artifact.manifest
     assert isinstance(m, Manifest)  # an environment's own artifact, never thin
     size = "no archive" if m.packed_size is None else format_bytes(m.packed_size)
