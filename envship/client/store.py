@@ -18,10 +18,12 @@ Layout::
 Every write goes to a temporary file in the store and is renamed into place
 (:mod:`envship.files`), so an interrupted pack leaves nothing half-written.
 
-What the store reuses it checks first: a table against its digest and the
-id it hashes to, an archive against its digest (one read of the file, a few
-milliseconds for most environments), so that a file damaged on disk is
-written again rather than shipped. An entry whose manifest cannot be read is
+What the store reuses it checks first: a table or an archive against the
+size and xxh3-128 digest recorded when it was written (one read of the file,
+milliseconds; once per session while its stat, ctime included, is unchanged),
+so that a file damaged on disk is written again rather than shipped. Files of
+an older envship, with nothing recorded, are read whole once: a table must
+hash to its id, an archive must unpack to it. An entry whose manifest cannot be read is
 *damaged*: listed as such (:meth:`ArtifactStore.damaged`), removed by
 ``envship rm ID`` and replaced by the next pack of its environment; it never
 keeps the others from being listed or used.
