@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from dask.utils import format_bytes
 
-from envship.client.store import ArtifactStore
+from envship.client.store import ArtifactStore, DamagedEntry
 from envship.errors import EnvshipError
 from envship.manifest import Manifest
 from envship.text_table import Col, TextTable, clock_time
@@ -82,17 +82,25 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def pack(env, name, level, threads, ignore_editable, store):
     """Pack ENV (a conda environment name, or a conda env or venv path)."""
     from envship.client.pack import pack as pack_env
+    from envship.client.store import StoreRepairWarning
 
     before = _archives(ArtifactStore(store))
-    artifact = pack_env(
-        env,
-        name=name,
-        store=store,
-        level=level,
-        threads=threads,
-        ignore_editable=ignore_editable,
-        progress=sys.stderr.isatty(),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StoreRepairWarning)
+        artifact = pack_env(
+            env,
+            name=name,
+            store=store,
+            level=level,
+            threads=threads,
+            ignore_editable=ignore_editable,
+            progress=sys.stderr.isatty(),
+        )
+    for w in caught:
+        if issubclass(w.category, StoreRepairWarning):  # one line, no source line
+            click.echo(f"note: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     m = artifact.manifest
     assert isinstance(m, Manifest)  # an environment's own artifact, never thin
     size = "no archive" if m.packed_size is None else format_bytes(m.packed_size)
@@ -153,6 +161,13 @@ def list_artifacts(store):
             created.strftime("%Y-%m-%d %H:%M"),
         )
     click.echo(table.render(_width()))
+    for entry in store.damaged():
+        called = ", ".join(entry.names) or "-"
+        for line in (
+            f"damaged: {called}  {entry.id}  {entry.problem}",
+            f"Fix: {entry.fix}",
+        ):
+            click.echo(textwrap.fill(line, _width(), subsequent_indent="  "))
 
 
 def _find(store: ArtifactStore, name_or_id: str):
@@ -174,11 +189,22 @@ def inspect(name_or_id, as_json, store):
     """Show an artifact: by name, id, or the path `envship pack` printed."""
     from envship.client.describe import describe, find_by_path
 
-    artifact = find_by_path(name_or_id) or _find(ArtifactStore(store), name_or_id)
+    store = ArtifactStore(store)
+    artifact = find_by_path(name_or_id)
+    if artifact is None:
+        artifact = _find(store, name_or_id)
+    else:  # in the store that holds that path
+        store = ArtifactStore(artifact.path.parent)
     if as_json:
         click.echo(json.dumps(artifact.manifest.to_dict(), indent=2, sort_keys=True))
     else:
         click.echo(describe(artifact, _width()))
+    problem = store.check(artifact)
+    if problem is not None:
+        assert isinstance(artifact.manifest, Manifest)
+        source = artifact.manifest.source_prefix or artifact.name
+        click.echo(f"damaged: {problem}", err=True)
+        click.echo(f"  Fix: `envship pack {source}` writes it again", err=True)
 
 
 @main.command()
@@ -186,8 +212,11 @@ def inspect(name_or_id, as_json, store):
 @store_option
 def rm(name_or_id, store):
     """Remove an artifact and the names pointing to it."""
-    artifact = ArtifactStore(store).remove(name_or_id)
-    click.echo(f"removed {artifact.name} {artifact.id}")
+    removed = ArtifactStore(store).remove(name_or_id)
+    if isinstance(removed, DamagedEntry):
+        click.echo(f"removed the damaged entry {removed.id}")
+    else:
+        click.echo(f"removed {removed.name} {removed.id}")
 
 
 def _connect(scheduler: str):

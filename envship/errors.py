@@ -69,3 +69,11 @@ class MissingStoreFileError(EnvshipError):
 
     The client sends that node the whole archive instead.
     """
+
+
+class CorruptArchiveError(EnvshipError):
+    """An archive does not read as what it claims to be: damaged bytes.
+
+    A node raises it; the client then checks its own copy to say which side
+    is damaged.
+    """

@@ -17,9 +17,9 @@ from distributed import Client
 from distributed.comm import CommClosedError
 
 from envship import config
-from envship.errors import EnvshipError, MissingStoreFileError
+from envship.errors import CorruptArchiveError, EnvshipError, MissingStoreFileError
 from envship.ids import Address, check_id, check_thin_id
-from envship.manifest import ThinManifest
+from envship.manifest import Manifest, ThinManifest
 from envship.messages import optional
 from envship.node.messages import Install, InstallAnswer
 from envship.nodes import one_nanny_per_node
@@ -111,11 +111,12 @@ async def ship(
         via = dict.fromkeys(plan.thin, thin.id)
         jobs.append(_broadcast(client, thin, plan.thin, infos, progress, holding=()))
     if plan.full:
-        if not artifact.has_archive:
-            store = ArtifactStore(artifact.path.parent)
-            artifact = await asyncio.to_thread(
-                store.ensure_archive, artifact, progress=bool(progress)
-            )
+        # Written if it was not yet, checked if it was (a damaged one is
+        # written again): the nodes verify pieces against this copy.
+        store = ArtifactStore(artifact.path.parent)
+        artifact = await asyncio.to_thread(
+            store.ensure_archive, artifact, progress=bool(progress)
+        )
         holding = [n for n, i in infos.items() if i.archive]
         jobs.append(_broadcast(client, artifact, plan.full, infos, progress, holding))
     shipped = ShipReport()
@@ -158,6 +159,7 @@ async def install(
     nodes = list(only or one_nanny_per_node(node_of).values())
     stale: list[str] = []
     gone: list[str] = []
+    refused: dict[str, CorruptArchiveError] = {}
     with progress_bar(f"unpacking {artifact.name}", len(nodes), progress) as bar:
 
         async def on(nanny: str) -> dict | None:
@@ -170,6 +172,8 @@ async def install(
                 return InstallAnswer.from_msg(reply).to_msg()
             except MissingStoreFileError:
                 stale.append(nanny)
+            except CorruptArchiveError as e:
+                refused[nanny] = e
             except (CommClosedError, OSError):
                 gone.append(nanny)
             finally:
@@ -182,8 +186,59 @@ async def install(
     for result in done:
         if isinstance(result, BaseException):
             raise result
+    if refused:
+        raise await asyncio.to_thread(which_side, artifact, refused, via)
     unpacked = {n: d for n, d in zip(nodes, done, strict=True) if isinstance(d, dict)}
     return unpacked, stale, gone
+
+
+def which_side(
+    artifact: Artifact, refused: dict[str, CorruptArchiveError], via: dict[str, str]
+) -> EnvshipError:
+    """The error to raise when nodes refused ``artifact`` as corrupt: whose copy it is.
+
+    Every piece a node received matched the digest this client computed
+    from its own copy, so the client reads that copy as a node would
+    (:meth:`ArtifactStore.check_archive` with ``deep``) and checks its table.
+    A damaged local copy is removed, so that the next pack or switch writes
+    it again; otherwise the node's side is at fault.
+
+    Examples
+    --------
+    >>> print(which_side(artifact, refused, {}))  # doctest: +SKIP
+    environment 'sklearn-dev': your local copy of 5f0c... is damaged (...)
+    Fix: re-pack with `envship pack /envs/sklearn-dev` (done automatically next time); no worker was restarted
+    """
+    store = ArtifactStore(artifact.path.parent)
+    problem = None
+    if store.table_path(artifact.id).is_file():
+        problem = store.check_table(artifact.id)
+    full = [n for n in refused if n not in via]
+    if problem is None and full and artifact.has_archive:
+        problem = store.check_archive(artifact, deep=True)
+        if problem is not None:
+            artifact.path.unlink(missing_ok=True)
+    error = next(iter(refused.values()))
+    nodes = ("nodes " if len(refused) > 1 else "node ") + ", ".join(refused)
+    if problem is not None:
+        source = artifact.manifest
+        prefix = source.source_prefix if isinstance(source, Manifest) else ""
+        return EnvshipError(
+            artifact.name,
+            f"your local copy of {artifact.id} is damaged ({problem}); "
+            f"{nodes} refused it: {error.problem}",
+            f"re-pack with `envship pack {prefix or artifact.name}` (done "
+            "automatically next time); no worker was restarted",
+        )
+    return EnvshipError(
+        artifact.name,
+        f"{nodes} refused a verified artifact: {error.problem}. This "
+        f"machine's copy of {artifact.id} reads as it should, so what the node "
+        "received or wrote went wrong there; no worker was restarted",
+        "call use_environment again (a node discards a copy it refuses and "
+        "fetches it again); if the same node refuses it again, check its disk "
+        "and memory, and leave it out meanwhile (workers=[...])",
+    )
 
 
 def leave_out_lost(

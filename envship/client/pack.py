@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +35,13 @@ from envship.unpack_record import UNPACK_FILE, CondaRecord, VenvRecord
 from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
 from .progress import progress_bar
-from .store import Artifact, ArtifactStore, check_name
+from .store import (
+    Artifact,
+    ArtifactStore,
+    DamagedArtifactError,
+    StoreRepairWarning,
+    check_name,
+)
 
 
 def pack(
@@ -95,13 +102,22 @@ def pack(
     signature = _signature(source)
     known = store.by_signature(signature)
     if known is not None:
-        store.set_name(name, known)
-        artifact = store.get(known, name)
-        if archive:
-            artifact = store.ensure_archive(
-                artifact, level=level, threads=threads, progress=progress
-            )
-        return artifact
+        problem = _reusable(store, known)
+        if problem is None:
+            store.set_name(name, known)
+            artifact = store.get(known, name)
+            if archive:
+                artifact = store.ensure_archive(
+                    artifact, level=level, threads=threads, progress=progress
+                )
+            return artifact
+        warnings.warn(
+            f"the store's entry of {name} ({known[:12]}) was damaged ({problem}): "
+            "packing it again",
+            StoreRepairWarning,
+            stacklevel=2,
+        )
+        store.discard(known)
 
     editable = source.editable_packages()
     if editable and not ignore_editable:
@@ -139,10 +155,10 @@ def pack(
             "pack_seconds": round(time.perf_counter() - started, 3),
         },
     )
-    if store.has(table.id):
+    if _reusable(store, table.id) is None:
         store.set_name(name, table.id)
         artifact = store.get(table.id, name)
-    else:
+    else:  # none yet, or a damaged one: replaced
         artifact = store.add(table, manifest)
     store.remember_signature(signature, artifact.id, name)
     if archive:
@@ -150,6 +166,21 @@ def pack(
             artifact, level=level, threads=threads, progress=progress
         )
     return artifact
+
+
+def _reusable(store: ArtifactStore, artifact_id: str) -> str | None:
+    """Why the entry ``artifact_id`` of ``store`` cannot be reused; None if it can.
+
+    Its manifest and table are checked (a few milliseconds); its archive is
+    checked when it is used (``ArtifactStore.ensure_archive``).
+    """
+    if not store.has(artifact_id):
+        return "it is not there"
+    try:
+        store.get(artifact_id)
+    except DamagedArtifactError as e:
+        return e.damaged
+    return store.check_table(artifact_id)
 
 
 def _resolve(env: str | os.PathLike, store: ArtifactStore) -> Path | Artifact:

@@ -44,7 +44,12 @@ from envship.archive_reader import (
     read_members,
 )
 from envship.config import usable_cores
-from envship.errors import EnvshipError, MissingStoreFileError, UnsafeArchiveError
+from envship.errors import (
+    CorruptArchiveError,
+    EnvshipError,
+    MissingStoreFileError,
+    UnsafeArchiveError,
+)
 from envship.thin import THIN_MAGIC, read_thin_pack
 
 from .batch_writer import BatchWriter, Item, NotInStore, write_large
@@ -136,7 +141,7 @@ def extract_archive(
             )
             summary = extractor.run(f)
         if summary.id != expected_id:
-            raise EnvshipError(
+            raise CorruptArchiveError(
                 env,
                 f"archive does not match its id: it should be {expected_id} "
                 f"but its content hashes to {summary.id} (corrupted in transit, "
@@ -258,7 +263,7 @@ class _Extractor:
             for member in (read_thin_pack if thin else read_members)(self.reader):
                 self.member(member)
         except (CorruptArchive, zstandard.ZstdError, EOFError) as e:
-            raise EnvshipError(
+            raise CorruptArchiveError(
                 self.env,
                 f"the archive is not a readable envship artifact: {e}",
                 "send the artifact again; if that fails, pack the environment again",
