@@ -75,7 +75,7 @@ def test_an_existing_cache_is_read_without_change(tmp_path):
     assert "archives" in before and "files" in before
     listing = cache_cli("list", "--directory", root)
     assert listing.returncode == 0, listing.stderr
-    assert f"{root}: 0 B of" in listing.stdout
+    assert f"{root}:\n  0 B of" in listing.stdout
     assert tree(root) == before
 
 

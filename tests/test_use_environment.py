@@ -263,6 +263,21 @@ def test_nannies_without_preload_get_the_plugin(tmp_path, env_prefix, store):
         assert where(client) == {"solo-0": (str(caches["solo"] / base.id), None)}
 
 
+def test_a_new_scheduler_switches_nodes_that_hold_the_environment(
+    tmp_path, env_prefix, store
+):
+    # A LocalCluster restarted in a notebook: a new scheduler knows no offer,
+    # while the node's cache (the same folder) still holds the environment.
+    base = envship.pack(env_prefix("base"), store=store)
+    with local_cluster(tmp_path / "c", {"solo": 1}) as (client, caches):
+        assert client.use_environment(base).ok
+    with local_cluster(tmp_path / "c", {"solo": 1}) as (client, caches):
+        report = client.use_environment(base)
+        assert report.ok
+        assert not report.transfer.nodes  # nothing shipped: published only
+        assert where(client) == {"solo-0": (str(caches["solo"] / base.id), None)}
+
+
 def test_eviction_never_removes_an_environment_in_use(tmp_path, env_prefix, store):
     base = envship.pack(env_prefix("base"), store=store)
     venv = envship.pack(env_prefix("venv"), store=store)

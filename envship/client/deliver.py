@@ -102,6 +102,14 @@ async def ship(
     else:
         nodes, plan = list(only), None
     if not nodes:
+        # Every node holds it; a scheduler that restarted since may not know
+        # the offer, and its registry refuses to desire what has none.
+        request = Where(id=check_id(artifact.id)).to_msg()
+        known = await scheduler_of(client).envship_where(**request)
+        if WhereAnswer.from_msg(known).offer is None:
+            store = ArtifactStore(artifact.path.parent)
+            artifact = await asyncio.to_thread(store.ensure_archive, artifact)
+            await _publish(client, artifact)
         return ShipReport(), {}
     if plan is None:
         plan = delta.Plan(full=nodes)
@@ -283,8 +291,7 @@ async def _broadcast(
     holding: Iterable[str],
 ) -> ShipReport:
     """Publish ``blob``'s offer and broadcast it to ``nannies``."""
-    offer = await asyncio.to_thread(Offer.of_artifact, blob)
-    await scheduler_of(client).envship_publish(**Publish(offer).to_msg())
+    offer = await _publish(client, blob)
     holders = await _holders(client, blob.id, infos, holding)
     fetchers = [Peer(Address(nanny), infos[nanny].site) for nanny in nannies]
     total = offer.table.size * len(fetchers)  # bytes, over all nodes
@@ -303,6 +310,13 @@ async def _broadcast(
             client_site=config.get("site"),
             on_progress=lambda held: bar.update(min(held * piece, total), total),
         )
+
+
+async def _publish(client: Client, blob: Artifact) -> Offer:
+    """Tell the scheduler's registry ``blob``'s offer (its piece table)."""
+    offer = await asyncio.to_thread(Offer.of_artifact, blob)
+    await scheduler_of(client).envship_publish(**Publish(offer).to_msg())
+    return offer
 
 
 async def _holders(
