@@ -40,7 +40,7 @@ async def _gc(client: Client) -> dict[str, dict]:
         {w["nanny"] for w in identity["workers"].values() if w.get("nanny")}
     )
 
-    async def node_of(nanny):
+    async def node_of(nanny: str) -> str | None:
         try:
             return InfoAnswer.from_msg(await client.rpc(nanny).envship_info()).node
         except Exception:  # no envship there, or gone, or an invalid answer
@@ -51,7 +51,7 @@ async def _gc(client: Client) -> dict[str, dict]:
     )
     one_per_node = one_nanny_per_node(nodes)
 
-    async def clean(nanny):
+    async def clean(nanny: str) -> dict:
         try:
             answer = GcAnswer.from_msg(await client.rpc(nanny).envship_gc())
             return {"evicted": list(answer.evicted), "size": answer.size}

@@ -19,11 +19,18 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import xxhash
-from conda_pack.core import CondaEnv, CondaPackException, Packer, rewrite_conda_meta
+from conda_pack.core import (
+    CondaEnv,
+    CondaPackException,
+    File,
+    Packer,
+    rewrite_conda_meta,
+)
 
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
@@ -194,7 +201,13 @@ def _signature(source: SourceEnvironment) -> str:
     return h.hexdigest()
 
 
-def _pack_conda(source, name, writer, ignore_editable, progress) -> None:
+def _pack_conda(
+    source: SourceEnvironment,
+    name: str,
+    writer: TableWriter,
+    ignore_editable: bool,
+    progress: bool,
+) -> None:
     try:
         conda_env = CondaEnv.from_prefix(
             str(source.prefix), ignore_editable_packages=ignore_editable
@@ -239,7 +252,7 @@ class _Packer(Packer):
     all) go straight to the archive, as conda-pack's ``add`` does with them.
     """
 
-    def add(self, file) -> None:
+    def add(self, file: File) -> None:
         if file.file_mode is not None:
             super().add(file)
         elif file.target.startswith("conda-meta/") and file.target.endswith(".json"):
@@ -306,7 +319,9 @@ class _Checked:
                 )
 
 
-def _pack_venv(source: SourceEnvironment, name: str, writer, progress) -> None:
+def _pack_venv(
+    source: SourceEnvironment, name: str, writer: TableWriter, progress: bool
+) -> None:
     prefix = source.prefix
     old = str(prefix).encode()
     links: dict[str, str] = {}
@@ -351,7 +366,7 @@ def _may_hold_prefix(target: str) -> bool:
     )
 
 
-def _walk(prefix: Path):
+def _walk(prefix: Path) -> Iterator[str]:
     """Files, symlinks and empty folders under ``prefix``, not following links."""
     for root, dirs, files in os.walk(prefix):
         for d in list(dirs):
