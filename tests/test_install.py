@@ -275,3 +275,53 @@ def test_dask_config_file_turns_envship_on(env_prefix, tmp_path):
     assert "envship-registry" in result["before"]["scheduler"]
     # After: both workers run inside the shipped environment, from the cache.
     assert result["prefixes"] == [str(cache / result["id"])] * 2
+
+
+def test_documented_local_cluster_preloads_envship(env_prefix, tmp_path):
+    """The LocalCluster example of docs/install.md, as a notebook runs it.
+
+    Substituted: the cluster binds 127.0.0.1 without a dashboard (the doc's
+    defaults serve :8787 on every interface), and ``sklearn-dev`` is found by
+    name through ``CONDA_ENVS_PATH``, a folder where it links to the fixture.
+    """
+    ((language, code, _),) = marked("local-cluster")
+    assert language == "python"
+    call = "LocalCluster(n_workers=2, "
+    assert call in code
+    code = code.replace(
+        call, call + 'host="127.0.0.1", dashboard_address=None, threads_per_worker=1, '
+    )
+    envs = tmp_path / "envs"
+    envs.mkdir()
+    (envs / "sklearn-dev").symlink_to(env_prefix("sklearn-dev"))
+    script = tmp_path / "notebook.py"
+    script.write_text(
+        code
+        + textwrap.dedent(
+            """
+            import json, sys
+            preloads = client.run(
+                lambda dask_worker: [p.name for p in dask_worker.preloads],
+                nanny=True,
+            )
+            prefixes = client.run(lambda: sys.prefix)
+            print(json.dumps([list(preloads.values()), list(prefixes.values())]))
+            client.close()
+            cluster.close()
+            """
+        )
+    )
+    cache = tmp_path / "cache"
+    env = _clean_environ(
+        CONDA_ENVS_PATH=str(envs),
+        DASK_CONFIG=str(tmp_path / "no-config"),
+        DASK_ENVSHIP__CACHE__DIRECTORY=str(cache),
+        DASK_ENVSHIP__STORE=str(tmp_path / "store"),
+        PYTHONPATH=str(ROOT),
+    )
+    out = _run([sys.executable, str(script)], env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    preloads, prefixes = json.loads(out.stdout.splitlines()[-1])
+    assert preloads == [["envship"], ["envship"]]
+    (installed,) = {Path(p) for p in prefixes}
+    assert installed.parent == cache and len(prefixes) == 2
