@@ -280,9 +280,10 @@ def test_dask_config_file_turns_envship_on(env_prefix, tmp_path):
 def test_documented_local_cluster_preloads_envship(env_prefix, tmp_path):
     """The LocalCluster example of docs/install.md, as a notebook runs it.
 
-    Substituted: the cluster binds 127.0.0.1 without a dashboard (the doc's
-    defaults serve :8787 on every interface), and ``sklearn-dev`` is found by
-    name through ``CONDA_ENVS_PATH``, a folder where it links to the fixture.
+    Substituted: the cluster binds 127.0.0.1 without a dashboard (by default
+    it serves one on port 8787, which other clusters of the machine may
+    hold), and ``sklearn-dev`` is found by name through ``CONDA_ENVS_PATH``,
+    a folder where that name links to the fixture.
     """
     ((language, code, _),) = marked("local-cluster")
     assert language == "python"
@@ -294,11 +295,10 @@ def test_documented_local_cluster_preloads_envship(env_prefix, tmp_path):
     envs = tmp_path / "envs"
     envs.mkdir()
     (envs / "sklearn-dev").symlink_to(env_prefix("sklearn-dev"))
-    script = tmp_path / "notebook.py"
-    script.write_text(
-        code
-        + textwrap.dedent(
-            """
+    # Run as a notebook cell runs: code without a file, so that the nannies'
+    # spawned processes do not run it again (a script needs __main__ guards).
+    script = code + textwrap.dedent(
+        """
             import json, sys
             preloads = client.run(
                 lambda dask_worker: [p.name for p in dask_worker.preloads],
@@ -309,7 +309,6 @@ def test_documented_local_cluster_preloads_envship(env_prefix, tmp_path):
             client.close()
             cluster.close()
             """
-        )
     )
     cache = tmp_path / "cache"
     env = _clean_environ(
@@ -319,7 +318,7 @@ def test_documented_local_cluster_preloads_envship(env_prefix, tmp_path):
         DASK_ENVSHIP__STORE=str(tmp_path / "store"),
         PYTHONPATH=str(ROOT),
     )
-    out = _run([sys.executable, str(script)], env=env, cwd=tmp_path, timeout=300)
+    out = _run([sys.executable, "-c", script], env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     preloads, prefixes = json.loads(out.stdout.splitlines()[-1])
     assert preloads == [["envship"], ["envship"]]
