@@ -8,6 +8,8 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from envship.client.foreign import ForeignEnvironment
 from envship.client.gc import gc
 from envship.client.methods import add_client_methods
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 
-def dask_setup(server):
+def dask_setup(server: object) -> Awaitable[None] | None:
     """Preload hook for nannies and schedulers.
 
     ``dask worker --nanny --preload-nanny envship`` gives the nanny envship's
@@ -72,3 +74,4 @@ def dask_setup(server):
     from envship.node.nanny import setup_nanny
 
     setup_nanny(server)
+    return None

@@ -53,7 +53,7 @@ store_option = click.option(
 )
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, name="envship")
 @click.version_option(package_name="envship")
 def main():
     """Pack environments and ship them to Dask workers."""

@@ -6,6 +6,8 @@ is concerned, and says which), says what is wrong and how to fix it.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EnvshipError(Exception):
     """An error caused by the environment or input a user gave envship.
@@ -52,7 +54,7 @@ class EnvshipError(Exception):
             message += f"\nFix: {fix}"
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[EnvshipError], tuple[Any, ...]]:
         return type(self), (self.env, self.problem, self.fix, self.subject)
 
 

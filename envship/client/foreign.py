@@ -14,7 +14,9 @@ protocol 2, numpy arrays beside them as raw bytes (``bootstrap/bridge.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import cloudpickle
 
@@ -54,7 +56,7 @@ class ForeignEnvironment:
         return foreign_environment(self)
 
     @property
-    def call(self):
+    def call(self) -> Callable[..., Any]:
         """``call(target, *args, **kwargs)``, a function for tasks to run.
 
         ``target`` is ``"module.function"`` or ``"module:Class.method"``,
@@ -65,7 +67,7 @@ class ForeignEnvironment:
         """
         env = {"id": self.id, "name": self.name, "python": self.python}
 
-        def call(target: str, *args, **kwargs):
+        def call(target: str, *args: Any, **kwargs: Any) -> Any:
             return bridge.call_in(env, target, args, kwargs)
 
         call.__qualname__ = call.__name__ = f"call-{self.name}"

@@ -43,7 +43,7 @@ async def _gc(client: Client) -> dict[str, dict]:
     nanny_of = {a: w["nanny"] for a, w in identity["workers"].items() if w.get("nanny")}
     nannies = sorted(await nannies_with_envship(client, nanny_of))
 
-    async def node_of(nanny):
+    async def node_of(nanny: str) -> str | None:
         try:
             return InfoAnswer.from_msg(await client.rpc(nanny).envship_info()).node
         except Exception:  # gone meanwhile, or an invalid answer
@@ -54,7 +54,7 @@ async def _gc(client: Client) -> dict[str, dict]:
     )
     one_per_node = one_nanny_per_node(nodes)
 
-    async def clean(nanny):
+    async def clean(nanny: str) -> dict:
         try:
             answer = GcAnswer.from_msg(await client.rpc(nanny).envship_gc())
             return {"evicted": list(answer.evicted), "size": answer.size}

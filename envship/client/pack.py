@@ -20,11 +20,18 @@ import os
 import stat
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import xxhash
-from conda_pack.core import CondaEnv, CondaPackException, Packer, rewrite_conda_meta
+from conda_pack.core import (
+    CondaEnv,
+    CondaPackException,
+    File,
+    Packer,
+    rewrite_conda_meta,
+)
 
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
@@ -225,7 +232,13 @@ def _signature(source: SourceEnvironment) -> str:
     return h.hexdigest()
 
 
-def _pack_conda(source, name, writer, ignore_editable, progress) -> None:
+def _pack_conda(
+    source: SourceEnvironment,
+    name: str,
+    writer: TableWriter,
+    ignore_editable: bool,
+    progress: bool,
+) -> None:
     try:
         conda_env = CondaEnv.from_prefix(
             str(source.prefix), ignore_editable_packages=ignore_editable
@@ -270,7 +283,7 @@ class _Packer(Packer):
     all) go straight to the archive, as conda-pack's ``add`` does with them.
     """
 
-    def add(self, file) -> None:
+    def add(self, file: File) -> None:
         if file.file_mode is not None:
             super().add(file)
         elif file.target.startswith("conda-meta/") and file.target.endswith(".json"):
@@ -337,7 +350,9 @@ class _Checked:
                 )
 
 
-def _pack_venv(source: SourceEnvironment, name: str, writer, progress) -> None:
+def _pack_venv(
+    source: SourceEnvironment, name: str, writer: TableWriter, progress: bool
+) -> None:
     prefix = source.prefix
     old = str(prefix).encode()
     links: dict[str, str] = {}
@@ -382,7 +397,7 @@ def _may_hold_prefix(target: str) -> bool:
     )
 
 
-def _walk(prefix: Path):
+def _walk(prefix: Path) -> Iterator[str]:
     """Files, symlinks and empty folders under ``prefix``, not following links."""
     for root, dirs, files in os.walk(prefix):
         for d in list(dirs):

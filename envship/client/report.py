@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from dask.utils import format_bytes
 
@@ -175,7 +176,7 @@ class SwitchFailedError(EnvshipError):
         super().__init__(env, problem, fix)
         self.report = report
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[SwitchFailedError], tuple[Any, ...]]:
         return type(self), (self.env, self.problem, self.fix, self.report)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dask
 from distributed import Client, default_client
@@ -23,7 +24,7 @@ from .use import as_artifact, use_environment
 
 @contextmanager
 def environment(
-    env,
+    env: Any,
     client: Client | None = None,
     *,
     workers: int | None = None,
