@@ -807,7 +807,7 @@ class _HashingWriter:
         self._hash = xxhash.xxh3_128()
         self.size = 0
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:
         self._hash.update(data)
         self.size += len(data)
         return self._f.write(data)
