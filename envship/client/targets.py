@@ -155,8 +155,9 @@ async def nanny_side(
             raise EnvshipError(
                 label,
                 f"the nannies cannot load envship ({e})",
-                "install envship where the workers run (`pip install envship`) "
-                "and start them with `dask worker --preload-nanny envship`",
+                "install the client's envship where the nannies run (the same "
+                "version: docs/install.md) and start them with "
+                "`dask worker --preload-nanny envship`",
             ) from e
 
     async def info(nanny: str) -> dict:
@@ -186,8 +187,9 @@ async def ensure_registry(client: Client, label: str) -> None:
         raise EnvshipError(
             label,
             f"the scheduler cannot load envship ({e})",
-            "install envship where the scheduler runs (`pip install envship`); "
-            "administrators may start it with `dask scheduler --preload envship`",
+            "install the client's envship where the scheduler runs (the same "
+            "version: docs/install.md); administrators may start it with "
+            "`dask scheduler --preload envship`",
         ) from e
 
 
