@@ -149,7 +149,14 @@ def list_artifacts(store):
         Col("python", drop=3),
         Col("created", drop=2),
     )
-    for a in store.artifacts():
+    artifacts = store.artifacts()
+    damaged = store.damaged()
+    if not artifacts and not damaged:
+        click.echo(
+            f"no environment packed in {_home(store.root)} yet: `envship pack ENV`"
+        )
+        return
+    for a in artifacts:
         m = a.manifest
         created = datetime.fromisoformat(m.created).astimezone()
         table.add_row(
@@ -160,8 +167,9 @@ def list_artifacts(store):
             m.python,
             created.strftime("%Y-%m-%d %H:%M"),
         )
-    click.echo(table.render(_width()))
-    for entry in store.damaged():
+    if artifacts:
+        click.echo(table.render(_width()))
+    for entry in damaged:
         called = ", ".join(entry.names) or "-"
         for line in (
             f"damaged: {called}  {entry.id}  {entry.problem}",
@@ -324,7 +332,8 @@ def cache_list(directory):
         Col("last used", drop=3),
         Col("in use by", drop=2),
     )
-    for e in node.entries():
+    entries = node.entries()
+    for e in entries:
         table.add_row(
             e.name or "-",
             e.id[:12],
@@ -333,7 +342,7 @@ def cache_list(directory):
             clock_time(e.last_used) if e.last_used else "-",
             ", ".join(map(str, e.leases)) or "-",
         )
-    click.echo(table.render(_width()))
+    click.echo(table.render(_width()) if entries else "no environment cached here yet")
     files, stored = node.files.usage()
     unbounded = node.max_size == float("inf")
     budget = "no limit" if unbounded else format_bytes(int(node.max_size))
