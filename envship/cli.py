@@ -228,11 +228,18 @@ def rm(name_or_id, store):
 
 
 def _connect(scheduler: str):
-    """A client of ``--scheduler``; an EnvshipError that says where it came from."""
+    """A client of ``--scheduler``; an EnvshipError that says where it came from.
+
+    Without distributed's "Mismatched versions" table: workers in environments
+    of their own differ from this client by design, and a switch reports what
+    an environment lacks (``SwitchReport.missing_optional``).
+    """
     from envship.client.connect import connect_scheduler
 
     try:
-        return connect_scheduler(scheduler)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Mismatched versions found")
+            return connect_scheduler(scheduler)
     except EnvshipError as e:
         source = click.get_current_context().get_parameter_source("scheduler")
         if source is not click.core.ParameterSource.ENVIRONMENT:

@@ -164,10 +164,14 @@ def test_cli_pack_list_inspect_rm(env_prefix, store):
     prefix = env_prefix("venv")
     out = run_cli("pack", prefix, "--name", "tools", "--store", store)
     assert out.returncode == 0, out.stderr
-    artifact_id = out.stdout.split()[1]
+    # "packed tools <short id>", a sizes line, then the archive's path
+    artifact_id = out.stdout.splitlines()[-1].rsplit("/", 1)[1].split(".")[0]
+    assert out.stdout.split()[:3] == ["packed", "tools", artifact_id[:12]]
     listing = run_cli("list", "--store", store)
     assert "tools" in listing.stdout and artifact_id[:12] in listing.stdout
-    manifest = json.loads(run_cli("inspect", "tools", "--store", store).stdout)
+    manifest = json.loads(
+        run_cli("inspect", "tools", "--json", "--store", store).stdout
+    )
     assert manifest["id"] == artifact_id and manifest["kind"] == "venv"
     assert run_cli("rm", artifact_id[:8], "--store", store).returncode == 0
     assert not list(store.glob(f"{artifact_id}*"))
