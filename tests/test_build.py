@@ -213,3 +213,24 @@ def test_a_range_that_excludes_the_pinned_version_is_refused_by_name(
     message = str(caught.value)
     assert "would move distributed" in message and "distributed==2026.8.0" in message
     assert [p.name for p in builds.iterdir()] == []
+
+
+def test_a_uv_lock_installs_what_it_lists(env_prefix, builds, wheels, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "analysis"\nversion = "0.1"\nrequires-python = ">=3.11"\n'
+        'dependencies = ["tabulate==0.8.10", "six"]\n'
+    )
+    base = env_prefix("base")
+    subprocess.run(
+        [uv_binary(), "lock", "-q", "--python", str(base / "bin" / "python"),
+         "--directory", str(project), *wheels],
+        check=True,
+    )  # fmt: skip
+    prefix = build_environment(
+        BuildSpec(lock=project / "uv.lock", base=str(base)), index_args=wheels
+    )
+    out = run_python(prefix, "import tabulate, six; print(tabulate.__version__)")
+    assert out == "0.8.10"
+    assert build_record(prefix)["requirements"] == ["six==1.16.0", "tabulate==0.8.10"]

@@ -77,8 +77,12 @@ def clone_environment(base: Path, target: Path, kind: str) -> dict[str, int]:
                 shutil.copy2(source, out)
                 counts["copied"] += 1
             else:
-                os.link(source, out)
-                counts["linked"] += 1
+                try:
+                    os.link(source, out)
+                    counts["linked"] += 1
+                except OSError:  # another filesystem, or links not allowed
+                    shutil.copy2(source, out)
+                    counts["copied"] += 1
     return counts
 
 
