@@ -104,7 +104,7 @@ def build_environment(
         say(f"resolving against {label}")
         plan = _resolve(spec, python, constraints, pins, index_args, label, work)
         key = _key(source, plan)
-        target = builds / f"{base.name}+{key[:8]}"
+        target = builds / f"{_readable_name(base)}+{key[:8]}"
         if _is_complete(target):
             say(f"already built: {target}")
             return target
@@ -277,6 +277,20 @@ def _key(source: SourceEnvironment, plan: _Plan) -> str:
     for path, digest in sorted(plan.local.items()):
         h.update(f"{path}\0{digest}\n".encode())
     return h.hexdigest()
+
+
+def _readable_name(base: Path) -> str:
+    """The base's folder name, with its project's for a bare ``.venv``.
+
+    Examples
+    --------
+    >>> _readable_name(Path("/home/ada/analysis/.venv")), _readable_name(Path("/envs/ml"))
+    ('analysis-venv', 'ml')
+    """
+    name = base.name.lstrip(".") or "env"
+    if name in ("venv", "env") and base.parent.name:
+        name = f"{base.parent.name.lstrip('.')}-{name}"
+    return name
 
 
 def _stat_signature(prefix: Path) -> str:
