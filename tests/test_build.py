@@ -212,6 +212,7 @@ def test_a_range_that_excludes_the_pinned_version_is_refused_by_name(
         build_environment(spec, index_args=wheels)
     message = str(caught.value)
     assert "would move distributed" in message and "distributed==2026.8.0" in message
+    assert "distributed<2025" in message  # uv's own words, naming the requirement
     assert [p.name for p in builds.iterdir()] == []
 
 

@@ -143,7 +143,7 @@ def _resolve(
     requested: list[str] = []
     for item in spec.pip:
         path = Path(item).expanduser()
-        if looks_like_path(item) or path.is_dir():
+        if _LOCAL.match(item) and looks_like_path(item):
             if not path.is_dir():
                 raise EnvshipError(
                     label,
@@ -179,7 +179,7 @@ def _resolve(
     except uv.UvError as e:
         moved = uv.pinned_names_in(e.message, pins)
         if moved:
-            raise _moves_error(label, moved, pins, e.message) from None
+            raise _moves_error(label, moved, pins, None, e.message) from None
         raise
     _refuse_moves(lines, pins, label)
     return _written(sorted(lines), work, exact=False, local=local)
@@ -249,19 +249,32 @@ def _refuse_moves(lines: Sequence[str], pins: dict[str, str], label: str) -> Non
                 raise _moves_error(label, [name], pins, line)
 
 
+# "./proj", "/src/proj", "~/proj": a local project; "pkg @ https://..." is not.
+_LOCAL = re.compile(r"^[\w.~/+-]+$")
 _NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?")
 _EXACT = re.compile(r"===?\s*([^\s,;]+)")
 
 
 def _moves_error(
-    label: str, names: list[str], pins: dict[str, str], requirement: str
+    label: str,
+    names: list[str],
+    pins: dict[str, str],
+    requirement: str | None,
+    uv_says: str = "",
 ) -> EnvshipError:
     held = ", ".join(f"{n}=={pins[n]}" for n in names)
+    asked = (
+        f"the requirement {requirement!r}" if requirement else "the packages asked for"
+    )
+    problem = (
+        f"{asked} would move {', '.join(names)}, which must stay at the base's "
+        f"version ({held}) to match the scheduler and workers; nothing was built"
+    )
+    if uv_says:
+        problem += f"\nuv says:\n{uv_says}"
     return EnvshipError(
         label,
-        f"the requirement {requirement!r} would move {', '.join(names)}, which "
-        f"must stay at the base's version ({held}) to match the scheduler and "
-        "workers; nothing was built",
+        problem,
         f"drop that requirement or ask for a version compatible with {held}; "
         "to change these packages, build a base environment with them (and "
         "run the scheduler and workers with the same versions)",
