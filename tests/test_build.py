@@ -235,3 +235,28 @@ def test_a_uv_lock_installs_what_it_lists(env_prefix, builds, wheels, tmp_path):
     out = run_python(prefix, "import tabulate, six; print(tabulate.__version__)")
     assert out == "0.8.10"
     assert build_record(prefix)["requirements"] == ["six==1.16.0", "tabulate==0.8.10"]
+
+
+def test_a_longer_list_starts_from_the_cached_build(env_prefix, builds, wheels):
+    base = env_prefix("venv")
+    before = checksums(base)
+    first = build_environment(
+        BuildSpec(pip=("tabulate==0.8.10",), base=str(base)), index_args=wheels
+    )
+    longer = build_environment(
+        BuildSpec(pip=("tabulate==0.8.10", "six"), base=str(base)), index_args=wheels
+    )
+    assert build_record(longer)["parent"] == str(first)
+    out = run_python(longer, "import tabulate, six, sys; print(tabulate.__version__)")
+    assert out == "0.8.10"
+    assert run_python(longer, "import sys; print(sys.prefix)") == str(longer)
+    assert str(first) not in (longer / "pyvenv.cfg").read_text()
+    assert (longer / "bin" / "tabulate").read_text().startswith(f"#!{longer}/bin/")
+    assert checksums(base) == before
+    shorter = build_environment(
+        BuildSpec(pip=("six",), base=str(base)), index_args=wheels
+    )
+    assert build_record(shorter)["parent"] is None  # first holds tabulate 0.8.10
+    assert (
+        run_python(shorter, "import tabulate; print(tabulate.__version__)") == "0.9.0"
+    )

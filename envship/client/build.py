@@ -348,9 +348,11 @@ def _build(
     if os.path.lexists(target):  # an earlier build that did not finish
         shutil.rmtree(target)
     started = time.perf_counter()
+    parent = _nearest_build(target.parent, source, plan)
+    start_from = parent or source.prefix
     try:
-        say(f"cloning {source.prefix} to {target}")
-        counts = clone_environment(source.prefix, target, source.kind)
+        say(f"cloning {start_from} to {target}")
+        counts = clone_environment(start_from, target, source.kind)
         cloned = time.perf_counter()
         say(f"installing {len(plan.lines)} packages with uv")
         refresh = [a for n in _local_names(plan) for a in ("--refresh-package", n)]
@@ -367,15 +369,51 @@ def _build(
         raise
     info = {
         "base": str(source.prefix),
+        "base_signature": _stat_signature(source.prefix),
+        "parent": str(parent) if parent else None,
         "requirements": plan.lines,
         "local": plan.local,
+        "exact": plan.exact,
         "clone_seconds": round(cloned - started, 3),
         "seconds": round(time.perf_counter() - started, 3),
         **counts,
     }
+    info["signature"] = _stat_signature(target)
     tmp = marker.with_name(marker.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, marker)  # last: the build is whole
+
+
+def _nearest_build(builds: Path, source: SourceEnvironment, plan: _Plan) -> Path | None:
+    """A finished build of the same base whose packages are all in ``plan``.
+
+    Cloning it instead of the base leaves uv only the difference to install:
+    everything it holds is wanted at the same version. One that changed since
+    it was built (a ``pip install`` into it) or that holds a local project or
+    a lock's exact set is not used.
+    """
+    if plan.local or plan.exact:
+        return None
+    wanted = set(plan.lines)
+    base_signature = _stat_signature(source.prefix)
+    best: tuple[int, Path] | None = None
+    for marker in builds.glob("*.complete"):
+        prefix = marker.with_name(marker.name[: -len(".complete")])
+        record = build_record(prefix)
+        if (
+            record is None
+            or record.get("base") != str(source.prefix)
+            or record.get("base_signature") != base_signature
+            or record.get("local")
+            or record.get("exact", True)
+            or not set(record.get("requirements", ())) <= wanted
+            or record.get("signature") != _stat_signature(prefix)
+        ):
+            continue
+        size = len(record["requirements"])
+        if best is None or size > best[0]:
+            best = (size, prefix)
+    return best[1] if best else None
 
 
 def _local_names(plan: _Plan) -> list[str]:
