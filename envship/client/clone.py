@@ -65,6 +65,8 @@ def clone_environment(base: Path, target: Path, kind: str) -> dict[str, int]:
                 continue
             if name in dirs:
                 continue
+            if rel == ".lock":
+                continue  # uv's lock of the environment: the clone gets its own
             if rel in text_files or _is_script(rel, source, kind, old):
                 counts["rewritten"] += _copy_rewritten(source, out, old, new, text=True)
                 counts["copied"] += 1
