@@ -113,6 +113,23 @@ def test_ignore_editable_ships_the_hooks_without_the_code(dev, store):
     assert artifact.id != envship.pack(venv, store=store, archive=False).id
 
 
+def test_a_conda_environment_ships_the_code_too(env_prefix, store, tmp_path):
+    # conda-pack would refuse the editable install: envship handles it.
+    env = tmp_path / "conda-dev"
+    subprocess.run(["cp", "-a", env_prefix("no-distributed"), env], check=True)
+    project = make_project(tmp_path / "proj", "condaproj", "setuptools")
+    install_editable(env, project, isolated=True)
+    before = checksums(env)
+    first = envship.pack(env, store=store, archive=False)
+    paths = {e.path for e in EntryTable.load(first.table_path).entries}
+    assert f"{SITE}/condaproj/__init__.py" in paths
+    assert not [p for p in paths if p.startswith(f"{SITE}/__editable__")]
+    (project / "condaproj" / "helpers.py").write_text("def double(x):\n    pass\n")
+    edited = envship.pack(env, store=store)  # the archive too: it is whole
+    assert edited.id != first.id and edited.manifest.stats["files_read"] == 1
+    assert checksums(env) == before
+
+
 def test_legacy_egg_link_and_editables_redirector(tmp_path):
     site = tmp_path / "site-packages"
     site.mkdir()
