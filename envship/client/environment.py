@@ -16,6 +16,8 @@ from pathlib import Path
 from envship.errors import EnvshipError
 from envship.kinds import environment_kind
 
+from .editable import EditableProject, find_projects
+
 #: Packages whose versions must agree between client, scheduler and workers,
 #: and those distributed compares too (numpy, pandas, lz4: see
 #: ``envship.client.compat.missing_optional``).
@@ -89,6 +91,16 @@ class SourceEnvironment:
             for name, version in _conda_versions(self.prefix).items():
                 found.setdefault(name, version)
         return {name: found[name] for name in TRACKED_PACKAGES if name in found}
+
+    def editable_projects(self) -> list[EditableProject]:
+        """The projects installed in development (editable) mode, and their code.
+
+        See :mod:`envship.client.editable`: packing ships their code in place
+        of their hooks.
+        """
+        if self.site_packages is None:
+            return []
+        return find_projects(self.site_packages)
 
     def editable_packages(self) -> list[str]:
         """Names of packages installed in development (editable) mode."""

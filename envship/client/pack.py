@@ -39,6 +39,7 @@ from envship.manifest import FORMAT_VERSION, Manifest
 from envship.table import ROW_SYMLINK, TableWriter
 from envship.unpack_record import UNPACK_FILE, CondaRecord, VenvRecord
 
+from .editable import EditableProject
 from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
 from .progress import progress_bar
@@ -78,8 +79,11 @@ def pack(
     threads : int, optional
         Compression threads, default every core available.
     ignore_editable : bool
-        Pack even if packages are installed in editable mode (their sources
-        outside the environment are not included).
+        Ship editable (development) installs without their code, as they are
+        in the environment (hooks pointing to folders the workers lack). By
+        default their code is shipped: the current content of each
+        project's mapped packages goes into site-packages as a normal install
+        would put it, and the editable hooks are left out.
     progress : bool
         Show a progress bar.
     archive : bool
@@ -106,7 +110,9 @@ def pack(
     name = check_name(name or prefix.name)
     source = SourceEnvironment.from_prefix(prefix, name)
 
-    signature = _signature(source)
+    projects = [] if ignore_editable else source.editable_projects()
+    _check_projects(name, projects)
+    signature = _signature(source, projects, ignore_editable)
     known = store.by_signature(signature)
     if known is not None:
         problem = _reusable(store, known)
@@ -126,23 +132,13 @@ def pack(
         )
         store.discard(known)
 
-    editable = source.editable_packages()
-    if editable and not ignore_editable:
-        raise EnvshipError(
-            name,
-            "packages are installed in editable (development) mode, so their "
-            f"code lives outside the environment: {', '.join(editable)}",
-            "install them normally (`pip install .` rather than `pip install -e "
-            ".`), or pack anyway with --ignore-editable (ignore_editable=True)",
-        )
-
     started = time.perf_counter()
     digests = store.load_digests()
     writer = TableWriter(digests)
     if source.kind == "conda":
-        _pack_conda(source, name, writer, ignore_editable, progress)
+        _pack_conda(source, name, writer, projects, progress)
     else:
-        _pack_venv(source, name, writer, progress)
+        _pack_venv(source, name, writer, projects, progress)
     table = writer.close()
     if writer.read_files:  # else the digests are all as they were
         store.save_digests(digests, writer.seen, name)
@@ -210,13 +206,50 @@ def _resolve(env: str | os.PathLike, store: ArtifactStore) -> Path | Artifact:
     )
 
 
-def _signature(source: SourceEnvironment) -> str:
+def _check_projects(name: str, projects: list[EditableProject]) -> None:
+    """Refuse editable projects whose code cannot be found."""
+    for project in projects:
+        missing = project.missing()
+        if missing or not project.mapped:
+            where = (
+                f"maps to {', '.join(missing)}, which does not exist"
+                if missing
+                else "has no hook envship understands, so where its code is is unknown"
+            )
+            raise EnvshipError(
+                name,
+                f"{project.name} is installed in editable (development) mode and "
+                f"{where}",
+                f"install it again (`pip install -e SOURCE_DIR`, or `pip install "
+                f"SOURCE_DIR` for a normal install), uninstall it (`pip uninstall "
+                f"{project.name}`), or pack it without its code with "
+                "--ignore-editable (ignore_editable=True)",
+            )
+
+
+def _signature(
+    source: SourceEnvironment,
+    projects: list[EditableProject],
+    ignore_editable: bool,
+) -> str:
     """A cheap fingerprint: the stat of every file, not its bytes.
 
-    Any change that conda or pip makes changes a size, an mtime or an inode.
+    Any change that conda or pip makes changes a size, an mtime or an inode;
+    so does an edit of an editable project's code (its mapped files are
+    stat'ed too).
     """
     h = xxhash.xxh3_128()
     h.update(f"{FORMAT_VERSION}\0{source.kind}\0{source.prefix}\n".encode())
+    if ignore_editable:
+        h.update(b"ignore-editable\n")
+    for project in projects:
+        h.update(f"editable\0{project.name}\n".encode())
+        for path, target in project.files():
+            st = os.lstat(path)
+            h.update(
+                f"{path}\0{target}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}"
+                f"\0{st.st_ino}\n".encode("utf-8", "surrogateescape")
+            )
     stack = [str(source.prefix)]
     while stack:
         folder = stack.pop()
@@ -232,22 +265,77 @@ def _signature(source: SourceEnvironment) -> str:
     return h.hexdigest()
 
 
+class _EditableCode:
+    """What editable projects change in the shipped tree.
+
+    Their hooks are left out (``drop``), their lines in shared ``.pth``
+    files removed (``edited``), and their code added where a normal install
+    puts it (``add_code``).
+    """
+
+    def __init__(self, source: SourceEnvironment, projects: list[EditableProject]):
+        self.projects = projects
+        self.site = (
+            os.path.relpath(source.site_packages, source.prefix)
+            if source.site_packages is not None
+            else ""
+        )
+        self.drop = {f"{self.site}/{h}" for p in projects for h in p.hooks}
+        self.edits: dict[str, set[str]] = {}
+        for p in projects:
+            for pth, line in p.pth_lines:
+                self.edits.setdefault(f"{self.site}/{pth}", set()).add(line)
+
+    def edited(self, path: str, target: str) -> bytes:
+        """The content of the shared ``.pth`` file ``target`` without the lines."""
+        removed = self.edits[target]
+        lines = Path(path).read_text().splitlines(keepends=True)
+        return "".join(x for x in lines if x.rstrip("\r\n") not in removed).encode()
+
+    def add_code(self, checked: _Checked, existing: set[str], name: str) -> None:
+        for project in self.projects:
+            for path, rel in project.files():
+                target = f"{self.site}/{rel}"
+                if target in existing:
+                    raise EnvshipError(
+                        name,
+                        f"{target} is installed in the environment and is also "
+                        f"the code of the editable project {project.name} "
+                        f"({project.source})",
+                        "uninstall the other distribution that installed "
+                        f"{rel.split('/')[0]}, or install {project.name} normally",
+                    )
+                checked.add(path, target)
+
+
 def _pack_conda(
     source: SourceEnvironment,
     name: str,
     writer: TableWriter,
-    ignore_editable: bool,
+    projects: list[EditableProject],
     progress: bool,
 ) -> None:
     try:
+        # Editable installs are ours to handle (_EditableCode), not conda-pack's.
         conda_env = CondaEnv.from_prefix(
-            str(source.prefix), ignore_editable_packages=ignore_editable
+            str(source.prefix), ignore_editable_packages=True
         )
-        packer = _Packer(str(source.prefix), _Checked(writer, source.prefix, name))
+        checked = _Checked(writer, source.prefix, name)
+        packer = _Packer(str(source.prefix), checked)
+        editable = _EditableCode(source, projects)
         with progress_bar(f"packing {name}", len(conda_env.files), progress) as bar:
             for file in conda_env.files:
-                packer.add(file)
                 bar.advance()
+                if file.target in editable.drop:
+                    continue
+                if file.target in editable.edits:
+                    data = editable.edited(file.source, file.target)
+                    checked.add_bytes(file.source, data, file.target)
+                    continue
+                packer.add(file)
+        if projects:
+            existing = {file.target for file in conda_env.files}
+            editable.add_code(checked, existing, name)
         # conda-pack's own scripts: from temporary files, gone right after.
         writer.keep_data = True
         packer.finish()
@@ -351,18 +439,33 @@ class _Checked:
 
 
 def _pack_venv(
-    source: SourceEnvironment, name: str, writer: TableWriter, progress: bool
+    source: SourceEnvironment,
+    name: str,
+    writer: TableWriter,
+    projects: list[EditableProject],
+    progress: bool,
 ) -> None:
     prefix = source.prefix
     old = str(prefix).encode()
     links: dict[str, str] = {}
     text_files: list[str] = []
     checked = _Checked(writer, prefix, name)
+    editable = _EditableCode(source, projects)
     paths = sorted(_walk(prefix))
+    existing = set()
     with progress_bar(f"packing {name}", len(paths), progress) as bar:
         for path in paths:
             target = os.path.relpath(path, prefix)
+            existing.add(target)
             bar.advance()
+            if target in editable.drop:
+                continue
+            if target in editable.edits:
+                data = editable.edited(path, target)
+                if old in data:
+                    text_files.append(target)
+                writer.add_bytes(path, data, target)
+                continue
             if target.startswith("bin/python") and os.path.islink(path):
                 link = os.readlink(path)
                 resolved = os.path.normpath(os.path.join(os.path.dirname(path), link))
@@ -381,6 +484,8 @@ def _pack_venv(
                 writer.add_bytes(path, data, target)
             else:
                 checked.add(path, target)
+    if projects:
+        editable.add_code(checked, existing, name)
     if not links:
         raise EnvshipError(
             name,
