@@ -251,16 +251,19 @@ def offline(wheels, monkeypatch, tmp_path):
 
 def test_package_list_on_a_cluster(offline, store, tmp_path):
     venv = str(fixtures_env("venv"))
-    with local_cluster(tmp_path / "cluster", {"node-a": 2}) as (client, caches):
+    with local_cluster(tmp_path / "cluster", {"node-a": 1}) as (client, caches):
         first = client.use_environment(pip=["tabulate==0.8.10"], base=venv)
         assert first.ok, first
         seen = client.run(tabulate_version)
         assert {v for _, v in seen.values()} == {"0.8.10"}
         built = {p for p, _ in seen.values()}
-        assert len(built) == 1 and venv not in built
+        assert len(built) == 1 and venv not in built  # the node cache's copy
         (artifact_id,) = {r.environment for r in first.values()}
-        archive = store / f"{artifact_id}.tar.zst"
-        stamp = archive.stat().st_mtime_ns if archive.exists() else None
+        record = envship.ArtifactStore(store).resolve(artifact_id)
+        assert record is not None
+        stamp = record.manifest.created
+        built_at = Path(record.manifest.source_prefix)
+        folder = built_at.stat()
 
         again = client.use_environment(venv, pip=["tabulate==0.8.10"])
         assert again.ok
@@ -268,13 +271,22 @@ def test_package_list_on_a_cluster(offline, store, tmp_path):
         # a warm switch: no file written nor linked on the node
         unpacked = (again.unpacked or {}).values()
         assert all(u["written"] == u["linked"] == 0 for u in unpacked)
-        assert (archive.stat().st_mtime_ns if archive.exists() else None) == stamp
+        assert (
+            envship.ArtifactStore(store).resolve(artifact_id).manifest.created == stamp
+        )
+        # built nothing: the same folder, not replaced nor written into
+        now = built_at.stat()
+        assert (now.st_ino, now.st_mtime_ns) == (folder.st_ino, folder.st_mtime_ns)
         assert {v for _, v in client.run(tabulate_version).values()} == {"0.8.10"}
 
-    result = CliRunner().invoke(main, ["build", venv, "--pip", "tabulate==0.8.10"])
+    # the same environment: the switch recorded its table, the CLI writes the
+    # archive once, then finds it
+    build = ["build", venv, "--pip", "tabulate==0.8.10"]
+    result = CliRunner().invoke(main, build)
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("cache hit: ")
-    assert artifact_id[:12] in result.output
+    assert artifact_id[:12] in result.output.splitlines()[0]
+    result = CliRunner().invoke(main, build)
+    assert result.output.startswith(f"cache hit: {Path(venv).name}+tabulate ")
 
 
 def test_pip_only_environment_yml_builds(offline, store, tmp_path):

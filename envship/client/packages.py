@@ -399,15 +399,24 @@ def build_spec(
     store: Any = None,
     index: Sequence[str] | None = None,
     progress: bool = False,
+    archive: bool = True,
 ) -> Artifact:
-    """Build ``spec`` (a ``BuildSpec``) and pack the result into the store."""
+    """Build ``spec`` (a ``BuildSpec``) and pack the result into the store.
+
+    ``archive=False`` records its table only, as a switch does (it ships a
+    thin pack); ``envship.build`` writes the archive, as ``envship.pack``.
+    """
     from .build import build_environment
     from .pack import pack
 
     args = index_args() if index is None else list(index)
     prefix = build_environment(spec, index_args=args, progress=progress)
     return pack(
-        prefix, name=name or readable_name(spec), store=store, progress=progress
+        prefix,
+        name=name or readable_name(spec),
+        store=store,
+        progress=progress,
+        archive=archive,
     )
 
 

@@ -79,7 +79,7 @@ def environment(
         env, pip=pip, requirements=requirements, lock=lock, base=base, file=file
     )
     if spec is not None:
-        env = build_spec(spec, progress=bool(progress))
+        env = build_spec(spec, progress=bool(progress), archive=False)
     if env is None:
         raise EnvshipError(
             "None",

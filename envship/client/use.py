@@ -111,7 +111,7 @@ def use_environment(
     )
     if spec is not None:
         with timing(switch.stages, "build"):
-            env = build_spec(spec, progress=switch.progress)
+            env = build_spec(spec, progress=switch.progress, archive=False)
     artifact = None if env is None else switch.pack(env)
     if artifact is not None and hosts_no_worker(manifest_of(artifact)):
         return _foreign(switch, artifact)
@@ -172,7 +172,7 @@ def prepare_environment(
     )
     if spec is not None:
         with timing(switch.stages, "build"):
-            env = build_spec(spec, progress=switch.progress)
+            env = build_spec(spec, progress=switch.progress, archive=False)
     return switch.prepare(switch.pack(env))
 
 
