@@ -279,6 +279,13 @@ def test_package_list_on_a_cluster(offline, store, tmp_path):
         assert (now.st_ino, now.st_mtime_ns) == (folder.st_ino, folder.st_mtime_ns)
         assert {v for _, v in client.run(tabulate_version).values()} == {"0.8.10"}
 
+        use = ["use", venv, "--pip", "tabulate==0.8.10"]
+        result = CliRunner().invoke(
+            main, [*use, "--scheduler", client.scheduler.address]
+        )
+        assert result.exit_code == 0, result.output
+        assert artifact_id[:12] in result.output and " ok" in result.output
+
     # the same environment: the switch recorded its table, the CLI writes the
     # archive once, then finds it
     build = ["build", venv, "--pip", "tabulate==0.8.10"]
