@@ -159,7 +159,7 @@ def _package_list_options(command):
                 "--file",
                 type=click.Path(dir_okay=False),
                 default=None,
-                help="An environment.yml: its pip part (its conda part must be in BASE).",
+                help="An environment.yml: its pip part (its conda part must be in the base).",
             ),
         )
     ):
@@ -173,9 +173,10 @@ def _package_list_options(command):
 @click.option("--name", default=None, help="Name to record (default: base+packages).")
 @store_option
 def build(base, pip, requirements, lock, file, name, store):
-    """Build BASE (default: envship's own environment) plus a package list, and pack it.
+    """Build BASE plus packages (--pip, -r, --lock, --file), and pack it.
 
-    The packages are installed by uv, through the index pip's configuration
+    BASE: a conda environment name, or a conda env or venv path; default the
+    environment envship runs in. The packages are installed by uv, through the index pip's configuration
     names, with dask, distributed, cloudpickle, msgpack and toolz held at
     BASE's versions. The same BASE and list again is a cache hit.
     """
