@@ -34,6 +34,15 @@ def store_directory() -> Path:
     return Path(base) / "envship" / "store"
 
 
+def build_directory() -> Path:
+    """Derived environments, ``envship.build.directory`` or ``~/.cache/envship/builds``."""
+    configured = get("build.directory")
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "envship" / "builds"
+
+
 def cache_directory() -> Path:
     """The node cache root, ``envship.cache.directory`` or a private temp folder."""
     configured = get("cache.directory")
