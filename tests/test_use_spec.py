@@ -279,6 +279,12 @@ def test_package_list_on_a_cluster(offline, store, tmp_path):
         assert (now.st_ino, now.st_mtime_ns) == (folder.st_ino, folder.st_mtime_ns)
         assert {v for _, v in client.run(tabulate_version).values()} == {"0.8.10"}
 
+        # per task: the same list names the environment the workers run in
+        with envship.environment(client=client, pip=["tabulate==0.8.10"], base=venv):
+            # a lambda: the scheduler unpickles task graphs (see test_shared)
+            task = client.submit(lambda: __import__("tabulate").__version__)
+            assert task.result() == "0.8.10"
+
         use = ["use", venv, "--pip", "tabulate==0.8.10"]
         result = CliRunner().invoke(
             main, [*use, "--scheduler", client.scheduler.address]
@@ -315,3 +321,11 @@ def test_pip_only_environment_yml_builds(offline, store, tmp_path):
         check=True,
     )
     assert out.stdout.strip() == "0.8.10"
+
+
+def test_a_pin_that_would_move_distributed_is_refused(offline, store):
+    venv = str(fixtures_env("venv"))
+    with pytest.raises(EnvshipError, match="would move distributed") as refused:
+        envship.build(pip=["distributed==2024.1.0"], base=venv)
+    assert "nothing was built" in str(refused.value)
+    assert envship.ArtifactStore(store).artifacts() == []
