@@ -62,8 +62,11 @@ def test_index_args_from_a_pip_config_file(pip_conf, tmp_path):
         "--extra-index-url", "https://a.example.org/simple",
         "--extra-index-url", "https://b.example.org/simple",
         "--find-links", "/srv/wheels",
+        "--index-strategy", "unsafe-best-match",  # pip's way with several
     ]  # fmt: skip
     # [download] is not an install section: its no-index is not taken
+    own_strategy = environ | {"UV_INDEX_STRATEGY": "first-index"}
+    assert "--index-strategy" not in index_args(own_strategy, start=tmp_path)
 
 
 def test_pip_variables_win_over_the_files(pip_conf, tmp_path):
@@ -236,7 +239,18 @@ def wheels() -> Path:
 
 
 @pytest.fixture
-def offline(wheels, monkeypatch, tmp_path):
+def builds(tmp_path, monkeypatch):
+    """A private folder of built environments (``envship.build.directory``)."""
+    import dask.config
+
+    folder = tmp_path / "builds"
+    monkeypatch.setenv("DASK_ENVSHIP__BUILD__DIRECTORY", str(folder))
+    with dask.config.set({"envship.build.directory": str(folder)}):
+        yield folder
+
+
+@pytest.fixture
+def offline(wheels, builds, monkeypatch, tmp_path):
     """pip configured for the wheel folder only, as a site without network."""
     for name in list(os.environ):
         if name.startswith(("PIP_", "UV_")):
@@ -249,7 +263,7 @@ def offline(wheels, monkeypatch, tmp_path):
     return wheels
 
 
-def test_package_list_on_a_cluster(offline, store, tmp_path):
+def test_package_list_on_a_cluster(offline, builds, store, tmp_path):
     venv = str(fixtures_env("venv"))
     with local_cluster(tmp_path / "cluster", {"node-a": 1}) as (client, caches):
         first = client.use_environment(pip=["tabulate==0.8.10"], base=venv)
@@ -263,6 +277,7 @@ def test_package_list_on_a_cluster(offline, store, tmp_path):
         assert record is not None
         stamp = record.manifest.created
         built_at = Path(record.manifest.source_prefix)
+        assert built_at.parent == builds
         folder = built_at.stat()
 
         again = client.use_environment(venv, pip=["tabulate==0.8.10"])
@@ -323,9 +338,12 @@ def test_pip_only_environment_yml_builds(offline, store, tmp_path):
     assert out.stdout.strip() == "0.8.10"
 
 
-def test_a_pin_that_would_move_distributed_is_refused(offline, store):
+def test_a_pin_that_would_move_distributed_is_refused(offline, builds, store):
     venv = str(fixtures_env("venv"))
     with pytest.raises(EnvshipError, match="would move distributed") as refused:
         envship.build(pip=["distributed==2024.1.0"], base=venv)
     assert "nothing was built" in str(refused.value)
     assert envship.ArtifactStore(store).artifacts() == []
+    assert not builds.exists() or not [
+        p for p in builds.iterdir() if not p.name.startswith(".")
+    ]

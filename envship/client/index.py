@@ -211,7 +211,9 @@ def index_args(
     ``find-links`` (the same) and ``no-index``, from its files and ``PIP_...``
     variables; each left out when uv's own configuration (``UV_...`` variables,
     ``uv.toml``, ``[tool.uv]``) already says it, because uv reads that itself
-    and it wins.
+    and it wins. With extra indexes, ``--index-strategy unsafe-best-match``
+    too: pip takes the best version of every index, uv by default only the
+    first index's (unless ``UV_INDEX_STRATEGY`` or uv's config says).
 
     Parameters
     ----------
@@ -234,13 +236,14 @@ def index_args(
     ...     "PIP_NO_INDEX": "1",
     ... })
     ['--find-links', '/srv/wheels', '--no-index']
-    >>> index_args({
+    >>> index_args({  # doctest: +NORMALIZE_WHITESPACE
     ...     "PIP_CONFIG_FILE": os.devnull,
     ...     "PIP_INDEX_URL": "https://pypi.example.org/simple",
     ...     "PIP_EXTRA_INDEX_URL": "https://a/simple https://b/simple",
     ...     "UV_INDEX_URL": "https://uv.example.org/simple",
     ... })
-    ['--extra-index-url', 'https://a/simple', '--extra-index-url', 'https://b/simple']
+    ['--extra-index-url', 'https://a/simple', '--extra-index-url', 'https://b/simple',
+     '--index-strategy', 'unsafe-best-match']
     """
     environ = os.environ if environ is None else environ
     options = pip_index_options(environ)
@@ -262,4 +265,11 @@ def index_args(
             continue
         for item in value.split():
             args += [flag, item]
+    # pip takes the best version any index has; uv by default only the first
+    # index that has the package. Where pip's extra indexes are passed, pass
+    # pip's way too, unless uv is told its own.
+    if "--extra-index-url" in args and not (
+        environ.get("UV_INDEX_STRATEGY") or "index-strategy" in uv_keys
+    ):
+        args += ["--index-strategy", "unsafe-best-match"]
     return args
