@@ -294,6 +294,11 @@ def test_package_list_on_a_cluster(offline, builds, store, tmp_path):
         assert (now.st_ino, now.st_mtime_ns) == (folder.st_ino, folder.st_mtime_ns)
         assert {v for _, v in client.run(tabulate_version).values()} == {"0.8.10"}
 
+        prepared = client.prepare_environment(pip=["tabulate==0.8.10"], base=venv)
+        assert prepared.ok and {r.environment for r in prepared.values()} == {
+            artifact_id
+        }
+
         # per task: the same list names the environment the workers run in
         with envship.environment(client=client, pip=["tabulate==0.8.10"], base=venv):
             # a lambda: the scheduler unpickles task graphs (see test_shared)
