@@ -4,6 +4,7 @@ Examples
 --------
 >>> import envship
 >>> artifact = envship.pack("sklearn-dev")  # doctest: +SKIP
+>>> artifact = envship.build(pip=["tabulate==0.8.10"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from envship.client.foreign import ForeignEnvironment
 from envship.client.gc import gc
 from envship.client.methods import add_client_methods
 from envship.client.pack import pack
+from envship.client.packages import build
 from envship.client.report import SwitchReport, WorkerReport
 from envship.client.status import ClusterStatus, status
 from envship.client.store import Artifact, ArtifactStore
@@ -38,6 +40,7 @@ __all__ = [
     "ForeignEnvironment",
     "SwitchReport",
     "WorkerReport",
+    "build",
     "environment",
     "foreign",
     "gc",

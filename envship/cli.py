@@ -76,18 +76,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     help="Compression threads (default: all cores).",
 )
 @click.option(
-    "--ignore-editable", is_flag=True, help="Pack even with editable installs."
+    "--ignore-editable", is_flag=True, help="Ship editable installs without their code."
 )
 @store_option
 def pack(env, name, level, threads, ignore_editable, store):
     """Pack ENV (a conda environment name, or a conda env or venv path)."""
     from envship.client.pack import pack as pack_env
-    from envship.client.store import StoreRepairWarning
 
-    before = _archives(ArtifactStore(store))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", StoreRepairWarning)
-        artifact = pack_env(
+    _report_pack(
+        store,
+        lambda: pack_env(
             env,
             name=name,
             store=store,
@@ -95,7 +93,21 @@ def pack(env, name, level, threads, ignore_editable, store):
             threads=threads,
             ignore_editable=ignore_editable,
             progress=sys.stderr.isatty(),
-        )
+        ),
+    )
+
+
+def _report_pack(store, make):
+    """Run ``make()`` (which packs into ``store``), then say what it gave.
+
+    "packed NAME ID" or "cache hit: ...", the sizes, and the archive's path.
+    """
+    from envship.client.store import StoreRepairWarning
+
+    before = _archives(ArtifactStore(store))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StoreRepairWarning)
+        artifact = make()
     for w in caught:
         if issubclass(w.category, StoreRepairWarning):  # one line, no source line
             click.echo(f"note: {w.message}", err=True)
@@ -117,6 +129,72 @@ def pack(env, name, level, threads, ignore_editable, store):
         f"{m.file_count} files, python {m.python}"
     )
     click.echo(_home(artifact.path))
+
+
+def _package_list_options(command):
+    """``--pip``, ``-r/--requirements``, ``--lock``, ``--file``: a package list."""
+    for option in reversed(
+        (
+            click.option(
+                "--pip",
+                "pip",
+                multiple=True,
+                metavar="SPEC",
+                help='A package to add: "tabulate==0.8.10", ./myproject (repeatable).',
+            ),
+            click.option(
+                "-r",
+                "--requirements",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="A requirements.txt to add.",
+            ),
+            click.option(
+                "--lock",
+                type=click.Path(),
+                default=None,
+                help="A uv.lock or pylock.toml: exactly what to install.",
+            ),
+            click.option(
+                "--file",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="An environment.yml: its pip part (its conda part must be in the base).",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.argument("base", required=False)
+@_package_list_options
+@click.option("--name", default=None, help="Name to record (default: base+packages).")
+@store_option
+def build(base, pip, requirements, lock, file, name, store):
+    """Build BASE plus packages (--pip, -r, --lock, --file), and pack it.
+
+    BASE: a conda environment name, or a conda env or venv path; default the
+    environment envship runs in. The packages are installed by uv, through the index pip's configuration
+    names, with dask, distributed, cloudpickle, msgpack and toolz held at
+    BASE's versions. The same BASE and list again is a cache hit.
+    """
+    from envship.client.packages import build as build_env
+
+    _report_pack(
+        store,
+        lambda: build_env(
+            list(pip),
+            requirements=requirements,
+            lock=lock,
+            base=base,
+            file=file,
+            name=name,
+            store=store,
+            progress=sys.stderr.isatty(),
+        ),
+    )
 
 
 def _archives(store: ArtifactStore) -> dict[str, int | None]:
@@ -249,7 +327,8 @@ def _connect(scheduler: str):
 
 
 @main.command()
-@click.argument("env")
+@click.argument("env", required=False)
+@_package_list_options
 @click.option(
     "--scheduler",
     envvar="DASK_SCHEDULER_ADDRESS",
@@ -261,15 +340,33 @@ def _connect(scheduler: str):
 )
 @click.option("--no-strict", is_flag=True, help="Warn on version differences, go on.")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait at most.")
-def use(env, scheduler, workers, no_strict, timeout):
-    """Restart the cluster's workers inside ENV ("none": the nannies' own)."""
+def use(env, pip, requirements, lock, file, scheduler, workers, no_strict, timeout):
+    """Restart the cluster's workers inside ENV ("none": the nannies' own).
+
+    With --pip, -r, --lock or --file: inside ENV (default: envship's own
+    environment) plus those packages, built and packed first.
+    """
     from envship.client.foreign import ForeignEnvironment
+    from envship.client.packages import spec_for
     from envship.client.use import use_environment
 
+    listed = bool(pip) or any(x is not None for x in (requirements, lock, file))
+    if env is None and not listed:
+        raise click.UsageError(
+            "give ENV, or a package list (--pip, -r, --lock, --file)"
+        )
+    if env is not None and env.lower() == "none":
+        env = None
+    # contradictions are refused before connecting
+    spec_for(env, pip=list(pip), requirements=requirements, lock=lock, file=file)
     with _connect(scheduler) as client:
         report = use_environment(
             client,
-            None if env.lower() == "none" else env,
+            env,
+            pip=list(pip),
+            requirements=requirements,
+            lock=lock,
+            file=file,
             workers=list(workers) or None,
             strict=not no_strict,
             timeout=timeout,

@@ -1,7 +1,9 @@
 """The methods envship adds to ``distributed.Client``, all in one place.
 
 ``client.use_environment(...)`` and ``client.prepare_environment(...)`` are
-the functions of :mod:`envship.client.use`, bound to the client. Importing
+the functions of :mod:`envship.client.use`, bound to the client, with all
+their arguments (an environment, or a package list: ``pip=``,
+``requirements=``, ``lock=``, ``base=``, ``file=``). Importing
 ``envship`` adds them (see ``envship/__init__.py``); nothing else patches
 ``Client``.
 """

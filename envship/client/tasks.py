@@ -8,7 +8,8 @@ there and nowhere else, whatever other users switch meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,15 +19,21 @@ from distributed import Client, default_client
 from envship.errors import EnvshipError
 from envship.resources import environment_of, resource_name
 
+from .packages import build_spec, spec_for
 from .store import Artifact
 from .use import as_artifact, use_environment
 
 
 @contextmanager
 def environment(
-    env: Any,
+    env: Any = None,
     client: Client | None = None,
     *,
+    pip: Iterable[str] | str | None = None,
+    requirements: str | os.PathLike | None = None,
+    lock: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
+    file: str | os.PathLike | None = None,
     workers: int | None = None,
     strict: bool = True,
     timeout: float | None = None,
@@ -40,6 +47,8 @@ def environment(
         What ``use_environment`` takes (but not None).
     client : distributed.Client, optional
         Default: the current client.
+    pip, requirements, lock, base, file
+        A package list, built first, as for ``use_environment``.
     workers : int, optional
         Make sure at least this many workers run in it, switching idle ones
         (workers with no task, those in the nannies' own environment first).
@@ -66,6 +75,11 @@ def environment(
     ...     model = client.submit(fit, data).result()
     """
     client = client or default_client()
+    spec = spec_for(
+        env, pip=pip, requirements=requirements, lock=lock, base=base, file=file
+    )
+    if spec is not None:
+        env = build_spec(spec, progress=bool(progress), archive=False)
     if env is None:
         raise EnvshipError(
             "None",

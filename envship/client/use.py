@@ -1,6 +1,8 @@
 """The public calls that switch workers: ``use_environment``,
 ``prepare_environment`` (the same up to the restart) and ``foreign`` (for an
-environment no worker can run in).
+environment no worker can run in). With a package list (``pip=``,
+``requirements=``, ``lock=``, ``file=``) the first two build the environment
+first (:mod:`envship.client.packages`).
 
 Each is one :class:`envship.client.switch.Switch`, whose steps do the work;
 this module only says which steps each call takes. ``client.use_environment``
@@ -10,6 +12,7 @@ and ``client.prepare_environment`` are these functions (see
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,15 +21,21 @@ from distributed import Client
 from envship.errors import EnvshipError
 
 from .foreign import ForeignEnvironment, hosts_no_worker
-from .report import SwitchReport, WorkerReport
+from .packages import build_spec, spec_for
+from .report import SwitchReport, WorkerReport, timing
 from .store import Artifact
 from .switch import Switch, as_artifact, manifest_of
 
 
 def use_environment(
     client: Client,
-    env: Any,
+    env: Any = None,
     *,
+    pip: Iterable[str] | str | None = None,
+    requirements: str | os.PathLike | None = None,
+    lock: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
+    file: str | os.PathLike | None = None,
     workers: Iterable[str] | None = None,
     strict: bool = True,
     timeout: float | None = None,
@@ -44,7 +53,22 @@ def use_environment(
     env : str, path, Artifact or None
         A conda environment name or prefix, a venv path, an artifact or the
         name or id of one in the store; ``None`` goes back to the nannies' own
-        environment.
+        environment. With a package list: the base it is built on.
+    pip : list of str, optional
+        Packages to add (``"scikit-learn==1.8.0"``, ``"./myproject"``): the
+        environment ``env`` (or ``base``, or the client's own) plus these is
+        built, packed and used. dask, distributed, cloudpickle, msgpack and
+        toolz stay at the base's versions. The same list again builds nothing.
+    requirements : path, optional
+        A requirements.txt to add, as ``pip``.
+    lock : path, optional
+        A ``uv.lock`` or ``pylock.toml``: the exact set to install (alone).
+    base : str or path, optional
+        The environment a package list is built on, when ``env`` is not given;
+        default the client's own (``sys.prefix``).
+    file : path, optional
+        An ``environment.yml``: its ``pip:`` part is added to ``pip``; its
+        conda packages must already be in the base.
     workers : list of str, optional
         Worker addresses or names; default all.
     strict : bool
@@ -66,7 +90,8 @@ def use_environment(
     ------
     EnvshipError
         Before any restart when the environment is incompatible or cannot be
-        shipped; after all workers have settled when some could not start in
+        shipped, or the arguments contradict each other (before anything is
+        built); after all workers have settled when some could not start in
         it (those run in the nannies' own environment again).
 
     Examples
@@ -75,10 +100,18 @@ def use_environment(
     >>> client.use_environment("sklearn-dev")  # doctest: +SKIP
     worker       environment    seconds  status
     0            5f0c2d9a1b7e      2.31  ok
+    >>> client.use_environment(pip=["tabulate==0.8.10"])  # doctest: +SKIP
+    >>> client.use_environment("sklearn-dev", requirements="requirements.txt")  # doctest: +SKIP
     """
+    spec = spec_for(
+        env, pip=pip, requirements=requirements, lock=lock, base=base, file=file
+    )
     switch = Switch(
         client, workers=workers, strict=strict, timeout=timeout, progress=progress
     )
+    if spec is not None:
+        with timing(switch.stages, "build"):
+            env = build_spec(spec, progress=switch.progress, archive=False)
     artifact = None if env is None else switch.pack(env)
     if artifact is not None and hosts_no_worker(manifest_of(artifact)):
         return _foreign(switch, artifact)
@@ -87,8 +120,13 @@ def use_environment(
 
 def prepare_environment(
     client: Client,
-    env: Any,
+    env: Any = None,
     *,
+    pip: Iterable[str] | str | None = None,
+    requirements: str | os.PathLike | None = None,
+    lock: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
+    file: str | os.PathLike | None = None,
     workers: Iterable[str] | None = None,
     strict: bool = True,
     timeout: float | None = None,
@@ -103,7 +141,9 @@ def prepare_environment(
     ----------
     client : distributed.Client
     env : str, path or Artifact
-        What ``use_environment`` takes (but not None).
+        What ``use_environment`` takes (but not None without a package list).
+    pip, requirements, lock, base, file
+        A package list, as for :func:`use_environment`.
     workers, strict, timeout, progress
         As for :func:`use_environment`: the nodes of ``workers`` get it.
 
@@ -118,7 +158,10 @@ def prepare_environment(
     >>> client.prepare_environment("sklearn-dev")  # doctest: +SKIP
     >>> client.use_environment("sklearn-dev")  # a restart only  # doctest: +SKIP
     """
-    if env is None:
+    spec = spec_for(
+        env, pip=pip, requirements=requirements, lock=lock, base=base, file=file
+    )
+    if env is None and spec is None:
         raise EnvshipError(
             "None",
             "there is nothing to prepare for the nannies' own environment",
@@ -127,6 +170,9 @@ def prepare_environment(
     switch = Switch(
         client, workers=workers, strict=strict, timeout=timeout, progress=progress
     )
+    if spec is not None:
+        with timing(switch.stages, "build"):
+            env = build_spec(spec, progress=switch.progress, archive=False)
     return switch.prepare(switch.pack(env))
 
 
