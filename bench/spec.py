@@ -15,20 +15,21 @@ nobody pays for a cold page cache that another did not:
     - distributed's ``PipInstall(packages, pip_options=["--no-index",
       "--find-links", DIR])`` on a cluster whose scheduler and nannies run in
       a throwaway venv (PipInstall installs into the running environment).
-      ``restart_workers=False``, its default: its docs say a restart is for
-      packages the workers already imported, and these are new to them, so
-      the faster of its two modes is the baseline (it installs on the
-      scheduler, then on each worker in turn, under a per-host semaphore);
+      ``restart_workers=False``, its default (its docs offer a restart after
+      installing; these packages are new to the workers, nothing imported
+      them before, so none is needed and the faster mode is the baseline).
+      It installs on the scheduler, then on each worker in turn (a per-host
+      semaphore);
     - Ray's ``runtime_env={"pip": [...]}``, cold (four tasks of one CPU with
       ``max_calls=1``) and its cache hit on new workers (four more such
       tasks: new worker processes, the environment already built). Ray runs
       from its own venv (``~/.cache/envship-bench/ray-venv``, ``pip install
       "ray[default]"`` once through the machine's package index; if that
       fails, the row says why and is skipped). ``ray.init`` (with
-      ``num_cpus=4``, no dashboard) is timed apart, as the dask clusters'
-      start is. Its pip sees no index (the variables above) but the driver
-      is not in a network namespace of its own: there is nothing it could
-      reach that the variables leave open;
+      ``num_cpus=4``, no dashboard) is shown apart and not counted, as the
+      dask clusters' start is not. Its pip sees no index through the
+      variables above alone: perf-floor's recipe also runs the driver in a
+      loopback-only network namespace, which this bench does not;
 (2) the same list again, on the envship cluster, from another environment:
     target at most 1.2x a warm switch (into the same built environment, by
     its id, measured on the same cluster in the same rounds);
