@@ -44,6 +44,14 @@ warm switch and (2) end in the same environment. Figures are medians with
 their spread (min-max). Target of (1): envship at least 4x faster than
 PipInstall and than Ray's cold.
 
+On this 2-core machine (2026-12-04, load average 9 to 12 from other work,
+before use_environment(pip=) and editable shipping were on main: run on a
+merge of those branches) two full runs gave PipInstall cold 67 and 136 s
+(41 s in a third), Ray cold 53, 117 and 74 s (cache hit on 4 new workers
+18, 33 and 34 s; ray.init 10 to 26 s), envship cold 80 and 52 s (ratios
+1.7 and 0.8 to PipInstall, 1.5 and 1.4 to Ray: (1) MISS), (2) 1.10 and
+1.29x a warm switch of 4 to 6 s, (3) 2.76x (one run with the real edit).
+
     python bench/spec.py [--small]
 
 ``--small``: tabulate only, 2 workers, one round, the base fixture for the
