@@ -33,4 +33,5 @@ bench-small: $(VENV)/.installed
 	$(VENV)/bin/python bench/bridge.py --small
 	$(VENV)/bin/python bench/switch.py --small
 	$(VENV)/bin/python bench/iterate.py --small
+	$(VENV)/bin/python bench/spec.py --small
 	$(VENV)/bin/python bench/soak.py --small
