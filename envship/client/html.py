@@ -52,32 +52,7 @@ def switch_report(report: SwitchReport) -> str:
         env = r.environment[:12] if r.environment else NANNY_OWN
         status = "ok" if r.ok else _styled(f"FAILED: {r.error}", _BAD)
         rows.append([name, env, f"{r.seconds:.2f}", status])
-    lines = []
-    if report.stages:
-        lines.append(", ".join(f"{k} {v:.2f} s" for k, v in report.stages.items()))
-    if report.transfer.nodes:
-        lines.append(
-            f"shipped to {len(report.transfer.nodes)} node(s); the client sent "
-            f"{format_bytes(report.transfer.client_bytes)}"
-        )
-    unpacked = [
-        u for u in (report.unpacked or {}).values() if u["written"] or u["linked"]
-    ]
-    if unpacked:
-        lines.append(
-            f"unpacked on {len(unpacked)} node(s): "
-            f"{sum(u['written'] for u in unpacked)} files written, "
-            f"{sum(u['linked'] for u in unpacked)} linked from the nodes' file stores"
-        )
-    if report.gone:
-        lines.append(
-            "left the cluster during the call: " + ", ".join(map(str, report.gone))
-        )
-    if report.missing_optional:
-        lines.append(
-            f"the environment lacks {', '.join(report.missing_optional)} that this "
-            "client has: results of those types cannot be unpickled on its workers"
-        )
+    lines = report.notes()
     title = "Switch report: " + (
         "ok" if report.ok else f"{len(report.failed())} of {len(report)} failed"
     )

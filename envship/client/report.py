@@ -109,6 +109,36 @@ class SwitchReport(Mapping[str, WorkerReport]):
     def __repr__(self) -> str:
         return self.render()
 
+    def notes(self) -> list[str]:
+        """What moved and how long it took, a sentence each (the text and HTML share them)."""
+        notes = []
+        if self.stages:
+            notes.append(", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()))
+        if self.transfer.nodes:
+            notes.append(
+                f"shipped to {len(self.transfer.nodes)} node(s); the client sent "
+                f"{format_bytes(self.transfer.client_bytes)}"
+            )
+        unpacked = [
+            u for u in (self.unpacked or {}).values() if u["written"] or u["linked"]
+        ]
+        if unpacked:
+            notes.append(
+                f"unpacked on {len(unpacked)} node(s): "
+                f"{sum(u['written'] for u in unpacked)} files written, "
+                f"{sum(u['linked'] for u in unpacked)} linked from the nodes' file stores"
+            )
+        if self.gone:
+            notes.append(
+                "left the cluster during the call: " + ", ".join(map(str, self.gone))
+            )
+        if self.missing_optional:
+            notes.append(
+                f"the environment lacks {', '.join(self.missing_optional)} that this "
+                "client has: results of those types cannot be unpickled on its workers"
+            )
+        return notes
+
     def render(self, width: int | None = 80) -> str:
         """The report as text, each line within ``width`` (names are never cut)."""
         table = TextTable(
@@ -123,31 +153,7 @@ class SwitchReport(Mapping[str, WorkerReport]):
             table.add_row(name, env, f"{r.seconds:.2f}", "ok" if r.ok else "FAILED")
             if not r.ok:
                 failures.append(f"{name}: {r.error}")
-        notes = []
-        if self.stages:
-            notes.append(", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()))
-        if self.transfer.nodes:
-            notes.append(
-                f"shipped to {len(self.transfer.nodes)} node(s); the client sent "
-                f"{format_bytes(self.transfer.client_bytes)}"
-            )
-        unpacked = {
-            n: u
-            for n, u in (self.unpacked or {}).items()
-            if u["written"] or u["linked"]
-        }
-        if unpacked:
-            written = sum(u["written"] for u in unpacked.values())
-            linked = sum(u["linked"] for u in unpacked.values())
-            notes.append(
-                f"unpacked on {len(unpacked)} node(s): {written} files written, "
-                f"{linked} linked from the nodes' file stores"
-            )
-        if self.missing_optional:
-            notes.append(
-                f"the environment lacks {', '.join(self.missing_optional)} that "
-                "this client has"
-            )
+        notes = self.notes()
         lines = [table.render(width)]
         for note in failures + notes:
             lines += (
