@@ -8,7 +8,9 @@ style sheet: inline styles only, so the output looks the same wherever a
 notebook is shown (JupyterLab, nbviewer, GitHub).
 
 The classes call these functions and hold no HTML themselves; this module
-only formats, it computes nothing and asks no cluster.
+only formats, it computes nothing and asks no cluster. It reads the objects
+it is given by their attributes and imports none of their classes, so that
+it sits below them (their ``_repr_html_`` import it, not the other way).
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeAlias
 
 from dask.utils import format_bytes, format_time
 
 from envship.manifest import Manifest
 
-if TYPE_CHECKING:
-    from .foreign import ForeignEnvironment
-    from .report import SwitchReport
-    from .status import ClusterStatus
-    from .store import Artifact, ArtifactStore
+#: The objects rendered, named for the reader (``envship.client.report``,
+#: ``.status``, ``.store``, ``.foreign``): these modules import this one.
+SwitchReport: TypeAlias = Any
+ClusterStatus: TypeAlias = Any
+Artifact: TypeAlias = Any
+ArtifactStore: TypeAlias = Any
+ForeignEnvironment: TypeAlias = Any
 
 _BOX = "font-family: sans-serif; font-size: 13px; line-height: 1.4"
 _TABLE = "border-collapse: collapse; margin: 0.3em 0 0.6em; text-align: left"
