@@ -13,6 +13,7 @@ This module knows nothing of conda, nodes or Dask.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -203,3 +204,52 @@ class _Fields:
             if not isinstance(v, int | float) or isinstance(v, bool) or len(k) > 64:
                 raise ValueError(f"manifest field {key!r}: not a table of numbers")
         return dict(value)
+
+
+_CONDA_META = re.compile(r"conda-meta/([^/]+)-([^-/]+)-([^-/]+)\.json")
+_DIST_INFO = re.compile(
+    r"site-packages/([A-Za-z0-9_.]+?)-([0-9][^-/]*?)(?:-py[0-9.]+)?\.(?:dist|egg)-info"
+)
+
+
+def normalize_name(name: str) -> str:
+    """A distribution's name as PEP 503 compares them.
+
+    Examples
+    --------
+    >>> normalize_name("Scikit_Learn")
+    'scikit-learn'
+    """
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def packages_of(paths: Iterable[str]) -> list[tuple[str, str, str]]:
+    """Packages from the paths of an environment's entries: (name, version, source).
+
+    Each ``conda-meta/<name>-<version>-<build>.json`` is a conda package, each
+    ``<name>-<version>.dist-info`` (or ``.egg-info``) that conda did not
+    install is a pip package.
+
+    Examples
+    --------
+    >>> packages_of([
+    ...     "conda-meta/numpy-1.26.4-py311h64a7726_0.json",
+    ...     "lib/python3.11/site-packages/numpy-1.26.4.dist-info",
+    ...     "lib/python3.11/site-packages/cloudpickle-3.0.0.dist-info/RECORD",
+    ... ])
+    [('cloudpickle', '3.0.0', 'pip'), ('numpy', '1.26.4', 'conda')]
+    """
+    conda: dict[str, str] = {}
+    pip: dict[str, str] = {}
+    for path in paths:
+        m = _CONDA_META.fullmatch(path)
+        if m:
+            conda[m.group(1)] = m.group(2)
+            continue
+        m = _DIST_INFO.search(path)
+        if m:
+            pip.setdefault(normalize_name(m.group(1)), m.group(2))
+    by_normal = {normalize_name(n) for n in conda}
+    found = [(n, v, "conda") for n, v in conda.items()]
+    found += [(n, v, "pip") for n, v in pip.items() if n not in by_normal]
+    return sorted(found, key=lambda p: p[0].lower())

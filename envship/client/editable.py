@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from envship.manifest import normalize_name
+
 #: Folders never shipped from a project's source tree.
 SKIP_DIRS = frozenset(
     {
@@ -183,7 +185,7 @@ def find_projects(site_packages: Path) -> list[EditableProject]:
             and name not in claimed
         ):
             # No RECORD said whose it is: setuptools names it after the dist.
-            dist = _normalize(_strip_version(name[len("__editable__.") : -4]))
+            dist = normalize_name(_strip_version(name[len("__editable__.") : -4]))
             hooks, mapped = _read_pth(site_packages, name, {name})
             project = _project(site_packages, dist, mapped, hooks, None)
             projects.setdefault(dist, project)
@@ -203,7 +205,7 @@ def _is_editable(dist_info: Path) -> bool:
 
 
 def _from_dist_info(site_packages: Path, dist_info: Path) -> EditableProject:
-    name = _normalize(_strip_version(dist_info.name[: -len(".dist-info")]))
+    name = normalize_name(_strip_version(dist_info.name[: -len(".dist-info")]))
     try:
         record = (dist_info / "RECORD").read_text().splitlines()
     except OSError:
@@ -312,7 +314,7 @@ def _from_egg_link(site_packages: Path, egg_link: Path) -> EditableProject | Non
     if not lines or not lines[0].strip():
         return None
     folder = os.path.normpath(os.path.join(site_packages, lines[0].strip()))
-    name = _normalize(egg_link.name[: -len(".egg-link")])
+    name = normalize_name(egg_link.name[: -len(".egg-link")])
     pth_lines = []
     easy = site_packages / "easy-install.pth"
     if easy.is_file():
@@ -380,14 +382,10 @@ def _code_in(
     if top_level is not None:
         chosen = [n for n in top_level if n in found]
     else:
-        own = [n for n in found if _normalize(n) == name]
+        own = [n for n in found if normalize_name(n) == name]
         chosen = own or [n for n in found if n.lower() not in NOT_CODE]
     return [(found[n], os.path.join(folder, found[n])) for n in chosen]
 
 
 def _strip_version(stem: str) -> str:
     return re.split(r"-\d", stem, maxsplit=1)[0]
-
-
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()

@@ -120,7 +120,7 @@ def artifact(artifact: Artifact) -> str:
     True
     """
     manifest = artifact.manifest
-    env = manifest if isinstance(manifest, Manifest) else manifest.env
+    env = artifact.environment
     size = (
         format_bytes(artifact.size)
         if artifact.size is not None and artifact.has_archive
@@ -140,12 +140,11 @@ def artifact(artifact: Artifact) -> str:
     ]
     if not isinstance(manifest, Manifest):
         rows.append(["thin pack of", f"{manifest.thin_of} (base {manifest.base})"])
-    packages = [[name, version] for name, version in sorted(env.packages.items())]
     return _box(
         f"Artifact: {artifact.name}",
         _fields(rows),
         _heading("Packages"),
-        _table(["package", "version"], packages),
+        _table(["package", "version", "source"], artifact.packages()),
     )
 
 

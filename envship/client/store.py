@@ -60,7 +60,7 @@ from envship.archive import (
 from envship.archive_reader import CorruptArchive, ForwardReader, read_members
 from envship.errors import EnvshipError
 from envship.files import atomic_file, temporary_file
-from envship.manifest import Manifest, ThinManifest
+from envship.manifest import Manifest, ThinManifest, packages_of
 from envship.table import EntryTable, pack_msg, unpack_msg, write_archive
 
 from .progress import progress_bar
@@ -124,6 +124,24 @@ class Artifact:
         from .html import artifact
 
         return artifact(self)
+
+    @property
+    def environment(self) -> Manifest:
+        """The manifest of the environment it is (a thin pack: the one it carries)."""
+        m = self.manifest
+        return m if isinstance(m, Manifest) else m.env
+
+    def packages(self) -> list[tuple[str, str, str]]:
+        """Every package in it: (name, version, source), sorted by name.
+
+        From its table of entries (:func:`envship.manifest.packages_of`): the
+        manifest records only the packages the compatibility check needs. An
+        artifact without a table gives those, of unknown source (``-``).
+        """
+        table = self.table()
+        if table is None:
+            return [(n, v, "-") for n, v in sorted(self.environment.packages.items())]
+        return packages_of(e.path for e in table.entries)
 
     @property
     def size(self) -> int | None:
@@ -829,7 +847,4 @@ def _source(manifest: Manifest) -> str:
 
 def _created(artifact: Artifact) -> str:
     """When ``artifact`` was packed (a thin pack: its environment)."""
-    manifest = artifact.manifest
-    if isinstance(manifest, ThinManifest):
-        return manifest.env.created
-    return manifest.created
+    return artifact.environment.created

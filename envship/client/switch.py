@@ -450,8 +450,7 @@ def as_artifact(env: Any, progress: bool) -> Artifact:
 
 def manifest_of(artifact: Artifact) -> Manifest:
     """The manifest of the environment ``artifact`` is (a thin pack: the one it carries)."""
-    manifest = artifact.manifest
-    return manifest if isinstance(manifest, Manifest) else manifest.env
+    return artifact.environment
 
 
 def _worker_report(
