@@ -124,6 +124,19 @@ def test_pip_config_files_in_pips_order(tmp_path):
     assert pip_config_files(environ | {"PIP_CONFIG_FILE": os.devnull}) == []
 
 
+def test_every_global_section_comes_before_every_install_section(tmp_path):
+    # pip: a site file's [install] beats the user file's [global].
+    site = tmp_path / "xdg" / "pip" / "pip.conf"
+    site.parent.mkdir(parents=True)
+    site.write_text("[install]\nindex-url = https://site/simple\n")
+    user = tmp_path / "home" / ".config" / "pip" / "pip.conf"
+    user.parent.mkdir(parents=True)
+    user.write_text(f"[global]\nindex-url = {MIRROR}\n")
+    environ = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_DIRS": str(tmp_path / "xdg")}
+    assert pip_config_files(environ).index(site) < pip_config_files(environ).index(user)
+    assert pip_index_options(environ)["index-url"] == "https://site/simple"
+
+
 # -- arguments -----------------------------------------------------------------
 
 

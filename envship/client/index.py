@@ -87,9 +87,9 @@ def pip_config_files(environ: Mapping[str, str] | None = None) -> list[Path]:
 def pip_index_options(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """pip's index options, as ``pip config list`` would merge them.
 
-    Sections ``[global]`` then ``[install]`` of each file in
-    :func:`pip_config_files` order, then the ``PIP_...`` environment variables,
-    each later one winning.
+    The ``[global]`` sections of the files in :func:`pip_config_files` order,
+    then their ``[install]`` sections (as pip orders them), then the
+    ``PIP_...`` environment variables, each later one winning.
 
     Examples
     --------
@@ -99,14 +99,18 @@ def pip_index_options(environ: Mapping[str, str] | None = None) -> dict[str, str
     {'index-url': 'https://mirror/simple'}
     """
     environ = os.environ if environ is None else environ
-    options: dict[str, str] = {}
+    parsers = []
     for path in pip_config_files(environ):
         parser = configparser.RawConfigParser()
         try:
             parser.read(path, encoding="utf-8")
         except (configparser.Error, UnicodeDecodeError):
             continue  # pip refuses such a file; a build then uses uv's defaults
-        for section in ("global", "install"):
+        parsers.append(parser)
+    # As pip: every file's [global] first, then every file's [install].
+    options: dict[str, str] = {}
+    for section in ("global", "install"):
+        for parser in parsers:
             if not parser.has_section(section):
                 continue
             for key, value in parser.items(section):
