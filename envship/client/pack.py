@@ -130,7 +130,6 @@ def pack(
             StoreRepairWarning,
             stacklevel=2,
         )
-        store.discard(known)
 
     started = time.perf_counter()
     digests = store.load_digests()
@@ -163,6 +162,8 @@ def pack(
         artifact = store.get(table.id, name)
     else:  # none yet, or a damaged one: replaced
         artifact = store.add(table, manifest)
+    if known is not None and known != artifact.id:
+        store.discard(known)  # the damaged entry, after its names moved on
     store.remember_signature(signature, artifact.id, name)
     if archive:
         artifact = store.ensure_archive(
@@ -183,6 +184,8 @@ def _reusable(store: ArtifactStore, artifact_id: str) -> str | None:
         store.get(artifact_id)
     except DamagedArtifactError as e:
         return e.damaged
+    if not store.table_path(artifact_id).is_file():
+        return None  # an older envship's entry, its archive alone: checked when used
     return store.check_table(artifact_id)
 
 

@@ -404,7 +404,7 @@ class ArtifactStore:
         )
         checks = {**self._checks(artifact.id), "archive": out.check()}
         self._put_manifest(manifest, checks)
-        _VERIFIED.discard(_verified_key(artifact.path))
+        _VERIFIED.add(_verified_key(artifact.path))  # hashed as it was written
         return Artifact(artifact.id, artifact.name, artifact.path, manifest)
 
     def set_name(self, name: str, artifact_id: str) -> None:
