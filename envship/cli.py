@@ -38,11 +38,17 @@ class _Group(click.Group):
     """Turns an EnvshipError into its message and exit status 1, no traceback."""
 
     def invoke(self, ctx):
+        # Warnings as one line while a command runs; the caller's way after
+        # (CliRunner, or a program that calls main).
+        shown = warnings.showwarning
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except EnvshipError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(1)
+        finally:
+            warnings.showwarning = shown
 
 
 store_option = click.option(
@@ -57,7 +63,6 @@ store_option = click.option(
 @click.version_option(package_name="envship")
 def main():
     """Pack environments and ship them to Dask workers."""
-    warnings.showwarning = _show_warning
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
