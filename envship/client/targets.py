@@ -130,7 +130,10 @@ async def nannies_with_envship(client: Client, nannies: Mapping[str, str]) -> se
             has_envship, workers=sorted(nannies), nanny=True, on_error="return"
         )
     except Exception:  # a worker left meanwhile: the scheduler refused the call
-        return set()
+        try:  # so ask every nanny there is, and keep those asked about
+            answers = await client._run(has_envship, nanny=True, on_error="return")
+        except Exception:
+            return set()
     return {nannies[w] for w, yes in answers.items() if yes is True and w in nannies}
 
 

@@ -377,7 +377,7 @@ class NannySide:
             "envship: %s (%s) for %s: %s",
             name,
             artifact_id[:12],
-            self.nanny.name,
+            self.identity,
             state,
         )
         if not self.cache.has(artifact_id) and not self.cache.has_archive(artifact_id):

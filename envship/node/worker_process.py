@@ -59,6 +59,7 @@ from distributed.process import AsyncProcess
 from distributed.proctitle import enable_proctitle_on_children
 
 from envship import config
+from envship.identity import nanny_identity
 from envship.resources import ENVIRONMENT_UNITS, resource_name
 
 from .logs import envship_restart
@@ -435,10 +436,11 @@ async def switch(
     if timeout is None:
         timeout = process.worker_start_timeout + 30
     into = f"{target.name} ({target.id[:12]})" if target else "the nanny's own Python"
+    who = nanny_identity(nanny.name, nanny.address)
     async with process.switch_lock:
         process.target = target
         process.last_error = None
-        logger.info("envship: restarting worker %s into %s", nanny.name, into)
+        logger.info("envship: restarting worker %s into %s", who, into)
         process.restarting = into
         try:
             outcome = await nanny.restart(timeout=timeout, reason=reason)
@@ -448,7 +450,7 @@ async def switch(
     if outcome == "OK" and not process.last_error and process.status == Status.running:
         logger.info(
             "envship: worker %s runs in %s, at %s (restart took %.1f s)",
-            nanny.name,
+            who,
             into,
             nanny.worker_address,
             time.perf_counter() - started,

@@ -254,17 +254,19 @@ class Fetcher:
         )
         self.on_event(download, "complete")
         seconds = time.time() - download.started
+        fetched = sum(n for s, n in download.received.items() if s != "disk")
         logger.info(
             "envship: %s (%s) arrived: %s in %.1f s (%s/s), from %s",
             download.offer.name,
             download.offer.id[:12],
             dask.utils.format_bytes(table.size),
             seconds,
-            dask.utils.format_bytes(int(table.size / max(seconds, 1e-3))),
+            dask.utils.format_bytes(int(fetched / max(seconds, 1e-3))),
             ", ".join(
                 f"{source} {dask.utils.format_bytes(n)}"
                 for source, n in sorted(download.received.items())
-            ),
+            )
+            or "disk",
         )
 
     def _choose(self, download: Download) -> list[tuple[int, PeerState]]:
