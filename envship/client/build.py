@@ -34,6 +34,7 @@ from envship.errors import EnvshipError
 
 from . import uv
 from .clone import clone_environment
+from .editable import skipped_dir
 from .environment import SourceEnvironment
 from .locate import find_named, looks_like_path, where_looked
 
@@ -41,7 +42,6 @@ from .locate import find_named, looks_like_path, where_looked
 PINNED_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "toolz")
 
 _FORMAT = "envship-build-1"
-_SKIP = {".git", "__pycache__", "build", "dist", ".venv", ".tox", ".mypy_cache"}
 
 
 @dataclass(frozen=True)
@@ -324,9 +324,7 @@ def _tree_hash(folder: Path) -> str:
     """The content of a local project, as its build backend would see it."""
     h = xxhash.xxh3_128()
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(
-            d for d in dirs if d not in _SKIP and not d.endswith(".egg-info")
-        )
+        dirs[:] = sorted(d for d in dirs if not skipped_dir(d))
         for name in sorted(files):
             path = Path(root, name)
             h.update(str(path.relative_to(folder)).encode() + b"\0")

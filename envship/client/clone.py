@@ -110,8 +110,9 @@ def _prefix_files(base: Path, kind: str) -> tuple[set[str], set[str]]:
 
 
 def _is_script(rel: str, source: str, kind: str, old: bytes) -> bool:
-    """A text file in bin/ that names the base (shebangs, activate scripts)."""
-    if os.path.dirname(rel) != "bin":
+    """A text file that names the base: in bin/ (shebangs, activate scripts),
+    or a ``.pth`` file (paths the clone must import from itself, not the base)."""
+    if os.path.dirname(rel) != "bin" and not rel.endswith(".pth"):
         return False
     if os.path.getsize(source) > _SCRIPT_LIMIT:
         return False

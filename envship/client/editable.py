@@ -141,7 +141,7 @@ class EditableProject:
                 continue
             found = []
             for root, dirs, names in os.walk(src):
-                dirs[:] = [d for d in dirs if not _skipped_dir(d)]
+                dirs[:] = [d for d in dirs if not skipped_dir(d)]
                 rel = os.path.relpath(root, src)
                 for n in names:
                     if n.endswith(SKIP_SUFFIXES) or n == ".DS_Store":
@@ -155,7 +155,8 @@ class EditableProject:
             yield from sorted(found, key=lambda pair: pair[1])
 
 
-def _skipped_dir(name: str) -> bool:
+def skipped_dir(name: str) -> bool:
+    """A folder of a project's tree never shipped nor hashed (``.git``, ``build``, ...)."""
     return name in SKIP_DIRS or name.endswith((".egg-info", ".dist-info"))
 
 
@@ -371,7 +372,7 @@ def _code_in(
     found: dict[str, str] = {}  # import name -> entry name
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
-        if entry.startswith(".") or _skipped_dir(entry):
+        if entry.startswith(".") or skipped_dir(entry):
             continue
         if os.path.isdir(path) and (
             os.path.isfile(os.path.join(path, "__init__.py")) or top_level

@@ -102,32 +102,6 @@ class SourceEnvironment:
             return []
         return find_projects(self.site_packages)
 
-    def editable_packages(self) -> list[str]:
-        """Names of packages installed in development (editable) mode."""
-        if self.site_packages is None:
-            return []
-        names = set()
-        for entry in self.site_packages.iterdir():
-            if entry.suffix == ".egg-link":
-                names.add(_dist_name(entry.name))
-            elif entry.name.startswith("__editable__.") and entry.suffix == ".pth":
-                names.add(_dist_name(entry.name.removeprefix("__editable__.")))
-            elif entry.suffix == ".dist-info":
-                direct_url = entry / "direct_url.json"
-                if direct_url.is_file():
-                    try:
-                        info = json.loads(direct_url.read_text())
-                    except ValueError:
-                        continue
-                    if info.get("dir_info", {}).get("editable"):
-                        names.add(_dist_name(entry.name))
-        return sorted(names)
-
-
-def _dist_name(filename: str) -> str:
-    stem = filename.split(".dist-info")[0].split(".egg-link")[0].split(".pth")[0]
-    return re.split(r"-\d", stem, maxsplit=1)[0].replace("_", "-").lower()
-
 
 def _find_site_packages(prefix: Path) -> Path | None:
     lib = prefix / "lib"
