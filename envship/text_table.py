@@ -14,6 +14,7 @@ knows nothing of envship's data; it only lays out text.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,6 +140,31 @@ class TextTable:
             if line:
                 lines.append(line)
         return "\n".join(lines)
+
+
+def wrap_notes(notes: list[str], width: int | None) -> list[str]:
+    """Notes under a table, wrapped to ``width`` and indented after their first line.
+
+    Names are never split, at a hyphen or anywhere (``width`` None: as they are).
+
+    Examples
+    --------
+    >>> wrap_notes(["switching sklearn-dev on 2 workers"], 20)
+    ['switching', '    sklearn-dev on 2', '    workers']
+    """
+    if width is None:
+        return notes
+    return [
+        line
+        for note in notes
+        for line in textwrap.wrap(
+            note,
+            width,
+            subsequent_indent="    ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    ]
 
 
 def clock_time(timestamp: float, now: float | None = None) -> str:

@@ -6,7 +6,6 @@ nannies is a step of :class:`envship.client.switch.Switch`.
 
 from __future__ import annotations
 
-import textwrap
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from typing import Any
 from dask.utils import format_bytes
 
 from envship.errors import EnvshipError
-from envship.text_table import Col, TextTable
+from envship.text_table import Col, TextTable, wrap_notes
 from envship.transfer import ShipReport
 
 
@@ -154,19 +153,7 @@ class SwitchReport(Mapping[str, WorkerReport]):
             if not r.ok:
                 failures.append(f"{name}: {r.error}")
         notes = self.notes()
-        lines = [table.render(width)]
-        for note in failures + notes:
-            lines += (
-                textwrap.wrap(
-                    note,
-                    width,
-                    subsequent_indent="    ",
-                    break_long_words=False,
-                    break_on_hyphens=False,
-                )
-                if width
-                else [note]
-            )
+        lines = [table.render(width), *wrap_notes(failures + notes, width)]
         return "\n".join(lines)
 
 

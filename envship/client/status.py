@@ -7,7 +7,6 @@ a blob.
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ from dask.utils import format_bytes
 from distributed import Client
 
 from envship.survey import EMPTY_REGISTRY, survey
-from envship.text_table import Col, TextTable, clock_time
+from envship.text_table import Col, TextTable, clock_time, wrap_notes
 
 from .targets import nannies_with_envship
 
@@ -100,7 +99,7 @@ class ClusterStatus:
                 row += [w["address"], w["nanny"], w["node"], w["id"]]
             workers.add_row(*row)
         lines = [workers.render(width)]
-        lines += _wrapped(notes, width)
+        lines += wrap_notes(notes, width)
 
         nodes = TextTable(
             *[Col("host", keep=True)],
@@ -144,7 +143,7 @@ class ClusterStatus:
                         f"{t['have']}/{t['count']} pieces, from {sources}"
                     )
             lines += ["", blobs.render(width)]
-            lines += _wrapped(transfers, width)
+            lines += wrap_notes(transfers, width)
         return "\n".join(lines)
 
 
@@ -176,19 +175,6 @@ def host_labels(workers: list[dict], nodes: list[dict]) -> dict[str, str]:
         seen[name] = seen.get(name, 0) + 1
         labels[node] = name if seen[name] == 1 else f"{name}[{seen[name]}]"
     return labels
-
-
-def _wrapped(notes: list[str], width: int | None) -> list[str]:
-    """Notes under a table, wrapped to ``width`` and indented after the first line."""
-    if width is None:
-        return notes
-    return [
-        line
-        for note in notes
-        for line in textwrap.wrap(
-            note, width, subsequent_indent="    ", break_long_words=False
-        )
-    ]
 
 
 def status(client: Client) -> ClusterStatus:
