@@ -66,7 +66,11 @@ def running_in(client) -> dict[str, str]:
     names = {
         a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
     }
-    return {names[a]: p for a, p in client.run(prefix).items() if a in names}
+    # A worker whose nanny was just killed may still be listed: not counted.
+    answers = client.run(prefix, on_error="return")
+    return {
+        names[a]: p for a, p in answers.items() if a in names and isinstance(p, str)
+    }
 
 
 def in_place(cluster, artifact, workers: int) -> bool:
@@ -180,9 +184,7 @@ def main(
                     kills += 1
                     cluster.add_node(killed[0], 1)  # a new nanny, as SLURM would
                     client.wait_for_workers(workers, timeout=120)
-                    wait_until(
-                        lambda: len(client.scheduler_info()["workers"]) == workers
-                    )
+                    wait_until(lambda: len(running_in(client)) == workers)
                 if not ok or not in_place(cluster, artifact, workers):
                     retries += 1
                     envship.use_environment(client, artifact, progress=False)
