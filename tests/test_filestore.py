@@ -202,3 +202,27 @@ def test_a_stored_file_is_never_changed_by_a_fixup(tmp_path):
     assert os.stat(path).st_mtime == 1_700_000_000
     assert Path(store.path(key)).read_bytes() == b"/old/prefix here\n"
     assert store.gc() > 0 and not Path(store.path(key)).exists()
+
+
+def test_a_twin_written_in_parallel_shares_the_stored_copy(tmp_path):
+    # Two batches of one install (threads) may both find a key missing, both
+    # write the file and both enter it: the second becomes a link to the
+    # first's, so every copy of the content on the node is one inode (CI once
+    # saw an empty __init__.py of a base stay apart from its thin pack's link).
+    from envship.node.filestore import FileStore
+
+    store = FileStore(tmp_path)
+    key = store.key("0" * 32, 0o644, 1_700_000_000)
+    first, second = tmp_path / "a" / "__init__.py", tmp_path / "b" / "__init__.py"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"")
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+    store.add(key, str(first))
+    store.add(key, str(second))
+    assert (
+        os.stat(first).st_ino
+        == os.stat(second).st_ino
+        == os.stat(store.path(key)).st_ino
+    )
+    assert sorted(os.listdir(second.parent)) == ["__init__.py"]  # no temporary left

@@ -129,12 +129,24 @@ class FileStore:
                 os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
                 continue
             except FileExistsError:
-                pass  # another install stored the same content meanwhile
+                # Another writer stored the same content meanwhile (a parallel
+                # batch of this install, or another install): share its copy.
+                self._share(target, path)
             except OSError as e:
                 self._links_failed(e)
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.dirname(target))  # if made here and still empty
             return
+
+    def _share(self, stored: str, path: str) -> None:
+        """Replace ``path`` by a link to ``stored``, its twin; as it was if that fails."""
+        tmp = f"{path}.{secrets.token_hex(4)}.stored"
+        try:
+            os.link(stored, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def _links_failed(self, e: OSError) -> None:
         if e.errno == errno.EMLINK:
