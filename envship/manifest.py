@@ -99,13 +99,15 @@ class Manifest:
 class ThinManifest:
     """A thin pack's manifest: its own id and the environment it unpacks to.
 
-    ``base`` is the environment whose files its references were chosen from;
-    ``files`` and ``refs`` count the files it carries and refers to.
+    ``base`` is the environment whose files its references were chosen from,
+    or None for files of the nodes' own environments (see
+    :mod:`envship.node.own_files`); ``files`` and ``refs`` count the files it
+    carries and refers to.
     """
 
     id: str
     thin_of: str
-    base: str
+    base: str | None
     env: Manifest
     packed_size: int
     files: int
@@ -127,7 +129,7 @@ class ThinManifest:
         return cls(
             id=get.id("id"),
             thin_of=thin_of,
-            base=get.id("base"),
+            base=None if data.get("base") is None else get.id("base"),
             env=env,
             packed_size=get.count("packed_size", MAX_SIZE),
             files=get.count("files", MAX_FILES),

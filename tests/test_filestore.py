@@ -226,3 +226,43 @@ def test_a_twin_written_in_parallel_shares_the_stored_copy(tmp_path):
         == os.stat(store.path(key)).st_ino
     )
     assert sorted(os.listdir(second.parent)) == ["__init__.py"]  # no temporary left
+
+
+def test_the_nannys_own_files_count_as_held_and_are_checked_when_copied(tmp_path):
+    from envship.archive import file_digest
+    from envship.node.filestore import FileStore
+    from envship.node.own_files import OwnFiles
+
+    when = 1_700_000_000
+    own = tmp_path / "own-env" / "lib"
+    own.mkdir(parents=True)
+    texts = {"a.py": b"A = 1\n", "b.py": b"B = 2\n"}
+    for name, data in texts.items():
+        (own / name).write_bytes(data)
+        os.utime(own / name, (when, when))
+    (own / "alias.py").symlink_to("a.py")
+    store = FileStore(tmp_path, own=OwnFiles(own.parent, skip=tmp_path / "files"))
+    key = {n: store.key(file_digest(d), 0o644, when) for n, d in texts.items()}
+    absent = store.key(file_digest(b"C = 3\n"), 0o644, when)
+    assert store.lacking([key["a.py"], key["b.py"], absent]) == [False, False, True]
+    assert len(store.own.paths()) == 2  # regular files only
+
+    env = tmp_path / "env"
+    env.mkdir()
+    assert store.fill(key["a.py"], str(env / "a.py"))
+    # A copy, entered in the store as any written file: read-only, the key's
+    # mtime; the nanny's environment is left as it was.
+    st, stored, source = (
+        os.stat(p) for p in (env / "a.py", store.path(key["a.py"]), own / "a.py")
+    )
+    assert st.st_ino == stored.st_ino != source.st_ino
+    assert (env / "a.py").read_bytes() == texts["a.py"]
+    assert stat.S_IMODE(st.st_mode) == 0o444 and st.st_mtime == when
+    assert stat.S_IMODE(source.st_mode) == 0o644 and source.st_nlink == 1
+
+    # Changed since it was listed (same size and mtime): not used, nor listed again.
+    (own / "b.py").write_bytes(b"B = 9\n")
+    os.utime(own / "b.py", (when, when))
+    assert not store.fill(key["b.py"], str(env / "b.py"))
+    assert not (env / "b.py").exists()
+    assert store.lacking([key["b.py"]]) == [True]

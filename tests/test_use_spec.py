@@ -365,3 +365,40 @@ def test_a_pin_that_would_move_distributed_is_refused(offline, builds, store):
     assert not builds.exists() or not [
         p for p in builds.iterdir() if not p.name.startswith(".")
     ]
+
+
+def test_a_build_on_the_nannies_own_environment_ships_what_it_adds(
+    offline, builds, store, tmp_path
+):
+    # The client's own environment is the one the nannies run in (as on a
+    # cluster started from the same conda environment): a build on it travels
+    # as a thin pack of what the list added; the node copies the other files
+    # from its own environment, each hashed again, and never writes into it.
+    own = Path(sys.prefix)
+    some = sorted((own / "lib").glob("python3.*/site-packages/distributed/*.py"))[:50]
+    before = {p: (p.stat().st_ino, p.stat().st_mode, p.read_bytes()) for p in some}
+    with local_cluster(tmp_path / "cluster", {"node-a": 1, "node-b": 1}) as cluster:
+        client, caches = cluster
+        report = client.use_environment(pip=["tabulate==0.8.10"])
+        assert report.ok, report
+        seen = client.run(tabulate_version)
+        assert {v for _, v in seen.values()} == {"0.8.10"}
+        assert all(
+            any(p.startswith(str(c)) for c in caches.values()) for p, _ in seen.values()
+        )
+        (artifact_id,) = {r.environment for r in report.values()}
+        manifest = envship.ArtifactStore(store).resolve(artifact_id).manifest
+        # Sent: the list's files and the few the build rewrote, not the environment.
+        assert 0 < report.transfer.client_bytes < manifest.unpacked_size / 50
+        for node in report.unpacked.values():
+            assert node["linked"] > 0.9 * manifest.file_count > 10 * node["written"]
+
+        # A node that joins later fetches the thin pack from its peers and
+        # copies the rest from its own environment: no client involved.
+        cluster.add_node("node-c", 1)
+        client.wait_for_workers(3, timeout=120)
+        seen = client.run(tabulate_version)
+        assert {v for _, v in seen.values()} == {"0.8.10"}
+        assert {p for p, _ in seen.values()} >= {str(caches["node-c"] / artifact_id)}
+    after = {p: (p.stat().st_ino, p.stat().st_mode, p.read_bytes()) for p in some}
+    assert after == before

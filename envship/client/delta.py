@@ -9,8 +9,11 @@ receiving node lacks; the others are references (see :mod:`envship.thin`).
 It travels like any blob, peer to peer, and hashes to the environment's id
 on the node.
 
-Nodes that lack most of the base get the whole archive instead, written from
-the table only then. A node that joins later fetches the base's archive and
+Without such a base the client asks about every file: a node's store counts
+the files of its nanny's own environment as held (see
+:mod:`envship.node.own_files`), so an environment built on the one the
+nannies run in travels as the files it adds. Nodes that lack most of the
+files get the whole archive instead, written from the table only then. A node that joins later fetches the base's archive and
 the thin pack from its peers.
 """
 
@@ -54,7 +57,9 @@ async def plan(client, artifact: Artifact, nannies: list[str]) -> Plan:
         return Plan(full=list(nannies))
     base, shared = await _choose_base(client, artifact, table)
     if base is None:
-        return Plan(full=list(nannies))
+        # No environment the cluster holds shares enough with it; the nodes'
+        # own environments may (one built on the environment they run in).
+        shared = table.files
     keys = encode_keys(shared)
     total = sum(e.size for e in shared) or 1
 
@@ -129,7 +134,7 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
     """
     store = ArtifactStore(artifact.path.parent)
     table, refs, base = plan.table, plan.refs, plan.base
-    if table is None or base is None or not isinstance(artifact.manifest, Manifest):
+    if table is None or not isinstance(artifact.manifest, Manifest):
         raise ValueError(f"no thin pack of {artifact.id} in this plan")
     level, threads = config.get("pack.level"), config.default_threads()
     try:
@@ -149,7 +154,7 @@ def write_thin(artifact: Artifact, plan: Plan) -> Artifact:
     manifest = ThinManifest(
         id=thin_id,
         thin_of=artifact.id,
-        base=base.id,
+        base=None if base is None else base.id,
         env=artifact.manifest,
         packed_size=size,
         files=summary.files,

@@ -139,7 +139,8 @@ def artifact(artifact: Artifact) -> str:
         ["platform", _platform(env.platform)],
     ]
     if not isinstance(manifest, Manifest):
-        rows.append(["thin pack of", f"{manifest.thin_of} (base {manifest.base})"])
+        base = manifest.base or "the nodes' own environments"
+        rows.append(["thin pack of", f"{manifest.thin_of} (base {base})"])
     return _box(
         f"Artifact: {artifact.name}",
         _fields(rows),

@@ -42,6 +42,7 @@ from .filestore import FileStore
 from .installer import Installer
 from .layout import CacheLayout
 from .locks import CacheLocks, Leases
+from .own_files import OwnFiles
 
 __all__ = ["CacheEntry", "EnvCache", "disk_usage"]
 
@@ -71,6 +72,9 @@ class EnvCache:
         False for readers (``envship cache list``, ``gc``, ``clear``): they
         make nothing, and a folder that holds no cache is an
         :class:`~envship.errors.EnvshipError` ("no cache there").
+    own_environment : path, optional
+        The nanny's own environment (``sys.prefix``): its files count as held
+        by the node's file store (see :mod:`envship.node.own_files`).
 
     Examples
     --------
@@ -89,6 +93,7 @@ class EnvCache:
         *,
         lock_timeout: float | None = None,
         create: bool = True,
+        own_environment: str | os.PathLike[str] | None = None,
     ) -> None:
         default = root is None
         if root is None:
@@ -105,7 +110,8 @@ class EnvCache:
             self.layout.create(check_owner=default)
         else:
             self.layout.open(check_owner=default)
-        self.files = FileStore(self.root, links=config.get("cache.hard-links"))
+        own = None if own_environment is None else OwnFiles(own_environment, self.root)
+        self.files = FileStore(self.root, config.get("cache.hard-links"), own)
         self.locks = CacheLocks(self.layout, lock_timeout)
         self.leases = Leases(self.layout, self.locks)
         self.archives = Archives(self.layout, self.locks)

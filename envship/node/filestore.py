@@ -34,6 +34,8 @@ from pathlib import Path
 
 from envship.table import store_key
 
+from .own_files import OwnFiles
+
 logger = logging.getLogger("envship.cache")
 
 #: errno values that mean "this filesystem will not link here": stop trying.
@@ -49,6 +51,9 @@ class FileStore:
         The node cache's root; the store is its ``files/`` folder.
     links : bool
         False writes every file in full (``envship.cache.hard-links``).
+    own : OwnFiles, optional
+        The nanny's own environment: its files count as held, and are copied
+        into the store when a thin pack refers to them.
 
     Examples
     --------
@@ -57,8 +62,11 @@ class FileStore:
     >>> store.link(key, "/tmp/envship-cache/tmp/x/lib/a.py") or write_it()  # doctest: +SKIP
     """
 
-    def __init__(self, root: str | os.PathLike, links: bool = True):
+    def __init__(
+        self, root: str | os.PathLike, links: bool = True, own: OwnFiles | None = None
+    ):
         self.root = Path(root) / "files"
+        self.own = own
         self.root.mkdir(mode=0o700, exist_ok=True)
         self._root = str(self.root)
         self.links = links
@@ -87,9 +95,13 @@ class FileStore:
         """Make ``dest`` the stored file ``key``: a link, else a copy; False if not stored.
 
         For references in thin packs, which carry no data: where links fail,
-        the stored file is copied (with its mode and mtime).
+        the stored file is copied (with its mode and mtime). A file that only
+        the nanny's own environment has is copied from there, then stored.
         """
         if self.link(key, dest):
+            return True
+        if self.links and self.own is not None and self.own.copy(key, dest):
+            self.add(key, dest)
             return True
         source = self.path(key)
         try:
@@ -108,7 +120,8 @@ class FileStore:
         """
         if not self.links:
             return [True] * len(keys)
-        return [not os.path.isfile(self.path(key)) for key in keys]
+        own = self.own.paths() if self.own is not None else {}
+        return [not os.path.isfile(self.path(key)) and key not in own for key in keys]
 
     def add(self, key: str, path: str) -> None:
         """Enter a just-written, complete file: made read-only, linked from the store."""

@@ -282,17 +282,17 @@ class Wanted:
 
     ``id`` and ``name``; for an environment whose whole archive nobody holds,
     the thin pack to install it from (``via``) and the ``base`` environment
-    whose files that refers to. It travels in the ``UseEnvironment`` plugin
+    whose files that refers to (None: files of the node's own environment). It travels in the ``UseEnvironment`` plugin
     as ``to_msg()``'s dict.
 
     Examples
     --------
     >>> Wanted.from_msg({"id": "5f0c" * 8, "name": "sklearn-dev"}).via is None
     True
-    >>> Wanted.from_msg({"id": "5f0c" * 8, "name": "x", "via": "a" * 32})
+    >>> Wanted.from_msg({"id": "5f0c" * 8, "name": "x", "base": "a" * 32})
     Traceback (most recent call last):
     ...
-    ValueError: a thin pack (via) needs its base, and a base its thin pack
+    ValueError: a base needs the thin pack (via) that refers to it
     """
 
     id: EnvId
@@ -315,8 +315,6 @@ class Wanted:
             optional(check_thin_id, m.get("via")),
             optional(check_id, m.get("base")),
         )
-        if (wanted.via is None) != (wanted.base is None):
-            raise ValueError(
-                "a thin pack (via) needs its base, and a base its thin pack"
-            )
+        if wanted.via is None and wanted.base is not None:
+            raise ValueError("a base needs the thin pack (via) that refers to it")
         return wanted

@@ -18,18 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 
 import dask.utils
 from distributed.diagnostics.plugin import NannyPlugin
 
 from envship import config, policy
-from envship.errors import EnvshipError
+from envship.errors import EnvshipError, MissingStoreFileError
 from envship.identity import nanny_identity
 from envship.ids import EnvId, ThinId, check_id
 from envship.machine import platform_facts
 from envship.manifest import ThinManifest
-from envship.messages import NannyStatus, Status, TransferState, serve
+from envship.messages import NannyStatus, Status, TransferState, optional, serve
 from envship.registry_messages import Hold, Runs, Where, WhereAnswer
 from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Peer
@@ -115,7 +116,8 @@ class NannySide:
 
     def __init__(self, nanny):
         self.nanny = nanny
-        self.cache = EnvCache()
+        own = sys.prefix if config.get("cache.copy-from-own-environment") else None
+        self.cache = EnvCache(own_environment=own)
         self.site = config.get("site")
         self.blobs = BlobServer(self.cache, nanny.rpc, nanny.address, self.site)
         self.blobs.on_event = self._report_holding
@@ -353,7 +355,7 @@ class NannySide:
             check_id(manifest.thin_of),
             offer.name,
             via=ThinId(offer.id),
-            base=check_id(manifest.base),
+            base=optional(check_id, manifest.base),
         )
 
     async def target_for(self, wanted: Wanted) -> TargetEnvironment:
@@ -361,7 +363,9 @@ class NannySide:
 
         ``wanted`` may name a thin pack (``via``) and the ``base`` whose files
         it refers to: the base is fetched and unpacked first, so that the
-        node's file store holds them.
+        node's file store holds them. A thin pack without a base refers to
+        files of the nodes' own environments: a node whose own environment
+        lacks some cannot install it without the client.
         """
         artifact_id, name, via = wanted.id, wanted.name, wanted.via
         policy.check(name, artifact_id)
@@ -381,19 +385,27 @@ class NannySide:
             state,
         )
         if not self.cache.has(artifact_id) and not self.cache.has_archive(artifact_id):
-            if via is None or wanted.base is None:
+            if via is None:
                 await self.fetch(artifact_id, name)
             else:
                 base = wanted.base
-                if not self.cache.has(base):
+                if base is not None and not self.cache.has(base):
                     if not self.cache.has_archive(base):
                         await self.fetch(base, f"{name} (its base)")
                     await asyncio.to_thread(self.cache.ensure, base)
                 if not self.cache.has_archive(via):
                     await self.fetch(via, name)
-        prefix = await asyncio.to_thread(
-            self.cache.ensure, artifact_id, lease_pid=os.getpid(), via=via
-        )
+        try:
+            prefix = await asyncio.to_thread(
+                self.cache.ensure, artifact_id, lease_pid=os.getpid(), via=via
+            )
+        except MissingStoreFileError as e:
+            raise EnvshipError(
+                name,
+                "this node joined later and its own environment lacks files of "
+                f"it ({e.problem}); only a thin pack of it exists on the cluster",
+                "call use_environment again so that the client sends it",
+            ) from e
         return installed_target(self.cache, artifact_id, prefix, name)
 
     async def fetch(self, artifact_id: EnvId, name: str) -> None:

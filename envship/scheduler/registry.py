@@ -257,7 +257,9 @@ class Registry(SchedulerPlugin):
             thin = self.offers.get(self.thin[id]) if id in self.thin else None
             if thin is not None and isinstance(thin.manifest, ThinManifest):
                 # and the base that it refers to
-                wanted |= {EnvId(thin.id), EnvId(thin.manifest.base)}
+                wanted.add(EnvId(thin.id))
+                if thin.manifest.base is not None:
+                    wanted.add(EnvId(thin.manifest.base))
         spare = [id for id in self.offers if id not in wanted]
         for id in spare[: max(len(spare) - SPARE_OFFERS, 0)]:
             del self.offers[id]
