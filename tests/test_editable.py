@@ -196,8 +196,10 @@ def worker_values(client) -> dict:
 def test_workers_run_each_edit(dev, store, tmp_path):
     venv, projects = dev
     before = checksums(venv)
+    # a setuptools project (PEP 660 finder) and a hatchling one (.pth)
     init = projects["finderproj"] / "finderproj" / "__init__.py"
-    original = init.read_text()
+    hat = projects["hatproj"] / "hatproj" / "__init__.py"
+    originals = {init: init.read_text(), hat: hat.read_text()}
     try:
         with local_cluster(tmp_path / "cluster", {"node": 1}) as (client, caches):
             report = client.use_environment(venv)
@@ -214,16 +216,19 @@ def test_workers_run_each_edit(dev, store, tmp_path):
             assert all(str(caches["node"]) in f for _, f in values.values())
             for value in (10, 11):
                 init.write_text(f"VALUE = {value}\n")
+                hat.write_text(f"VALUE = {value + 30}\n")
                 report = client.use_environment(venv)
                 assert report.ok
-                # A thin pack (the edited file and the table), not the
-                # environment; the node writes one file, links the rest.
+                # A thin pack (the edited files and the table), not the
+                # environment; the node writes two files, links the rest.
                 assert 0 < report.transfer.client_bytes < whole / 50
                 written = sum(u["written"] for u in report.unpacked.values())
-                assert written == 1
+                assert written == 2
                 values = worker_values(client)
                 assert values["finderproj"][0] == value
+                assert values["hatproj"][0] == value + 30
     finally:
-        init.write_text(original)
+        for path, text in originals.items():
+            path.write_text(text)
     assert checksums(venv) == before
     assert os.path.exists(venv / SITE / "__editable__.finderproj-0.1.pth")
