@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from dask.utils import format_time
+
 
 @dataclass(frozen=True)
 class Col:
@@ -184,3 +186,45 @@ def clock_time(timestamp: float, now: float | None = None) -> str:
     if then.date() == today:
         return then.strftime("%H:%M:%S")
     return then.strftime("%Y-%m-%d %H:%M")
+
+
+#: How a worker that runs in its nanny's own environment is shown.
+NANNY_OWN = "(nanny's own)"
+
+
+def worker_environment(worker: dict) -> str:
+    """A survey row's environment as the status page and notebook show it.
+
+    Examples
+    --------
+    >>> worker_environment({"id": "5f0c2d9a1b7e" * 2, "environment": "sklearn-dev"})
+    'sklearn-dev (5f0c2d9a)'
+    >>> worker_environment({"id": None, "environment": None})
+    "(nanny's own)"
+    """
+    if worker.get("unreachable"):
+        return f"(unreachable: {worker['unreachable']})"
+    if worker["id"] is None:
+        return NANNY_OWN
+    return short_name(worker["environment"], worker["id"])
+
+
+def short_name(name: object, id: str) -> str:
+    """A name with the start of its id: ``sklearn-dev (5f0c2d9a)``."""
+    return f"{name} ({id[:8]})"
+
+
+def since_text(since: float | None, now: float) -> str:
+    """A start time with how long ago it was; ``?`` for none.
+
+    Examples
+    --------
+    >>> since_text(None, 0)
+    '?'
+    >>> since_text(1000.0, 1090.0).endswith("(90.00 s ago)")
+    True
+    """
+    if not since:
+        return "?"
+    clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    return f"{clock} ({format_time(max(now - since, 0))} ago)"

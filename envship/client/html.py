@@ -20,9 +20,10 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from typing import Any, TypeAlias
 
-from dask.utils import format_bytes, format_time
+from dask.utils import format_bytes
 
 from envship.manifest import Manifest
+from envship.text_table import NANNY_OWN, short_name, since_text, worker_environment
 
 #: The objects rendered, named for the reader (``envship.client.report``,
 #: ``.status``, ``.store``, ``.foreign``): these modules import this one.
@@ -37,7 +38,6 @@ _TABLE = "border-collapse: collapse; margin: 0.3em 0 0.6em; text-align: left"
 _CELL = "padding: 0.15em 0.9em 0.15em 0; text-align: left; vertical-align: top"
 _MUTED = "color: #666"
 _BAD = "color: #b00"
-NANNY_OWN = "(nanny's own)"
 
 
 def switch_report(report: SwitchReport) -> str:
@@ -81,7 +81,13 @@ def cluster_status(status: ClusterStatus, now: float | None = None) -> str:
     """
     now = time.time() if now is None else now
     workers = [
-        [w["name"], w["node"], w["site"], _environment(w), _since(w["since"], now)]
+        [
+            w["name"],
+            w["node"],
+            w["site"],
+            worker_environment(w),
+            since_text(w["since"], now),
+        ]
         for w in status.workers
     ]
     nodes = [
@@ -94,7 +100,7 @@ def cluster_status(status: ClusterStatus, now: float | None = None) -> str:
         for t in b["transfers"]:
             sources = ", ".join(t["sources"]) or "–"
             holders += f"; {t['nanny']}: {t['have']}/{t['count']} pieces from {sources}"
-        blobs.append([_short(b["name"], b["id"]), _bytes(b["size"]), holders])
+        blobs.append([short_name(b["name"], b["id"]), _bytes(b["size"]), holders])
     return _box(
         "envship status",
         _heading("Workers"),
@@ -268,25 +274,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, _Styled):
         return f'<span style="{value.style}">{escape(value)}</span>'
     return escape(str(value))
-
-
-def _environment(worker: dict) -> str:
-    if worker.get("unreachable"):
-        return f"(unreachable: {worker['unreachable']})"
-    if worker["id"] is None:
-        return NANNY_OWN
-    return _short(worker["environment"], worker["id"])
-
-
-def _short(name: Any, id: str) -> str:
-    return f"{name} ({id[:8]})"
-
-
-def _since(since: float | None, now: float) -> str:
-    if not since:
-        return "?"
-    clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
-    return f"{clock} ({format_time(max(now - since, 0))} ago)"
 
 
 def _platform(platform: dict[str, str]) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 from dask.utils import format_bytes
 
 from envship.errors import EnvshipError
-from envship.text_table import Col, TextTable, wrap_notes
+from envship.text_table import NANNY_OWN, Col, TextTable, wrap_notes
 from envship.transfer import ShipReport
 
 
@@ -148,7 +148,7 @@ class SwitchReport(Mapping[str, WorkerReport]):
         )
         failures = []
         for name, r in sorted(self.workers.items(), key=lambda kv: str(kv[0])):
-            env = r.environment[:12] if r.environment else "(nanny's own)"
+            env = r.environment[:12] if r.environment else NANNY_OWN
             table.add_row(name, env, f"{r.seconds:.2f}", "ok" if r.ok else "FAILED")
             if not r.ok:
                 failures.append(f"{name}: {r.error}")

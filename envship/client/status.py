@@ -14,7 +14,7 @@ from dask.utils import format_bytes
 from distributed import Client
 
 from envship.survey import EMPTY_REGISTRY, survey
-from envship.text_table import Col, TextTable, clock_time, wrap_notes
+from envship.text_table import NANNY_OWN, Col, TextTable, clock_time, wrap_notes
 
 from .targets import nannies_with_envship
 
@@ -91,7 +91,7 @@ class ClusterStatus:
             elif w["id"]:
                 env = f"{w['environment']} {w['id'][:8]}"
             else:
-                env = "(nanny's own)"
+                env = NANNY_OWN
             row = [w["name"], hosts.get(w["node"], "-")]
             row += [w["site"]] if sites else []
             row += [env, clock_time(w["since"]) if w["since"] else "-"]

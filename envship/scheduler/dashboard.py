@@ -17,11 +17,12 @@ import time
 import weakref
 from html import escape
 
-from dask.utils import format_bytes, format_time
+from dask.utils import format_bytes
 from tornado import web
 
 from envship import policy
 from envship.survey import EMPTY_REGISTRY, survey
+from envship.text_table import short_name, since_text, worker_environment
 
 #: Seconds each nanny has to answer before the page shows it as unreachable.
 NANNY_TIMEOUT = 5.0
@@ -117,12 +118,18 @@ def render(found: dict, allowed, contact, now: float) -> str:
     """
     names = {w["nanny"]: w["name"] for w in found["workers"]}
     workers = [
-        [w["name"], w["node"], w["site"], _environment(w), _since(w["since"], now)]
+        [
+            w["name"],
+            w["node"],
+            w["site"],
+            worker_environment(w),
+            since_text(w["since"], now),
+        ]
         for w in found["workers"]
     ]
     transfers = [
         [
-            _short(b["name"], b["id"]),
+            short_name(b["name"], b["id"]),
             names.get(t["nanny"], t["nanny"]),
             f"{t['have']} / {t['count']}",
             format_bytes(t["bytes"]),
@@ -144,25 +151,6 @@ def render(found: dict, allowed, contact, now: float) -> str:
         ),
         nodes=_table(["node", "site", "nannies", "cache folder", "used"], nodes),
     )
-
-
-def _environment(worker: dict) -> str:
-    if worker["unreachable"]:
-        return f"(unreachable: {worker['unreachable']})"
-    if worker["id"] is None:
-        return "(nanny's own)"
-    return _short(worker["environment"], worker["id"])
-
-
-def _short(name, id: str) -> str:
-    return f"{name} ({id[:8]})"
-
-
-def _since(since: float | None, now: float) -> str:
-    if not since:
-        return "?"
-    clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
-    return f"{clock} ({format_time(max(now - since, 0))} ago)"
 
 
 def _bytes(size: int | None) -> str:
