@@ -36,7 +36,7 @@ from . import uv
 from .clone import clone_environment
 from .editable import skipped_dir
 from .environment import SourceEnvironment
-from .locate import find_named, looks_like_path, where_looked
+from .locate import base_prefix, looks_like_path
 
 #: Held at the base's versions in every derived environment.
 PINNED_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "toolz")
@@ -87,7 +87,7 @@ def build_environment(
     >>> envship.pack(prefix).name  # doctest: +SKIP
     'myenv+3f2a9c01'
     """
-    base = _base_prefix(spec.base)
+    base = base_prefix(spec.base)
     source = SourceEnvironment.from_prefix(base, spec.base or None)
     label = spec.base or str(base)
     versions = source.package_versions()
@@ -450,24 +450,6 @@ def _marker(target: Path) -> Path:
 
 def _is_complete(target: Path) -> bool:
     return _marker(target).is_file() and (target / "bin" / "python").exists()
-
-
-def _base_prefix(base: str | os.PathLike | None) -> Path:
-    if base is None:
-        return Path(sys.prefix)
-    if looks_like_path(base):
-        return Path(base).expanduser().absolute()
-    found = find_named(str(base))
-    if found is not None:
-        return found
-    if Path(base).exists():
-        return Path(base).absolute()
-    places = "\n  ".join(where_looked())
-    raise EnvshipError(
-        str(base),
-        f"no conda environment or venv of that name; looked in:\n  {places}",
-        "give the base environment's path, or check `conda env list`",
-    )
 
 
 def _say(message: str) -> None:

@@ -9,8 +9,10 @@ is consulted by the caller, not here.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+from envship.errors import EnvshipError
 from envship.kinds import environment_kind
 
 
@@ -77,3 +79,30 @@ def where_looked() -> list[str]:
     return [str(p) for p in search_places()] + [
         str(Path("~/.conda/environments.txt").expanduser())
     ]
+
+
+def base_prefix(base: str | os.PathLike | None) -> Path:
+    """The folder of a build's base: a path, an environment's name, or None
+    for the client's own (``sys.prefix``).
+
+    Examples
+    --------
+    >>> import sys
+    >>> base_prefix(None) == Path(sys.prefix)
+    True
+    """
+    if base is None:
+        return Path(sys.prefix)
+    if looks_like_path(base):
+        return Path(base).expanduser().absolute()
+    found = find_named(str(base))
+    if found is not None:
+        return found
+    if Path(base).exists():
+        return Path(base).absolute()
+    places = "\n  ".join(where_looked())
+    raise EnvshipError(
+        str(base),
+        f"no conda environment or venv of that name; looked in:\n  {places}",
+        "give the base environment's path, or check `conda env list`",
+    )

@@ -25,6 +25,7 @@ from typing import Any
 from envship.errors import EnvshipError
 
 from .index import index_args
+from .locate import base_prefix
 from .store import Artifact
 
 #: The tools that can install a conda package, in the order they are looked for.
@@ -177,8 +178,10 @@ def check_conda_part(found: EnvironmentFile, base: str | None) -> None:
     needed = [n for n in found.conda_names if n not in _ALWAYS_THERE]
     if not needed:
         return
-    prefix = _base_prefix(base)
-    have = _conda_names_in(prefix) if prefix is not None else None
+    try:
+        have = _conda_names_in(base_prefix(base))
+    except EnvshipError:  # no such base: the missing packages say enough
+        have = None
     missing = needed if have is None else [n for n in needed if n not in have]
     if not missing:
         return
@@ -209,17 +212,6 @@ def check_conda_part(found: EnvironmentFile, base: str | None) -> None:
         f"`envship build ./env --file {found.path}`",
         subject="file",
     )
-
-
-def _base_prefix(base: str | None) -> Path | None:
-    """The folder of ``base`` (None: the client's own), or None if not found."""
-    if base is None:
-        return Path(sys.prefix)
-    from .locate import find_named, looks_like_path
-
-    if looks_like_path(base):
-        return Path(base).expanduser()
-    return find_named(base)
 
 
 def spec_for(
