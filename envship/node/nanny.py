@@ -190,8 +190,8 @@ class NannySide:
         asyncio.get_running_loop().call_later(PREPARED_LEASE + 1, self._release_unused)
         records = self.cache.installs(artifact_id)
         done = records[-1] if len(records) > before else {}
-        if not done:
-            logger.info(
+        if not done:  # the switch that follows says so for each worker
+            logger.debug(
                 "envship: %s (%s) is unpacked in this node's cache already",
                 manifest.name if manifest else "an environment",
                 artifact_id[:12],
