@@ -241,11 +241,14 @@ def test_the_nannys_own_files_count_as_held_and_are_checked_when_copied(tmp_path
         (own / name).write_bytes(data)
         os.utime(own / name, (when, when))
     (own / "alias.py").symlink_to("a.py")
+    (own / "other.py").write_bytes(b"O = 0\n")  # an mtime no key asks for
+    os.utime(own / "other.py", (when + 5, when + 5))
     store = FileStore(tmp_path, own=OwnFiles(own.parent, skip=tmp_path / "files"))
     key = {n: store.key(file_digest(d), 0o644, when) for n, d in texts.items()}
     absent = store.key(file_digest(b"C = 3\n"), 0o644, when)
     assert store.lacking([key["a.py"], key["b.py"], absent]) == [False, False, True]
-    assert len(store.own.paths()) == 2  # regular files only
+    # Only files whose mode and mtime a key asks for are hashed, once.
+    assert sorted(store.own._paths.values()) == [str(own / "a.py"), str(own / "b.py")]
 
     env = tmp_path / "env"
     env.mkdir()

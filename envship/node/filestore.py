@@ -120,8 +120,12 @@ class FileStore:
         """
         if not self.links:
             return [True] * len(keys)
-        own = self.own.paths() if self.own is not None else {}
-        return [not os.path.isfile(self.path(key)) and key not in own for key in keys]
+        lacking = [not os.path.isfile(self.path(key)) for key in keys]
+        if self.own is not None:
+            asked = [key for key, lacks in zip(keys, lacking, strict=True) if lacks]
+            held = iter(self.own.held(asked))
+            lacking = [lacks and not next(held) for lacks in lacking]
+        return lacking
 
     def add(self, key: str, path: str) -> None:
         """Enter a just-written, complete file: made read-only, linked from the store."""

@@ -30,42 +30,57 @@ logger = logging.getLogger(__name__)
 
 
 class OwnFiles:
-    """The regular files under ``prefix``, by store key, listed on first use.
+    """The regular files under ``prefix``, found by store key.
+
+    Listed (one ``lstat`` each) on first use and grouped by mode and mtime;
+    a file is hashed only when a key with its mode and mtime is asked about,
+    and only once, so that an unrelated environment costs the listing alone.
 
     Examples
     --------
-    >>> own = OwnFiles(sys.prefix)  # doctest: +SKIP
-    >>> own.has(key)  # doctest: +SKIP
-    True
-    >>> own.copy(key, "/cache/files/ab/abc...tmp")  # doctest: +SKIP
+    >>> own = OwnFiles(sys.prefix, skip=cache_root)  # doctest: +SKIP
+    >>> own.held([key])  # doctest: +SKIP
+    [True]
+    >>> own.copy(key, f"{tree}/lib/python3.11/site-packages/six.py")  # doctest: +SKIP
     True
     """
 
     def __init__(self, prefix: str | os.PathLike, skip: str | os.PathLike = ""):
         self.prefix = os.path.realpath(prefix)
         self.skip = os.path.realpath(skip) if skip else ""
-        self._paths: dict[str, str] | None = None
+        self._by_stamp: dict[str, list[str]] | None = None  # "mode-mtime" -> paths
+        self._paths: dict[str, str] = {}  # store key -> path, of files hashed
         self._lock = threading.Lock()
 
-    def has(self, key: str) -> bool:
-        return key in self.paths()
-
-    def paths(self) -> dict[str, str]:
-        """Store key -> path, listed once (in the first caller's thread)."""
+    def held(self, keys: list[str]) -> list[bool]:
+        """For each store key, whether a file of the environment has it."""
         with self._lock:
-            if self._paths is None:
-                started = time.perf_counter()
-                self._paths = dict(self._walk())
+            if self._by_stamp is None:
+                self._by_stamp = self._list()
+            started, hashed = time.perf_counter(), 0
+            found = []
+            for key in keys:
+                if key not in self._paths:
+                    stamp = key.partition("-")[2]
+                    for path in self._by_stamp.pop(stamp, ()):
+                        try:
+                            self._paths[f"{path_digest(path)}-{stamp}"] = path
+                        except OSError:
+                            continue  # unreadable or gone: not a source
+                        hashed += 1
+                found.append(key in self._paths)
+            if hashed:
                 logger.info(
-                    "envship: listed %d files of this nanny's environment %s in "
+                    "envship: hashed %d files of this nanny's environment %s in "
                     "%.1f s, to copy from instead of fetching",
-                    len(self._paths),
+                    hashed,
                     self.prefix,
                     time.perf_counter() - started,
                 )
-            return self._paths
+            return found
 
-    def _walk(self):
+    def _list(self) -> dict[str, list[str]]:
+        by_stamp: dict[str, list[str]] = {}
         for folder, dirs, files in os.walk(self.prefix):
             if self.skip and (folder + os.sep).startswith(self.skip + os.sep):
                 dirs.clear()
@@ -74,20 +89,24 @@ class OwnFiles:
                 path = os.path.join(folder, name)
                 try:
                     st = os.lstat(path)
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    digest = path_digest(path)
                 except OSError:
-                    continue  # unreadable or gone: not a source
-                yield store_key(digest, entry_mode(st), int(st.st_mtime)), path
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    stamp = store_key("", entry_mode(st), int(st.st_mtime))[1:]
+                    by_stamp.setdefault(stamp, []).append(path)
+        return by_stamp
 
     def copy(self, key: str, dest: str) -> bool:
-        """Copy the file listed under ``key`` to ``dest`` (a new file) as its key says.
+        """Copy the file found under ``key`` to ``dest`` (a new file) as its key says.
 
         Its bytes are hashed on the way; mode and mtime are the key's. False
-        (and nothing at ``dest``) if it is not listed, or changed since.
+        (and nothing at ``dest``) if no file was found under it, or it changed
+        since.
         """
-        source = self.paths().get(key)
+        if not self.held([key])[0]:  # hashes its candidates, if not yet
+            return False
+        with self._lock:
+            source = self._paths.get(key)  # None if a failed copy just dropped it
         if source is None:
             return False
         digest, mode, mtime = key.split("-")
@@ -98,7 +117,7 @@ class OwnFiles:
                     h.update(chunk)
                     out.write(chunk)
             if h.hexdigest() != digest:
-                raise ValueError("changed since it was listed")
+                raise ValueError("changed since it was hashed")
             os.chmod(dest, int(mode, 8))
             os.utime(dest, ns=(int(mtime), int(mtime)))
         except FileExistsError:
@@ -110,7 +129,6 @@ class OwnFiles:
                 "envship: not copying %s from this nanny's environment: %s", source, e
             )
             with self._lock:
-                if self._paths is not None:
-                    self._paths.pop(key, None)
+                self._paths.pop(key, None)
             return False
         return True
