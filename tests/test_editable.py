@@ -23,8 +23,9 @@ SITE = "lib/python3.11/site-packages"
 
 @pytest.fixture(scope="module")
 def dev(env_prefix, tmp_path_factory):
-    """A venv with four editable projects: PEP 660 finder, src-layout and compat
-    ``.pth`` (setuptools), ``.pth`` (hatchling)."""
+    """A venv with five editable projects: PEP 660 finder, src-layout and compat
+    ``.pth`` (setuptools), ``.pth`` (hatchling), and a PEP 660 finder that
+    ``uv pip install -e`` installed."""
     root = tmp_path_factory.mktemp("editable")
     venv = editable_venv(env_prefix("venv"), root / "dev-venv")
     projects = {
@@ -32,11 +33,13 @@ def dev(env_prefix, tmp_path_factory):
         "srcproj": make_project(root / "src", "srcproj", "setuptools", 2, src=True),
         "compatproj": make_project(root / "compat", "compatproj", "setuptools", 3),
         "hatproj": make_project(root / "hat", "hatproj", "hatchling", 4),
+        "uvproj": make_project(root / "uv", "uvproj", "setuptools", 5),
     }
     install_editable(venv, projects["finderproj"])
     install_editable(venv, projects["srcproj"])
     install_editable(venv, projects["compatproj"], "editable_mode=compat")
     install_editable(venv, projects["hatproj"])
+    install_editable(venv, projects["uvproj"], installer="uv")
     return venv, projects
 
 
@@ -59,6 +62,9 @@ def test_each_kind_of_hook_is_found(dev):
     )
     assert any(h.endswith("_finder.py") for h in finder.hooks)  # PEP 660
     assert (site / finder.hooks[0]).exists()
+    by_uv = found["uvproj"]
+    assert by_uv.mapped == (("uvproj", str(projects["uvproj"] / "uvproj")),)
+    assert any(h.endswith("_finder.py") for h in by_uv.hooks)
     src = found["srcproj"]
     assert src.mapped == (("srcproj", str(projects["srcproj"] / "src" / "srcproj")),)
     for name in ("compatproj", "hatproj"):  # a folder in a .pth: the package only
@@ -186,7 +192,7 @@ def worker_values(client) -> dict:
     # A lambda: sent by value (a module-level function would be sent by name).
     run = lambda: {  # noqa: E731
         name: (__import__(name).VALUE, __import__(name).__file__)
-        for name in ("finderproj", "srcproj", "compatproj", "hatproj")
+        for name in ("finderproj", "srcproj", "compatproj", "hatproj", "uvproj")
     }
     (values,) = client.run(run).values()
     return values
@@ -211,6 +217,7 @@ def test_workers_run_each_edit(dev, store, tmp_path):
                 "srcproj": 2,
                 "compatproj": 3,
                 "hatproj": 4,
+                "uvproj": 5,
             }
             # The shipped copy, inside the node's cache, not the source folder.
             assert all(str(caches["node"]) in f for _, f in values.values())
