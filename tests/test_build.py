@@ -122,6 +122,12 @@ def test_venv_base_uv_and_pip_replace_linked_files_without_touching_base(
     )
     assert run_python(moved, "import tabulate; print(tabulate.__version__)") == "0.8.10"
     assert checksums(base) == before
+    # Compiled as pip would (node trees are read-only: workers could not
+    # cache it), and python uses that .pyc: importing writes nothing.
+    (pyc,) = moved.glob("lib/python3.*/site-packages/__pycache__/tabulate.*.pyc")
+    stamp = pyc.stat().st_mtime_ns
+    run_python(moved, "import tabulate")
+    assert pyc.stat().st_mtime_ns == stamp
 
     # pip reinstalls the same linked package over itself in another build.
     kept = build_environment(BuildSpec(pip=("six",), base=str(base)), index_args=wheels)

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -362,6 +363,7 @@ def _build(
             label,
             no_deps=plan.exact and plan.install_from.suffix == ".txt",
         )
+        compile_new_modules(target, say)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
@@ -380,6 +382,47 @@ def _build(
     tmp = marker.with_name(marker.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, marker)  # last: the build is whole
+
+
+#: Folders whose modules workers seldom import: left to compile on import.
+_NOT_COMPILED = {"tests", "test", "testing"}
+
+
+def compile_new_modules(prefix: Path, say=lambda message: None) -> int:
+    """Compile the ``.py`` files that the install just wrote; how many.
+
+    uv does not compile (pip does), and node trees are read-only: a module
+    shipped without its ``.pyc`` is compiled again by every worker at every
+    start. The files uv wrote are the ones no clone link shares (one link);
+    test folders are left out. ``compileall`` writes each ``.pyc`` to a new
+    file and renames it over the old one, so no file of the base, which the
+    clone shares by hard links, is ever written.
+    """
+    new = []
+    for folder, dirs, files in os.walk(prefix):
+        dirs[:] = [d for d in dirs if d not in _NOT_COMPILED and d != "__pycache__"]
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                if os.lstat(path).st_nlink == 1:
+                    new.append(path)
+    if not new:
+        return 0
+    say(f"compiling {len(new)} new modules")
+    python = prefix / "bin" / "python"
+    done = subprocess.run(
+        [str(python), "-m", "compileall", "-q", "-j", "0", "-i", "-"],
+        input="\n".join(new),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode not in (0, 1):  # 1: a module that does not compile
+        raise EnvshipError(
+            str(prefix),
+            f"could not compile its new modules: {done.stderr.strip()[-2000:]}",
+            f"check that its python runs (`{python} -c pass`)",
+        )
+    return len(new)
 
 
 def _nearest_build(builds: Path, source: SourceEnvironment, plan: _Plan) -> Path | None:
