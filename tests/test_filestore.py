@@ -269,3 +269,30 @@ def test_the_nannys_own_files_count_as_held_and_are_checked_when_copied(tmp_path
     assert not store.fill(key["b.py"], str(env / "b.py"))
     assert not (env / "b.py").exists()
     assert store.lacking([key["b.py"]]) == [True]
+
+
+def test_a_file_swapped_for_a_fifo_or_a_symlink_is_not_read(tmp_path):
+    # Listed as regular files, then replaced before they are hashed: neither
+    # the FIFO nor the endless /dev/zero behind a symlink may hang the node.
+    from envship.archive import file_digest
+    from envship.node.own_files import OwnFiles
+
+    when = 1_700_000_000
+    own = tmp_path / "own-env"
+    own.mkdir()
+    for name in ("fifo.py", "zero.py", "kept.py"):
+        (own / name).write_bytes(b"X = 1\n")
+        os.utime(own / name, (when, when))
+    files = OwnFiles(own)
+    elsewhere = files.held(
+        [f"{'0' * 32}-444-{(when + 9) * 10**9}"]
+    )  # lists, hashes none
+    assert elsewhere == [False]
+    (own / "fifo.py").unlink()
+    os.mkfifo(own / "fifo.py")
+    (own / "zero.py").unlink()
+    (own / "zero.py").symlink_to("/dev/zero")
+    digest = file_digest(b"X = 1\n")
+    key = f"{digest}-444-{when * 10**9}"
+    assert files.held([key]) == [True]
+    assert sorted(files._paths.values()) == [str(own / "kept.py")]

@@ -385,7 +385,7 @@ def _build(
 
 
 #: Folders whose modules workers seldom import: left to compile on import.
-_NOT_COMPILED = {"tests", "test", "testing"}
+_NOT_COMPILED = {"tests", "test"}
 
 
 def compile_new_modules(prefix: Path, say=lambda message: None) -> int:
@@ -410,11 +410,15 @@ def compile_new_modules(prefix: Path, say=lambda message: None) -> int:
         return 0
     say(f"compiling {len(new)} new modules")
     python = prefix / "bin" / "python"
+    # -I: none of the client's PYTHON* variables (a PYTHONPYCACHEPREFIX
+    # would put the .pyc files elsewhere); timestamps, as pip writes them.
+    command = [str(python), "-I", "-m", "compileall", "-q", "-j", "0"]
     done = subprocess.run(
-        [str(python), "-m", "compileall", "-q", "-j", "0", "-i", "-"],
+        [*command, "--invalidation-mode", "timestamp", "-i", "-"],
         input="\n".join(new),
         capture_output=True,
         text=True,
+        cwd=prefix,
     )
     if done.returncode not in (0, 1):  # 1: a module that does not compile
         raise EnvshipError(

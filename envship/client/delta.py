@@ -37,6 +37,9 @@ from .store import Artifact, ArtifactStore
 MOSTLY_MISSING = 0.5
 #: A base must share at least this share of the environment's bytes.
 MIN_SHARED = 0.5
+#: Seconds a node may take to say what it lacks (its first answer hashes the
+#: matching files of its own environment); then it is sent the whole archive.
+LACKS_TIMEOUT = 120
 
 
 @dataclass
@@ -65,9 +68,10 @@ async def plan(client, artifact: Artifact, nannies: list[str]) -> Plan:
 
     async def lacks(nanny):
         try:
-            bits = await client.rpc(nanny).envship_lacks(**Lacks(keys).to_msg())
+            ask = client.rpc(nanny).envship_lacks(**Lacks(keys).to_msg())
+            bits = await asyncio.wait_for(ask, LACKS_TIMEOUT)
             return decode_bits(bits, len(shared))
-        except Exception:  # an older nanny, or one that left: send it all
+        except Exception:  # an older nanny, one that left or is stuck: send it all
             return None
 
     answers = await asyncio.gather(*map(lacks, nannies))

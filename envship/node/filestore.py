@@ -100,7 +100,7 @@ class FileStore:
         """
         if self.link(key, dest):
             return True
-        if self.links and self.own is not None and self.own.copy(key, dest):
+        if self.own is not None and self.own.copy(key, dest):
             self.add(key, dest)
             return True
         source = self.path(key)

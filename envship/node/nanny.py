@@ -400,6 +400,8 @@ class NannySide:
                 self.cache.ensure, artifact_id, lease_pid=os.getpid(), via=via
             )
         except MissingStoreFileError as e:
+            if via is None or wanted.base is not None:
+                raise
             raise EnvshipError(
                 name,
                 "this node joined later and its own environment lacks files of "

@@ -23,18 +23,24 @@ import time
 
 import xxhash
 
-from envship.archive import READ_SIZE, path_digest
+from envship.archive import READ_SIZE
 from envship.table import entry_mode, store_key
 
 logger = logging.getLogger(__name__)
 
 
+#: Opened without following a symlink swapped in, nor blocking on a FIFO.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
 class OwnFiles:
     """The regular files under ``prefix``, found by store key.
 
-    Listed (one ``lstat`` each) on first use and grouped by mode and mtime;
-    a file is hashed only when a key with its mode and mtime is asked about,
-    and only once, so that an unrelated environment costs the listing alone.
+    Listed (one ``lstat`` each, one path per inode; a conda installation's
+    ``pkgs/`` and ``envs/`` left out) on first use and grouped by mode and
+    mtime; a file is hashed only when a key with its mode and mtime is asked
+    about, and only once, so that an unrelated environment costs the listing
+    alone.
 
     Examples
     --------
@@ -63,11 +69,10 @@ class OwnFiles:
                 if key not in self._paths:
                     stamp = key.partition("-")[2]
                     for path in self._by_stamp.pop(stamp, ()):
-                        try:
-                            self._paths[f"{path_digest(path)}-{stamp}"] = path
-                        except OSError:
-                            continue  # unreadable or gone: not a source
-                        hashed += 1
+                        digest = _read(path)
+                        if digest is not None:
+                            self._paths[f"{digest}-{stamp}"] = path
+                            hashed += 1
                 found.append(key in self._paths)
             if hashed:
                 logger.info(
@@ -81,17 +86,22 @@ class OwnFiles:
 
     def _list(self) -> dict[str, list[str]]:
         by_stamp: dict[str, list[str]] = {}
+        seen: set[tuple[int, int]] = set()
+        conda_root = os.path.isdir(os.path.join(self.prefix, "conda-meta"))
         for folder, dirs, files in os.walk(self.prefix):
             if self.skip and (folder + os.sep).startswith(self.skip + os.sep):
                 dirs.clear()
                 continue
+            if conda_root and folder == self.prefix:
+                dirs[:] = [d for d in dirs if d not in ("pkgs", "envs")]
             for name in files:
                 path = os.path.join(folder, name)
                 try:
                     st = os.lstat(path)
                 except OSError:
                     continue
-                if stat.S_ISREG(st.st_mode):
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
                     stamp = store_key("", entry_mode(st), int(st.st_mtime))[1:]
                     by_stamp.setdefault(stamp, []).append(path)
         return by_stamp
@@ -103,21 +113,18 @@ class OwnFiles:
         (and nothing at ``dest``) if no file was found under it, or it changed
         since.
         """
-        if not self.held([key])[0]:  # hashes its candidates, if not yet
-            return False
-        with self._lock:
-            source = self._paths.get(key)  # None if a failed copy just dropped it
+        source = self._paths.get(key)  # no lock for the common case
         if source is None:
-            return False
+            if not self.held([key])[0]:  # hashes its candidates, if not yet
+                return False
+            source = self._paths.get(key)  # None if a failed copy just dropped it
+            if source is None:
+                return False
         digest, mode, mtime = key.split("-")
-        h = xxhash.xxh3_128()
         try:
-            with open(source, "rb") as src, open(dest, "xb") as out:
-                while chunk := src.read(READ_SIZE):
-                    h.update(chunk)
-                    out.write(chunk)
-            if h.hexdigest() != digest:
-                raise ValueError("changed since it was hashed")
+            with open(dest, "xb") as out:
+                if _read(source, out.write) != digest:
+                    raise ValueError("changed since it was hashed")
             os.chmod(dest, int(mode, 8))
             os.utime(dest, ns=(int(mtime), int(mtime)))
         except FileExistsError:
@@ -132,3 +139,32 @@ class OwnFiles:
                 self._paths.pop(key, None)
             return False
         return True
+
+
+def _read(path: str, write=None) -> str | None:
+    """The digest of the regular file at ``path`` (its bytes also to ``write``).
+
+    None if it is not a regular file now (a symlink or FIFO swapped in), or
+    cannot be read. At most the size it had when opened is read.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError:
+        return None
+    h = xxhash.xxh3_128()
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        left = st.st_size
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            while left > 0 and (chunk := f.read(min(READ_SIZE, left))):
+                h.update(chunk)
+                if write is not None:
+                    write(chunk)
+                left -= len(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return h.hexdigest()
