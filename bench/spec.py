@@ -64,6 +64,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -376,6 +377,11 @@ def envship_runs(tmp: Path, setup: Setup, wheels: Path) -> dict:
 
         where = ["built"]
         edits = [0]
+        stages: dict[str, list[dict[str, float]]] = {
+            "warm": [],
+            "again": [],
+            "edit": [],
+        }
 
         def into_edit_env() -> None:
             if where[0] != "edit":
@@ -387,6 +393,7 @@ def envship_runs(tmp: Path, setup: Setup, wheels: Path) -> dict:
             took, report = timed(client.use_environment, built, progress=False)
             assert environment_of(report) == built
             where[0] = "built"
+            stages["warm"].append(report.stages)
             return took
 
         def again() -> float:
@@ -396,14 +403,16 @@ def envship_runs(tmp: Path, setup: Setup, wheels: Path) -> dict:
             )
             assert environment_of(report) == built, "the same list: the same env"
             where[0] = "built"
+            stages["again"].append(report.stages)
             return took
 
         def edit() -> float:
             into_edit_env()
             edits[0] += 1
             write_model(project, edits[0])
-            took, _ = timed(client.use_environment, str(edit_env), progress=False)
+            took, report = timed(client.use_environment, str(edit_env), progress=False)
             assert set(client.run(edited_value).values()) == {edits[0]}
+            stages["edit"].append(report.stages)
             return took
 
         print("(2), (3) and warm switches, interleaved...", flush=True)
@@ -415,8 +424,28 @@ def envship_runs(tmp: Path, setup: Setup, wheels: Path) -> dict:
             for name in rotated(list(runs), r):
                 seconds[name].append(runs[name]())
         out.update({name: Sample(v) for name, v in seconds.items()})
+        out["stages"] = {name: median_stages(v) for name, v in stages.items()}
         client.use_environment(None, progress=False)
     return out
+
+
+def median_stages(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median seconds over ``runs`` (0 where a run lacks it).
+
+    Examples
+    --------
+    >>> median_stages([{"pack": 0.1, "ship": 0.3}, {"pack": 0.3}])
+    {'pack': 0.2, 'ship': 0.15}
+    """
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    return {
+        name: statistics.median(run.get(name, 0.0) for run in runs) for name in names
+    }
+
+
+def stage_line(stages: dict[str, float]) -> str:
+    """The stages of a row, as printed under it: ``its stages: pack 0.12, ...``."""
+    return "        its stages: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
 
 
 def main() -> None:
@@ -445,8 +474,7 @@ def report(setup: Setup, wheels: Path, t_pip: float, es: dict, ray) -> None:
     )
     print("(1) from the list to the workers computing inside it, cold")
     print(f"    envship use_environment(pip=...)        {es['cold']:6.2f}")
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in es["cold stages"].items())
-    print(f"        its stages: {stages}")
+    print(stage_line(es["cold stages"]))
     print(
         f"    PipInstall (restart_workers=False)      {t_pip:6.2f}   ratio "
         f"PipInstall / envship {t_pip / es['cold']:.2f}"
@@ -465,14 +493,17 @@ def report(setup: Setup, wheels: Path, t_pip: float, es: dict, ray) -> None:
         print(f"    Ray: skipped: {ray}")
     warm = es["warm"]
     print(f"(w) warm switch into the built env        {warm}")
+    print(stage_line(es["stages"]["warm"]))
     print(
         f"(2) the same list again                   {es['again']}   ratio / warm "
         f"{es['again'].median / warm.median:.2f}"
     )
+    print(stage_line(es["stages"]["again"]))
     print(
         f"(3) one .py edited, use_environment again {es['edit']}   ratio / warm "
         f"{es['edit'].median / warm.median:.2f}"
     )
+    print(stage_line(es["stages"]["edit"]))
     print("\ntargets")
     lines = [target_line("(1) PipInstall / envship, cold", t_pip / es["cold"], ">=", 4)]
     if isinstance(ray, dict):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import envship
+from envship.client import pack as pack_module
 from envship.client.editable import find_projects
 from envship.errors import EnvshipError
 from envship.table import EntryTable
@@ -108,6 +109,39 @@ def test_an_edit_changes_the_signature_and_one_file_is_read(dev, store):
         assert edited.manifest.stats["files_read"] == 1
     finally:
         helpers.write_text(original)
+
+
+def rows(artifact) -> list[tuple]:
+    """The table of ``artifact`` as the archive and thin packs write it."""
+    return [tuple(e[:7]) for e in EntryTable.load(artifact.table_path).entries]
+
+
+def test_an_edit_of_the_code_alone_reuses_the_rest_of_the_table(
+    dev, tmp_path, monkeypatch
+):
+    venv, projects = dev
+    helpers = projects["srcproj"] / "src" / "srcproj" / "helpers.py"
+    original = helpers.read_text()
+    extra = venv / SITE / "extra_module.py"
+    try:
+        envship.pack(venv, store=tmp_path / "a", archive=False)
+        helpers.write_text(original + "# edited\n")
+        with monkeypatch.context() as m:
+            # The environment's own table pass does not run: only the code's.
+            m.setattr(pack_module, "_pack_venv", None)
+            edited = envship.pack(venv, store=tmp_path / "a", archive=False)
+        assert edited.manifest.stats["files_read"] == 1
+        # What a process that never packed it makes of it: the same table.
+        monkeypatch.setattr(pack_module, "_ENV_PARTS", {})
+        fresh = envship.pack(venv, store=tmp_path / "b", archive=False)
+        assert fresh.id == edited.id and rows(fresh) == rows(edited)
+        # A change of the environment itself is seen: its table pass runs.
+        extra.write_text("X = 1\n")
+        changed = envship.pack(venv, store=tmp_path / "a", archive=False)
+        assert f"{SITE}/extra_module.py" in {row[1] for row in rows(changed)}
+    finally:
+        helpers.write_text(original)
+        extra.unlink(missing_ok=True)
 
 
 def test_ignore_editable_ships_the_hooks_without_the_code(dev, store):

@@ -8,7 +8,10 @@ a conda environment, conda-pack's own prefix records (``Packer.prefixes``).
 
 Either way, packing is first a *table pass* (:class:`envship.table.TableWriter`):
 it lists every entry and computes the content id, reading only the files
-whose stat changed since the last pack of the same folder. The archive itself
+whose stat changed since the last pack of the same folder. When only the code
+of editable projects changed, the table pass of the rest is not run again:
+its entries are reused from the last pass in this process (:class:`_EnvPart`),
+as a whole unchanged environment reuses its artifact. The archive itself
 (a zstandard-compressed tar) is written from that table when something needs
 it: ``archive=True`` (the default, and ``envship pack``), or a node that
 holds nothing of the environment.
@@ -16,11 +19,13 @@ holds nothing of the environment.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +41,7 @@ from conda_pack.core import (
 from envship.errors import EnvshipError
 from envship.machine import platform_facts
 from envship.manifest import FORMAT_VERSION, Manifest
-from envship.table import ROW_SYMLINK, TableWriter
+from envship.table import ROW_SYMLINK, Entry, EntryTable, TableWriter
 from envship.unpack_record import UNPACK_FILE, CondaRecord, VenvRecord
 
 from .editable import EditableProject
@@ -112,7 +117,8 @@ def pack(
 
     projects = [] if ignore_editable else source.editable_projects()
     _check_projects(name, projects)
-    signature = _signature(source, projects, ignore_editable)
+    code = [(project, list(project.files())) for project in projects]
+    env_signature, signature = _signature(source, code, ignore_editable)
     known = store.by_signature(signature)
     if known is not None:
         problem = _reusable(store, known)
@@ -132,15 +138,21 @@ def pack(
         )
 
     started = time.perf_counter()
-    digests = store.load_digests()
-    writer = TableWriter(digests)
-    if source.kind == "conda":
-        _pack_conda(source, name, writer, projects, progress)
+    part = _ENV_PARTS.get(env_signature)
+    if part is not None:
+        table, read_files = part.with_code(env_signature, source, code, name)
     else:
-        _pack_venv(source, name, writer, projects, progress)
-    table = writer.close()
-    if writer.read_files:  # else the digests are all as they were
-        store.save_digests(digests, writer.seen, name)
+        digests = store.load_digests()
+        writer = TableWriter(digests)
+        if source.kind == "conda":
+            existing, span = _pack_conda(source, name, writer, code, progress)
+        else:
+            existing, span = _pack_venv(source, name, writer, code, progress)
+        table, read_files = writer.close(), writer.read_files
+        if read_files:  # else the digests are all as they were
+            store.save_digests(digests, writer.seen, name)
+        if code:  # else nothing of it can change without the rest
+            _EnvPart.remember(env_signature, table.entries, span, existing, digests)
     manifest = Manifest(
         id=table.id,
         name=name,
@@ -153,7 +165,7 @@ def pack(
         source_prefix=str(source.prefix),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         stats={
-            "files_read": writer.read_files,
+            "files_read": read_files,
             "pack_seconds": round(time.perf_counter() - started, 3),
         },
     )
@@ -232,10 +244,14 @@ def _check_projects(name: str, projects: list[EditableProject]) -> None:
 
 def _signature(
     source: SourceEnvironment,
-    projects: list[EditableProject],
+    code: list[tuple[EditableProject, list[tuple[str, str]]]],
     ignore_editable: bool,
-) -> str:
-    """A cheap fingerprint: the stat of every file, not its bytes.
+) -> tuple[str, str]:
+    """Cheap fingerprints: the stat of every file, not its bytes.
+
+    Returns two: of the environment without its editable projects' code
+    (the folder itself, and which projects are editable through which
+    hooks), and of all of it (that and the stat of every file of the code).
 
     Any change that conda or pip makes changes a size, an mtime or an inode;
     so does an edit of an editable project's code (its mapped files are
@@ -245,14 +261,12 @@ def _signature(
     h.update(f"{FORMAT_VERSION}\0{source.kind}\0{source.prefix}\n".encode())
     if ignore_editable:
         h.update(b"ignore-editable\n")
-    for project in projects:
-        h.update(f"editable\0{project.name}\n".encode())
-        for path, target in project.files():
-            st = os.lstat(path)
-            h.update(
-                f"{path}\0{target}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}"
-                f"\0{st.st_ino}\n".encode("utf-8", "surrogateescape")
+    for project, _ in code:
+        h.update(
+            f"editable\0{project.name}\0{project.hooks}\0{project.pth_lines}\n".encode(
+                "utf-8", "surrogateescape"
             )
+        )
     stack = [str(source.prefix)]
     while stack:
         folder = stack.pop()
@@ -265,7 +279,89 @@ def _signature(
                 )
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
-    return h.hexdigest()
+    env_signature = h.hexdigest()
+    for project, files in code:
+        h.update(f"code\0{project.name}\n".encode())
+        for path, target in files:
+            st = os.lstat(path)
+            h.update(
+                f"{path}\0{target}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}"
+                f"\0{st.st_ino}\n".encode("utf-8", "surrogateescape")
+            )
+    return env_signature, h.hexdigest()
+
+
+#: The most environments whose table pass :class:`_EnvPart` keeps.
+MAX_ENV_PARTS = 8
+
+
+@dataclass(frozen=True)
+class _EnvPart:
+    """The table of an environment without its editable projects' code.
+
+    What a table pass gives is a function of the environment's files and of
+    which projects are editable through which hooks: the entries before the
+    projects' code (``head``) and after it (``tail``: conda-pack's scripts,
+    the unpack record), and the paths the environment installs
+    (``existing``, which the code must not shadow). All of it is named by
+    the first fingerprint of :func:`_signature`, so an edit of the code
+    alone, which leaves that one as it was, redoes only the code's entries
+    (reading only the files whose stat changed). Kept in this process, for
+    the last few environments packed.
+    """
+
+    head: tuple[Entry, ...]
+    tail: tuple[Entry, ...]
+    existing: frozenset[str]
+    #: ``TableWriter`` digests of the code's files: ``{path: [stat..., digest]}``.
+    digests: dict = field(default_factory=dict)
+
+    @staticmethod
+    def remember(
+        env_signature: str,
+        entries: list[Entry],
+        span: tuple[int, int],
+        existing: set[str],
+        digests: dict,
+    ) -> None:
+        """Keep the parts of ``entries`` around the code at ``span`` (start, end)."""
+        start, end = span
+        code = {e.source for e in entries[start:end]}
+        part = _EnvPart(
+            tuple(entries[:start]),
+            tuple(entries[end:]),
+            frozenset(existing),
+            {path: digests[path] for path in code if path in digests},
+        )
+        _keep_part(env_signature, part)
+
+    def with_code(
+        self,
+        env_signature: str,
+        source: SourceEnvironment,
+        code: list[tuple[EditableProject, list[tuple[str, str]]]],
+        name: str,
+    ) -> tuple[EntryTable, int]:
+        """The whole table with the projects' code as it is now; files read."""
+        writer = TableWriter(dict(self.digests))
+        editable = _EditableCode(source, [project for project, _ in code])
+        checked = _Checked(writer, source.prefix, name)
+        editable.add_code(checked, self.existing, name, code)
+        digests = {p: writer.digests[p] for p in writer.seen if p in writer.digests}
+        _keep_part(env_signature, dataclasses.replace(self, digests=digests))
+        entries = [*self.head, *writer.entries, *self.tail]
+        return EntryTable(entries), writer.read_files
+
+
+#: Fingerprint of an environment without its code -> its :class:`_EnvPart`.
+_ENV_PARTS: dict[str, _EnvPart] = {}
+
+
+def _keep_part(env_signature: str, part: _EnvPart) -> None:
+    _ENV_PARTS.pop(env_signature, None)
+    _ENV_PARTS[env_signature] = part
+    while len(_ENV_PARTS) > MAX_ENV_PARTS:
+        del _ENV_PARTS[next(iter(_ENV_PARTS))]
 
 
 class _EditableCode:
@@ -295,9 +391,16 @@ class _EditableCode:
         lines = Path(path).read_text().splitlines(keepends=True)
         return "".join(x for x in lines if x.rstrip("\r\n") not in removed).encode()
 
-    def add_code(self, checked: _Checked, existing: set[str], name: str) -> None:
-        for project in self.projects:
-            for path, rel in project.files():
+    def add_code(
+        self,
+        checked: _Checked,
+        existing: set[str] | frozenset[str],
+        name: str,
+        code: list[tuple[EditableProject, list[tuple[str, str]]]],
+    ) -> None:
+        """Add the files of ``code`` (each project and its ``files()``)."""
+        for project, files in code:
+            for path, rel in files:
                 target = f"{self.site}/{rel}"
                 if target in existing:
                     raise EnvshipError(
@@ -315,9 +418,15 @@ def _pack_conda(
     source: SourceEnvironment,
     name: str,
     writer: TableWriter,
-    projects: list[EditableProject],
+    code: list[tuple[EditableProject, list[tuple[str, str]]]],
     progress: bool,
-) -> None:
+) -> tuple[set[str], tuple[int, int]]:
+    """The table pass of a conda environment with the editable projects' ``code``.
+
+    Returns the paths the environment installs and where the code's entries
+    are among the writer's (start, end).
+    """
+    projects = [project for project, _ in code]
     try:
         # Editable installs are ours to handle (_EditableCode), not conda-pack's.
         conda_env = CondaEnv.from_prefix(
@@ -336,13 +445,15 @@ def _pack_conda(
                     checked.add_bytes(file.source, data, file.target)
                     continue
                 packer.add(file)
-        if projects:
-            existing = {file.target for file in conda_env.files}
-            editable.add_code(checked, existing, name)
+        existing = {file.target for file in conda_env.files}
+        start = len(writer.entries)
+        editable.add_code(checked, existing, name, code)
+        span = (start, len(writer.entries))
         # conda-pack's own scripts: from temporary files, gone right after.
         writer.keep_data = True
         packer.finish()
         writer.add_bytes(None, _conda_record(packer).to_json(), UNPACK_FILE)
+        return existing, span
     except CondaPackException as e:
         raise EnvshipError(
             name, f"conda-pack refused it: {e}", _conda_fix(str(e))
@@ -445,9 +556,11 @@ def _pack_venv(
     source: SourceEnvironment,
     name: str,
     writer: TableWriter,
-    projects: list[EditableProject],
+    code: list[tuple[EditableProject, list[tuple[str, str]]]],
     progress: bool,
-) -> None:
+) -> tuple[set[str], tuple[int, int]]:
+    """The table pass of a venv: as :func:`_pack_conda` does it for conda."""
+    projects = [project for project, _ in code]
     prefix = source.prefix
     old = str(prefix).encode()
     links: dict[str, str] = {}
@@ -487,8 +600,9 @@ def _pack_venv(
                 writer.add_bytes(path, data, target)
             else:
                 checked.add(path, target)
-    if projects:
-        editable.add_code(checked, existing, name)
+    start = len(writer.entries)
+    editable.add_code(checked, existing, name, code)
+    span = (start, len(writer.entries))
     if not links:
         raise EnvshipError(
             name,
@@ -497,6 +611,7 @@ def _pack_venv(
         )
     record = VenvRecord(str(prefix), text_files, links)
     writer.add_bytes(None, record.to_json(), UNPACK_FILE)
+    return existing, span
 
 
 def _may_hold_prefix(target: str) -> bool:

@@ -92,6 +92,16 @@ class BatchWriter:
         future.add_done_callback(lambda _: self.slots.release())
         self.pending.append(future)
 
+    def reference(self, name: str, key: str, size: int) -> None:
+        """A file of the store, by ``key``: linked at once when writing in this
+        thread (a thin pack's thousands of references skip the batching)."""
+        if self.pool is not None:
+            self.queue(name, (name, None, 0, 0, None, key, size), 0)
+            return
+        if self.files is None or not self.files.fill(key, f"{self.dest}/{name}"):
+            raise NotInStore(name, key)
+        self.count_linked(1, size)
+
     def drain(self) -> None:
         """Wait until every batch handed out is written."""
         while self.pending:
@@ -152,7 +162,7 @@ def write_batch(
     """
     linked = linked_bytes = 0
     for name, data, mode, mtime, target, key, size in batch:
-        path = os.path.join(dest, name)
+        path = f"{dest}/{name}"  # name: a checked relative path
         if target is not None:
             os.symlink(target, path)
             os.utime(path, (mtime, mtime), follow_symlinks=False)

@@ -320,7 +320,7 @@ class _Extractor:
             raise self.refuse(entry, "not a plain relative path ('.' or '//')")
 
     def path(self, name: str) -> str:
-        return os.path.join(self.dest, name)
+        return f"{self.dest}/{name}"  # name: a checked relative path
 
     def make_parents(self, name: str) -> None:
         """Create the folders above ``name``; each must be a real folder."""
@@ -383,9 +383,7 @@ class _Extractor:
                 "send the whole archive",
             )
         key = self.files.key(digest, mode, info.mtime)
-        self.writer.queue(
-            name, (name, None, mode, info.mtime, None, key, info.ref_size), 0
-        )
+        self.writer.reference(name, key, info.ref_size)
         self.kinds[name] = "f"
         self.hasher.add_file(name, mode, digest)
         self.file_count += 1
