@@ -569,9 +569,10 @@ def _pack_venv(
     editable = _EditableCode(source, projects)
     paths = sorted(_walk(prefix))
     existing = set()
+    start = len(os.path.join(prefix, ""))  # _walk yields paths under prefix
     with progress_bar(f"packing {name}", len(paths), progress) as bar:
         for path in paths:
-            target = os.path.relpath(path, prefix)
+            target = path[start:]
             existing.add(target)
             bar.advance()
             if target in editable.drop:
