@@ -11,7 +11,8 @@ nobody pays for a cold page cache that another did not:
 (1) cold, from the list to four workers that imported scikit-learn and fitted
     a tiny model (each timed from a running cluster to the tasks' results):
     - envship: ``client.use_environment(pip=[...])`` (base: the client's own
-      environment; a fresh store and a fresh uv cache, the nodes empty);
+      environment; a fresh store, a fresh folder of builds and a fresh uv
+      cache, the nodes empty);
     - distributed's ``PipInstall(packages, pip_options=["--no-index",
       "--find-links", DIR])`` on a cluster whose scheduler and nannies run in
       a throwaway venv (PipInstall installs into the running environment).
@@ -358,7 +359,14 @@ def envship_runs(tmp: Path, setup: Setup, wheels: Path) -> dict:
     os.environ["UV_CACHE_DIR"] = str(tmp / "uv-cache")  # cold: a fresh cache
     out: dict = {}
     with (
-        dask.config.set({"envship.store": str(tmp / "store")}),
+        # cold: a fresh store and a fresh folder of builds (a build left by
+        # an earlier run would make the first row a cache hit)
+        dask.config.set(
+            {
+                "envship.store": str(tmp / "store"),
+                "envship.build.directory": str(tmp / "builds"),
+            }
+        ),
         local_cluster(tmp / "cluster", {"node": setup.workers}) as (client, _),
     ):
         client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
