@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,13 @@ from distributed import Client, Scheduler
 
 from envship.node.worker_environ import TargetEnvironment, child_environ
 from envship.node.worker_subprocess import encode_frame
-from envship.node.zygote import ForkedWorker, ForkRefused, Zygote
+from envship.node.zygote import (
+    UNKNOWN_EXIT,
+    ForkedWorker,
+    ForkRefused,
+    Zygote,
+    ZygoteError,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -304,3 +311,55 @@ def test_client_killed_ends_zygote_and_children(env_prefix, tmp_path):
                     client.wait()
 
     asyncio.run(main())
+
+
+def test_worker_outlives_a_killed_zygote_and_is_still_watched(env_prefix, tmp_path):
+    prefix = env_prefix("base")
+    env = worker_env(prefix)
+    zygote = Zygote.start(prefix / "bin" / "python", env)
+    exits: list[int | None] = []
+
+    async def main():
+        async with Scheduler(
+            host="127.0.0.1", port=0, dashboard=False, dashboard_address="127.0.0.1:0"
+        ) as s:
+            worker = ForkedWorker(zygote, env)
+            worker.set_exit_callback(lambda p: exits.append(p.exitcode))
+            worker.start(setup_frame(s.address, "w", tmp_path / "w"))
+            report = json.loads(await worker.wait_report(60))
+            zygote.kill()
+            # The worker is not the zygote's to take along: it keeps serving.
+            async with Client(s.address, asynchronous=True) as client:
+                assert await client.submit(lambda x: x * 2, 21) == 42
+            assert worker.is_alive() and report["address"] in s.workers
+            # Its exit is seen through the pidfd; the code is unknown then.
+            await worker.kill()
+            await worker.join(30)
+            assert worker.exitcode == UNKNOWN_EXIT
+            assert exits == [UNKNOWN_EXIT]
+            worker.close()
+
+    asyncio.run(main())
+    with pytest.raises(ZygoteError, match="is gone"):
+        zygote.fork(["3"], env, [0, 1, 2])
+
+
+def test_terminate_reports_the_signal(env_prefix, tmp_path):
+    prefix = env_prefix("base")
+    env = worker_env(prefix)
+    zygote = Zygote.start(prefix / "bin" / "python", env)
+
+    async def main():
+        async with Scheduler(
+            host="127.0.0.1", port=0, dashboard=False, dashboard_address="127.0.0.1:0"
+        ) as s:
+            worker, _ = await start_worker(zygote, env, s.address, "t", tmp_path)
+            await worker.kill()
+            await worker.join(30)
+            assert worker.exitcode == -signal.SIGKILL
+            assert not worker.is_alive()
+            worker.close()
+
+    asyncio.run(main())
+    zygote.close(timeout=30)
+    assert zygote._popen.returncode == 0
