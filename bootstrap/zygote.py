@@ -21,7 +21,8 @@ its standard input one end of a Unix stream socket, and talks to it so:
 
 A child moves the descriptors it was sent to 0, 1, 2, 3, ... in that order,
 closes every other descriptor it inherited, replaces its environment
-variables with the request's ``env``, draws new random state (``random``,
+variables with the request's ``env`` (and forgets the temporary folder
+the zygote derived from its own), draws new random state (``random``,
 ``numpy.random`` if imported, ``uuid``'s clock sequence), sets ``sys.argv``
 to ``[worker.py, *args]`` and runs ``bootstrap/worker.py``'s ``main``: for a
 worker, ``args`` is ``["3"]`` with descriptors (control pipe, stdout,
@@ -294,6 +295,7 @@ class _Serving:
         _place_descriptors(fds)
         os.environ.clear()
         os.environ.update(request["env"])
+        _forget_environment_derived_state()
         _new_random_state()
         sys.argv = [_worker.__file__] + list(request["args"])
         return request
@@ -313,6 +315,13 @@ def _place_descriptors(fds):
                 os.close(fd)
             except OSError:
                 pass  # the listing's own descriptor, closed already
+
+
+def _forget_environment_derived_state():
+    """What the zygote derived from its own variables, to derive anew."""
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile.tempdir = None  # from TMPDIR, at the first gettempdir()
 
 
 def _new_random_state():

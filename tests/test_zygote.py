@@ -130,6 +130,44 @@ def test_forked_worker_joins_scheduler_and_runs_in_environment(env_prefix, tmp_p
     assert zygote._popen.returncode == 0
 
 
+def test_temporary_folder_is_the_requests(env_prefix, tmp_path):
+    # A preload that asked for the temporary folder under the zygote's TMPDIR.
+    (tmp_path / "warm_tempdir.py").write_text(
+        "import tempfile\nZYGOTE_TMP = tempfile.gettempdir()\n"
+    )
+    for name in ("zygote-tmp", "worker-tmp"):
+        (tmp_path / name).mkdir()
+    prefix = env_prefix("base")
+    common = {"PYTHONPATH": str(tmp_path)}
+    env = worker_env(prefix, TMPDIR=str(tmp_path / "worker-tmp"), **common)
+    zygote_env = worker_env(prefix, TMPDIR=str(tmp_path / "zygote-tmp"), **common)
+    zygote = Zygote.start(prefix / "bin" / "python", zygote_env, ["warm_tempdir"])
+    assert zygote.preloaded == ["distributed", "warm_tempdir"]
+
+    def folders():
+        import tempfile
+
+        import warm_tempdir
+
+        return warm_tempdir.ZYGOTE_TMP, tempfile.gettempdir()
+
+    async def main():
+        async with Scheduler(
+            host="127.0.0.1", port=0, dashboard=False, dashboard_address="127.0.0.1:0"
+        ) as s:
+            worker, _ = await start_worker(zygote, env, s.address, "tmp", tmp_path)
+            async with Client(s.address, asynchronous=True) as client:
+                (seen,) = (await client.run(folders)).values()
+            assert list(seen) == [
+                str(tmp_path / "zygote-tmp"),
+                str(tmp_path / "worker-tmp"),
+            ]
+            await stop_worker(worker)
+
+    asyncio.run(main())
+    zygote.close(timeout=30)
+
+
 def test_forked_children_have_their_own_random_state(env_prefix, tmp_path):
     # Seen from the workers: the zygote reseeds random and numpy.random after
     # the fork, and so do Python's own at-fork hook (random) and dask's
