@@ -321,7 +321,7 @@ def _forget_environment_derived_state():
     """What the zygote derived from its own variables, to derive anew."""
     tempfile = sys.modules.get("tempfile")
     if tempfile is not None:
-        tempfile.tempdir = None  # from TMPDIR, at the first gettempdir()
+        vars(tempfile)["tempdir"] = None  # from TMPDIR, at the first gettempdir()
 
 
 def _new_random_state():
