@@ -13,7 +13,8 @@ Timed from the request to the worker's report, which it sends once it has
 registered with the scheduler (checked). The two ways interleave, in an
 order that rotates each round; figures are medians with their spread
 (min-max): per worker, and until all four have registered. The zygote's own
-start (its imports, paid once per environment) and its memory are printed.
+start (its imports, paid once per environment) and its memory are printed,
+and each worker's own memory (USS: pages it shares with no other process).
 No nanny is involved: the zygote is not wired into the nanny yet.
 
 Target: a forked worker registers in at most 1/3 the time of a plain one
@@ -36,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 from distributed import Scheduler  # noqa: E402
 from timing import Sample, rotated, small_parser, target_line  # noqa: E402
 
@@ -94,12 +96,14 @@ async def start_all(make, scheduler: Scheduler, n: int, tmp: Path, tag: str):
     began = time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(n)))
     everyone = time.perf_counter() - began
+    # Memory of its own (pages not shared with the zygote or other workers).
+    uss = [psutil.Process(p.pid).memory_full_info().uss for p, _ in results]
     for process, _ in results:
         process.send_stop({"op": "stop", "timeout": 10, "reason": "bench"})
     for process, _ in results:
         await process.join(60)
         process.close()
-    return [took for _, took in results], everyone
+    return [took for _, took in results], everyone, uss
 
 
 async def run(env_name: str, n: int, rounds: int) -> None:
@@ -121,6 +125,7 @@ async def run(env_name: str, n: int, rounds: int) -> None:
     }
     per_worker: dict[str, list[float]] = {k: [] for k in makers}
     all_of_them: dict[str, list[float]] = {k: [] for k in makers}
+    own_memory: dict[str, list[float]] = {k: [] for k in makers}
     with tempfile.TemporaryDirectory(prefix="envship-bench-zygote-") as tmp:
         async with Scheduler(
             host="127.0.0.1",
@@ -130,14 +135,13 @@ async def run(env_name: str, n: int, rounds: int) -> None:
         ) as scheduler:
             for r in range(rounds):
                 for kind in rotated(list(makers), r):
-                    took, everyone = await start_all(
+                    took, everyone, uss = await start_all(
                         makers[kind], scheduler, n, Path(tmp), f"{kind}{r}"
                     )
                     per_worker[kind] += took
                     all_of_them[kind].append(everyone)
+                    own_memory[kind] += uss
             rss = zygote.rss()
-            import psutil
-
             full = psutil.Process(zygote.pid).memory_full_info()
     zygote.close(timeout=30)
 
@@ -153,6 +157,12 @@ async def run(env_name: str, n: int, rounds: int) -> None:
     print(f"request to registered, per worker, s:  plain {plain}  fork {fork}")
     print(
         f"request to all {n} registered, s:        plain {plain_all}  fork {fork_all}"
+    )
+    uss_plain = Sample([v / mib for v in own_memory["plain"]])
+    uss_fork = Sample([v / mib for v in own_memory["fork"]])
+    print(
+        f"worker's own memory (USS) once registered, MiB: "
+        f"plain {uss_plain}  fork {uss_fork}"
     )
     ratio = fork.median / plain.median
     ratio_all = fork_all.median / plain_all.median
