@@ -20,7 +20,7 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 _FRAME_HEADER = struct.Struct(">Q")
 _STDERR_TAIL_LINES = 30
@@ -114,9 +114,13 @@ class WorkerSubprocess:
             line = f.readline()
         self._call_in_loop(_set_result, self._report, line)
 
-    def _copy_stderr(self) -> None:
+    def _stderr_stream(self) -> IO[bytes]:
         assert self._popen is not None and self._popen.stderr is not None
-        for line in iter(self._popen.stderr.readline, b""):
+        return self._popen.stderr
+
+    def _copy_stderr(self) -> None:
+        stream = self._stderr_stream()
+        for line in iter(stream.readline, b""):
             self._stderr_tail.append(line)
             view = memoryview(line)
             try:
@@ -124,7 +128,7 @@ class WorkerSubprocess:
                     view = view[os.write(2, view) :]
             except OSError:
                 pass
-        self._popen.stderr.close()
+        stream.close()
         self._call_in_loop(_set_result, self._stderr_done, None)
 
     def _send(self, frame: bytes) -> None:

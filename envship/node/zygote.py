@@ -44,7 +44,7 @@ from typing import IO, Any
 import psutil
 
 from .worker_environ import bootstrap_script
-from .worker_subprocess import WorkerSubprocess, _set_result
+from .worker_subprocess import WorkerSubprocess
 
 _FRAME_HEADER = struct.Struct(">Q")
 
@@ -426,18 +426,9 @@ class ForkedWorker(WorkerSubprocess):
                 os.close(self._pidfd)
         self._call_in_loop(self._on_exit)
 
-    def _copy_stderr(self) -> None:
+    def _stderr_stream(self) -> IO[bytes]:
         assert self._stderr is not None
-        for line in iter(self._stderr.readline, b""):
-            self._stderr_tail.append(line)
-            view = memoryview(line)
-            try:
-                while view:
-                    view = view[os.write(2, view) :]
-            except OSError:
-                pass
-        self._stderr.close()
-        self._call_in_loop(_set_result, self._stderr_done, None)
+        return self._stderr
 
     def _send(self, frame: bytes) -> None:
         with self._stdin_lock:
