@@ -228,3 +228,15 @@ def since_text(since: float | None, now: float) -> str:
         return "?"
     clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
     return f"{clock} ({format_time(max(now - since, 0))} ago)"
+
+
+def worker_row(worker: dict, now: float) -> list:
+    """A survey row as the status page and notebook show it: worker, node,
+    site, environment, since."""
+    return [
+        worker["name"],
+        worker["node"],
+        worker["site"],
+        worker_environment(worker),
+        since_text(worker["since"], now),
+    ]

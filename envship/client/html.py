@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 from dask.utils import format_bytes
 
 from envship.manifest import Manifest
-from envship.text_table import NANNY_OWN, short_name, since_text, worker_environment
+from envship.text_table import NANNY_OWN, short_name, worker_row
 
 #: The objects rendered, named for the reader (``envship.client.report``,
 #: ``.status``, ``.store``, ``.foreign``): these modules import this one.
@@ -80,16 +80,7 @@ def cluster_status(status: ClusterStatus, now: float | None = None) -> str:
     True
     """
     now = time.time() if now is None else now
-    workers = [
-        [
-            w["name"],
-            w["node"],
-            w["site"],
-            worker_environment(w),
-            since_text(w["since"], now),
-        ]
-        for w in status.workers
-    ]
+    workers = [worker_row(w, now) for w in status.workers]
     nodes = [
         [n["node"], n["site"], n["nannies"], _bytes(n["cache_size"]), n["cache"]]
         for n in status.nodes

@@ -22,7 +22,7 @@ from tornado import web
 
 from envship import policy
 from envship.survey import EMPTY_REGISTRY, survey
-from envship.text_table import short_name, since_text, worker_environment
+from envship.text_table import short_name, worker_row
 
 #: Seconds each nanny has to answer before the page shows it as unreachable.
 NANNY_TIMEOUT = 5.0
@@ -117,16 +117,7 @@ def render(found: dict, allowed, contact, now: float) -> str:
     True
     """
     names = {w["nanny"]: w["name"] for w in found["workers"]}
-    workers = [
-        [
-            w["name"],
-            w["node"],
-            w["site"],
-            worker_environment(w),
-            since_text(w["since"], now),
-        ]
-        for w in found["workers"]
-    ]
+    workers = [worker_row(w, now) for w in found["workers"]]
     transfers = [
         [
             short_name(b["name"], b["id"]),
