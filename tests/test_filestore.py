@@ -263,6 +263,18 @@ def test_the_nannys_own_files_count_as_held_and_are_checked_when_copied(tmp_path
     assert stat.S_IMODE(st.st_mode) == 0o444 and st.st_mtime == when
     assert stat.S_IMODE(source.st_mode) == 0o644 and source.st_nlink == 1
 
+    # A file only the store holds (from another environment) is held, but
+    # not for a thin pack without a base, which a node joining later fills
+    # from its own environment alone.
+    other = tmp_path / "other.txt"
+    other.write_bytes(b"only in the store\n")
+    os.utime(other, (when, when))
+    stored_only = store.key(file_digest(other.read_bytes()), 0o644, when)
+    store.add(stored_only, str(other))
+    both = [key["a.py"], stored_only]
+    assert store.lacking(both) == [False, False]
+    assert store.lacking(both, own_only=True) == [False, True]
+
     # Changed since it was listed (same size and mtime): not used, nor listed again.
     (own / "b.py").write_bytes(b"B = 9\n")
     os.utime(own / "b.py", (when, when))

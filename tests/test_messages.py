@@ -460,6 +460,7 @@ NANNY_LIES = [
     (Info, {"artifact_id": 5}),
     (Lacks, {"keys": "text"}),
     (Lacks, {"keys": [1, 2]}),
+    (Lacks, {"keys": bytes(26), "own_only": "yes"}),
     (Install, {"artifact_id": ID, "via": "../x"}),
     (Install, {"artifact_id": ID + "\n"}),
     (Status, {"cache": "yes"}),

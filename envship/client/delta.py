@@ -9,8 +9,8 @@ receiving node lacks; the others are references (see :mod:`envship.thin`).
 It travels like any blob, peer to peer, and hashes to the environment's id
 on the node.
 
-Without such a base the client asks about every file: a node's store counts
-the files of its nanny's own environment as held (see
+Without such a base the client asks about every file, and a node counts as
+held only the files of its nanny's own environment (see
 :mod:`envship.node.own_files`), so an environment built on the one the
 nannies run in travels as the files it adds. Nodes that lack most of the
 files get the whole archive instead, written from the table only then. A node that joins later fetches the base's archive and
@@ -62,13 +62,16 @@ async def plan(client, artifact: Artifact, nannies: list[str]) -> Plan:
     if base is None:
         # No environment the cluster holds shares enough with it; the nodes'
         # own environments may (one built on the environment they run in).
+        # Only those count: a node that joins later has its own environment
+        # too, not what this node's store happens to hold.
         shared = table.files
     keys = encode_keys(shared)
     total = sum(e.size for e in shared) or 1
 
     async def lacks(nanny):
         try:
-            ask = client.rpc(nanny).envship_lacks(**Lacks(keys).to_msg())
+            request = Lacks(keys, own_only=base is None)
+            ask = client.rpc(nanny).envship_lacks(**request.to_msg())
             bits = await asyncio.wait_for(ask, LACKS_TIMEOUT)
             return decode_bits(bits, len(shared))
         except Exception:  # an older nanny, one that left or is stuck: send it all

@@ -112,14 +112,17 @@ class FileStore:
             return False
         return True
 
-    def lacking(self, keys: list[str]) -> list[bool]:
+    def lacking(self, keys: list[str], own_only: bool = False) -> list[bool]:
         """For each key, whether the store lacks it (all, if links are off).
 
         With links off nothing is stored, so a node without links is sent
-        whole files.
+        whole files. ``own_only``: whether the nanny's own environment lacks it.
         """
-        if not self.links:
+        if not self.links or (own_only and self.own is None):
             return [True] * len(keys)
+        if own_only:
+            assert self.own is not None
+            return [not held for held in self.own.held(keys)]
         lacking = [not os.path.isfile(self.path(key)) for key in keys]
         if self.own is not None:
             asked = [key for key, lacks in zip(keys, lacking, strict=True) if lacks]

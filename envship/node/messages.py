@@ -71,20 +71,27 @@ class Lacks:
     """``envship_lacks(keys)``: which of these store keys the node's file store lacks.
 
     ``keys`` are the records of :func:`envship.table.encode_keys`, decoded
-    (and checked) by the handler.
+    (and checked) by the handler. ``own_only``: count as held only the files
+    of the nanny's own environment (a thin pack without a base: a node that
+    joins later can fill it only from its own environment, not from what
+    this node's store happens to hold).
     """
 
     keys: bytes
+    own_only: bool = False
 
     @classmethod
     def from_msg(cls, msg: dict[str, Any]) -> Lacks:
-        keys = call_arguments(cls, msg)["keys"]
+        m = call_arguments(cls, msg)
+        keys, own_only = m["keys"], m["own_only"]
         if not isinstance(keys, bytes):
             raise ValueError(f"keys must be bytes, not {type(keys).__name__}")
-        return cls(keys)
+        if not isinstance(own_only, bool):
+            raise ValueError(f"own_only must be a bool, not {type(own_only).__name__}")
+        return cls(keys, own_only)
 
     def to_msg(self) -> dict:
-        return {"keys": self.keys}
+        return {"keys": self.keys, "own_only": self.own_only}
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,8 @@ class NannySide:
         ``keys`` are store keys, as ``envship.table.encode_keys`` sends them.
         """
         names = decode_keys(request.keys)
-        lacking = await asyncio.to_thread(self.cache.files.lacking, names)
+        files = self.cache.files
+        lacking = await asyncio.to_thread(files.lacking, names, request.own_only)
         return encode_bits(lacking)
 
     async def install(self, request: Install) -> InstallAnswer:
