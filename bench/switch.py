@@ -14,7 +14,10 @@ running in a throwaway venv so that PipInstall may install into it):
 (c) what users do today: distributed's ``PipInstall`` adding the packages
     that sklearn-dev adds to base, with ``restart_workers=True``, against
     envship's pack plus cold switch (the pack counted: a user who edits an
-    environment pays it).
+    environment pays it);
+(d) the same warm switch on a second cluster of the same node cache with
+    zygotes off (``DASK_ENVSHIP__ZYGOTE__ENABLED=False``): (b) forks its
+    workers from a zygote of the environment, (d) starts each plainly.
 
 Figures are medians with their spread (min-max).
 
@@ -172,6 +175,23 @@ def main() -> None:
             client.wait_for_workers(workers)
             assert set(client.run(sklearn_version).values()) == {"1.9.1"}
 
+        # (d) the same warm switch on a cluster of the same cache without
+        # zygotes: every worker a fresh interpreter.
+        print("(d) warm switches with zygotes off...", flush=True)
+        off = {"DASK_ENVSHIP__ZYGOTE__ENABLED": "False"}
+        with local_cluster(
+            tmp / "cluster", {"node": workers}, python=python, node_env=off
+        ) as (client, _):
+            client.run(lambda: logging.getLogger("distributed").setLevel(logging.ERROR))
+            switch(client, artifact)  # installed on the node already
+            plain = []
+            for _r in range(rounds):
+                switch(client, None)
+                took, _ = timed(switch, client, artifact)
+                plain.append(took)
+            assert set(client.run(sklearn_version).values()) == {"1.9.1"}
+            t_plain = Sample(plain)
+
     m = artifact.manifest
     assert isinstance(m, Manifest)  # a full pack, not thin
     print(
@@ -201,6 +221,10 @@ def main() -> None:
         f"(c) PipInstall {' '.join(added)}: {t_pip:.2f}; envship pack + cold "
         f"switch {t_pack + t_cold:.2f}; ratio PipInstall / envship "
         f"{t_pip / (t_pack + t_cold):.2f} (without the pack: {t_pip / t_cold:.2f})"
+    )
+    print(
+        f"(d) warm switch, zygotes off       {t_plain}   ratio zygotes on / off "
+        f"{t_warm.median / t_plain.median:.2f} (medians; (b) is with zygotes on)"
     )
     print("\ntargets")
     for line in (

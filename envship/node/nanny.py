@@ -35,6 +35,7 @@ from envship.registry_messages import Hold, Runs, Where, WhereAnswer
 from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Peer
 
+from . import zygotes
 from .cache import EnvCache
 from .logs import route_envship_logs
 from .messages import (
@@ -248,6 +249,8 @@ class NannySide:
         installed.
         """
         evicted = await asyncio.to_thread(self.cache.gc)
+        for artifact_id in evicted:
+            zygotes.forget(self.cache.path(artifact_id))
         size = await asyncio.to_thread(self.cache.size)
         return GcAnswer(self.node, tuple(map(EnvId, evicted)), size)
 

@@ -3,8 +3,10 @@
 A nanny normally starts its worker with multiprocessing in its own interpreter.
 :class:`EnvWorkerProcess` replaces the nanny's ``WorkerProcess``: while its
 ``target`` is an unpacked environment, it runs ``<prefix>/bin/python -s
-bootstrap/worker.py`` as a plain subprocess instead, which builds the Worker
-with that environment's own distributed. The worker keeps its name and its
+bootstrap/worker.py`` as a plain subprocess instead (or, with
+``envship.zygote.enabled``, forks it from that environment's zygote, see
+:mod:`envship.node.zygotes`, falling back to the plain start on any zygote
+failure), which builds the Worker with that environment's own distributed. The worker keeps its name and its
 nanny, so ``restart_workers``, restart after a crash and the memory monitor
 work as before, and the target persists through all of them. A target whose
 python cannot start a worker is dropped: the error is kept in ``last_error``
@@ -62,9 +64,11 @@ from envship import config
 from envship.identity import nanny_identity
 from envship.resources import ENVIRONMENT_UNITS, resource_name
 
+from . import zygotes
 from .logs import envship_restart
 from .worker_environ import TargetEnvironment, bootstrap_script, child_environ
 from .worker_subprocess import WorkerSubprocess, encode_frame
+from .zygote import ForkedWorker, ZygoteError
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +148,7 @@ class EnvWorkerProcess(WorkerProcess):
         target = self.target
         if target is None:
             self.worker_python = sys.executable
+            zygotes.running(self.worker_kwargs.get("nanny", ""), None)
             return await super().start()
         if self.status == Status.running:
             return self.status
@@ -162,6 +167,7 @@ class EnvWorkerProcess(WorkerProcess):
             running.set()
             raise
         if error is None:
+            zygotes.running(self.worker_kwargs.get("nanny", ""), target.prefix)
             self.status = Status.running
             running.set()
             return self.status
@@ -197,14 +203,16 @@ class EnvWorkerProcess(WorkerProcess):
             )
         except Exception as e:
             return f"{what}: cannot send the worker's settings: {e!r}. {fallback}"
-        process = WorkerSubprocess(
-            [str(python), "-s", str(bootstrap_script())], environ
-        )
-        process.set_exit_callback(self._on_exit)
-        try:
-            process.start(setup)
-        except OSError as e:
-            return f"{what}: could not run {python}: {e!r}. {fallback}"
+        process: WorkerSubprocess | None = await self._fork_in(target, environ, setup)
+        if process is None:
+            process = WorkerSubprocess(
+                [str(python), "-s", str(bootstrap_script())], environ
+            )
+            process.set_exit_callback(self._on_exit)
+            try:
+                process.start(setup)
+            except OSError as e:
+                return f"{what}: could not run {python}: {e!r}. {fallback}"
         # The nanny's attribute is typed AsyncProcess; a WorkerSubprocess
         # offers the part of it that distributed uses (see the docstring).
         self.process = cast(AsyncProcess, process)
@@ -261,6 +269,32 @@ class EnvWorkerProcess(WorkerProcess):
         if tail:
             message += f"\nLast lines of its stderr:\n{tail}"
         return f"{message}\n{fallback}"
+
+    async def _fork_in(
+        self, target: TargetEnvironment, environ: dict[str, str], setup: bytes
+    ) -> ForkedWorker | None:
+        """The worker forked from ``target``'s zygote; None: start it plainly.
+
+        None when zygotes are off, or (logged) when the zygote could not
+        start or fork.
+        """
+        if not zygotes.enabled():
+            return None
+        try:
+            zygote = await asyncio.to_thread(
+                zygotes.get, target, environ, self.worker_start_timeout
+            )
+            process = ForkedWorker(zygote, environ)
+            process.set_exit_callback(self._on_exit)
+            await asyncio.to_thread(process.start, setup)
+        except (ZygoteError, OSError) as e:
+            logger.warning(
+                "envship: starting the worker in %s plainly, not forked: %s",
+                target.name,
+                str(e).strip().replace("\n", " | "),
+            )
+            return None
+        return process
 
     def mark_stopped(self) -> None:
         # The nanny hears of the exit in here (on_exit), and reacts in a task
@@ -373,6 +407,7 @@ def install(nanny: distributed.Nanny) -> EnvWorkerProcess | None:
     """
     # Replacing the class the nanny instantiates is the seam itself.
     distributed.nanny.WorkerProcess = EnvWorkerProcess  # type: ignore[misc]
+    _release_zygotes_on_close(nanny)
     process = nanny.process
     if process is None or isinstance(process, EnvWorkerProcess):
         return process
@@ -383,6 +418,43 @@ def install(nanny: distributed.Nanny) -> EnvWorkerProcess | None:
         )
     process.__class__ = EnvWorkerProcess
     return cast(EnvWorkerProcess, process)
+
+
+#: Nannies whose closing releases their zygotes (see _release_zygotes_on_close).
+_watched: set[int] = set()
+
+
+def _release_zygotes_on_close(nanny: distributed.Nanny) -> None:
+    """Once ``nanny`` has closed, tell :mod:`envship.node.zygotes` (once per nanny).
+
+    Its zygotes close with the last nanny of the process; a nanny that dies
+    without closing takes them along (they exit at end of file).
+    """
+    if id(nanny) in _watched:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # not in the nanny's loop; its closing is not seen
+    _watched.add(id(nanny))
+
+    async def watch() -> None:
+        try:
+            await nanny.finished()
+        finally:
+            _watched.discard(id(nanny))
+            try:
+                address = nanny.address
+            except ValueError:  # never listened: it had no worker
+                address = ""
+            zygotes.release(address)
+
+    task = loop.create_task(watch(), name="envship zygotes of a nanny")
+    _watch_tasks.add(task)
+    task.add_done_callback(_watch_tasks.discard)
+
+
+_watch_tasks: set[asyncio.Task] = set()
 
 
 async def switch(

@@ -9,9 +9,9 @@ and asks it for children; :class:`ForkedWorker` is one such child running
 ``set_exit_callback``, ``wait_report``, ``send_stop``), so that it can stand
 in for one.
 
-Not wired in yet: no nanny starts a zygote or a ``ForkedWorker`` today
-(:mod:`envship.node.worker_process` still starts every worker plainly), and
-there is no ``envship.zygote.*`` config. A caller falls back to a plain start
+:mod:`envship.node.worker_process` starts workers in environments so when
+``envship.zygote.enabled`` (one zygote per environment and nanny process,
+kept by :mod:`envship.node.zygotes`). A caller falls back to a plain start
 when :meth:`Zygote.start` or :meth:`Zygote.fork` raise :class:`ZygoteError`
 (:class:`ForkRefused` when the zygote is fine but must not fork: a preloaded
 module started a thread, or a start-time variable differs). Start the zygote
@@ -176,6 +176,13 @@ class Zygote:
     @property
     def pid(self) -> int:
         return self._popen.pid
+
+    def is_alive(self) -> bool:
+        """Whether it runs and still talks to us (it may have been closed)."""
+        with self._cond:
+            if self._gone:
+                return False
+        return self._popen.poll() is None
 
     @property
     def preloaded(self) -> list[str]:
