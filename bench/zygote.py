@@ -15,7 +15,7 @@ order that rotates each round; figures are medians with their spread
 (min-max): per worker, and until all four have registered. The zygote's own
 start (its imports, paid once per environment) and its memory are printed,
 and each worker's own memory (USS: pages it shares with no other process).
-No nanny is involved: the zygote is not wired into the nanny yet.
+No nanny is involved: the switch rows with zygotes on and off are in bench/switch.py.
 
 Target: a forked worker registers in at most 1/3 the time of a plain one
 (issue 17's ratio for a restart), printed as plain/fork at least 3.

@@ -2,7 +2,7 @@
 
 A zygote runs under a fixture environment's python ("base"; "sklearn-dev"
 for numpy) and forks workers that join a real scheduler on 127.0.0.1. No
-nanny is involved: the zygote is not wired into the nanny yet.
+nanny is involved: the nanny's use of it is tested in tests/test_zygote_nanny.py.
 """
 
 from __future__ import annotations

@@ -6,12 +6,12 @@ A nanny normally starts its worker with multiprocessing in its own interpreter.
 bootstrap/worker.py`` as a plain subprocess instead (or, with
 ``envship.zygote.enabled``, forks it from that environment's zygote, see
 :mod:`envship.node.zygotes`, falling back to the plain start on any zygote
-failure), which builds the Worker with that environment's own distributed. The worker keeps its name and its
-nanny, so ``restart_workers``, restart after a crash and the memory monitor
-work as before, and the target persists through all of them. A target whose
-python cannot start a worker is dropped: the error is kept in ``last_error``
-and the stock worker starts in the nanny's interpreter, so the nanny never dies
-of a bad environment.
+failure), which builds the Worker with that environment's own distributed.
+The worker keeps its name and its nanny, so ``restart_workers``, restart
+after a crash and the memory monitor work as before, and the target persists
+through all of them. A target whose python cannot start a worker is dropped:
+the error is kept in ``last_error`` and the stock worker starts in the nanny's
+interpreter, so the nanny never dies of a bad environment.
 
 This is the only envship module that touches distributed's internals; it must
 not unpack, download or verify environments. It relies on, from distributed
