@@ -79,3 +79,12 @@ class CorruptArchiveError(EnvshipError):
     A node raises it; the client then checks its own copy to say which side
     is damaged.
     """
+
+
+class UnpublishedError(ValueError):
+    """The scheduler's registry knows no offer of an environment a switch wants.
+
+    A scheduler that restarted since the environment was shipped, or one that
+    only knows a thin pack's offer: the client publishes the whole archive's
+    offer, then asks again.
+    """

@@ -393,6 +393,13 @@ def test_a_build_on_the_nannies_own_environment_ships_what_it_adds(
         for node in report.unpacked.values():
             assert node["linked"] > 0.9 * manifest.file_count > 10 * node["written"]
 
+        # Out and back in: every node holds it, the registry knows its thin
+        # pack's offer, so nothing is written or sent (no whole archive).
+        assert client.use_environment(None).ok
+        back = client.use_environment(artifact_id)
+        assert back.ok and back.transfer.client_bytes == 0
+        assert not envship.ArtifactStore(store).get(artifact_id).has_archive
+
         # A node that joins later fetches the thin pack from its peers and
         # copies the rest from its own environment: no client involved.
         cluster.add_node("node-c", 1)

@@ -102,14 +102,8 @@ async def ship(
     else:
         nodes, plan = list(only), None
     if not nodes:
-        # Every node holds it; a scheduler that restarted since may not know
-        # the offer, and its registry refuses to desire what has none.
-        request = Where(id=check_id(artifact.id)).to_msg()
-        known = await scheduler_of(client).envship_where(**request)
-        if WhereAnswer.from_msg(known).offer is None:
-            store = ArtifactStore(artifact.path.parent)
-            artifact = await asyncio.to_thread(store.ensure_archive, artifact)
-            await _publish(client, artifact)
+        # Every node holds it. A scheduler that restarted since may not know
+        # its offer: the switch publishes it if the registry says so.
         return ShipReport(), {}
     if plan is None:
         plan = delta.Plan(full=nodes)
@@ -310,6 +304,16 @@ async def _broadcast(
             client_site=config.get("site"),
             on_progress=lambda held: bar.update(min(held * piece, total), total),
         )
+
+
+async def publish_archive(client: Client, artifact: Artifact) -> None:
+    """Publish the offer of ``artifact``'s whole archive (written if it was not).
+
+    For a registry that knows no offer of an environment every node holds.
+    """
+    store = ArtifactStore(artifact.path.parent)
+    artifact = await asyncio.to_thread(store.ensure_archive, artifact)
+    await _publish(client, artifact)
 
 
 async def _publish(client: Client, blob: Artifact) -> Offer:

@@ -28,7 +28,7 @@ from distributed.protocol.pickle import dumps
 from distributed.versions import get_package_info
 
 from envship import policy
-from envship.errors import EnvshipError
+from envship.errors import EnvshipError, UnpublishedError
 from envship.ids import check_id
 from envship.manifest import Manifest
 from envship.messages import NannyStatus, Status
@@ -43,7 +43,7 @@ from .compat import (
     missing_optional,
     optional_warning,
 )
-from .deliver import deliver
+from .deliver import deliver, publish_archive
 from .pack import pack
 from .progress import progress_bar
 from .report import SwitchFailedError, SwitchReport, WorkerReport, timing
@@ -282,7 +282,14 @@ class Switch:
             None if artifact is None else Wanted(check_id(artifact.id), artifact.name)
         )
         desire = Desire(None if wanted is None else wanted.id, names)
-        await self.scheduler.envship_desire(**desire.to_msg())
+        try:
+            await self.scheduler.envship_desire(**desire.to_msg())
+        except UnpublishedError:
+            # Every node held it, and this scheduler knows no offer of it
+            # (it restarted since, or knows only a thin pack's).
+            assert artifact is not None
+            await publish_archive(self.client, artifact)
+            await self.scheduler.envship_desire(**desire.to_msg())
         started = time.perf_counter()
         plugin = UseEnvironment(
             None if wanted is None else wanted.to_msg(),

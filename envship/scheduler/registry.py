@@ -36,6 +36,7 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from envship import policy
+from envship.errors import UnpublishedError
 from envship.ids import Address, EnvId, ThinId
 from envship.manifest import ThinManifest
 from envship.messages import serve
@@ -133,7 +134,7 @@ class Registry(SchedulerPlugin):
         if id is not None:
             offer = self.offers.get(id) or self.offers.get(self.thin.get(id, id))
             if offer is None:
-                raise ValueError(f"publish the offer of {id!r} first")
+                raise UnpublishedError(f"publish the offer of {id!r} first")
             policy.check(offer.name, id, self.policy)
         if request.names is None:
             self.default = id
