@@ -191,3 +191,56 @@ def test_zygotes_nobody_runs_in_are_closed_beyond_keep(env_prefix):
                         await asyncio.sleep(0.05)
 
     asyncio.run(main())
+
+
+def test_zygotes_beyond_keep_memory_are_closed(env_prefix):
+    target = TargetEnvironment("base", env_prefix("base"), "conda", "base")
+
+    async def main():
+        async with Scheduler(host="127.0.0.1", port=0, dashboard=False) as s:
+            async with Nanny(s.address, host="127.0.0.1", nthreads=1) as nanny:
+                limits = {
+                    "envship.zygote.keep": 5,
+                    "envship.zygote.keep-memory": "1 MiB",
+                }
+                with dask.config.set(limits):
+                    assert (await switch(nanny, target))["ok"]
+                    [state] = zygotes.states()
+                    assert (state["id"], state["name"]) == ("base", "base")
+                    assert state["rss"] > 2**20  # an interpreter with distributed
+                    # The worker runs in it: kept whatever its memory; once
+                    # no worker does, 1 MiB holds none.
+                    assert (await switch(nanny, None))["ok"]
+                    assert zygotes.states() == []
+                    deadline = time.monotonic() + 30
+                    while not pid_gone(state["pid"]):
+                        assert time.monotonic() < deadline, "the zygote stayed"
+                        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+
+
+def zygote_children(pid: int) -> list[psutil.Process]:
+    """The zygotes among the children of process ``pid``."""
+    return [c for c in psutil.Process(pid).children() if is_zygote(c.pid)]
+
+
+def test_prepare_starts_the_zygote_before_the_switch(tmp_path, base):
+    with local_cluster(tmp_path, {"node": 1}) as cluster:
+        client, caches = cluster
+        [nanny] = cluster.nannies["node"]
+        assert zygote_children(nanny.pid) == []
+        assert envship.prepare_environment(client, base, progress=False).ok
+        python = str(caches["node"] / base.id / "bin" / "python")
+        wait_until(lambda: len(zygote_children(nanny.pid)) == 1, timeout=60)
+        [zygote] = zygote_children(nanny.pid)
+        assert zygote.cmdline()[0] == python
+        # The workers computed in the nanny's own environment meanwhile; the
+        # switch forks from the zygote the prepare started.
+        assert the_worker(client)["prefix"] == sys.prefix
+        assert client.use_environment(base).ok
+        info = the_worker(client)
+        assert (info["prefix"], info["ppid"]) == (
+            str(caches["node"] / base.id),
+            zygote.pid,
+        )

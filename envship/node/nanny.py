@@ -185,7 +185,7 @@ class NannySide:
             manifest = self.cache.manifest(via)
         if manifest is not None:
             policy.check(manifest.name, artifact_id)
-        await asyncio.to_thread(
+        prefix = await asyncio.to_thread(
             self.cache.ensure, artifact_id, via=via, lease_pid=os.getpid()
         )
         _prepared[artifact_id] = time.monotonic() + PREPARED_LEASE
@@ -199,6 +199,11 @@ class NannySide:
                 artifact_id[:12],
             )
         linked = done.get("linked_files", 0)
+        process = install(self.nanny)
+        if process is not None and manifest is not None:  # the switch forks at once
+            process.warm_zygote(
+                installed_target(self.cache, artifact_id, prefix, manifest.name)
+            )
         return InstallAnswer(
             seconds=time.perf_counter() - started,
             written=done.get("files", linked) - linked,

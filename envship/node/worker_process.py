@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, cast
 
@@ -269,6 +270,26 @@ class EnvWorkerProcess(WorkerProcess):
         if tail:
             message += f"\nLast lines of its stderr:\n{tail}"
         return f"{message}\n{fallback}"
+
+    def warm_zygote(self, target: TargetEnvironment | None) -> None:
+        """Start ``target``'s zygote now, in a thread, if zygotes are on and
+        none runs: a switch calls this before the old worker closes, so that
+        the two overlap, and a prepare once the environment is installed. A
+        failure is left for the worker's start to meet (and fall back from).
+        """
+        if target is None or not zygotes.enabled():
+            return
+        environ = child_environ(target, os.environ, {**self.pre_spawn_env, **self.env})
+        timeout = self.worker_start_timeout
+
+        def start() -> None:
+            try:
+                zygotes.get(target, environ, timeout)
+            except ZygoteError as e:
+                logger.debug("envship: no zygote ready for %s: %s", target.name, e)
+
+        name = f"envship zygote of {target.name}"
+        threading.Thread(target=start, name=name, daemon=True).start()
 
     async def _fork_in(
         self, target: TargetEnvironment, environ: dict[str, str], setup: bytes
@@ -510,6 +531,7 @@ async def switch(
     into = f"{target.name} ({target.id[:12]})" if target else "the nanny's own Python"
     who = nanny_identity(nanny.name, nanny.address)
     async with process.switch_lock:
+        process.warm_zygote(target)
         process.target = target
         process.last_error = None
         logger.info("envship: restarting worker %s into %s", who, into)

@@ -4,8 +4,8 @@
 environment, starting it on first need; later starts in that environment
 (restarts, crash restarts, ``restart_workers``, switches back) fork from
 it. :func:`running` records what each nanny's worker runs in; zygotes of
-environments no worker of this process runs in are closed, except the last
-``envship.zygote.keep`` others. :func:`release` (a nanny closed) closes them
+environments no worker of this process runs in are closed, except the most
+recently used within ``envship.zygote.keep`` and ``keep-memory``. :func:`release` (a nanny closed) closes them
 all once no nanny of the process is left; :func:`forget` closes one whose
 environment left the node's cache.
 
@@ -13,8 +13,9 @@ A zygote that died, or whose environment's python changed on disk (evicted
 and unpacked again), is replaced on the next :func:`get`. Closing a zygote
 only stops its forking: it exits once its last worker has ended.
 
-Config: ``envship.zygote.enabled``, ``envship.zygote.preload`` and
-``envship.zygote.keep``. Knows nothing of distributed.
+Config: ``envship.zygote.enabled``, ``envship.zygote.preload``,
+``envship.zygote.keep`` and ``envship.zygote.keep-memory``. Knows nothing of
+distributed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+from dask.utils import parse_bytes
 
 from envship import config
 
@@ -34,9 +38,19 @@ from .zygote import Zygote, ZygoteError
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-#: prefix -> (zygote, the stat of its python when it started); least
-#: recently used first.
-_zygotes: collections.OrderedDict[str, tuple[Zygote, tuple]] = collections.OrderedDict()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    zygote: Zygote
+    #: The stat of its python when it started: changed means unpacked anew.
+    stat: tuple
+    id: str
+    name: str
+
+
+#: prefix -> its zygote; least recently used first.
+_zygotes: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
 #: prefix -> lock held while that prefix's zygote starts.
 _starting: dict[str, threading.Lock] = {}
 #: prefix -> why its zygote refuses to fork (it is not started again).
@@ -88,16 +102,15 @@ def get(
         with _lock:
             entry = _zygotes.get(key)
             if entry is not None:
-                zygote, stat = entry
                 try:
                     current = _stat(target.python)
                 except OSError:
                     current = None
-                if zygote.is_alive() and current == stat:
+                if entry.zygote.is_alive() and current == entry.stat:
                     _zygotes.move_to_end(key)
-                    return zygote
+                    return entry.zygote
                 del _zygotes[key]
-                stale = zygote
+                stale = entry.zygote
         if stale is not None:
             logger.info("envship: replacing %r (gone or its python changed)", stale)
             stale.close()
@@ -120,7 +133,7 @@ def get(
             ", ".join(zygote.preloaded),
         )
         with _lock:
-            _zygotes[key] = (zygote, stat)
+            _zygotes[key] = _Entry(zygote, stat, target.id, target.name)
     return zygote
 
 
@@ -136,14 +149,30 @@ def running(nanny: str, prefix: str | os.PathLike | None) -> None:
 
 
 def trim() -> None:
-    """Close the zygotes no worker runs in but the last ``envship.zygote.keep``."""
+    """Close the zygotes no worker runs in, but the most recently used ones
+    within ``envship.zygote.keep`` (a count) and ``envship.zygote.keep-memory``
+    (their resident memory together)."""
     keep = max(0, int(config.get("zygote.keep")))
+    budget = parse_bytes(config.get("zygote.keep-memory"))
     with _lock:
         used = set(_running.values())
-        others = [key for key in _zygotes if key not in used]
-        closing = others[: max(0, len(others) - keep)]
-        zygotes = [_zygotes.pop(key)[0] for key in closing]
-    for zygote in zygotes:
+        others = [key for key in reversed(_zygotes) if key not in used]
+        entries = {key: _zygotes[key] for key in others}
+    closing, kept, memory = [], 0, 0
+    for key in others:  # most recently used first
+        rss = entries[key].zygote.rss()
+        if kept < keep and memory + rss <= budget:
+            kept += 1
+            memory += rss
+        else:
+            closing.append(key)
+    with _lock:
+        gone = [
+            _zygotes.pop(key).zygote
+            for key in closing
+            if _zygotes.get(key) is entries[key] and key not in _running.values()
+        ]
+    for zygote in gone:
         logger.info("envship: closing %r (no worker runs in it)", zygote)
         zygote.close()
 
@@ -164,14 +193,14 @@ def forget(prefix: str | os.PathLike) -> None:
     with _lock:
         entry = _zygotes.pop(_key(prefix), None)
     if entry is not None:
-        logger.info("envship: closing %r (its environment was evicted)", entry[0])
-        entry[0].close()
+        logger.info("envship: closing %r (its environment was evicted)", entry.zygote)
+        entry.zygote.close()
 
 
 def close_all() -> None:
     """Close every zygote of this process."""
     with _lock:
-        zygotes = [zygote for zygote, _ in _zygotes.values()]
+        zygotes = [entry.zygote for entry in _zygotes.values()]
         _zygotes.clear()
         _refused.clear()
     for zygote in zygotes:
@@ -181,4 +210,22 @@ def close_all() -> None:
 def zygotes() -> dict[str, Zygote]:
     """The running zygotes of this process, by environment prefix."""
     with _lock:
-        return {key: zygote for key, (zygote, _) in _zygotes.items()}
+        return {key: entry.zygote for key, entry in _zygotes.items()}
+
+
+def states() -> list[dict]:
+    """The zygotes of this process for a status: ``id`` and ``name`` of the
+    environment, ``pid`` and ``rss`` (bytes), least recently used first.
+
+    Examples
+    --------
+    >>> states()  # doctest: +SKIP
+    [{'id': '3f9a...', 'name': 'sklearn-dev', 'pid': 4242, 'rss': 52428800}]
+    """
+    with _lock:
+        entries = list(_zygotes.values())
+    return [
+        {"id": e.id, "name": e.name, "pid": e.zygote.pid, "rss": e.zygote.rss()}
+        for e in entries
+        if e.zygote.is_alive()
+    ]
