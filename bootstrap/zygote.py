@@ -5,9 +5,11 @@ imported distributed already.
 its standard input one end of a Unix stream socket, and talks to it so:
 
 - client to zygote: frames of an 8-byte big-endian length and a pickle
-  (protocol 4). First the setup, ``{"preload": None or [module, ...]}``
-  (None: what distributed's own forkserver preloads, see
-  :func:`default_preload`); then fork requests, ``{"op": "fork", "id",
+  (protocol 4). First the setup, ``{"preload": None or [module, ...],
+  "listen": bool}`` (None: what distributed's own forkserver preloads, see
+  :func:`default_preload`; with ``listen``, a listening Unix socket is
+  attached, on which the other nannies of the node connect: see below);
+  then fork requests, ``{"op": "fork", "id",
   "args", "env", "nfds"}``, each sent with its ``nfds`` descriptors attached
   (SCM_RIGHTS). End of file (the client closed, or shut down its writing
   side) means no more requests.
@@ -45,11 +47,17 @@ Fork hygiene:
   in its nanny's; a terminal's Ctrl-C or a batch system's signal to the group
   reaches them as it reaches plain workers.
 
+Shared by the nannies of a node: a client that connects on the listening
+socket (of the same user: ``SO_PEERCRED``) gets the ready message at once
+and then talks as the first client does, without a setup. Each child's
+exit is reported to the client that asked for it.
+
 Lifetime: the zygote reaps its children (SIGCHLD) and reports each exit.
-At end of file it forks no more and exits once its last child has ended. If
-its client died, the children's control pipes (whose writing ends only the
-client held) are at end of file too, so they close as a plain worker does
-when its nanny dies: no orphans.
+A client's end of file means it asks no more; once every client has gone
+and the last child has ended, the zygote exits. If a client died, the
+control pipes of its children (whose writing ends only it held) are at end
+of file too, so they close as a plain worker does when its nanny dies: no
+orphans.
 
 Standard library and this environment's own distributed only, never
 envship: this runs under whatever Python 3.8+ the environment has.
@@ -196,13 +204,15 @@ def _log(text):
 
 
 class _Serving:
-    """The zygote's loop: fork on request, reap, report."""
+    """The zygote's loop: accept clients, fork on request, reap, report."""
 
-    def __init__(self, sock, startup):
-        self.sock = sock
+    def __init__(self, sock, startup, ready, listener=None):
         self.startup = startup
-        self.children = set()
-        self.connected = True
+        self.ready = ready
+        self.listener = listener
+        self.clients = set([sock])
+        #: child pid -> the client that asked for it (None: that client left)
+        self.children = {}
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             fcntl.fcntl(
@@ -211,13 +221,40 @@ class _Serving:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
 
-    def report(self, message):
-        if not self.connected:
+    def report(self, client, message):
+        if client is None or client not in self.clients:
             return
         try:
-            _send(self.sock, message)
+            _send(client, message)
         except OSError:
-            self.connected = False  # nobody listens any more; keep reaping
+            self.drop(client)  # nobody listens there any more; keep reaping
+
+    def drop(self, client):
+        self.clients.discard(client)
+        for pid, owner in self.children.items():
+            if owner is client:
+                self.children[pid] = None
+        try:
+            client.close()
+        except OSError:
+            pass
+
+    def accept(self):
+        """A nanny of the node connected: same user only; it gets the ready message."""
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        credentials = client.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+        _pid, uid, _gid = struct.unpack("3i", credentials)
+        if uid != os.getuid():
+            _log("refused a connection of user %d" % uid)
+            client.close()
+            return
+        self.clients.add(client)
+        self.report(client, self.ready)
 
     def reap(self):
         while self.children:
@@ -227,15 +264,18 @@ class _Serving:
                 return
             if pid == 0:
                 return
-            self.children.discard(pid)
-            self.report({"op": "exit", "pid": pid, "status": _exit_status(status)})
+            owner = self.children.pop(pid, None)
+            self.report(
+                owner, {"op": "exit", "pid": pid, "status": _exit_status(status)}
+            )
 
     def serve(self):
-        """Serve until end of file and the last child's end; in a child,
-        return its request and descriptors."""
-        accepting = True
-        while accepting or self.children:
-            watched = [self.wake_r] + ([self.sock] if accepting else [])
+        """Serve until every client has gone and the last child ended; in a
+        child, return its request and descriptors."""
+        while self.clients or self.children:
+            watched = [self.wake_r] + list(self.clients)
+            if self.listener is not None:
+                watched.append(self.listener)
             ready, _, _ = select.select(watched, [], [])
             if self.wake_r in ready:
                 try:
@@ -245,19 +285,22 @@ class _Serving:
                     if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                         raise
             self.reap()
-            if self.sock not in ready:
-                continue
-            try:
-                request, fds = _recv(self.sock)
-            except (EOFError, OSError):
-                accepting = False
-                continue
-            child = self.handle(request, fds)
-            if child is not None:
-                return child
+            if self.listener is not None and self.listener in ready:
+                self.accept()
+            for client in ready:
+                if client not in self.clients:
+                    continue
+                try:
+                    request, fds = _recv(client)
+                except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                    self.drop(client)
+                    continue
+                child = self.handle(client, request, fds)
+                if child is not None:
+                    return child
         return None
 
-    def handle(self, request, fds):
+    def handle(self, client, request, fds):
         try:
             reason = thread_refusal() or env_refusal(self.startup, request["env"])
             if reason is None and len(fds) != request.get("nfds"):
@@ -268,15 +311,17 @@ class _Serving:
             if reason is None and len(fds) < 3:
                 reason = "a child needs at least 3 descriptors (stdin, stdout, stderr)"
             if reason is not None:
-                self.report({"op": "refused", "id": request["id"], "reason": reason})
+                self.report(
+                    client, {"op": "refused", "id": request["id"], "reason": reason}
+                )
                 return None
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
                 return self.become_child(request, fds)
-            self.children.add(pid)
-            self.report({"op": "forked", "id": request["id"], "pid": pid})
+            self.children[pid] = client
+            self.report(client, {"op": "forked", "id": request["id"], "pid": pid})
             return None
         finally:
             # In the zygote: the child holds them now (or there is none).
@@ -289,9 +334,11 @@ class _Serving:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        # The socket object must never close its number again: another file
-        # may get that number once the descriptors are closed below.
-        self.sock.detach()
+        # The socket objects must never close their numbers again: another
+        # file may get a number once the descriptors are closed below.
+        for sock in list(self.clients) + [self.listener]:
+            if sock is not None:
+                sock.detach()
         _place_descriptors(fds)
         os.environ.clear()
         os.environ.update(request["env"])
@@ -370,6 +417,9 @@ def main():
         setup, fds = _recv(sock)
     except (EOFError, OSError):
         return 1
+    listener = None
+    if setup.get("listen") and fds:
+        listener = socket.socket(fileno=fds.pop(0))
     for fd in fds:
         os.close(fd)
     _worker._drop_own_dir_from_sys_path()
@@ -388,19 +438,17 @@ def main():
     refusal = thread_refusal()
     if refusal is not None:
         _log("refusing to fork after preloading %s: %s" % (preloaded, refusal))
-    _send(
-        sock,
-        {
-            "op": "ready",
-            "pid": os.getpid(),
-            "python": sys.executable,
-            "distributed": distributed.__version__,
-            "preloaded": preloaded,
-            "failed": failed,
-            "refusal": refusal,
-        },
-    )
-    serving = _Serving(sock, _startup_variables(os.environ))
+    ready = {
+        "op": "ready",
+        "pid": os.getpid(),
+        "python": sys.executable,
+        "distributed": distributed.__version__,
+        "preloaded": preloaded,
+        "failed": failed,
+        "refusal": refusal,
+    }
+    _send(sock, ready)
+    serving = _Serving(sock, _startup_variables(os.environ), ready, listener)
     child = serving.serve()
     if child is None:
         return 0

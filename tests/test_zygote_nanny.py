@@ -244,3 +244,41 @@ def test_prepare_starts_the_zygote_before_the_switch(tmp_path, base):
             str(caches["node"] / base.id),
             zygote.pid,
         )
+
+
+def test_the_nannies_of_a_node_share_one_zygote(tmp_path, base):
+    with local_cluster(tmp_path, {"node": 2}) as cluster:
+        client, caches = cluster
+        first, second = cluster.nannies["node"]
+        assert client.use_environment(base).ok
+        prefix = str(caches["node"] / base.id)
+        infos = client.run(describe)
+        assert {i["prefix"] for i in infos.values()} == {prefix}
+        # One zygote forked both workers; one of the two nannies started it.
+        [zygote] = {i["ppid"] for i in infos.values()}
+        assert is_zygote(zygote)
+        starter = psutil.Process(zygote).ppid()
+        assert starter in (first.pid, second.pid)
+        other = second if starter == first.pid else first
+        assert zygote_children(other.pid) == []
+
+        # The nanny that started it dies: its worker goes with it, the other
+        # nanny's worker lives on and restarts from the same zygote.
+        os.kill(starter, signal.SIGKILL)
+        wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 1)
+        [address] = client.scheduler_info(n_workers=-1)["workers"]
+        old = client.run(describe, workers=[address])[address]["pid"]
+        client.restart_workers([address])
+
+        def restarted():
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            if len(workers) != 1:
+                return None
+            [info] = client.run(describe).values()
+            return info if info["pid"] != old else None
+
+        wait_until(lambda: restarted() is not None)
+        info = restarted()
+        assert (info["prefix"], info["ppid"]) == (prefix, zygote)
+    # Its last nanny closed: the zygote is gone.
+    wait_until(lambda: pid_gone(zygote), timeout=30)

@@ -20,6 +20,8 @@ Layout under the root (nannies that share it form one node)::
     installs.log                  one JSON line per extraction
     nannies/<hash>.json           what the worker of a nanny (by the hash of its
                                   name) runs in, to start it there again
+    zygotes/<key>.sock, .lock     where the nannies of the node meet the zygote
+                                  of an environment (node/zygotes.py)
 
 Everything is made in ``tmp/`` (same filesystem) and renamed into place, so
 nobody ever sees half an environment, and a crashed install leaves only a
@@ -279,6 +281,12 @@ class CacheLayout:
     def installs_log(self) -> Path:
         """``installs.log``: one JSON line per extraction."""
         return self.root / "installs.log"
+
+    def zygotes(self) -> Path:
+        """``zygotes/``: where the nannies of the node meet a zygote, by a
+        socket ``<key>.sock`` and a lock ``<key>.lock`` (see
+        :mod:`envship.node.zygotes`; made by the first nanny that starts one)."""
+        return self.root / "zygotes"
 
     def nanny_record(self, nanny_name: str) -> Path:
         """``nannies/<hash of the nanny's name>.json``: what its worker runs in."""

@@ -42,6 +42,7 @@ def installed_target(
         prefix=Path(prefix),
         kind=_kind(manifest),
         name=name or (manifest.name if manifest else artifact_id),
+        zygotes=cache.layout.zygotes(),
     )
 
 

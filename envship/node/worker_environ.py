@@ -55,12 +55,17 @@ class TargetEnvironment:
         Sets ``CONDA_PREFIX`` or ``VIRTUAL_ENV`` for the worker.
     name : str
         A name for people, used in messages.
+    zygotes : Path, optional
+        Where the nannies of the node meet the zygote of this environment
+        (the node cache's ``zygotes/``); None: each nanny process starts its
+        own.
     """
 
     id: str
     prefix: Path
     kind: Literal["conda", "venv"]
     name: str
+    zygotes: Path | None = None
 
     @property
     def python(self) -> Path:

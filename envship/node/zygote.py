@@ -10,9 +10,11 @@ and asks it for children; :class:`ForkedWorker` is one such child running
 in for one.
 
 :mod:`envship.node.worker_process` starts workers in environments so when
-``envship.zygote.enabled`` (one zygote per environment and nanny process,
-kept by :mod:`envship.node.zygotes`). A caller falls back to a plain start
-when :meth:`Zygote.start` or :meth:`Zygote.fork` raise :class:`ZygoteError`
+``envship.zygote.enabled`` (one zygote per environment and node, or per
+nanny process, kept by :mod:`envship.node.zygotes`). A zygote started with
+a ``listener`` serves every process that connects to it
+(:meth:`Zygote.connect`). A caller falls back to a plain start when
+:meth:`Zygote.start` or :meth:`Zygote.fork` raise :class:`ZygoteError`
 (:class:`ForkRefused` when the zygote is fine but must not fork: a preloaded
 module started a thread, or a start-time variable differs). Start the zygote
 with the environment variables its workers get (``child_environ`` and the
@@ -53,6 +55,28 @@ _FRAME_HEADER = struct.Struct(">Q")
 UNKNOWN_EXIT = 255
 
 
+#: Variables read only when an interpreter or a library starts: a zygote
+#: forks only for workers whose values of them are its own (the rule of
+#: ``bootstrap/zygote.py``, which cannot import this).
+STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_")
+STARTUP_SUFFIXES = ("_NUM_THREADS",)
+
+
+def startup_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``env`` that a fork cannot change.
+
+    Examples
+    --------
+    >>> startup_variables({"OMP_NUM_THREADS": "1", "PATH": "/bin", "LD_PRELOAD": ""})
+    {'OMP_NUM_THREADS': '1', 'LD_PRELOAD': ''}
+    """
+    return {
+        k: v
+        for k, v in env.items()
+        if k.startswith(STARTUP_PREFIXES) or k.endswith(STARTUP_SUFFIXES)
+    }
+
+
 class ZygoteError(Exception):
     """The zygote could not start, died, or could not fork: start plainly."""
 
@@ -90,8 +114,9 @@ class Zygote:
     >>> zygote.close()  # doctest: +SKIP
     """
 
-    def __init__(self, python: str | os.PathLike, popen: subprocess.Popen, sock):
+    def __init__(self, python: str | os.PathLike, popen: subprocess.Popen | None, sock):
         self.python = Path(python)
+        #: The process, if this object started it (not when it connected).
         self._popen = popen
         self._sock: socket.socket = sock
         self._send_lock = threading.Lock()
@@ -111,6 +136,7 @@ class Zygote:
         env: Mapping[str, str],
         preload: Sequence[str] | None = None,
         timeout: float = 120,
+        listener: socket.socket | None = None,
     ) -> Zygote:
         """Run ``<python> -s zygote.py`` with ``env`` and wait until it preloaded.
 
@@ -126,6 +152,9 @@ class Zygote:
             forkserver preloads (its required and optional packages).
         timeout : float
             Seconds for the preloading.
+        listener : socket, optional
+            A listening Unix socket for the zygote to serve: other processes
+            then :meth:`connect` to it (the caller may close its copy).
 
         Raises
         ------
@@ -147,42 +176,86 @@ class Zygote:
         finally:
             theirs.close()
         zygote = cls(python, popen, ours)
+        setup = {
+            "preload": None if preload is None else list(preload),
+            "listen": listener is not None,
+        }
         try:
-            zygote._send_frame({"preload": None if preload is None else list(preload)})
-            ours.settimeout(timeout)
-            ready = zygote._read_message()
-            ours.settimeout(None)
-        except (OSError, EOFError, ValueError) as e:
+            zygote._send_frame(setup, [listener.fileno()] if listener else [])
+        except OSError as e:
             zygote.kill()
+            raise ZygoteError(f"the zygote under {python} did not start: {e!r}") from e
+        zygote._wait_ready(timeout)
+        return zygote
+
+    @classmethod
+    def connect(
+        cls, path: str | os.PathLike, python: str | os.PathLike, timeout: float = 30
+    ) -> Zygote:
+        """The zygote listening on ``path`` (started by another process with a
+        ``listener``), as if this process had started it.
+
+        Raises
+        ------
+        OSError
+            Nobody listens there (a zygote that exited leaves its socket file).
+        ZygoteError
+            It did not say it was ready (it was exiting).
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(os.fspath(path))
+        except OSError:
+            sock.close()
+            raise
+        zygote = cls(python, None, sock)
+        zygote._wait_ready(timeout)
+        return zygote
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Read the ready message, then hear replies in a thread."""
+        try:
+            self._sock.settimeout(timeout)
+            ready = self._read_message()
+            self._sock.settimeout(None)
+        except (OSError, EOFError, ValueError) as e:
+            self.kill()
             raise ZygoteError(
-                f"the zygote under {python} did not get ready: {e!r}"
+                f"the zygote under {self.python} did not get ready: {e!r}"
             ) from e
         if ready.get("op") != "ready":
-            zygote.kill()
+            self.kill()
             raise ZygoteError(
-                f"the zygote under {python} could not start:\n{ready.get('error')}"
+                f"the zygote under {self.python} could not start:\n{ready.get('error')}"
             )
-        zygote.ready = ready
+        self.ready = ready
         threading.Thread(
-            target=zygote._read_replies,
-            name=f"envship zygote {popen.pid} replies",
+            target=self._read_replies,
+            name=f"envship zygote {self.pid} replies",
             daemon=True,
         ).start()
-        return zygote
 
     def __repr__(self) -> str:
         return f"<Zygote {self.python} pid={self.pid}>"
 
     @property
     def pid(self) -> int:
-        return self._popen.pid
+        if self._popen is not None:
+            return self._popen.pid
+        return int(self.ready.get("pid", 0))
+
+    @property
+    def shared(self) -> bool:
+        """Whether another process started it (this one connected)."""
+        return self._popen is None
 
     def is_alive(self) -> bool:
         """Whether it runs and still talks to us (it may have been closed)."""
         with self._cond:
             if self._gone:
                 return False
-        return self._popen.poll() is None
+        return self._popen is None or self._popen.poll() is None
 
     @property
     def preloaded(self) -> list[str]:
@@ -249,7 +322,8 @@ class Zygote:
                 callback(None)
         with contextlib.suppress(OSError):
             self._sock.close()
-        self._popen.wait()
+        if self._popen is not None:
+            self._popen.wait()
 
     def _exited(self, pid: int, status: int) -> None:
         with self._cond:
@@ -334,24 +408,28 @@ class Zygote:
             return dict(self._exits)
 
     def close(self, timeout: float | None = None) -> None:
-        """Ask for no more forks: the zygote exits once its last child ended.
+        """Ask for no more forks: the zygote exits once its last child ended
+        (and, if shared, once every other process closed it too).
 
         Its children's exits are still reported. With ``timeout``, wait up to
-        that long for the zygote to exit.
+        that long for the zygote to exit (if this process started it).
         """
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
-        if timeout is not None:
+        if timeout is not None and self._popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(timeout)
 
     def kill(self) -> None:
-        """End the zygote at once (its children live on, until their nanny goes)."""
-        with contextlib.suppress(OSError):
-            self._popen.kill()
+        """End the zygote at once if this process started it, else leave it
+        (its children live on, until their nanny goes)."""
+        if self._popen is not None:
+            with contextlib.suppress(OSError):
+                self._popen.kill()
         with contextlib.suppress(OSError):
             self._sock.close()
-        self._popen.wait()
+        if self._popen is not None:
+            self._popen.wait()
 
 
 class ForkedWorker(WorkerSubprocess):

@@ -1,41 +1,53 @@
-"""The zygotes of this nanny process: one per environment prefix.
+"""The zygotes this nanny process uses: one per environment prefix.
 
 :func:`get` returns the running :class:`~envship.node.zygote.Zygote` of an
 environment, starting it on first need; later starts in that environment
 (restarts, crash restarts, ``restart_workers``, switches back) fork from
-it. :func:`running` records what each nanny's worker runs in; zygotes of
+it. With ``envship.zygote.per-node`` and an environment of the node cache,
+the nannies of the node share it: the first starts it, listening on a
+socket in the cache's ``zygotes/`` folder, and the others connect (a lock
+file orders them), so the node imports each environment once.
+
+:func:`running` records what each nanny's worker runs in; zygotes of
 environments no worker of this process runs in are closed, except the most
-recently used within ``envship.zygote.keep`` and ``keep-memory``. :func:`release` (a nanny closed) closes them
-all once no nanny of the process is left; :func:`forget` closes one whose
-environment left the node's cache.
+recently used within ``envship.zygote.keep`` and ``keep-memory``.
+:func:`release` (a nanny closed) closes them all once no nanny of the
+process is left; :func:`forget` closes one whose environment left the
+node's cache.
 
 A zygote that died, or whose environment's python changed on disk (evicted
 and unpacked again), is replaced on the next :func:`get`. Closing a zygote
-only stops its forking: it exits once its last worker has ended.
+only stops this process's use of it: it exits once every process that used
+it closed it and its last worker has ended.
 
-Config: ``envship.zygote.enabled``, ``envship.zygote.preload``,
-``envship.zygote.keep`` and ``envship.zygote.keep-memory``. Knows nothing of
+Config: ``envship.zygote.enabled``, ``per-node``, ``preload``, ``keep`` and
+``keep-memory``. Knows nothing of
 distributed.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
 from dask.utils import parse_bytes
+from filelock import FileLock, Timeout
 
 from envship import config
 
 from .worker_environ import TargetEnvironment
-from .zygote import Zygote, ZygoteError
+from .zygote import Zygote, ZygoteError, startup_variables
 
 logger = logging.getLogger(__name__)
+
 
 _lock = threading.Lock()
 
@@ -118,9 +130,7 @@ def get(
             stat = _stat(target.python)
         except OSError as e:
             raise ZygoteError(f"cannot read {target.python}: {e}") from e
-        zygote = Zygote.start(
-            target.python, environ, config.get("zygote.preload"), timeout
-        )
+        zygote = _start_or_join(target, environ, timeout)
         if zygote.refusal:
             with _lock:
                 _refused[key] = zygote.refusal
@@ -135,6 +145,60 @@ def get(
         with _lock:
             _zygotes[key] = _Entry(zygote, stat, target.id, target.name)
     return zygote
+
+
+def _start_or_join(
+    target: TargetEnvironment, environ: Mapping[str, str], timeout: float
+) -> Zygote:
+    """Connect to the node's zygote of ``target``, or start it for the node.
+
+    Per node when ``target.zygotes`` names a folder (a node cache's) and
+    ``envship.zygote.per-node``: the nannies of the node meet at a socket
+    there, named by what makes a zygote unfit for a worker (the python's
+    file, the start-time variables, the preload list); a lock lets one start
+    it while the others wait, then connect. Else this process starts its own.
+    """
+    preload = config.get("zygote.preload")
+    folder = target.zygotes
+    if folder is None or not config.get("zygote.per-node"):
+        return Zygote.start(target.python, environ, preload, timeout)
+    st = os.stat(target.python)
+    key = xxhash.xxh3_64_hexdigest(
+        json.dumps(
+            [
+                str(target.python),
+                [st.st_dev, st.st_ino, st.st_mtime_ns],
+                sorted(startup_variables(environ).items()),
+                preload,
+            ]
+        ).encode()
+    )
+    socket_path = folder / f"{key}.sock"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = os.stat(folder)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ZygoteError(f"{folder} is not this user's own (mode 0700)")
+    # A socket's path must fit in 108 bytes: name it through a descriptor
+    # of its folder (the socket file is made in the folder itself).
+    folder_fd = os.open(folder, os.O_PATH | os.O_DIRECTORY)
+    short = f"/proc/self/fd/{folder_fd}/{key}.sock"
+    try:
+        with FileLock(folder / f"{key}.lock", timeout=timeout):
+            try:
+                return Zygote.connect(short, target.python, timeout)
+            except (OSError, ZygoteError):
+                pass  # none yet, or one that exited: start the node's
+            socket_path.unlink(missing_ok=True)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(short)
+                listener.listen(64)
+                return Zygote.start(
+                    target.python, environ, preload, timeout, listener=listener
+                )
+    except Timeout as e:
+        raise ZygoteError(f"another nanny held {e.lock_file} for {timeout:g} s") from e
+    finally:
+        os.close(folder_fd)
 
 
 def running(nanny: str, prefix: str | os.PathLike | None) -> None:
