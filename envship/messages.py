@@ -240,6 +240,41 @@ class TransferState:
 
 
 @dataclass(frozen=True)
+class ZygoteState:
+    """A zygote of a nanny's process: its environment, pid and resident memory.
+
+    Examples
+    --------
+    >>> zygote = ZygoteState(id="5f0c" * 8, name="sklearn-dev", pid=4242,
+    ...                      rss=52428800)
+    >>> ZygoteState.from_msg(zygote.to_msg()) == zygote
+    True
+    >>> ZygoteState.from_msg({**zygote.to_msg(), "rss": -1})
+    Traceback (most recent call last):
+    ...
+    ValueError: a zygote's memory must be a count, not -1
+    """
+
+    id: EnvId
+    name: str
+    pid: int
+    rss: int
+
+    def to_msg(self) -> dict:
+        return {"id": self.id, "name": self.name, "pid": self.pid, "rss": self.rss}
+
+    @classmethod
+    def from_msg(cls, msg: object) -> ZygoteState:
+        m = reply_fields(msg, "a zygote", ("id", "name", "pid", "rss"))
+        return cls(
+            id=check_id(m["id"]),
+            name=check_text(m["name"], "an environment name"),
+            pid=check_count(m["pid"], "a zygote's pid"),
+            rss=check_count(m["rss"], "a zygote's memory"),
+        )
+
+
+@dataclass(frozen=True)
 class NannyStatus:
     """A nanny's ``envship_status``: its last switch, what its worker runs in, its node.
 
@@ -248,7 +283,8 @@ class NannyStatus:
     environment) since ``since``; ``default`` the administrators' default
     environment, once resolved; ``cache_root`` and ``cache_size`` the node
     cache (its size only when asked for, a walk of its files); ``transfers``
-    the downloads under way.
+    the downloads under way; ``zygotes`` those of the nanny's process (all
+    nannies of one process report the same).
 
     Examples
     --------
@@ -275,6 +311,7 @@ class NannyStatus:
     site: str | None = None
     cache_size: int | None = None
     transfers: tuple[TransferState, ...] = ()
+    zygotes: tuple[ZygoteState, ...] = ()
 
     def to_msg(self) -> dict:
         return {
@@ -290,6 +327,7 @@ class NannyStatus:
             "site": self.site,
             "cache": {"root": self.cache_root, "size": self.cache_size},
             "transfers": [t.to_msg() for t in self.transfers],
+            "zygotes": [z.to_msg() for z in self.zygotes],
         }
 
     @classmethod
@@ -298,6 +336,7 @@ class NannyStatus:
         m = reply_fields(msg, "a nanny's status", ("ok", "node", "since", "cache"))
         cache = reply_fields(m["cache"], "a nanny's cache", ("root",))
         transfers = check_list(m.get("transfers", ()), "a nanny's transfers")
+        zygotes = check_list(m.get("zygotes", ()), "a nanny's zygotes")
         return cls(
             ok=check_bool(m["ok"], "ok"),
             node=check_text(m["node"], "a node"),
@@ -316,4 +355,5 @@ class NannyStatus:
                 lambda s: check_count(s, "a cache size"), cache.get("size")
             ),
             transfers=tuple(TransferState.from_msg(t) for t in transfers),
+            zygotes=tuple(ZygoteState.from_msg(z) for z in zygotes),
         )

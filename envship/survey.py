@@ -9,12 +9,13 @@ timeout, so a nanny that died or hangs costs one timeout, never the answer.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from envship.identity import worker_identity
-from envship.messages import NannyStatus, Status
+from envship.messages import NannyStatus, Status, ZygoteState
 
 #: What a survey uses when the scheduler has no registry yet (nobody switched).
 EMPTY_REGISTRY: dict[str, dict] = {"offers": {}, "holders": {}, "running": {}}
@@ -122,6 +123,7 @@ def _worker_row(
 
 def _node_rows(answers: Iterable[NannyStatus | Unreachable]) -> list[dict]:
     nodes: dict[str, dict] = {}
+    zygotes: dict[str, dict[int, ZygoteState]] = collections.defaultdict(dict)
     for s in answers:
         if isinstance(s, NannyStatus):
             n = nodes.setdefault(
@@ -135,6 +137,13 @@ def _node_rows(answers: Iterable[NannyStatus | Unreachable]) -> list[dict]:
                 },
             )
             n["nannies"] += 1
+            zygotes[s.node].update((z.pid, z) for z in s.zygotes)
+    for node, n in nodes.items():
+        # Nannies of one process share its zygotes: each is listed once.
+        n["zygotes"] = [
+            z.to_msg()
+            for z in sorted(zygotes[node].values(), key=lambda z: (z.name, z.pid))
+        ]
     return list(nodes.values())
 
 

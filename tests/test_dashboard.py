@@ -50,7 +50,12 @@ class Tables(HTMLParser):
 def workers_table(url: str) -> dict[str, list[str]]:
     """The page's workers: name -> [node, site, environment, since]."""
     page = Tables(dump_dom(url))
-    assert page.headings == ["Workers", "Transfers in progress", "Node caches"]
+    assert page.headings == [
+        "Workers",
+        "Transfers in progress",
+        "Node caches",
+        "Zygotes",
+    ]
     assert "script" not in page.tags and "img" not in page.tags
     header, *rows = page.tables[0]
     assert header == ["worker", "node", "site", "environment", "since"]
@@ -133,3 +138,27 @@ def test_a_transfer_in_progress_is_a_row():
             "client, tcp://127.0.0.1:4001",
         ],
     ]
+
+
+def test_each_zygote_is_a_row_with_its_node():
+    node = {
+        "node": "n:2049:7",
+        "site": None,
+        "nannies": 2,
+        "cache": "/scratch",
+        "cache_size": 1 << 30,
+        "zygotes": [
+            {"id": "74ba32d6" + "0" * 24, "name": HOSTILE_ENV, "pid": 4242,
+             "rss": 52 << 20},
+        ],
+    }  # fmt: skip
+    found = {"workers": [], "nodes": [node], "blobs": []}
+    page = Tables(render(found, None, None, now=0))
+    assert "img" not in page.tags
+    assert page.tables[-1] == [
+        ["node", "environment", "pid", "memory"],
+        ["n:2049:7", f"{HOSTILE_ENV} (74ba32d6)", "4242", "52.00 MiB"],
+    ]
+    found["nodes"] = [{**node, "zygotes": []}]
+    page = Tables(render(found, None, None, now=0))
+    assert page.headings[-1] == "Zygotes" and len(page.tables) == 1  # nodes only

@@ -122,13 +122,17 @@ def test_every_repr_shows_hostile_names_as_text_in_tables(
     ]
     assert "the environment lacks numpy that this client has" in page.text["report"]
 
-    on_workers, caches, blobs = page.tables["status"]
+    on_workers, caches, zygotes, blobs = page.tables["status"]
     assert on_workers[0] == ["worker", "node", "site", "environment", "since"]
     assert {row[0]: row[3] for row in on_workers[1:]} == {
         "a-0": f"{HOSTILE} ({artifact.id[:8]})",
         "a-1": f"{HOSTILE} ({artifact.id[:8]})",
     }
     assert [row[2] for row in caches[1:]] == ["2"]  # one node, two nannies
+    # Each nanny is a process of its own here, with a zygote of its own.
+    assert zygotes[0] == ["node", "environment", "pid", "memory"]
+    assert [row[1] for row in zygotes[1:]] == [f"{HOSTILE} ({artifact.id[:8]})"] * 2
+    assert len({row[2] for row in zygotes[1:]}) == 2
     assert f"{HOSTILE} ({artifact.id[:8]})" in [row[0] for row in blobs[1:]]
 
     about, packages = page.tables["artifact"]
@@ -150,3 +154,30 @@ def test_every_repr_shows_hostile_names_as_text_in_tables(
     (about,) = page.tables["foreign"]
     assert fields(about) == {"name": HOSTILE + " 2", "id": py27.id, "python": "2.7.18"}
     assert "client.submit(env.call" in page.text["foreign"]
+
+
+def test_the_status_repr_lists_each_zygote_or_says_none():
+    from envship.client.html import cluster_status
+    from envship.client.status import ClusterStatus
+
+    worker = {"name": "a-0", "address": "tcp://h:1", "nanny": "tcp://h:2",
+              "node": "h:2049:7", "site": None, "environment": None, "id": None,
+              "since": None, "unreachable": None}  # fmt: skip
+    node = {"node": "h:2049:7", "site": None, "nannies": 1, "cache": "/scratch",
+            "cache_size": 1 << 30}  # fmt: skip
+    zygote = {"id": "5f0c2d9a" + "0" * 24, "name": HOSTILE, "pid": 4242,
+              "rss": 52 << 20}  # fmt: skip
+
+    shown = cluster_status(ClusterStatus([worker], [{**node, "zygotes": [zygote]}], []))
+    page = Sections(f'<section id="status">{shown}</section>')
+    assert not page.tags & {"script", "img"}
+    on_workers, caches, zygotes = page.tables["status"]
+    assert zygotes == [
+        ["node", "environment", "pid", "memory"],
+        ["h:2049:7", f"{HOSTILE} (5f0c2d9a)", "4242", "52.00 MiB"],
+    ]
+
+    shown = cluster_status(ClusterStatus([worker], [{**node, "zygotes": []}], []))
+    page = Sections(f'<section id="status">{shown}</section>')
+    assert len(page.tables["status"]) == 2  # workers, caches
+    assert "ZygotesNone." in page.text["status"]

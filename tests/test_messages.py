@@ -28,7 +28,7 @@ from envship.ids import (
     is_id,
 )
 from envship.manifest import Manifest, ThinManifest
-from envship.messages import NannyStatus, Status, TransferState, serve
+from envship.messages import NannyStatus, Status, TransferState, ZygoteState, serve
 from envship.node.messages import (
     Foreign,
     ForeignAnswer,
@@ -55,7 +55,7 @@ from envship.registry_messages import (
     WhereAnswer,
 )
 from envship.scheduler.registry import Registry
-from envship.survey import survey
+from envship.survey import EMPTY_REGISTRY, survey
 from envship.transfer.messages import (
     Have,
     HaveAnswer,
@@ -355,6 +355,7 @@ def status(**changes) -> dict:
         transfers=(
             TransferState(ID, "sklearn-dev", 3, 8, 1 << 20, ("tcp://b:2", "disk")),
         ),
+        zygotes=(ZygoteState(ID, "sklearn-dev", 4242, 50 << 20),),
     ).to_msg()
     return {**good, **changes}
 
@@ -363,6 +364,10 @@ def test_the_nanny_status_goes_to_the_wire_and_back():
     parsed = NannyStatus.from_msg(status())
     assert parsed.to_msg() == status()
     assert parsed.transfers[0].sources == ("tcp://b:2", "disk")
+    assert parsed.zygotes == (ZygoteState(ID, "sklearn-dev", 4242, 50 << 20),)
+    # An older nanny sends no zygotes: it has none to show.
+    old = {k: v for k, v in status().items() if k != "zygotes"}
+    assert NannyStatus.from_msg(old).zygotes == ()
     # A newer nanny may add keys: they are ignored.
     assert NannyStatus.from_msg(status(gpus=2)) == parsed
 
@@ -382,6 +387,13 @@ def test_the_nanny_status_goes_to_the_wire_and_back():
         {"transfers": [{"id": ID, "name": "x", "have": 1, "count": 2}]},
         {"transfers": [{**status()["transfers"][0], "have": True}]},
         {"transfers": [{**status()["transfers"][0], "sources": [5]}]},
+        {"zygotes": {"id": ID}},
+        {"zygotes": [{"id": ID, "name": "x", "pid": 1}]},
+        {"zygotes": [{**status()["zygotes"][0], "id": "../../etc"}]},
+        {"zygotes": [{**status()["zygotes"][0], "name": ""}]},
+        {"zygotes": [{**status()["zygotes"][0], "pid": -1}]},
+        {"zygotes": [{**status()["zygotes"][0], "rss": 1.5}]},
+        {"zygotes": [{**status()["zygotes"][0], "rss": True}]},
         {"error": 5},
         {"worker": 5},
     ],
@@ -430,6 +442,36 @@ def test_a_bad_status_reply_makes_one_nanny_unreachable_not_the_survey():
     transfers = found["blobs"][0]["transfers"]
     assert [t["nanny"] for t in transfers] == ["tcp://good:1"]
     assert transfers[0]["have"] == 3
+
+
+def test_a_node_lists_the_zygotes_of_its_nannies_once_each_by_name():
+    dev = ZygoteState(ID, "sklearn-dev", 4242, 50 << 20).to_msg()
+    base = ZygoteState(OTHER, "base", 4343, 40 << 20).to_msg()
+    other_process = ZygoteState(ID, "sklearn-dev", 5151, 51 << 20).to_msg()
+    replies = {
+        # Two nannies of one process report its zygotes alike.
+        "tcp://a:1": status(zygotes=[dev, base]),
+        "tcp://a:2": status(zygotes=[dev, base]),
+        # A nanny process of its own on the same node has zygotes of its own.
+        "tcp://a:3": status(zygotes=[other_process]),
+        "tcp://b:1": status(node="other:2049:1", zygotes=[]),
+    }
+
+    class Nanny:
+        def __init__(self, address):
+            self.address = address
+
+        async def envship_status(self, cache):
+            return replies[self.address]
+
+    identity = {
+        "workers": {f"w{n}": {"nanny": n, "name": n.split("//")[1]} for n in replies}
+    }
+    found = asyncio.run(survey(Nanny, identity, EMPTY_REGISTRY, timeout=5))
+    nodes = {n["node"]: n for n in found["nodes"]}
+    assert nodes["host:2049:1234"]["nannies"] == 3
+    assert nodes["host:2049:1234"]["zygotes"] == [base, dev, other_process]
+    assert nodes["other:2049:1"]["zygotes"] == []
 
 
 # -- the nanny's own handlers and its transfer handlers ----------------------------

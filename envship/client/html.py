@@ -68,7 +68,8 @@ def switch_report(report: SwitchReport) -> str:
 
 
 def cluster_status(status: ClusterStatus, now: float | None = None) -> str:
-    """``envship.status(client)``: workers, nodes' caches and blobs, a table each.
+    """``envship.status(client)``: workers, nodes' caches, zygotes and blobs, a
+    table each.
 
     Examples
     --------
@@ -85,6 +86,11 @@ def cluster_status(status: ClusterStatus, now: float | None = None) -> str:
         [n["node"], n["site"], n["nannies"], _bytes(n["cache_size"]), n["cache"]]
         for n in status.nodes
     ]
+    zygotes = [
+        [n["node"], short_name(z["name"], z["id"]), z["pid"], format_bytes(z["rss"])]
+        for n in status.nodes
+        for z in n.get("zygotes", ())
+    ]
     blobs = []
     for b in status.blobs:
         holders = f"{b['complete']} whole, {b['partial']} fetching"
@@ -98,6 +104,8 @@ def cluster_status(status: ClusterStatus, now: float | None = None) -> str:
         _table(["worker", "node", "site", "environment", "since"], workers),
         _heading("Node caches"),
         _table(["node", "site", "nannies", "used", "cache folder"], nodes),
+        _heading("Zygotes"),
+        _table(["node", "environment", "pid", "memory"], zygotes),
         _heading("Environments on the nodes"),
         _table(["environment", "size", "holders"], blobs),
     )

@@ -1,4 +1,5 @@
-"""``envship.status(client)``: what every worker runs in, each node's cache, each blob.
+"""``envship.status(client)``: what every worker runs in, each node's cache and
+zygotes, each blob.
 
 Runs on the client: asks the scheduler's registry and every nanny (through
 :func:`envship.survey.survey`, which the dashboard page uses too), never moves
@@ -24,7 +25,7 @@ NANNY_TIMEOUT = 30.0
 
 @dataclass
 class ClusterStatus:
-    """Per worker, per node and per blob; shown as three tables.
+    """Per worker, per node and per blob; shown as tables.
 
     Attributes
     ----------
@@ -35,8 +36,10 @@ class ClusterStatus:
         (a name, or None for the nannies' own), ``id``, ``since`` (unix
         time) and ``unreachable`` (why its nanny did not answer, or None).
     nodes : list of dict
-        ``node``, ``site``, ``nannies``, ``cache`` (its folder) and
-        ``cache_size`` (bytes).
+        ``node``, ``site``, ``nannies``, ``cache`` (its folder),
+        ``cache_size`` (bytes) and ``zygotes``: the running zygotes of its
+        nannies' processes (each once), by name, each a dict of ``id`` and
+        ``name`` (its environment), ``pid`` and ``rss`` (resident bytes).
     blobs : list of dict
         ``id``, ``name``, ``size``, ``complete`` and ``partial`` (how many
         nannies hold it whole, or are fetching it), ``transfers``: the
@@ -64,7 +67,8 @@ class ClusterStatus:
         return self.render()
 
     def render(self, width: int | None = 80, wide: bool = False) -> str:
-        """The three tables as text, each line within ``width`` where it can be.
+        """The tables as text, each line within ``width`` where it can be:
+        workers, nodes, zygotes (if any runs) and blobs.
 
         Names are never cut. ``wide``: also each worker's address, its
         nanny's, its node's id and the full environment id (no width limit).
@@ -119,6 +123,23 @@ class ClusterStatus:
                 *([n["node"]] if wide else []),
             )
         lines += ["", nodes.render(width)]
+
+        zygotes = TextTable(
+            Col("host", keep=True),
+            Col("zygote of", keep=True),
+            Col("pid", right=True),
+            Col("memory", right=True),
+        )
+        for n in self.nodes:
+            for z in n.get("zygotes", ()):
+                zygotes.add_row(
+                    hosts[n["node"]],
+                    f"{z['name']} {z['id'] if wide else z['id'][:8]}",
+                    z["pid"],
+                    format_bytes(z["rss"]),
+                )
+        if zygotes.rows:
+            lines += ["", zygotes.render(width)]
 
         if self.blobs:
             names = {w["nanny"]: str(w["name"]) for w in self.workers}

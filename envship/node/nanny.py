@@ -30,7 +30,14 @@ from envship.identity import nanny_identity
 from envship.ids import EnvId, ThinId, check_id
 from envship.machine import platform_facts
 from envship.manifest import ThinManifest
-from envship.messages import NannyStatus, Status, TransferState, optional, serve
+from envship.messages import (
+    NannyStatus,
+    Status,
+    TransferState,
+    ZygoteState,
+    optional,
+    serve,
+)
 from envship.registry_messages import Hold, Runs, Where, WhereAnswer
 from envship.table import decode_keys, encode_bits
 from envship.transfer import BlobServer, Download, Peer
@@ -211,7 +218,8 @@ class NannySide:
         )
 
     async def status(self, request: Status) -> NannyStatus:
-        """The last switch, what the worker runs in since when, and transfers.
+        """The last switch, what the worker runs in since when, transfers and
+        the zygotes of this process.
 
         With ``cache``, also the node cache's use (a walk of its file store, in
         a thread): for ``envship.status``, not after every switch.
@@ -244,6 +252,10 @@ class NannySide:
                 )
                 for d in self.blobs.downloads.values()
                 if not d.done.is_set()
+            ),
+            zygotes=tuple(
+                ZygoteState(EnvId(z["id"]), z["name"], z["pid"], z["rss"])
+                for z in zygotes.states()
             ),
         )
 

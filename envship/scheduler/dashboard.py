@@ -2,10 +2,11 @@
 
 Served by the scheduler's own HTTP server, next to distributed's pages (and
 under the same ``--dashboard-prefix``): what every worker runs in since when,
-the transfers in progress, each node's cache use, and which environments users
-may use (``envship.allowed``, ``envship.contact``). The scheduler gathers it
-itself, like ``envship.status`` does (:func:`envship.survey.survey`), giving
-each nanny a few seconds, so a dead nanny never hangs the page.
+the transfers in progress, each node's cache use and zygotes (the processes
+workers fork from, one per environment), and which environments users may use
+(``envship.allowed``, ``envship.contact``). The scheduler gathers it itself,
+like ``envship.status`` does (:func:`envship.survey.survey`), giving each
+nanny a few seconds, so a dead nanny never hangs the page.
 
 Everything shown is escaped (environment, worker and site names come from
 users), and the page allows no script at all. It reloads itself every 2 s.
@@ -133,6 +134,11 @@ def render(found: dict, allowed, contact, now: float) -> str:
         [n["node"], n["site"], n["nannies"], n["cache"], _bytes(n["cache_size"])]
         for n in found["nodes"]
     ]
+    zygotes = [
+        [n["node"], short_name(z["name"], z["id"]), z["pid"], format_bytes(z["rss"])]
+        for n in found["nodes"]
+        for z in n.get("zygotes", ())
+    ]
     return PAGE.format(
         refresh=REFRESH,
         allowed=_allowed(allowed, contact),
@@ -141,6 +147,7 @@ def render(found: dict, allowed, contact, now: float) -> str:
             ["environment", "nanny", "pieces", "size", "sources"], transfers
         ),
         nodes=_table(["node", "site", "nannies", "cache folder", "used"], nodes),
+        zygotes=_table(["node", "environment", "pid", "memory"], zygotes),
     )
 
 
@@ -204,6 +211,8 @@ tbody tr:nth-child(even) {{ background: #f4f5f7; }}
 {transfers}
 <h2>Node caches</h2>
 {nodes}
+<h2>Zygotes</h2>
+{zygotes}
 </body>
 </html>
 """
