@@ -101,3 +101,21 @@ def test_other_start_time_variables_get_a_zygote_of_their_own(target):
     finally:
         for z in (first, second):
             z.close(timeout=30)
+
+
+def test_a_zygote_whose_environment_left_the_node_is_closed(env_prefix, tmp_path):
+    # Another nanny of the node evicted it: only its files are gone here.
+    prefix = tmp_path / "env"
+    prefix.symlink_to(env_prefix("base"))
+    target = TargetEnvironment("base", prefix, "conda", "base")
+    environ = child_environ(target, os.environ, {"OPENBLAS_NUM_THREADS": "1"})
+    zygote = zygotes.get(target, environ, timeout=60)
+    try:
+        zygotes.running("tcp://127.0.0.1:1", None)
+        assert list(zygotes.zygotes().values()) == [zygote]  # kept: keep is 2
+        prefix.unlink()
+        zygotes.trim()
+        assert zygotes.zygotes() == {}
+        wait_gone(zygote.pid)
+    finally:
+        zygotes.release("tcp://127.0.0.1:1")

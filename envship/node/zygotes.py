@@ -201,6 +201,14 @@ def _start_or_join(
         os.close(folder_fd)
 
 
+def _unchanged(entry: _Entry) -> bool:
+    """Whether the python of ``entry``'s zygote is still the file it started."""
+    try:
+        return _stat(entry.zygote.python) == entry.stat
+    except OSError:
+        return False
+
+
 def running(nanny: str, prefix: str | os.PathLike | None) -> None:
     """Record that ``nanny``'s worker runs in ``prefix`` (None: the nanny's
     own environment), then :func:`trim`."""
@@ -215,7 +223,8 @@ def running(nanny: str, prefix: str | os.PathLike | None) -> None:
 def trim() -> None:
     """Close the zygotes no worker runs in, but the most recently used ones
     within ``envship.zygote.keep`` (a count) and ``envship.zygote.keep-memory``
-    (their resident memory together)."""
+    (their resident memory together) whose environment is still there (the
+    nanny that evicts one closes its own; the others see it here)."""
     keep = max(0, int(config.get("zygote.keep")))
     budget = parse_bytes(config.get("zygote.keep-memory"))
     with _lock:
@@ -225,7 +234,9 @@ def trim() -> None:
     closing, kept, memory = [], 0, 0
     for key in others:  # most recently used first
         rss = entries[key].zygote.rss()
-        if kept < keep and memory + rss <= budget:
+        if not _unchanged(entries[key]):
+            closing.append(key)  # evicted by another nanny of the node
+        elif kept < keep and memory + rss <= budget:
             kept += 1
             memory += rss
         else:
