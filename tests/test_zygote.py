@@ -21,7 +21,6 @@ import pytest
 from distributed import Client, Scheduler
 
 from envship.node.worker_environ import TargetEnvironment, child_environ
-from envship.node.worker_subprocess import encode_frame
 from envship.node.zygote import (
     UNKNOWN_EXIT,
     ForkedWorker,
@@ -29,42 +28,16 @@ from envship.node.zygote import (
     Zygote,
     ZygoteError,
 )
+from fixtures.worker_setup import PRE_SPAWN, setup_frame
 
 pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parent.parent
-# What distributed's nanny gives its workers (distributed.nanny.pre-spawn-environ);
-# OPENBLAS_NUM_THREADS=1 also keeps numpy's import from starting a thread.
-PRE_SPAWN = {
-    "MALLOC_TRIM_THRESHOLD_": "65536",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-}
 
 
 def worker_env(prefix: Path, **extra: str) -> dict[str, str]:
     target = TargetEnvironment("test", Path(prefix), "conda", prefix.name)
     return {**child_environ(target, os.environ, PRE_SPAWN), **extra}
-
-
-def setup_frame(scheduler: str, name: str, directory: Path) -> bytes:
-    return encode_frame(
-        {
-            "worker_kwargs": {
-                "scheduler_ip": scheduler,
-                "nthreads": 1,
-                "host": "127.0.0.1",
-                "dashboard_address": "127.0.0.1:0",
-                "name": name,
-                "local_directory": str(directory),
-            },
-            "worker_class": "distributed:Worker",
-            "silence_logs": False,
-            "env": {},
-            "config": {},
-        }
-    )
 
 
 async def start_worker(zygote: Zygote, env, scheduler: str, name: str, tmp_path):
@@ -289,7 +262,6 @@ def test_preload_that_starts_a_thread_makes_the_zygote_refuse(env_prefix, tmp_pa
 
 CLIENT = """
 import asyncio, json, sys, time
-from envship.node.worker_subprocess import encode_frame
 from envship.node.zygote import ForkedWorker, Zygote
 
 python, env, setup = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
