@@ -405,13 +405,8 @@ def test_the_nanny_status_refuses_lies(changes):
         NannyStatus.from_msg("not a dict")
 
 
-def test_a_bad_status_reply_makes_one_nanny_unreachable_not_the_survey():
-    replies = {
-        "tcp://good:1": status(),
-        "tcp://liar:1": status(running=5),
-        "tcp://old:1": {"ok": True},  # an older nanny, or no envship at all
-        "tcp://junk:1": ["not", "a", "dict"],
-    }
+def survey_of(replies: dict, registry: dict) -> dict:
+    """``survey`` of nannies that answer ``replies[address]``, one worker each."""
 
     class Nanny:
         def __init__(self, address):
@@ -426,12 +421,22 @@ def test_a_bad_status_reply_makes_one_nanny_unreachable_not_the_survey():
             for n in replies
         }
     }
+    return asyncio.run(survey(Nanny, identity, registry, timeout=5))
+
+
+def test_a_bad_status_reply_makes_one_nanny_unreachable_not_the_survey():
+    replies = {
+        "tcp://good:1": status(),
+        "tcp://liar:1": status(running=5),
+        "tcp://old:1": {"ok": True},  # an older nanny, or no envship at all
+        "tcp://junk:1": ["not", "a", "dict"],
+    }
     registry = {
         "offers": {ID: {"name": "sklearn-dev", "size": 1 << 20, "thin_of": None}},
         "holders": {},
         "running": {},
     }
-    found = asyncio.run(survey(Nanny, identity, registry, timeout=5))
+    found = survey_of(replies, registry)
     rows = {w["nanny"]: w for w in found["workers"]}
     assert rows["tcp://good:1"]["environment"] == "sklearn-dev"
     assert rows["tcp://good:1"]["unreachable"] is None
@@ -456,18 +461,7 @@ def test_a_node_lists_the_zygotes_of_its_nannies_once_each_by_name():
         "tcp://a:3": status(zygotes=[other_process]),
         "tcp://b:1": status(node="other:2049:1", zygotes=[]),
     }
-
-    class Nanny:
-        def __init__(self, address):
-            self.address = address
-
-        async def envship_status(self, cache):
-            return replies[self.address]
-
-    identity = {
-        "workers": {f"w{n}": {"nanny": n, "name": n.split("//")[1]} for n in replies}
-    }
-    found = asyncio.run(survey(Nanny, identity, EMPTY_REGISTRY, timeout=5))
+    found = survey_of(replies, EMPTY_REGISTRY)
     nodes = {n["node"]: n for n in found["nodes"]}
     assert nodes["host:2049:1234"]["nannies"] == 3
     assert nodes["host:2049:1234"]["zygotes"] == [base, dev, other_process]
