@@ -7,7 +7,10 @@ administrators': on the scheduler (its registry tells clients before they
 ship anything) and on every nanny (no worker starts in anything else).
 
 A name is a label chosen by whoever packed the environment; an id is the
-hash of its content. List ids for a policy that names cannot get around. This
+hash of its content. List ids for a policy that names cannot get around: an
+entry of 12 to 32 hex digits is an id or an id's prefix, and matches ids
+only (an environment packed under the name ``5f0c...`` is not allowed by
+the id ``5f0c...``); any other entry is a name. This
 keeps users to vetted software; it is no sandbox: any client of a Dask
 cluster can run code on its workers.
 """
@@ -44,11 +47,27 @@ class Policy:
     contact: str | None = None
 
     def allows(self, name: str, artifact_id: str) -> bool:
-        """Whether ``name``, ``artifact_id`` or a prefix of it (12 or more characters) is listed."""
+        """Whether ``artifact_id`` or a prefix of it (12 or more hex digits)
+        is listed, or ``name``. An entry that looks like an id matches ids
+        only: a name is whatever its packer chose, so an environment packed
+        under the name of an allowed id is not allowed by it.
+
+        Examples
+        --------
+        >>> rules = Policy(allowed=("5f0c5f0c5f0c",))
+        >>> rules.allows("any", "5f0c" * 8), rules.allows("5f0c5f0c5f0c", "ab" * 16)
+        (True, False)
+        """
         allowed = self.allowed
-        if allowed is None or name in allowed or artifact_id in allowed:
+        if allowed is None:
             return True
-        return any(len(a) >= 12 and artifact_id.startswith(a) for a in allowed)
+        for entry in allowed:
+            if looks_like_id(entry):
+                if artifact_id.startswith(entry):
+                    return True
+            elif entry == name:
+                return True
+        return False
 
     def to_msg(self) -> dict:
         """``{"allowed": list or None, "contact": str or None}``: the wire's form."""
@@ -70,6 +89,17 @@ class Policy:
         if contact is not None and not isinstance(contact, str):
             raise ValueError(f"contact must be a string, not {contact!r}")
         return cls(None if allowed is None else tuple(allowed), contact)
+
+
+def looks_like_id(entry: str) -> bool:
+    """Whether a policy entry names an id (or a prefix of one): 12 to 32 hex digits.
+
+    Examples
+    --------
+    >>> looks_like_id("5f0c5f0c5f0c"), looks_like_id("sklearn-dev"), looks_like_id("cafe")
+    (True, False, False)
+    """
+    return 12 <= len(entry) <= 32 and all(c in "0123456789abcdef" for c in entry)
 
 
 def current() -> Policy:
@@ -94,8 +124,9 @@ def current() -> Policy:
 def check(name: str, artifact_id: str, policy: Policy | dict | None = None) -> None:
     """Raise ``NotAllowedError`` unless ``policy`` (default: this process's) allows it.
 
-    An environment is allowed if its name or its id (or a prefix of 12 or
-    more characters of the id) is listed. ``policy`` may be the wire's form
+    An environment is allowed if its id (or a prefix of it of 12 or more hex
+    digits) or its name is listed; an entry that looks like an id matches
+    ids only. ``policy`` may be the wire's form
     (:meth:`Policy.to_msg`), as the registry's ``envship_policy`` answers.
 
     Examples

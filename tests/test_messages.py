@@ -335,6 +335,17 @@ def test_the_policy_is_a_small_frozen_value():
             Policy.from_msg(lie)
 
 
+def test_an_environment_named_as_an_allowed_id_is_not_allowed_by_it():
+    # The review's bypass: `envship pack ENV --name <allowed id or prefix>`.
+    for entry in (ID, ID[:12]):
+        rules = Policy(allowed=(entry,))
+        with pytest.raises(NotAllowedError, match="allow only these environments"):
+            policy.check(entry, OTHER, rules)
+        policy.check("any-name", ID, rules)  # the id itself still is
+    # Names match names: a listed name allows that name, whatever its id.
+    policy.check("sklearn-dev", OTHER, Policy(allowed=("sklearn-dev", ID)))
+
+
 # -- the nanny's status, and a survey that survives a bad one ----------------------
 
 
