@@ -221,6 +221,9 @@ def test_child_environ_keeps_the_environment_apart(tmp_path):
         "VIRTUAL_ENV": sys.prefix,
         "CONDA_PREFIX": "/old",
         "CONDA_DEFAULT_ENV": "old",
+        "_CONDA_ROOT": "/opt/conda",
+        "_CONDA_EXE": "/opt/conda/bin/conda",
+        "_CE_CONDA": "",
         "PYTHONHASHSEED": "6640",
         "LD_LIBRARY_PATH": f"{nanny_lib}:/opt/lib:{tmp_path / 'env' / 'lib'}",
         "OMP_NUM_THREADS": "1",
@@ -241,7 +244,8 @@ def test_child_environ_keeps_the_environment_apart(tmp_path):
     for leaked in ("PYTHONPYCACHEPREFIX", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE"):
         assert leaked not in env
     assert env["LD_LIBRARY_PATH"] == f"/opt/lib:{tmp_path / 'env' / 'lib'}"
-    for gone in worker_environ.DROPPED_VARIABLES + ("CONDA_DEFAULT_ENV",):
+    conda = ("CONDA_DEFAULT_ENV", "_CONDA_ROOT", "_CONDA_EXE", "_CE_CONDA")
+    for gone in worker_environ.DROPPED_VARIABLES + conda:
         assert gone not in env
 
     venv = TargetEnvironment("y", tmp_path / "venv", "venv", "y")

@@ -29,6 +29,11 @@ DROPPED_VARIABLES = (
     "VIRTUAL_ENV",
 )
 
+#: Conda's variables of the nanny's activated environment (``CONDA_*``, and
+#: ``_CONDA_ROOT``, ``_CONDA_EXE``, ``_CE_*`` of its shell functions): they
+#: describe the nanny's installation, not the worker's environment.
+CONDA_VARIABLES = ("CONDA_", "_CONDA_", "_CE_")
+
 #: The PYTHON* variables of the nanny's process environment that a worker in
 #: another environment still gets. Others (PYTHONWARNINGS, PYTHONPYCACHEPREFIX,
 #: PYTHONSAFEPATH, ...) were meant for the nanny's interpreter; set them for
@@ -109,10 +114,12 @@ def child_environ(
     env = {
         k: v
         for k, v in inherited.items()
-        if not k.startswith(("PYTHON", "CONDA_")) or k in KEPT_PYTHON_VARIABLES
+        if not k.startswith(("PYTHON", *CONDA_VARIABLES)) or k in KEPT_PYTHON_VARIABLES
     }
     env.update(explicit or {})
-    for k in [k for k in env if k in DROPPED_VARIABLES or k.startswith("CONDA_")]:
+    for k in [
+        k for k in env if k in DROPPED_VARIABLES or k.startswith(CONDA_VARIABLES)
+    ]:
         del env[k]
     prefix = Path(target.prefix)
     bin_dir = str(prefix / "bin")
