@@ -308,6 +308,39 @@ class ClaimRecord:
 
 
 @dataclass(frozen=True)
+class Conflict:
+    """Another switch's claim in the way, as its answer tells it: whose
+    client, to what, since when; never its owner token, which releases it.
+
+    Examples
+    --------
+    >>> record = ClaimRecord("c1/secret", "c1", "sklearn-dev", 1.5e9)
+    >>> Conflict.of(record).to_msg()
+    {'client': 'c1', 'name': 'sklearn-dev', 'since': 1500000000.0}
+    """
+
+    client: str
+    name: str
+    since: float
+
+    @classmethod
+    def of(cls, record: ClaimRecord) -> Conflict:
+        return cls(record.client, record.name, record.since)
+
+    def to_msg(self) -> dict:
+        return {"client": self.client, "name": self.name, "since": self.since}
+
+    @classmethod
+    def from_msg(cls, msg: object) -> Conflict:
+        m = reply_fields(msg, "a conflicting claim", ("client", "name", "since"))
+        return cls(
+            check_text(m["client"], "a client id"),
+            check_text(m["name"], "a name"),
+            check_seconds(m["since"], "since"),
+        )
+
+
+@dataclass(frozen=True)
 class ClaimAnswer:
     """What ``envship_claim`` answers: the claims in the way (none: all claimed).
 
@@ -317,7 +350,7 @@ class ClaimAnswer:
     {}
     """
 
-    conflicts: dict[Address, ClaimRecord]
+    conflicts: dict[Address, Conflict]
 
     def to_msg(self) -> dict:
         return {"conflicts": {n: c.to_msg() for n, c in self.conflicts.items()}}
@@ -329,7 +362,7 @@ class ClaimAnswer:
             raise ValueError("conflicts must be a dict")
         return cls(
             {
-                check_address(n, "a nanny address"): ClaimRecord.from_msg(c)
+                check_address(n, "a nanny address"): Conflict.from_msg(c)
                 for n, c in m["conflicts"].items()
             }
         )

@@ -235,7 +235,7 @@ def test_registry_and_status_messages_are_checked_or_refused(msg):
 #: The registry's typed requests and answers (envship.registry_messages).
 MESSAGES = [
     "Publish", "Desire", "Where", "Hold", "Runs", "Claim", "Release",
-    "Holder", "WhereAnswer", "ClaimRecord", "ClaimAnswer",
+    "Holder", "WhereAnswer", "ClaimRecord", "Conflict", "ClaimAnswer",
 ]  # fmt: skip
 
 

@@ -44,7 +44,7 @@ from envship.policy import NotAllowedError, Policy
 from envship.registry_messages import (
     Claim,
     ClaimAnswer,
-    ClaimRecord,
+    Conflict,
     Desire,
     Hold,
     Holder,
@@ -185,7 +185,7 @@ def test_answers_go_to_the_wire_and_back():
         "complete": True,
     }
     assert WhereAnswer.from_msg({"offer": None, "holders": []}) == WhereAnswer(None)
-    claim = ClaimAnswer({"tcp://a:1": ClaimRecord("o/1", "c", "sklearn-dev", 1.5e9)})
+    claim = ClaimAnswer({"tcp://a:1": Conflict("c", "sklearn-dev", 1.5e9)})
     assert ClaimAnswer.from_msg(claim.to_msg()) == claim
 
 
@@ -202,13 +202,12 @@ def test_answers_go_to_the_wire_and_back():
             {"offer": None, "holders": [{"address": "a", "complete": "yes"}]},
         ),
         (ClaimAnswer.from_msg, {"conflicts": []}),
-        (ClaimAnswer.from_msg, {"conflicts": {"tcp://a:1": {"owner": "o"}}}),
+        (ClaimAnswer.from_msg, {"conflicts": {"tcp://a:1": {"client": "c"}}}),
         (
             ClaimAnswer.from_msg,
             {
                 "conflicts": {
                     "tcp://a:1": {
-                        "owner": "o",
                         "client": "c",
                         "name": "n",
                         "since": float("nan"),
@@ -294,7 +293,10 @@ def test_claims_are_all_or_nothing():
     other = {"owner": "c2/1", "client": "c2", "name": "other"}
     answer = call["claim"](**other, nannies=["tcp://b:2", "tcp://a:1"])
     assert list(answer["conflicts"]) == ["tcp://a:1"]
-    assert answer["conflicts"]["tcp://a:1"]["owner"] == "c1/1"
+    # Who holds it and to what, never the owner token that would release it.
+    conflict = answer["conflicts"]["tcp://a:1"]
+    assert (conflict["client"], conflict["name"]) == ("c1", "env")
+    assert "c1/1" not in repr(answer)
     assert "tcp://b:2" not in registry.claims  # nothing claimed
     assert call["release"](owner="c1/1") == "OK"
     assert call["claim"](**other, nannies=["tcp://a:1"]) == {"conflicts": {}}

@@ -27,6 +27,8 @@ from envship.transfer import (
     PieceTable,
     broadcast,
 )
+from envship.transfer.pieces import MIN_PIECE_SIZE
+from envship.transfer.server import MAX_TABLES
 from fixtures.cluster import local_cluster, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -647,3 +649,34 @@ def test_registry_handlers_refuse_lies(tmp_path, base):
         assert call("publish", offer=good) == "OK"
         assert call("desire", id=base.id, names=["solo-0"]) == "OK"
         assert call("where", name="solo-0")["offer"]["id"] == base.id
+
+
+def test_a_peer_asking_for_every_piece_size_gets_a_bounded_table_cache(tmp_path, base):
+    # The review: every new piece size hashed the whole archive and kept its
+    # table, without bound.
+    cache = EnvCache(tmp_path / "cache")
+    cache.add_archive(base.id, base.path, base.manifest)
+    digest = offer_of(base).table.digest
+
+    async def scenario():
+        async with ConnectionPool() as rpc:
+            server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
+            call = server.handlers()
+            sizes = [MIN_PIECE_SIZE + 4096 * i for i in range(3 * MAX_TABLES)]
+            for size in sizes:
+                # At the same time, three peers: hashed once, no error.
+                await asyncio.gather(
+                    *(
+                        call["envship_have"](id=base.id, digest=digest, piece_size=size)
+                        for _ in range(3)
+                    )
+                )
+            assert len(server._tables) <= MAX_TABLES
+            assert not server._hashing
+            # The size the offer uses is still served (hashed again if evicted).
+            have = await call["envship_have"](
+                id=base.id, digest=digest, piece_size=offer_of(base).table.piece_size
+            )
+            assert have["complete"]
+
+    asyncio.run(scenario())

@@ -98,7 +98,7 @@ class BatchWriter:
         if self.pool is not None:
             self.queue(name, (name, None, 0, 0, None, key, size), 0)
             return
-        if self.files is None or not self.files.fill(key, f"{self.dest}/{name}"):
+        if self.files is None or not self.files.fill(key, f"{self.dest}/{name}", size):
             raise NotInStore(name, key)
         self.count_linked(1, size)
 
@@ -168,7 +168,7 @@ def write_batch(
             os.utime(path, (mtime, mtime), follow_symlinks=False)
             continue
         if data is None:  # a reference: the store must hold it
-            if files is None or key is None or not files.fill(key, path):
+            if files is None or key is None or not files.fill(key, path, size):
                 raise NotInStore(name, key)
             linked += 1
             linked_bytes += size

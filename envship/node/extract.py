@@ -72,6 +72,7 @@ def extract_archive(
     progress: Progress | None = None,
     threads: int | None = None,
     files: FileStore | None = None,
+    max_total_bytes: int | None = None,
 ) -> ContentSummary:
     """Extract an artifact into ``dest``, refusing unsafe entries and checking its id.
 
@@ -90,7 +91,12 @@ def extract_archive(
     expected_id : str
         The content id the archive claims; the tree read must hash to it.
     max_unpacked_bytes : int
-        Most bytes of regular files to write; more is treated as a bomb.
+        Most bytes of regular files to write from the archive; more is
+        treated as a bomb.
+    max_total_bytes : int, optional
+        Most bytes of regular files in the tree, those of a thin pack's
+        references included (linked or copied from the store, each counted
+        at its size); default ``max_unpacked_bytes``.
     env : str
         The environment's name, for messages.
     progress : callable, optional
@@ -139,6 +145,8 @@ def extract_archive(
             extractor = _Extractor(
                 dest, env, max_unpacked_bytes, progress, threads, files
             )
+            if max_total_bytes is not None:
+                extractor.total_limit = max_total_bytes
             summary = extractor.run(f)
         if summary.id != expected_id:
             raise CorruptArchiveError(
@@ -213,6 +221,9 @@ class _Extractor:
         self.dir_times: dict[str, tuple[int, float]] = {}  # listed folders
         self.odd_links: list[str] = []
         self.written = 0
+        #: Bytes of the thin pack's references, and the most the tree may hold.
+        self.referenced = 0
+        self.total_limit = limit
         self.file_count = 0
         self.next_report = PROGRESS_STEP
         self.writer = BatchWriter(dest, threads, files)
@@ -382,8 +393,18 @@ class _Extractor:
                 "a thin pack arrived but this node has no file store to fill it from",
                 "send the whole archive",
             )
+        size = info.ref_size
+        if size is None or size < 0:
+            raise self.refuse(name, "a reference without a valid size")
+        if self.written + self.referenced + size > self.total_limit:
+            raise self.refuse(
+                name,
+                f"its references and files come to more than the "
+                f"{self.total_limit} bytes it may unpack to: an archive bomb?",
+            )
+        self.referenced += size
         key = self.files.key(digest, mode, info.mtime)
-        self.writer.reference(name, key, info.ref_size)
+        self.writer.reference(name, key, size)
         self.kinds[name] = "f"
         self.hasher.add_file(name, mode, digest)
         self.file_count += 1

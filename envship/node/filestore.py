@@ -91,25 +91,48 @@ class FileStore:
             return False
         return True
 
-    def fill(self, key: str, dest: str) -> bool:
-        """Make ``dest`` the stored file ``key``: a link, else a copy; False if not stored.
+    def fill(self, key: str, dest: str, size: int | None = None) -> bool:
+        """Make ``dest`` the stored file ``key``: a link, else a copy; False if
+        not stored (or, with ``size``, stored at another size).
 
         For references in thin packs, which carry no data: where links fail,
-        the stored file is copied (with its mode and mtime). A file that only
-        the nanny's own environment has is copied from there, then stored.
+        the stored file is copied (with its mode and mtime); a stored file
+        with as many links as the filesystem allows (``EMLINK``) is copied
+        once and the copy stored in its place, so that the next references
+        link again. A file that only the nanny's own environment has is
+        copied from there, then stored.
         """
-        if self.link(key, dest):
-            return True
+        source = self.path(key)
+        if size is not None:
+            try:
+                if os.stat(source).st_size != size:
+                    return False  # the reference lies about its size
+            except FileNotFoundError:
+                pass  # not stored: maybe in the nanny's own environment
+        full = False
+        if self.links:
+            try:
+                os.link(source, dest)
+                return True
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                full = e.errno == errno.EMLINK
+                self._links_failed(e)
         if self.own is not None and self.own.copy(key, dest):
+            if size is not None and os.stat(dest).st_size != size:
+                os.unlink(dest)
+                return False
             self.add(key, dest)
             return True
-        source = self.path(key)
         try:
             shutil.copy2(source, dest, follow_symlinks=False)
         except FileNotFoundError:
             if os.path.lexists(dest):  # the store file went during the copy
                 os.unlink(dest)
             return False
+        if full:
+            self._share(dest, source)  # the copy becomes the stored file
         return True
 
     def lacking(self, keys: list[str], own_only: bool = False) -> list[bool]:

@@ -50,7 +50,9 @@ def unpack(
         The content id the archive must hash to, its manifest (its ``kind``
         chooses the fix-up) and a name for messages.
     limit : int
-        Most bytes to unpack: more is a bomb.
+        Most bytes to unpack from the archive: more is a bomb. A thin pack's
+        references may add up to what the manifest declares, the tree no
+        more than that.
     files : FileStore, optional
         Link what it holds instead of writing it (see ``extract_archive``).
     progress : callable, optional
@@ -75,6 +77,7 @@ def unpack(
         tree,
         expected_id=id,
         max_unpacked_bytes=limit,
+        max_total_bytes=max(limit, manifest.unpacked_size),
         env=name,
         progress=progress,
         files=files,

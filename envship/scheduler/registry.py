@@ -44,6 +44,7 @@ from envship.registry_messages import (
     Claim,
     ClaimAnswer,
     ClaimRecord,
+    Conflict,
     Desire,
     Hold,
     Holder,
@@ -205,7 +206,7 @@ class Registry(SchedulerPlugin):
             if c.client not in live or now - c.since > CLAIM_TTL:
                 del self.claims[nanny]
         conflicts = {
-            n: self.claims[n]
+            n: Conflict.of(self.claims[n])
             for n in request.nannies
             if n in self.claims and self.claims[n].owner != request.owner
         }

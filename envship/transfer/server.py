@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from .store import BlobStore
 
 #: Pieces a nanny serves at once; more requests are answered "busy".
 SERVE_SLOTS = 6
+#: Piece tables of held archives a nanny keeps (one per archive and piece size).
+MAX_TABLES = 8
 
 _MISSING = PieceAnswer(missing=True)
 _BUSY = PieceAnswer(busy=True)
@@ -61,7 +64,10 @@ class BlobServer(Fetcher):
 
     def __init__(self, cache: BlobStore, rpc, address: str, site: str | None = None):
         super().__init__(cache, rpc, address, site)
-        self._tables: dict[tuple[str, int, int], PieceTable] = {}
+        #: Piece tables of held archives, least recently used first (at
+        #: most MAX_TABLES: a peer may ask for any piece size).
+        self._tables: OrderedDict[tuple[str, int, int], PieceTable] = OrderedDict()
+        self._hashing: dict[tuple[str, int, int], asyncio.Future[PieceTable]] = {}
         self._serving = 0
         self._limit = _RateLimit(_parse_rate(config.get("transfer.max-rate")))
 
@@ -202,12 +208,25 @@ class BlobServer(Fetcher):
         except FileNotFoundError:
             return None
         cache_key = (id, piece_size, st.st_ino)
-        table = self._tables.get(cache_key)
-        if table is None:
+        kept = self._tables.get(cache_key)
+        if kept is not None:
+            self._tables.move_to_end(cache_key)
+            table = kept
+        else:
             # Complete archives are served for any piece size, once their
-            # table (xxh3 at ~10 GB/s) is the one asked for.
-            table = await asyncio.to_thread(PieceTable.of_file, path, piece_size)
+            # table (xxh3 at ~10 GB/s) is the one asked for: hashed once for
+            # all who ask at the same time, and kept among the last few.
+            hashing = self._hashing.get(cache_key)
+            if hashing is None:
+                hashing = asyncio.ensure_future(
+                    asyncio.to_thread(PieceTable.of_file, path, piece_size)
+                )
+                self._hashing[cache_key] = hashing
+                hashing.add_done_callback(lambda _: self._hashing.pop(cache_key, None))
+            table = await asyncio.shield(hashing)
             self._tables[cache_key] = table
+            while len(self._tables) > MAX_TABLES:
+                self._tables.popitem(last=False)
         return (path, table) if table.digest == digest else None
 
 
