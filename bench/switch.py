@@ -258,12 +258,16 @@ def zygotes_on_off(
 
     print("(e) 1. warm switches, zygotes on and off...", flush=True)
 
+    warm_stages: dict[bool, list[dict]] = {True: [], False: []}
+
     def warm(on: bool) -> list[float]:
         switch(client, None)
-        took, _ = timed(switch, client, sklearn)
+        took, report = timed(switch, client, sklearn)
+        warm_stages[on].append(report.stages)
         return [took]
 
     results["warm"] = both_modes(client, rows.warm, warm)
+    results["warm stages"] = warm_stages
 
     print("(e) 2. A-B-A loop...", flush=True)
     where = [sklearn]  # the workers are in sklearn-dev now
@@ -508,6 +512,16 @@ def main() -> None:
         print(line)
 
 
+def median_stages(zyg: dict, on: bool) -> str:
+    """The stages of the warm switch of median time (the lower middle) in a mode."""
+    seconds = zyg["warm"][on]
+    middle = sorted(range(len(seconds)), key=seconds.__getitem__)[
+        (len(seconds) - 1) // 2
+    ]
+    stages = zyg["warm stages"][on][middle]
+    return ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "pack")
+
+
 def report_zygotes(zyg: dict, colds: dict[bool, list[tuple[float, float]]]) -> dict:
     """Print (e)'s table; the ratios its targets judge."""
     print("(e) zygotes on and off, interleaved; seconds: median (min-max, n)")
@@ -523,6 +537,9 @@ def report_zygotes(zyg: dict, colds: dict[bool, list[tuple[float, float]]]) -> d
         on, off = Sample(zyg[key][True]), Sample(zyg[key][False])
         ratios[key] = on.median / off.median
         print(f"    {label:<34} {on!s:<24} {off!s:<24} {ratios[key]:.3f}")
+        if key == "warm":
+            for mode in (True, False):
+                print(f"       {'on ' if mode else 'off'}: {median_stages(zyg, mode)}")
     total = {on: Sample(t for t, _ in runs) for on, runs in colds.items()}
     stage = {on: Sample(s for _, s in runs) for on, runs in colds.items()}
     ratios["cold"] = total[True].median / total[False].median
