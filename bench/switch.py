@@ -61,9 +61,9 @@ in sklearn-dev, 50 MB in base (one per environment and nanny process).
 ``--small``: 2 workers, 2 rounds for (a)-(c); (e) with 2 rounds for rows
 1, 3 and 4, 4 switches for row 2, 1 round for rows 5 and 6: the same code
 paths, for CI. ``--one-process``: each node's nannies run in one ``dask
-worker --nworkers N`` process (zygotes belong to a nanny process, so one
-zygote per environment serves the whole node), not a process each (one
-zygote per worker). The output says which layout ran.
+worker --nworkers N`` process, not a process each. Either way one zygote per
+environment serves the node (``envship.zygote.per-node``: the nannies meet
+at a socket in the node cache). The output says which layout ran.
 """
 
 from __future__ import annotations
@@ -367,10 +367,9 @@ def main() -> None:
     rows = SMALL if args.small else FULL
     one_process = args.one_process
     layout = (
-        f"one `dask worker --nworkers {workers}` process for the node's nannies "
-        "(one zygote per environment per node)"
+        f"one `dask worker --nworkers {workers}` process for the node's nannies"
         if one_process
-        else f"{workers} nanny processes (one zygote per environment per worker)"
+        else f"{workers} nanny processes"
     )
     logging.getLogger("distributed").setLevel(logging.ERROR)
     # The A-B loop's base has no numpy; nothing here sends numpy objects.

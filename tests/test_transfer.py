@@ -18,6 +18,7 @@ from distributed.core import ConnectionPool
 
 import envship
 from envship.node.cache import EnvCache
+from envship.policy import NotAllowedError
 from envship.table import MAX_FILES
 from envship.transfer import (
     BlobServer,
@@ -678,5 +679,45 @@ def test_a_peer_asking_for_every_piece_size_gets_a_bounded_table_cache(tmp_path,
                 id=base.id, digest=digest, piece_size=offer_of(base).table.piece_size
             )
             assert have["complete"]
+
+    asyncio.run(scenario())
+
+
+def test_an_offer_nobody_follows_up_ends_and_frees_the_fetch_lock(tmp_path, base):
+    # The review: an abandoned offer held locks/<2 hex>.fetch.lock for good,
+    # so every later download of an id of that bucket hung.
+    offer = offer_of(base)
+    cache = EnvCache(tmp_path / "cache")
+
+    async def scenario():
+        async with ConnectionPool() as rpc:
+            server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
+            call = server.handlers()
+            with dask.config.set({"envship.transfer.idle-timeout": "1s"}):
+                await call["envship_offer"](offer=offer.to_msg(), peers=[])
+                state = await call["envship_wait"](
+                    id=base.id, digest=offer.table.digest, timeout=20
+                )
+            assert not state["complete"]
+            assert "no piece arrived for 1 s" in state["error"]
+            lock = cache.fetch_lock(base.id)
+            lock.acquire(timeout=0)  # free again
+            lock.release()
+
+    asyncio.run(scenario())
+
+
+def test_an_offer_of_an_environment_the_policy_refuses_is_refused(tmp_path, base):
+    offer = offer_of(base)
+    cache = EnvCache(tmp_path / "cache")
+
+    async def scenario():
+        async with ConnectionPool() as rpc:
+            server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
+            call = server.handlers()
+            with dask.config.set({"envship.allowed": ["vetted"]}):
+                with pytest.raises(NotAllowedError):
+                    await call["envship_offer"](offer=offer.to_msg(), peers=[])
+            assert not server.downloads
 
     asyncio.run(scenario())

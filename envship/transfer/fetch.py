@@ -218,8 +218,19 @@ class Fetcher:
             ", ".join(download.peers) or "none yet (the client sends it)",
         )
         requests: set[asyncio.Task] = set()
+        idle = dask.utils.parse_timedelta(config.get("transfer.idle-timeout"))
+        count, progress = download.count, time.monotonic()
         try:
             while not download.complete:
+                if download.count != count:
+                    count, progress = download.count, time.monotonic()
+                elif time.monotonic() - progress > idle:
+                    raise EnvshipError(
+                        download.offer.name,
+                        f"no piece arrived for {idle:g} s (the client stopped "
+                        "sending, and no peer has them)",
+                        "call use_environment again: the pieces here are kept",
+                    )
                 for p in download.peers.values():
                     if p.poller is None and not p.dropped:
                         p.poller = asyncio.create_task(self._poll(download, p))

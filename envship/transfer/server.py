@@ -25,9 +25,10 @@ from typing import Any
 import dask.utils
 from dask.utils import format_bytes
 
-from envship import config
+from envship import config, policy
 from envship.errors import EnvshipError
 from envship.ids import Digest, EnvId
+from envship.manifest import ThinManifest
 from envship.messages import serve
 
 from .fetch import HAVE_WAIT, Fetcher
@@ -93,6 +94,9 @@ class BlobServer(Fetcher):
         ``seed_site``: the site whose nodes the client seeds, if only one.
         """
         offer = request.offer
+        manifest = offer.manifest
+        env_id = manifest.thin_of if isinstance(manifest, ThinManifest) else offer.id
+        policy.check(offer.name, env_id)
         if self.cache.has_archive(offer.id):
             return OfferAnswer(True, offer.table.count)
         if (offer.id, offer.table.digest) not in self.downloads:
