@@ -452,7 +452,7 @@ def main():
     child = serving.serve()
     if child is None:
         return 0
-    return _worker.main()
+    _worker.exit_promptly(_worker.main())
 
 
 if __name__ == "__main__":
