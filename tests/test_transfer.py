@@ -703,6 +703,11 @@ def test_an_offer_nobody_follows_up_ends_and_frees_the_fetch_lock(tmp_path, base
             lock = cache.fetch_lock(base.id)
             lock.acquire(timeout=0)  # free again
             lock.release()
+            # Its partial file stays for a later offer, until the node's gc.
+            partial = cache.partial_path(base.id, offer.table.digest)
+            assert partial.exists()
+            cache.gc()
+            assert not partial.exists()
 
     asyncio.run(scenario())
 
