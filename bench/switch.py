@@ -47,14 +47,19 @@ zygotes on / off (medians) at most 1/3 for the warm switch, the A-B loop,
 on / off at most 0.5 and the cold switch no slower (<= 1.0); the edited
 environment with zygotes on at most 1.2x the warm switch with zygotes off.
 
-On this 2-core machine (2026-12-04, one full run, 4 nanny processes, load
-average 2.8 to 4.5 from other jobs), zygotes on / off: warm switch 0.80 /
-2.27 s (0.35), A-B loop 0.59 / 1.58 s per switch (0.37), ``client.restart()``
-0.73 / 1.89 s (0.39), killed worker back 0.08 / 0.49 s (0.15); cold switch
-3.85 / 3.77 s, its restart stage 1.48 / 1.43 s (a new tree: each nanny's
-zygote starts, imports distributed, then forks: no gain); edited environment
-2.35 / 2.43 s, 1.03x the warm switch with zygotes off. A zygote's RSS: 69 MB
-in sklearn-dev, 50 MB in base (one per environment and nanny process).
+On this 2-core machine (2026-12-04 20:20, one full run, 4 nanny processes
+sharing one zygote per environment, load average 4.9 from other jobs),
+zygotes on / off: warm switch 0.93 / 2.24 s (0.42), A-B loop 0.49 / 1.86 s
+per switch (0.26), ``client.restart()`` 0.60 / 2.10 s (0.28), killed worker
+back 0.10 / 0.58 s (0.17); cold switch 4.08 / 4.82 s (0.85), its restart
+stage 1.35 / 1.92 s (0.70); edited environment 2.19 / 3.09 s, 0.98x the warm
+switch with zygotes off. A zygote's RSS: 69 MB in sklearn-dev, 50 MB in base
+(one per environment and node). Where the rest goes: a switch that leaves
+the nannies' own environment (rows 1 and 5, and (b)'s warm switch) waits
+about 0.43 s for distributed's own worker process to exit (the finalization
+of a spawned interpreter), with zygotes or without; envship's workers exit
+at once once closed. Restarts inside an environment became so fast (0.26 s
+for 4 workers) that (a) and (b), whose yardstick they are, read as misses.
 
     python bench/switch.py [--small] [--one-process]
 
