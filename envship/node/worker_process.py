@@ -45,6 +45,7 @@ built in :mod:`envship.node.worker_environ`; the process itself is
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -316,6 +317,19 @@ class EnvWorkerProcess(WorkerProcess):
             )
             return None
         return process
+
+    @classmethod
+    def _run(cls, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
+        """The stock worker process's body (in the nanny's own environment),
+        then out at once: atexit handlers and the streams, not the rest of a
+        spawned interpreter's finalization (0.4 s of every switch out of the
+        nanny's environment here). Runs in the child."""
+        super()._run(*args, **kwargs)
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(0)
 
     def mark_stopped(self) -> None:
         # The nanny hears of the exit in here (on_exit), and reacts in a task
