@@ -49,30 +49,28 @@ def thin_pack(tmp_path: Path, count: int, size: int = len(DATA)) -> tuple[Path, 
     return path, table.id
 
 
+def extract(pack: Path, tree: Path, id: str, store: FileStore, **limits):
+    """The node's extraction of ``pack``, with a 1 MiB bound on bytes carried."""
+    return extract_archive(
+        pack,
+        tree,
+        expected_id=id,
+        max_unpacked_bytes=1 << 20,
+        env="thin",
+        files=store,
+        **limits,
+    )
+
+
 def test_references_count_against_the_bound(tmp_path):
     store, _ = stored_file(tmp_path)
     pack, id = thin_pack(tmp_path, 2_000)  # 8 MiB of references in a tiny pack
     assert pack.stat().st_size < 64 << 10
     with pytest.raises(UnsafeArchiveError, match="references and files come to more"):
-        extract_archive(
-            pack,
-            tmp_path / "tree",
-            expected_id=id,
-            max_unpacked_bytes=1 << 20,
-            env="bomb",
-            files=store,
-        )
+        extract(pack, tmp_path / "tree", id, store)
     assert not (tmp_path / "tree").exists()
     # Within a bound that counts them, the same pack unpacks (links, no copies).
-    summary = extract_archive(
-        pack,
-        tmp_path / "tree",
-        expected_id=id,
-        max_unpacked_bytes=1 << 20,
-        env="fine",
-        files=store,
-        max_total_bytes=2_000 * len(DATA),
-    )
+    summary = extract(pack, tmp_path / "tree", id, store, max_total_bytes=8 << 20)
     assert summary.linked_files == 2_000
 
 
@@ -80,14 +78,7 @@ def test_a_reference_that_lies_about_its_size_is_not_filled(tmp_path):
     store, _ = stored_file(tmp_path)
     pack, id = thin_pack(tmp_path, 3, size=1)
     with pytest.raises(MissingStoreFileError):
-        extract_archive(
-            pack,
-            tmp_path / "tree",
-            expected_id=id,
-            max_unpacked_bytes=1 << 20,
-            env="liar",
-            files=store,
-        )
+        extract(pack, tmp_path / "tree", id, store)
 
 
 def test_a_stored_file_at_the_link_limit_is_copied_once_not_per_reference(tmp_path):
@@ -107,15 +98,7 @@ def test_a_stored_file_at_the_link_limit_is_copied_once_not_per_reference(tmp_pa
     full = os.stat(source).st_ino
     pack, id = thin_pack(tmp_path, 100)
     tree = tmp_path / "tree"
-    extract_archive(
-        pack,
-        tree,
-        expected_id=id,
-        max_unpacked_bytes=1 << 20,
-        env="crowded",
-        files=store,
-        max_total_bytes=100 * len(DATA),
-    )
+    extract(pack, tree, id, store, max_total_bytes=100 * len(DATA))
     inodes = {os.stat(p).st_ino for p in tree.iterdir()}
     # One copy, stored in place of the full file; every other reference links it.
     assert len(inodes) == 1 and full not in inodes

@@ -6,6 +6,7 @@ sites, TLS, and nodes that join later."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -652,6 +653,14 @@ def test_registry_handlers_refuse_lies(tmp_path, base):
         assert call("where", name="solo-0")["offer"]["id"] == base.id
 
 
+@contextlib.asynccontextmanager
+async def blob_server(cache: EnvCache):
+    """A nanny's transfer side on ``cache`` and its handlers, as a nanny installs them."""
+    async with ConnectionPool() as rpc:
+        server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
+        yield server, server.handlers()
+
+
 def test_a_peer_asking_for_every_piece_size_gets_a_bounded_table_cache(tmp_path, base):
     # The review: every new piece size hashed the whole archive and kept its
     # table, without bound.
@@ -660,9 +669,7 @@ def test_a_peer_asking_for_every_piece_size_gets_a_bounded_table_cache(tmp_path,
     digest = offer_of(base).table.digest
 
     async def scenario():
-        async with ConnectionPool() as rpc:
-            server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
-            call = server.handlers()
+        async with blob_server(cache) as (server, call):
             sizes = [MIN_PIECE_SIZE + 4096 * i for i in range(3 * MAX_TABLES)]
             for size in sizes:
                 # At the same time, three peers: hashed once, no error.
@@ -690,9 +697,7 @@ def test_an_offer_nobody_follows_up_ends_and_frees_the_fetch_lock(tmp_path, base
     cache = EnvCache(tmp_path / "cache")
 
     async def scenario():
-        async with ConnectionPool() as rpc:
-            server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
-            call = server.handlers()
+        async with blob_server(cache) as (server, call):
             with dask.config.set({"envship.transfer.idle-timeout": "1s"}):
                 await call["envship_offer"](offer=offer.to_msg(), peers=[])
                 state = await call["envship_wait"](
@@ -717,9 +722,7 @@ def test_an_offer_of_an_environment_the_policy_refuses_is_refused(tmp_path, base
     cache = EnvCache(tmp_path / "cache")
 
     async def scenario():
-        async with ConnectionPool() as rpc:
-            server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
-            call = server.handlers()
+        async with blob_server(cache) as (server, call):
             with dask.config.set({"envship.allowed": ["vetted"]}):
                 with pytest.raises(NotAllowedError):
                     await call["envship_offer"](offer=offer.to_msg(), peers=[])
