@@ -22,7 +22,10 @@ not unpack, download or verify environments. It relies on, from distributed
   ``Worker``, ``silence_logs``, ``env``, ``pre_spawn_env``, ``config``,
   ``on_exit``, ``status``, ``running``, ``stopped``, ``process``,
   ``worker_address``, ``worker_dir``; its methods ``start``, ``kill``,
-  ``_on_exit`` and ``mark_stopped``, and their status transitions.
+  ``_on_exit`` and ``mark_stopped``, and their status transitions; its
+  classmethod ``_run``, the body of the stock worker process, which
+  ``start`` hands to the child as ``self._run`` (so the child runs
+  :meth:`EnvWorkerProcess._run`, which exits promptly after it).
 - ``WorkerProcess.mark_stopped`` calling ``on_exit``, whose
   ``Nanny._on_worker_exit`` runs in a task made there (so it inherits the
   context: see :mod:`envship.node.logs`) and logs ``Restarting worker``.

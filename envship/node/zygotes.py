@@ -21,8 +21,7 @@ only stops this process's use of it: it exits once every process that used
 it closed it and its last worker has ended.
 
 Config: ``envship.zygote.enabled``, ``per-node``, ``preload``, ``keep`` and
-``keep-memory``. Knows nothing of
-distributed.
+``keep-memory``. Knows nothing of distributed.
 """
 
 from __future__ import annotations
@@ -137,7 +136,8 @@ def get(
             zygote.close()
             raise ZygoteError(f"{zygote!r} refuses to fork: {zygote.refusal}")
         logger.info(
-            "envship: started %r for %s (preloaded %s)",
+            "envship: %s %r for %s (preloaded %s)",
+            "joined the node's" if zygote.shared else "started",
             zygote,
             target.name,
             ", ".join(zygote.preloaded),
