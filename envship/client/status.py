@@ -8,19 +8,23 @@ a blob.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from dask.utils import format_bytes
 from distributed import Client
 
-from envship.survey import EMPTY_REGISTRY, survey
+from envship.survey import EMPTY_REGISTRY, SharedSurvey, survey, survey_key
 from envship.text_table import NANNY_OWN, Col, TextTable, clock_time, wrap_notes
 
 from .targets import nannies_with_envship
 
 #: Seconds each nanny has to answer; one that does not is listed without its state.
 NANNY_TIMEOUT = 30.0
+#: Each client's shared survey (:func:`status`).
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -201,6 +205,11 @@ def host_labels(workers: list[dict], nodes: list[dict]) -> dict[str, str]:
 def status(client: Client) -> ClusterStatus:
     """What every worker runs in, each node's cache use, and who holds which blob.
 
+    Calls of one client share a gathering: those made while one is under way,
+    and for a couple of seconds after, those that find the same workers and
+    registry state (:class:`envship.survey.SharedSurvey`); each gets its own
+    copy.
+
     Examples
     --------
     >>> print(envship.status(client))  # doctest: +SKIP
@@ -222,6 +231,16 @@ async def _status(client: Client) -> ClusterStatus:
     registry = EMPTY_REGISTRY  # until a client switches, or with no preload
     if await client._run_on_scheduler(has_registry):
         registry = await scheduler.envship_registry() or EMPTY_REGISTRY
+    shared = _shared.get(client)
+    if shared is None:
+        shared = _shared[client] = SharedSurvey()
+    found = await shared.get(
+        survey_key(identity, registry), lambda: _gather(client, identity, registry)
+    )
+    return ClusterStatus(**copy.deepcopy(found))
+
+
+async def _gather(client: Client, identity: dict, registry: dict) -> dict:
     # A nanny without envship's handlers is not called on them (it would log
     # a traceback): its workers are listed with why it has no state.
     nanny_of = {a: w["nanny"] for a, w in identity["workers"].items() if w.get("nanny")}
@@ -230,8 +249,7 @@ async def _status(client: Client) -> ClusterStatus:
     def rpc(nanny: str) -> Any:
         return client.rpc(nanny) if nanny in with_envship else _WithoutEnvship()
 
-    found = await survey(rpc, identity, registry, timeout=NANNY_TIMEOUT)
-    return ClusterStatus(**found)
+    return await survey(rpc, identity, registry, timeout=NANNY_TIMEOUT)
 
 
 class _WithoutEnvship:
