@@ -8,10 +8,12 @@ and at most ``CONCURRENCY`` at once, so that a thousand nannies do not mean a
 thousand connections opened at once by the scheduler or the client.
 
 A :class:`SharedSurvey` shares one gathering among its callers: those that
-ask while it is under way, and for ``SHARE_SECONDS`` after, those that ask
-about the same workers and registry state (a page reloading every 2 s in
-several browsers, a status loop). A switch changes the workers' addresses
-and the registry, so nobody is shown a state older than the last switch.
+ask while it is under way, and for ``SHARE_SECONDS`` after (on the
+scheduler, longer if gathering took more than ``PAGE_CPU_SHARE`` of a core),
+those that ask about the same workers and registry state (a page reloading
+every 2 s in several browsers, ``envship.status`` calls). A switch changes
+the workers' addresses and the registry, so nobody is shown a state older
+than the last switch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ EMPTY_REGISTRY: dict[str, dict] = {"offers": {}, "holders": {}, "running": {}}
 CONCURRENCY = 64
 #: Seconds a gathered survey is given to those who ask about the same state.
 SHARE_SECONDS = 2.0
+#: The most of a core the scheduler spends gathering for its page and status.
+PAGE_CPU_SHARE = 0.03
+
+
+@dataclass(frozen=True)
+class Surveyed:
+    """A survey on the wire: ``envship_survey``'s answer (the dict as it is)."""
+
+    found: dict
+
+    def to_msg(self) -> dict:
+        return self.found
 
 
 @dataclass(frozen=True)
@@ -146,11 +160,26 @@ def survey_key(identity: dict, registry: dict) -> Hashable:
 class SharedSurvey:
     """One gathering shared among the callers that ask about the same state.
 
-    A caller whose key (:func:`survey_key`) equals that of a gathering under
-    way waits for it; one whose key equals that of the last gathering, ended
-    less than ``max_age`` seconds ago, gets its result. Anyone else starts a
-    new gathering. One per scheduler (the dashboard) or per client
+    A caller whose key (:func:`survey_key`) equals that of the last
+    gathering, ended less than ``max_age`` seconds ago, gets its result; one
+    whose key equals that of a gathering under way waits for it; anyone else
+    starts a new gathering. One per scheduler (the dashboard) or per client
     (``envship.status``); used from that one's event loop.
+
+    Parameters
+    ----------
+    max_age : float
+        Seconds a result is shared at least.
+    cpu_share : float, optional
+        The most of a core that gathering may take: a result is shared for
+        at least the CPU seconds its gathering took (this process's, all of
+        them while it ran) over ``cpu_share``. The scheduler's page, at a
+        thousand nodes, is gathered every few seconds however many look at it.
+    serve_stale : bool
+        A caller whose key is that of the last result, older than the above,
+        gets that result at once while a new one is gathered for the next
+        callers (a page that reloads itself): nobody waits on the nannies
+        unless the workers or the registry changed.
 
     Examples
     --------
@@ -167,30 +196,47 @@ class SharedSurvey:
     ({'workers': []}, 1)
     """
 
-    def __init__(self, max_age: float = SHARE_SECONDS) -> None:
+    def __init__(
+        self,
+        max_age: float = SHARE_SECONDS,
+        cpu_share: float | None = None,
+        serve_stale: bool = False,
+    ) -> None:
         self.max_age = max_age
-        self._key: Hashable = None
+        self.cpu_share = cpu_share
+        self.serve_stale = serve_stale
         self._running: asyncio.Future | None = None
+        self._running_key: Hashable = None
         self._result: Any = None
+        self._result_key: Hashable = None
         self._ended = -math.inf
+        self._shared_for = max_age
         #: Gatherings started, for tests and benchmarks.
         self.gathered = 0
 
     async def get(self, key: Hashable, gather: Callable[[], Awaitable[Any]]) -> Any:
         """The result of ``gather()`` for ``key``: shared, or gathered now."""
-        if self._running is None or self._key != key:
-            fresh = time.monotonic() - self._ended < self.max_age
-            if self._running is None and fresh and self._key == key:
-                return self._result
-            self._key = key
-            self._running = asyncio.ensure_future(self._gather(key, gather))
+        have = self._result_key == key and self._ended > -math.inf
+        if have and time.monotonic() - self._ended < self._shared_for:
+            return self._result
+        if self._running is None or self._running_key != key:
+            self._running_key = key
+            self._running = asyncio.ensure_future(self._gather(gather))
             self._running.add_done_callback(_retrieve)
+        if have and self.serve_stale:
+            return self._result
         # Shielded: a caller that goes away (a page closed) stops no one else.
         return await asyncio.shield(self._running)
 
-    async def _gather(self, key: Hashable, gather: Callable[[], Awaitable[Any]]):
+    async def settled(self) -> None:
+        """Wait for the gathering under way, if any (errors are its callers')."""
+        if self._running is not None:
+            await asyncio.wait([self._running])
+
+    async def _gather(self, gather: Callable[[], Awaitable[Any]]) -> Any:
         self.gathered += 1
-        me = asyncio.current_task()
+        me, key = asyncio.current_task(), self._running_key
+        cpu = time.process_time()
         try:
             result = await gather()
         finally:
@@ -198,7 +244,12 @@ class SharedSurvey:
             if latest:
                 self._running = None
         if latest:
-            self._result, self._ended = result, time.monotonic()
+            self._result, self._result_key = result, key
+            self._ended = time.monotonic()
+            self._shared_for = self.max_age
+            if self.cpu_share:
+                took = time.process_time() - cpu
+                self._shared_for = max(self.max_age, took / self.cpu_share)
         return result
 
 

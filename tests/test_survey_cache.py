@@ -8,6 +8,7 @@ real cluster whose ``/envship`` page and ``envship.status`` share a survey.
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 
 import pytest
@@ -130,6 +131,46 @@ def test_callers_share_one_survey_until_the_state_changes():
     assert asyncio.run(main()) == [1, 2, 3, 9]  # 3 nannies asked 3 times
 
 
+def test_a_page_gets_the_last_survey_at_once_while_the_next_is_gathered():
+    async def main() -> list:
+        results = iter([{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}])
+
+        async def gather() -> dict:
+            await asyncio.sleep(0.01)
+            return next(results)
+
+        shared = SharedSurvey(max_age=0, serve_stale=True)
+        first = await shared.get("k", gather)  # nothing to show yet: waits
+        second = await shared.get("k", gather)  # the last one; gathers anew
+        await shared.settled()
+        third = await shared.get("k", gather)  # the new one; gathers anew
+        await shared.settled()
+        changed = await shared.get("other", gather)  # a new state: waits
+        return [first, second, third, changed, shared.gathered]
+
+    assert asyncio.run(main()) == [{"n": 1}, {"n": 1}, {"n": 2}, {"n": 4}, 4]
+
+
+def test_gathering_takes_at_most_its_share_of_a_core():
+    async def main() -> list[int]:
+        async def gather() -> dict:
+            deadline = time.process_time() + 0.05  # 50 ms of CPU
+            while time.process_time() < deadline:
+                pass
+            return {}
+
+        # 50 ms at most 1% of a core: shared for 5 s at least.
+        shared = SharedSurvey(max_age=0, cpu_share=0.01)
+        for _ in range(3):
+            await shared.get("k", gather)
+        lazy = SharedSurvey(max_age=0)
+        for _ in range(3):
+            await lazy.get("k", gather)
+        return [shared.gathered, lazy.gathered]
+
+    assert asyncio.run(main()) == [1, 3]
+
+
 def test_a_result_is_shared_no_longer_than_max_age_and_survives_a_caller_gone():
     async def main() -> list[int]:
         pool = await ConnectionPool(limit=512)
@@ -159,7 +200,7 @@ def test_a_result_is_shared_no_longer_than_max_age_and_survives_a_caller_gone():
     assert asyncio.run(main()) == [3, 6, 2]
 
 
-def test_page_loads_share_a_survey_and_so_do_status_calls(tmp_path):
+def test_page_loads_and_status_calls_share_a_survey(tmp_path):
     # Defined here to be pickled by value: the scheduler cannot import tests.
     def share_for_an_hour(dask_scheduler) -> None:
         from envship.scheduler import dashboard
@@ -174,19 +215,26 @@ def test_page_loads_share_a_survey_and_so_do_status_calls(tmp_path):
 
     with local_cluster(tmp_path, {"a": 2}, dashboard=True) as cluster:
         client = cluster.client
-        port = client.scheduler_info()["services"]["dashboard"]
-        client.register_plugin(Registry(), name=Registry.name)  # serves /envship
-        client.run_on_scheduler(share_for_an_hour)
-        pages = []
-        for _ in range(2):
-            url = f"http://127.0.0.1:{port}/envship"
-            with urllib.request.urlopen(url, timeout=60) as page:
-                pages.append(page.read().decode())
-        assert pages[0] == pages[1] and "a-0" in pages[0] and "a-1" in pages[0]
-        assert client.run_on_scheduler(gathered) == 1
-
+        # No registry yet (nobody switched): the client asks the nannies,
+        # and its calls share.
         shared = status_module._shared[client] = SharedSurvey(max_age=3600)
         one, two = envship.status(client), envship.status(client)
         assert shared.gathered == 1
         assert one.workers == two.workers and one.workers is not two.workers
         assert sorted(w["name"] for w in one.workers) == ["a-0", "a-1"]
+
+        # With the registry, the scheduler asks them, for its page and for
+        # status calls alike.
+        client.register_plugin(Registry(), name=Registry.name)  # serves /envship
+        client.run_on_scheduler(share_for_an_hour)
+        port = client.scheduler_info()["services"]["dashboard"]
+        pages = []
+        for _ in range(2):
+            url = f"http://127.0.0.1:{port}/envship"
+            with urllib.request.urlopen(url, timeout=60) as page:
+                pages.append(page.read().decode())
+        assert all("a-0" in page and "a-1" in page for page in pages)
+        three = envship.status(client)
+        assert client.run_on_scheduler(gathered) == 1
+        assert three.workers == one.workers
+        assert shared.gathered == 1  # the client asked no nanny this time
