@@ -86,13 +86,20 @@ def test_the_page_shows_each_worker_and_its_environment(tmp_path, env_prefix, st
         assert {w[2] for w in workers.values()} == {shown}
         assert all(w[3].endswith(" ago)") for w in workers.values())
 
-        # A nanny that hangs delays the page by its timeout, no more.
+        # A nanny that hangs delays the page by its timeout, no more; the
+        # workers unchanged, a load shows the last survey while the next one
+        # waits for that nanny, and a later load shows it unreachable.
         (hung,) = cluster.nannies["b"]
         os.kill(hung.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
             workers = workers_table(url)
             assert time.monotonic() - started < NANNY_TIMEOUT + 10
+            wait_until(
+                lambda: workers_table(url)["b-0"][2].startswith("(unreachable"),
+                timeout=NANNY_TIMEOUT + 60,
+            )
+            workers = workers_table(url)
         finally:
             os.kill(hung.pid, signal.SIGCONT)
         assert workers["b-0"][2].startswith("(unreachable: timed out")

@@ -1,26 +1,31 @@
 """``envship.status(client)``: what every worker runs in, each node's cache and
 zygotes, each blob.
 
-Runs on the client: asks the scheduler's registry and every nanny (through
-:func:`envship.survey.survey`, which the dashboard page uses too), never moves
-a blob.
+Asks the scheduler's registry for the survey that its dashboard page shows
+(:func:`envship.scheduler.dashboard.page_survey`), or, before there is a
+registry, every nanny itself (:func:`envship.survey.survey`); never moves a
+blob.
 """
 
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from dask.utils import format_bytes
 from distributed import Client
 
-from envship.survey import EMPTY_REGISTRY, survey
+from envship.survey import EMPTY_REGISTRY, SharedSurvey, survey, survey_key
 from envship.text_table import NANNY_OWN, Col, TextTable, clock_time, wrap_notes
 
 from .targets import nannies_with_envship
 
 #: Seconds each nanny has to answer; one that does not is listed without its state.
 NANNY_TIMEOUT = 30.0
+#: Each client's shared survey (:func:`status`).
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -201,6 +206,12 @@ def host_labels(workers: list[dict], nodes: list[dict]) -> dict[str, str]:
 def status(client: Client) -> ClusterStatus:
     """What every worker runs in, each node's cache use, and who holds which blob.
 
+    Once a client switched (or with ``dask scheduler --preload envship``),
+    the scheduler asks the nannies, and shares their answers with its
+    dashboard page (``/envship``) and other status calls while the workers
+    and the registry stay as they are (:class:`envship.survey.SharedSurvey`);
+    before, the client asks them itself, and its calls share likewise.
+
     Examples
     --------
     >>> print(envship.status(client))  # doctest: +SKIP
@@ -214,14 +225,30 @@ async def _status(client: Client) -> ClusterStatus:
         raise ValueError("the client is not connected to a scheduler")
     identity = await scheduler.identity()
 
-    # Asked without calling it: a scheduler logs a traceback for a handler it
-    # lacks. Defined here to be pickled by value (the scheduler may lack envship).
-    def has_registry(dask_scheduler: Any) -> bool:
-        return "envship_registry" in dask_scheduler.handlers
+    # Asked without calling them: a scheduler logs a traceback for a handler
+    # it lacks. Defined here to be pickled by value (it may lack envship).
+    def registry_handlers(dask_scheduler: Any) -> list[str]:
+        wanted = ("envship_registry", "envship_survey")
+        return [h for h in wanted if h in dask_scheduler.handlers]
 
+    handlers = await client._run_on_scheduler(registry_handlers)
+    if "envship_survey" in handlers:
+        # The scheduler asks the nannies (over connections it keeps), and
+        # shares the answers with its dashboard page and other clients.
+        return ClusterStatus(**_lists(await scheduler.envship_survey()))
     registry = EMPTY_REGISTRY  # until a client switches, or with no preload
-    if await client._run_on_scheduler(has_registry):
+    if "envship_registry" in handlers:  # an older scheduler side
         registry = await scheduler.envship_registry() or EMPTY_REGISTRY
+    shared = _shared.get(client)
+    if shared is None:
+        shared = _shared[client] = SharedSurvey()
+    found = await shared.get(
+        survey_key(identity, registry), lambda: _gather(client, identity, registry)
+    )
+    return ClusterStatus(**copy.deepcopy(found))
+
+
+async def _gather(client: Client, identity: dict, registry: dict) -> dict:
     # A nanny without envship's handlers is not called on them (it would log
     # a traceback): its workers are listed with why it has no state.
     nanny_of = {a: w["nanny"] for a, w in identity["workers"].items() if w.get("nanny")}
@@ -230,8 +257,16 @@ async def _status(client: Client) -> ClusterStatus:
     def rpc(nanny: str) -> Any:
         return client.rpc(nanny) if nanny in with_envship else _WithoutEnvship()
 
-    found = await survey(rpc, identity, registry, timeout=NANNY_TIMEOUT)
-    return ClusterStatus(**found)
+    return await survey(rpc, identity, registry, timeout=NANNY_TIMEOUT)
+
+
+def _lists(value: Any) -> Any:
+    """``value`` with the lists that came back from the wire as tuples lists again."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    return value
 
 
 class _WithoutEnvship:

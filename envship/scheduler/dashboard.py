@@ -6,7 +6,12 @@ the transfers in progress, each node's cache use and zygotes (the processes
 workers fork from, one per environment), and which environments users may use
 (``envship.allowed``, ``envship.contact``). The scheduler gathers it itself,
 like ``envship.status`` does (:func:`envship.survey.survey`), giving each
-nanny a few seconds, so a dead nanny never hangs the page.
+nanny a few seconds, so a dead nanny never hangs the page. Page loads and
+``envship.status`` calls share one gathering
+(:class:`envship.survey.SharedSurvey`): browsers on the page, each reloading
+it every 2 s, cost the scheduler at most ``PAGE_CPU_SHARE`` of a core; a load
+waits for the nannies only when the workers or the registry changed, else it
+shows the last survey while the next one is gathered.
 
 Everything shown is escaped (environment, worker and site names come from
 users), and the page allows no script at all. It reloads itself every 2 s.
@@ -22,7 +27,13 @@ from dask.utils import format_bytes
 from tornado import web
 
 from envship import policy
-from envship.survey import EMPTY_REGISTRY, survey
+from envship.survey import (
+    EMPTY_REGISTRY,
+    PAGE_CPU_SHARE,
+    SharedSurvey,
+    survey,
+    survey_key,
+)
 from envship.text_table import short_name, worker_row
 
 #: Seconds each nanny has to answer before the page shows it as unreachable.
@@ -31,6 +42,46 @@ NANNY_TIMEOUT = 5.0
 REFRESH = 2
 #: Applications that serve the page already (a plugin registered twice).
 _serving: weakref.WeakSet = weakref.WeakSet()
+#: Each scheduler's shared survey, for all its page loads.
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_survey(scheduler) -> SharedSurvey:
+    """The :class:`~envship.survey.SharedSurvey` of ``scheduler``'s page loads
+    and ``envship_survey`` calls.
+
+    Examples
+    --------
+    >>> shared_survey(scheduler).gathered  # doctest: +SKIP
+    3
+    """
+    shared = _shared.get(scheduler)
+    if shared is None:
+        shared = _shared[scheduler] = SharedSurvey(
+            cpu_share=PAGE_CPU_SHARE, serve_stale=True
+        )
+    return shared
+
+
+async def page_survey(scheduler, registry) -> dict:
+    """What the page shows: a survey of ``scheduler``'s nannies, shared.
+
+    ``registry`` is the registry plugin, or None. The state shown is no
+    older than the last change of the workers or the registry; the nannies'
+    own figures (transfers, cache sizes) may be a few seconds old.
+
+    Examples
+    --------
+    >>> found = await page_survey(scheduler, registry)  # doctest: +SKIP
+    >>> sorted(found)  # doctest: +SKIP
+    ['blobs', 'nodes', 'workers']
+    """
+    identity = scheduler.identity()
+    state = registry.snapshot().to_msg() if registry is not None else EMPTY_REGISTRY
+    return await shared_survey(scheduler).get(
+        survey_key(identity, state),
+        lambda: survey(scheduler.rpc, identity, state, timeout=NANNY_TIMEOUT),
+    )
 
 
 def add_page(scheduler, plugin_name: str) -> None:
@@ -69,7 +120,7 @@ def dashboard_prefix(application) -> str:
 
 
 class EnvshipPage(web.RequestHandler):
-    """``GET /envship``: the page, gathered afresh at every request."""
+    """``GET /envship``: the page, gathered afresh unless another load just did."""
 
     def initialize(self, scheduler, plugin_name: str) -> None:
         self.scheduler = scheduler
@@ -77,12 +128,7 @@ class EnvshipPage(web.RequestHandler):
 
     async def get(self) -> None:
         registry = self.scheduler.plugins.get(self.plugin_name)
-        found = await survey(
-            self.scheduler.rpc,
-            self.scheduler.identity(),
-            registry.snapshot().to_msg() if registry is not None else EMPTY_REGISTRY,
-            timeout=NANNY_TIMEOUT,
-        )
+        found = await page_survey(self.scheduler, registry)
         rules = registry.policy if registry is not None else policy.current()
         allowed, contact = rules.allowed, rules.contact
         self.set_header("Content-Type", "text/html; charset=utf-8")

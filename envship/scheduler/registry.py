@@ -57,7 +57,8 @@ from envship.registry_messages import (
     Where,
     WhereAnswer,
 )
-from envship.scheduler.dashboard import add_page
+from envship.scheduler.dashboard import add_page, page_survey
+from envship.survey import Surveyed
 from envship.transfer import Offer, Peer
 
 #: Offers kept beyond those that rules point to (the most recent ones).
@@ -109,6 +110,7 @@ class Registry(SchedulerPlugin):
                 "envship_claim": serve(self.claim, Claim),
                 "envship_release": serve(self.release, Release),
                 "envship_policy": serve(self.get_policy),
+                "envship_survey": serve(self.survey),
             }
         )
         add_page(scheduler, self.name)  # /envship in the dashboard
@@ -219,6 +221,10 @@ class Registry(SchedulerPlugin):
         """End ``owner``'s claims."""
         self.claims = {n: c for n, c in self.claims.items() if c.owner != request.owner}
         return "OK"
+
+    async def survey(self) -> Surveyed:
+        """What ``envship.status`` shows: the dashboard page's survey, shared with it."""
+        return Surveyed(await page_survey(self.scheduler, self))
 
     def get_policy(self) -> policy.Policy:
         """Which environments users may run here (``envship.policy``)."""
