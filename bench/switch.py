@@ -47,19 +47,21 @@ zygotes on / off (medians) at most 1/3 for the warm switch, the A-B loop,
 on / off at most 0.5 and the cold switch no slower (<= 1.0); the edited
 environment with zygotes on at most 1.2x the warm switch with zygotes off.
 
-On this 2-core machine (2026-12-04 20:20, one full run, 4 nanny processes
-sharing one zygote per environment, load average 4.9 from other jobs),
-zygotes on / off: warm switch 0.93 / 2.24 s (0.42), A-B loop 0.49 / 1.86 s
-per switch (0.26), ``client.restart()`` 0.60 / 2.10 s (0.28), killed worker
-back 0.10 / 0.58 s (0.17); cold switch 4.08 / 4.82 s (0.85), its restart
-stage 1.35 / 1.92 s (0.70); edited environment 2.19 / 3.09 s, 0.98x the warm
-switch with zygotes off. A zygote's RSS: 69 MB in sklearn-dev, 50 MB in base
-(one per environment and node). Where the rest goes: a switch that leaves
-the nannies' own environment (rows 1 and 5, and (b)'s warm switch) waits
-about 0.43 s for distributed's own worker process to exit (the finalization
-of a spawned interpreter), with zygotes or without; envship's workers exit
-at once once closed. Restarts inside an environment became so fast (0.26 s
-for 4 workers) that (a) and (b), whose yardstick they are, read as misses.
+On this 2-core machine (2026-12-04 20:50, one full run, 4 nanny processes
+sharing one zygote per environment, load average 5.2 from other jobs),
+zygotes on / off: warm switch 0.40 / 1.75 s (0.23), A-B loop 0.35 / 1.69 s
+per switch (0.21), ``client.restart()`` 0.50 / 2.49 s (0.20), killed worker
+back 0.14 / 0.91 s (0.15); cold switch 4.52 / 5.47 s (0.83), its restart
+stage 0.92 / 2.03 s (0.45); edited environment 2.46 / 3.45 s, 1.41x the warm
+switch with zygotes off (target 1.2: missed). A zygote's RSS: 69 MB in
+sklearn-dev, 50 MB in base (one per environment and node). Where the edited
+environment's time goes: re-pack 0.6-0.7, check and ship 0.25, unpack 0.55
+(together 0.86x the warm switch without zygotes, before any restart), then
+the restart 0.9: a new tree needs a new zygote, which imports distributed
+and numpy (0.5-0.6 s) from the end of the install on, then forks. (a) and
+(c) missed in this run for its cold unpack (7.3 s against 2.2 s in a run
+an hour before: the disk was shared with other jobs); a worker process
+now exits at once once closed, which took 0.43 s of every restart before.
 
     python bench/switch.py [--small] [--one-process]
 
