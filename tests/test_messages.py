@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import re
+import time
 from dataclasses import MISSING, fields
 
 import pytest
@@ -50,6 +51,7 @@ from envship.registry_messages import (
     Holder,
     Publish,
     Release,
+    Running,
     Runs,
     Where,
     WhereAnswer,
@@ -671,3 +673,35 @@ def test_errors_say_what_their_subject_is_and_pickle():
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error)
         assert again.subject == error.subject
+
+
+def test_the_registry_records_stay_bounded_as_nannies_and_names_come_and_go():
+    # The review: 100k rules made the scheduler 96 MB bigger, and the records
+    # of nannies that left stayed for good.
+    from dataclasses import replace
+
+    from envship.scheduler import registry as registry_module
+
+    registry = Registry()
+    call = handlers(registry)
+    live = [f"tcp://live:{i}" for i in range(10)]
+    workers = {a: type("W", (), {"nanny": a})() for a in live}
+    registry.scheduler = type("Scheduler", (), {"workers": workers, "clients": {}})()
+    call["publish"](offer=offer().to_msg())
+    long_ago = time.time() - 2 * registry_module.HOLDER_GRACE
+    for i in range(1_000):  # nannies that came and went, each at a new address
+        gone = f"tcp://gone:{i}"
+        registry.running[gone] = Running(ID, "sklearn-dev", long_ago)
+        call["hold"](nanny=gone, id=ID, complete=True)
+        registry.holders[ID][gone] = replace(registry.holders[ID][gone], time=long_ago)
+    for nanny in live:
+        call["runs"](nanny=nanny, id=ID, name="sklearn-dev")
+        call["hold"](nanny=nanny, id=ID, complete=True)
+    assert len(registry.running) <= 2 * len(live) + registry_module.RECORD_SLACK
+    assert len(registry.holders[ID]) <= 2 * len(live) + registry_module.RECORD_SLACK
+    assert set(live) <= set(registry.running) and set(live) <= set(registry.holders[ID])
+
+    for i in range(25):  # 25 switches of 1,000 new worker names each
+        call["desire"](id=ID, names=[f"w-{i}-{j}" for j in range(1_000)])
+    assert len(registry.by_name) == registry_module.MAX_RULES
+    assert "w-24-999" in registry.by_name and "w-0-0" not in registry.by_name

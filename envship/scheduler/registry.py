@@ -68,6 +68,10 @@ SPARE_OFFERS = 16
 HOLDER_GRACE = 120.0
 #: Seconds a claim lasts even if its client stays connected and never ends it.
 CLAIM_TTL = 3600.0
+#: Worker names with a desired environment of their own, most recent kept.
+MAX_RULES = 10_000
+#: Records of nannies that left, kept beyond twice the live ones.
+RECORD_SLACK = 100
 
 
 class Registry(SchedulerPlugin):
@@ -143,7 +147,11 @@ class Registry(SchedulerPlugin):
             self.default = id
             self.by_name.clear()
         else:
-            self.by_name.update(dict.fromkeys(request.names, id))
+            for name in request.names:  # most recent last
+                self.by_name.pop(name, None)
+                self.by_name[name] = id
+            for name in list(self.by_name)[: max(len(self.by_name) - MAX_RULES, 0)]:
+                del self.by_name[name]
         self._forget_spare_offers()
         return "OK"
 
@@ -186,6 +194,7 @@ class Registry(SchedulerPlugin):
         self.holders.setdefault(id, {})[nanny] = Holding(
             request.complete, request.site, request.node, time.time()
         )
+        self._forget_gone_nannies()
         return "OK"
 
     def runs(self, request: Runs) -> str:
@@ -193,6 +202,7 @@ class Registry(SchedulerPlugin):
         previous = self.running.get(request.nanny)
         if previous is None or previous.id != request.id:
             self.running[request.nanny] = Running(request.id, request.name, time.time())
+        self._forget_gone_nannies()
         return "OK"
 
     def claim(self, request: Claim) -> ClaimAnswer:
@@ -258,6 +268,28 @@ class Registry(SchedulerPlugin):
             if nanny in nannies or now - h.time < grace
         ]
         return dict(sorted(found, key=lambda nh: not nh[1].complete))
+
+    def _forget_gone_nannies(self) -> None:
+        """Drop what nannies that left reported, once the records outgrow the
+        live nannies (twice over, plus ``RECORD_SLACK``): addresses change as
+        nannies come and go, and the records must not grow with them."""
+        workers = self.scheduler.workers.values() if self.scheduler is not None else ()
+        nannies = {ws.nanny for ws in workers if ws.nanny}
+        most = max(len(self.running), *map(len, self.holders.values()), 0)
+        if most <= 2 * len(nannies) + RECORD_SLACK:
+            return
+        now = time.time()
+        self.running = {
+            n: r
+            for n, r in self.running.items()
+            if n in nannies or now - r.since < HOLDER_GRACE
+        }
+        for id, holders in self.holders.items():
+            self.holders[id] = {
+                n: h
+                for n, h in holders.items()
+                if n in nannies or now - h.time < HOLDER_GRACE
+            }
 
     def _forget_spare_offers(self) -> None:
         wanted: set[EnvId | None] = {self.default, *self.by_name.values()}
