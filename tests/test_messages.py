@@ -705,3 +705,22 @@ def test_the_registry_records_stay_bounded_as_nannies_and_names_come_and_go():
         call["desire"](id=ID, names=[f"w-{i}-{j}" for j in range(1_000)])
     assert len(registry.by_name) == registry_module.MAX_RULES
     assert "w-24-999" in registry.by_name and "w-0-0" not in registry.by_name
+
+
+def test_a_second_piece_table_for_an_id_nodes_hold_does_not_replace_the_first():
+    # The review: another client could publish another table for an id nodes
+    # hold, so that every node fetching it from them failed.
+    registry = Registry()
+    call = handlers(registry)
+    registry.scheduler = type(
+        "Scheduler", (), {"workers": {"w": type("W", (), {"nanny": "tcp://a:1"})()}}
+    )()
+    first = offer()
+    other = Offer(ID, "sklearn-dev", manifest(), PieceTable.of_bytes(b"y" * 9, 65536))
+    assert call["publish"](offer=first.to_msg()) == "OK"
+    assert call["publish"](offer=other.to_msg()) == "OK"  # nobody holds it yet
+    assert call["publish"](offer=first.to_msg()) == "OK"
+    call["hold"](nanny="tcp://a:1", id=ID, complete=True)
+    assert call["publish"](offer=other.to_msg()) == "kept"
+    assert call["where"](id=ID)["offer"]["table"]["digest"] == first.table.digest
+    assert call["publish"](offer=first.to_msg()) == "OK"  # the same table again

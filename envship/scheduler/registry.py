@@ -122,9 +122,23 @@ class Registry(SchedulerPlugin):
     # -- handlers ----------------------------------------------------------------
 
     def publish(self, request: Publish) -> str:
-        """Keep an environment's offer, so nanny reports and joiners can use it."""
+        """Keep an environment's offer, so nanny reports and joiners can use it.
+
+        "kept": the registry keeps the offer it has, whose archive nodes hold
+        whole, rather than another piece table of the same id.
+        """
         offer = request.offer
         id = EnvId(offer.id)  # checked by Offer.from_msg
+        known = self.offers.get(id)
+        if (
+            known is not None
+            and known.table.digest != offer.table.digest
+            and any(h.complete for h in self.live_holders(id).values())
+        ):
+            # Nodes hold the archive of the first table: another table of the
+            # same id (another client's, or another packing) would strand
+            # every node that fetches from them. The first one stays.
+            return "kept"
         self.offers.pop(id, None)
         self.offers[id] = offer  # most recent last
         if isinstance(offer.manifest, ThinManifest):
