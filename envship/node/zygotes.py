@@ -190,8 +190,16 @@ def _start_or_join(
                 pass  # none yet, or one that exited: start the node's
             socket_path.unlink(missing_ok=True)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-                listener.bind(short)
-                listener.listen(64)
+                try:
+                    listener.bind(short)
+                    listener.listen(64)
+                except OSError as e:  # a filesystem without sockets (NFS)
+                    logger.info(
+                        "envship: no socket in %s (%s): a zygote per nanny process",
+                        folder,
+                        e.strerror,
+                    )
+                    return Zygote.start(target.python, environ, preload, timeout)
                 return Zygote.start(
                     target.python, environ, preload, timeout, listener=listener
                 )
