@@ -36,3 +36,4 @@ bench-small: $(VENV)/.installed
 	$(VENV)/bin/python bench/spec.py --small
 	$(VENV)/bin/python bench/soak.py --small
 	$(VENV)/bin/python bench/zygote.py --small
+	$(VENV)/bin/python bench/simulate.py --small

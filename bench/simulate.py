@@ -25,8 +25,8 @@ What is modelled, after the real code:
   new piece, or after ``HAVE_WAIT`` without news); ``--peers K`` polls a
   random K of them only (K of each site, when there are sites), the others
   stay known (so that every node of a site agrees on the crossers) but are
-  never asked. ``--peers 0`` polls every peer, as the real code did before
-  the bounded set.
+  never asked. ``--peers 0`` polls every peer, as the real code does
+  today.
 - A node calls ``choose`` whenever something changed for it (a piece came,
   a request ended, a peer's bitmap changed, a peer was dropped, a piece
   timeout expired) and sends the requests it returns. A peer that dies is
@@ -72,7 +72,6 @@ here). It prints both series and the error of each; target within 15%.
 from __future__ import annotations
 
 import argparse
-import bisect
 import heapq
 import json
 import math
@@ -89,7 +88,7 @@ from dask.utils import parse_bytes
 
 from envship import config
 from envship.transfer.choice import Limits, NodeView, PeerView, choose, crosser
-from envship.transfer.fetch import HAVE_WAIT, PEERS_POLLED
+from envship.transfer.fetch import HAVE_WAIT
 from envship.transfer.pieces import piece_size as default_piece_size
 from envship.transfer.seed import PUSH_SLOTS
 
@@ -97,6 +96,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import target_line  # noqa: E402
 
 INF = math.inf
+#: Peers of each site a node polls, by default: what a BitTorrent tracker
+#: hands out is of this order (50), and 24 keeps a node's messages flat in N.
+PEERS_POLLED = 24
 #: Seconds between the client's ``wait`` calls (seed.follow) and the checks
 #: of a late node's fetch loop (Fetcher.fetch).
 FOLLOW_EVERY = 1.0
@@ -616,7 +618,9 @@ class Simulation:
         if ahead:
             self.alarm(node, min(ahead) + 1e-6)
         if self.setup.serve_slots:
-            busy = [p.busy_until for p in node.peers.values() if p.busy_until > self.now]
+            busy = [
+                p.busy_until for p in node.peers.values() if p.busy_until > self.now
+            ]
             if busy:
                 self.alarm(node, min(busy))
 
@@ -665,7 +669,7 @@ class Simulation:
     def piece_arrives(self, node: Node, peer: Node, index: int, nbytes: int) -> None:
         if not node.alive:
             return
-        p = self.ended(node, peer, index)
+        self.ended(node, peer, index)
         if peer.dies < self.now - self.latency(node, peer):
             self.drop(node, peer.id)
             return
@@ -892,7 +896,9 @@ def targets(fig: dict[str, Any]) -> list[str]:
             "<=",
             1.5,
         ),
-        target_line(f"{label}: client bytes / artifact", fig["client_bytes_ratio"], "<=", 1.1),
+        target_line(
+            f"{label}: client bytes / artifact", fig["client_bytes_ratio"], "<=", 1.1
+        ),
         target_line(f"{label}: most served / average", fig["max_serve_ratio"], "<=", 3),
         target_line(f"{label}: surviving nodes complete", fig["complete"], ">=", 1),
     ]
@@ -946,7 +952,9 @@ def validate(path: Path, base: Setup) -> list[dict[str, Any]]:
     for n, measured in zip(real["nodes"], real["seconds"], strict=True):
         simulated = simulate(replace(setup, nodes=int(n)))["seconds"]
         error = (simulated - measured) / measured
-        rows.append({"nodes": n, "real": measured, "simulated": simulated, "error": error})
+        rows.append(
+            {"nodes": n, "real": measured, "simulated": simulated, "error": error}
+        )
         print(f"{n:>6} {measured:>8.2f} {simulated:>8.2f} {error:>+7.1%}")
     worst = max(abs(r["error"]) for r in rows)
     print(target_line("simulated vs real seconds: worst |error|", worst, "<=", 0.15))
@@ -979,7 +987,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=PEERS_POLLED,
         help=f"peers each node polls, per site (default {PEERS_POLLED}); 0: all",
     )
-    parser.add_argument("--rate", type=parse_bytes, default="100MB", help="per node, /s")
+    parser.add_argument(
+        "--rate", type=parse_bytes, default="100MB", help="per node, /s"
+    )
     parser.add_argument("--latency", type=float, default=0.0002, help="one way, s")
     parser.add_argument("--cross-latency", type=float, default=0.002)
     parser.add_argument("--slow-node-factor", type=float, default=10.0)

@@ -36,10 +36,6 @@ logger = logging.getLogger("envship.transfer")
 
 #: Seconds a ``have`` request waits for news before answering.
 HAVE_WAIT = 1.0
-#: Peers of each site a download polls for their pieces (and asks for them);
-#: the others it knows stay in its view of the site, never asked, so that
-#: the messages a node sends do not grow with the number of nodes.
-PEERS_POLLED = 24
 
 
 class Fetcher:
