@@ -37,3 +37,4 @@ bench-small: $(VENV)/.installed
 	$(VENV)/bin/python bench/soak.py --small
 	$(VENV)/bin/python bench/zygote.py --small
 	$(VENV)/bin/python bench/registry_load.py --small
+	$(VENV)/bin/python bench/simulate.py --small
