@@ -42,12 +42,38 @@ PAGE_CPU_SHARE = 0.03
 
 @dataclass(frozen=True)
 class Surveyed:
-    """A survey on the wire: ``envship_survey``'s answer (the dict as it is)."""
+    """A survey on the wire: ``envship_survey``'s answer, ``workers``,
+    ``nodes`` and ``blobs`` as :func:`survey` gives them.
+
+    Examples
+    --------
+    >>> Surveyed.from_msg({"workers": [], "nodes": [], "blobs": []}).found["nodes"]
+    []
+    >>> Surveyed.from_msg({"workers": [], "nodes": "?"})
+    Traceback (most recent call last):
+    ...
+    ValueError: a survey's nodes must be a list of dicts, not '?'
+    """
 
     found: dict
 
     def to_msg(self) -> dict:
         return self.found
+
+    @classmethod
+    def from_msg(cls, msg: object) -> Surveyed:
+        """The scheduler's answer, its shape checked; ValueError if it is not one."""
+        if not isinstance(msg, dict):
+            raise ValueError(f"a survey must be a dict, not {type(msg).__name__}")
+        for key in ("workers", "nodes", "blobs"):
+            rows = msg.get(key)
+            if not isinstance(rows, list | tuple) or not all(
+                isinstance(row, dict) for row in rows
+            ):
+                raise ValueError(
+                    f"a survey's {key} must be a list of dicts, not {rows!r}"
+                )
+        return cls(msg)
 
 
 @dataclass(frozen=True)

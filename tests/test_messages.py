@@ -724,3 +724,19 @@ def test_a_second_piece_table_for_an_id_nodes_hold_does_not_replace_the_first():
     assert call["publish"](offer=other.to_msg()) == "kept"
     assert call["where"](id=ID)["offer"]["table"]["digest"] == first.table.digest
     assert call["publish"](offer=first.to_msg()) == "OK"  # the same table again
+
+
+def test_a_survey_from_the_scheduler_is_checked_before_it_is_shown():
+    from envship.survey import Surveyed
+
+    good = {"workers": [], "nodes": [{"node": "h"}], "blobs": []}
+    assert Surveyed.from_msg(good).found == good
+    for lie in (
+        None,
+        [],
+        {"workers": []},
+        {**good, "blobs": [1]},
+        {**good, "nodes": {}},
+    ):
+        with pytest.raises(ValueError, match="survey"):
+            Surveyed.from_msg(lie)

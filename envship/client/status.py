@@ -17,7 +17,13 @@ from typing import Any
 from dask.utils import format_bytes
 from distributed import Client
 
-from envship.survey import EMPTY_REGISTRY, SharedSurvey, survey, survey_key
+from envship.survey import (
+    EMPTY_REGISTRY,
+    SharedSurvey,
+    Surveyed,
+    survey,
+    survey_key,
+)
 from envship.text_table import NANNY_OWN, Col, TextTable, clock_time, wrap_notes
 
 from .targets import nannies_with_envship
@@ -235,7 +241,8 @@ async def _status(client: Client) -> ClusterStatus:
     if "envship_survey" in handlers:
         # The scheduler asks the nannies (over connections it keeps), and
         # shares the answers with its dashboard page and other clients.
-        return ClusterStatus(**_lists(await scheduler.envship_survey()))
+        found = Surveyed.from_msg(await scheduler.envship_survey()).found
+        return ClusterStatus(*(_lists(found[k]) for k in ("workers", "nodes", "blobs")))
     registry = EMPTY_REGISTRY  # until a client switches, or with no preload
     if "envship_registry" in handlers:  # an older scheduler side
         registry = await scheduler.envship_registry() or EMPTY_REGISTRY
