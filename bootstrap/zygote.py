@@ -50,7 +50,9 @@ Fork hygiene:
 Shared by the nannies of a node: a client that connects on the listening
 socket (of the same user: ``SO_PEERCRED``) gets the ready message at once
 and then talks as the first client does, without a setup. Each child's
-exit is reported to the client that asked for it.
+exit is reported to the client that asked for it. A client that sends
+anything but a well-formed fork request is dropped; the others are served
+on.
 
 Lifetime: the zygote reaps its children (SIGCHLD) and reports each exit.
 A client's end of file means it asks no more; once every client has gone
@@ -295,6 +297,12 @@ class _Serving:
                 except (EOFError, OSError, ValueError, pickle.UnpicklingError):
                     self.drop(client)
                     continue
+                if not _is_request(request):
+                    _log("dropped a client that sent %r" % (type(request),))
+                    for fd in fds:
+                        os.close(fd)
+                    self.drop(client)
+                    continue
                 child = self.handle(client, request, fds)
                 if child is not None:
                     return child
@@ -346,6 +354,21 @@ class _Serving:
         _new_random_state()
         sys.argv = [_worker.__file__] + list(request["args"])
         return request
+
+
+def _is_request(request):
+    """Whether ``request`` is a fork request this zygote can read."""
+    return (
+        isinstance(request, dict)
+        and request.get("op") == "fork"
+        and isinstance(request.get("id"), int)
+        and isinstance(request.get("args"), list)
+        and all(isinstance(a, str) for a in request["args"])
+        and isinstance(request.get("env"), dict)
+        and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in request["env"].items()
+        )
+    )
 
 
 def _place_descriptors(fds):

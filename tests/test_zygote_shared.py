@@ -119,3 +119,23 @@ def test_a_zygote_whose_environment_left_the_node_is_closed(env_prefix, tmp_path
         wait_gone(zygote.pid)
     finally:
         zygotes.release("tcp://127.0.0.1:1")
+
+
+def test_a_client_that_sends_junk_is_dropped_and_the_zygote_serves_on(target):
+    environ = child_environ(target, os.environ, {"OPENBLAS_NUM_THREADS": "1"})
+    starter = zygotes._start_or_join(target, environ, timeout=60)
+    liar = zygotes._start_or_join(target, environ, timeout=60)
+    try:
+        assert liar.shared
+        liar._send_frame({"op": "fork", "id": "x", "args": [1], "env": None})
+        deadline = time.monotonic() + 30
+        while liar.is_alive():  # the zygote closed its connection
+            assert time.monotonic() < deadline, "the junk was not refused"
+            time.sleep(0.05)
+        starter.environ = environ
+        child = fork_failing_child(starter)
+        assert starter.wait(child, 30) is not None
+    finally:
+        liar.close()
+        starter.close(timeout=30)
+    wait_gone(starter.pid)
