@@ -54,6 +54,10 @@ def test_a_python_2_environment_is_installed_and_nobody_restarts(cluster, env_pr
         "a": [1, 2.5, None, True]
     }
     assert run(client, py27, "binascii:hexlify", bytearray(b"\0\xff")) == "00ff"
+    # Its install started no zygote: Python 2.7 cannot run one (it failed
+    # with a traceback in the nannies' logs).
+    for log in cluster.folder.glob("node-a-*.log"):
+        assert 'zygote.py", line' not in log.read_text(), log
 
 
 def test_an_exception_arrives_with_its_traceback(cluster, py27):

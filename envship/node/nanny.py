@@ -66,6 +66,7 @@ from .worker_process import (
     set_initial_target,
     switch,
 )
+from .zygote import runs_under
 
 logger = logging.getLogger("envship")
 
@@ -207,9 +208,11 @@ class NannySide:
             )
         linked = done.get("linked_files", 0)
         process = install(self.nanny)
-        if process is not None and manifest is not None:  # the switch forks at once
+        env = manifest.env if isinstance(manifest, ThinManifest) else manifest
+        if process is not None and env is not None and runs_under(env.python):
+            # The switch that follows forks at once.
             process.warm_zygote(
-                installed_target(self.cache, artifact_id, prefix, manifest.name)
+                installed_target(self.cache, artifact_id, prefix, env.name)
             )
         return InstallAnswer(
             seconds=time.perf_counter() - started,

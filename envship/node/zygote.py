@@ -77,6 +77,29 @@ def startup_variables(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+#: The oldest Python that ``bootstrap/zygote.py`` runs under.
+MIN_PYTHON = (3, 8)
+
+
+def runs_under(version: str) -> bool:
+    """Whether a zygote can run under the Python of ``version``.
+
+    An environment whose Python cannot host a worker (2.7, for calls through
+    the bridge) never gets one.
+
+    Examples
+    --------
+    >>> runs_under("3.11.7"), runs_under("3.8"), runs_under("2.7.18")
+    (True, True, False)
+    """
+    major, _, rest = version.partition(".")
+    minor = rest.partition(".")[0]
+    try:
+        return (int(major), int(minor)) >= MIN_PYTHON
+    except ValueError:
+        return False
+
+
 class ZygoteError(Exception):
     """The zygote could not start, died, or could not fork: start plainly."""
 
