@@ -580,6 +580,7 @@ NANNY_ANSWERS = [
     OfferAnswer(False, 0),
     WaitAnswer(True),
     WaitAnswer(False, "its disk is full"),
+    WaitAnswer(False, "its bytes are another id's", not_its_id=True),
     WaitAnswer(False, None, 1, 2, {"client": 65536}, {}, {"tcp://b:2": "gone"}, (1,)),
     PieceAnswer(busy=True),
     PieceAnswer(missing=True),

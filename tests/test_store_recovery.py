@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 import envship
+from envship.blob_id import content_id
 from envship.client.deliver import which_side
 from envship.client.store import (
     ArtifactStore,
     DamagedArtifactError,
     StoreRepairWarning,
-    content_id,
 )
 from envship.errors import CorruptArchiveError, EnvshipError
 from fixtures.cluster import local_cluster

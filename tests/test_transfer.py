@@ -18,6 +18,9 @@ import xxhash
 from distributed.core import ConnectionPool
 
 import envship
+from envship.archive import path_digest
+from envship.errors import CorruptArchiveError
+from envship.manifest import ThinManifest
 from envship.node.cache import EnvCache
 from envship.policy import NotAllowedError
 from envship.table import MAX_FILES
@@ -729,3 +732,72 @@ def test_an_offer_of_an_environment_the_policy_refuses_is_refused(tmp_path, base
             assert not server.downloads
 
     asyncio.run(scenario())
+
+
+def put_all(call, offer: Offer, path):
+    """Every piece of ``offer``'s table, read from ``path``, as a peer puts them."""
+
+    async def put():
+        table = offer.table
+        with open(path, "rb") as f:
+            for i in range(table.count):
+                offset, length = table.span(i)
+                f.seek(offset)
+                await call["envship_put"](
+                    id=offer.id, digest=table.digest, index=i, data=f.read(length)
+                )
+
+    return put()
+
+
+def test_another_environments_bytes_offered_under_an_id_are_never_held_as_it(
+    tmp_path, base, env_prefix
+):
+    # The review: a node kept whatever matched the sender's piece table under
+    # the id offered, so any client could complete another environment's
+    # bytes as the victim's first; the victim's switch then failed.
+    other = envship.pack(env_prefix("venv"), store=tmp_path / "store")
+    genuine = offer_of(base)
+    forged = Offer(base.id, base.name, base.manifest, offer_of(other).table)
+    cache = EnvCache(tmp_path / "cache")
+
+    async def scenario():
+        async with blob_server(cache) as (server, call):
+            await call["envship_offer"](offer=forged.to_msg(), peers=[])
+            await put_all(call, forged, other.path)
+            state = await call["envship_wait"](
+                id=base.id, digest=forged.table.digest, timeout=20
+            )
+            assert not state["complete"]
+            assert f"offered as {base.id} is not it" in state["error"]
+            assert not cache.has_archive(base.id)
+            assert not cache.partial_path(base.id, forged.table.digest).exists()
+
+            # The genuine offer of the id still comes through.
+            await call["envship_offer"](offer=genuine.to_msg(), peers=[])
+            await put_all(call, genuine, base.path)
+            state = await call["envship_wait"](
+                id=base.id, digest=genuine.table.digest, timeout=20
+            )
+            assert state["complete"] and state["error"] is None
+
+    asyncio.run(scenario())
+    assert file_hash(cache.archive_path(base.id)) == file_hash(base.path)
+
+
+def test_a_thin_pack_is_held_only_under_the_digest_of_its_bytes(tmp_path, base):
+    cache = EnvCache(tmp_path / "cache")
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(4096))
+    wrong = xxhash.xxh3_128_hexdigest(b"another thin pack")
+
+    def thin(id: str) -> ThinManifest:
+        return ThinManifest(id, base.id, None, base.manifest, 4096, 0, 0)
+
+    with pytest.raises(CorruptArchiveError, match=f"thin pack offered as {wrong}"):
+        cache.adopt_archive(wrong, blob, thin(wrong))
+    assert not blob.exists() and not cache.has_archive(wrong)
+    blob.write_bytes(os.urandom(4096))
+    right = path_digest(blob)
+    cache.adopt_archive(right, blob, thin(right))
+    assert cache.has_archive(right)

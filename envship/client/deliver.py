@@ -128,9 +128,15 @@ async def ship(
     finally:
         if thin is not None:  # the nodes hold it now; a later call writes it again
             thin.path.unlink(missing_ok=True)
-    stuck = {
-        n: why for n, why in shipped.failed.items() if why.kind is not FailureKind.LOST
-    }
+    failed = shipped.failed.items()
+    if refused := {
+        n: CorruptArchiveError(artifact.name, why.why, "")
+        for n, why in failed
+        if why.kind is FailureKind.NOT_ITS_ID
+    }:
+        # Every piece matched this client's table: whose copy is damaged?
+        raise await asyncio.to_thread(which_side, artifact, refused, via)
+    stuck = {n: why for n, why in failed if why.kind is not FailureKind.LOST}
     if stuck:
         raise EnvshipError(
             artifact.name,

@@ -48,16 +48,9 @@ import xxhash
 import zstandard
 
 from envship import config
-from envship.archive import (
-    TAR_DIRECTORY,
-    TAR_HARDLINK,
-    TAR_REGULAR,
-    TAR_SYMLINK,
-    ContentHasher,
-    is_id,
-    path_digest,
-)
-from envship.archive_reader import CorruptArchive, ForwardReader, read_members
+from envship.archive import is_id, path_digest
+from envship.blob_id import UNREADABLE as UNREADABLE_ARCHIVE
+from envship.blob_id import content_id
 from envship.errors import EnvshipError
 from envship.files import atomic_file, temporary_file
 from envship.manifest import Manifest, ThinManifest, packages_of
@@ -485,7 +478,7 @@ class ArtifactStore:
         if deep or recorded is None:
             try:
                 content = content_id(path)
-            except (CorruptArchive, zstandard.ZstdError, EOFError, ValueError) as e:
+            except UNREADABLE_ARCHIVE as e:
                 return f"its archive {path.name} does not read: {e}"
             if content != artifact.id:
                 return f"its archive {path.name} unpacks to {content}, not to its id"
@@ -743,51 +736,10 @@ class StoreRepairWarning(UserWarning):
 CHECKS = "checks"
 #: The files of an entry, after its id.
 SUFFIXES = (".json", ".table.zst", ".tar.zst")
-READ_SIZE = 1 << 20
 #: Tables and archives checked in this session, by (path, size, mtime, ctime,
 #: inode):
 #: any write or ``touch`` changes the ctime, so a file changed since is read again.
 _VERIFIED: set[tuple] = set()
-
-
-def content_id(path: str | os.PathLike) -> str:
-    """The content id of the archive at ``path``, read as a node reads it.
-
-    Decompressed to its end, so that zstandard checks its own checksum too.
-    Raises what reading a damaged archive raises (``CorruptArchive``,
-    ``zstandard.ZstdError``, ``EOFError``).
-
-    Examples
-    --------
-    >>> content_id(artifact.path) == artifact.id  # doctest: +SKIP
-    True
-    """
-    hasher = ContentHasher()
-    with open(path, "rb") as f:
-        raw = zstandard.ZstdDecompressor().stream_reader(f, read_size=READ_SIZE)
-        reader = ForwardReader(raw)
-        for member in read_members(reader):
-            mode = member.mode & 0o7777
-            if member.type in TAR_REGULAR:
-                h, left = xxhash.xxh3_128(), member.size
-                while left:
-                    chunk = reader.read(min(left, READ_SIZE))
-                    if not chunk:
-                        raise EOFError(f"{member.name} is cut short")
-                    h.update(chunk)
-                    left -= len(chunk)
-                hasher.add_file(member.name, mode, h.hexdigest())
-            elif member.type == TAR_DIRECTORY:
-                hasher.add_dir(member.name, mode)
-            elif member.type == TAR_SYMLINK:
-                hasher.add_symlink(member.name, member.linkname)
-            elif member.type == TAR_HARDLINK:
-                hasher.add_hardlink(member.name, member.linkname)
-            else:
-                raise CorruptArchive(f"{member.name}: an entry of type {member.type!r}")
-        while raw.read(READ_SIZE):  # to the frame's end, where its checksum is
-            pass
-    return hasher.hexdigest()
 
 
 def _verified_key(path: Path) -> tuple:

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from envship.archive import check_id
+from envship.blob_id import UNREADABLE, blob_id
+from envship.errors import CorruptArchiveError
 from envship.files import write_json_atomic
 from envship.manifest import Manifest, ThinManifest, blob_manifest
 
@@ -96,6 +98,44 @@ class Archives:
                     self.put_manifest(id, manifest)
                 os.replace(partial, self.layout.archive(id))
             self.mark_used(id)
+
+    def adopt_received(
+        self,
+        id: str,
+        partial: str | os.PathLike[str],
+        manifest: Manifest | ThinManifest,
+    ) -> None:
+        """Adopt a blob that came from other machines, once it proves to be ``id``.
+
+        Its pieces matched the piece table of the offer, which binds them to
+        the offer's sender only: here the whole is bound to the id. An
+        archive must hash to its content id (read once, nothing written), a
+        thin pack's bytes to its own id. Otherwise ``partial`` is removed and
+        nothing is held for ``id``, so the genuine blob can still come, from
+        another offer.
+
+        Raises
+        ------
+        CorruptArchiveError
+            The blob is not what its id names; it is gone.
+        """
+        thin = isinstance(manifest, ThinManifest)
+        try:
+            got: str | None = blob_id(partial, thin=thin)
+            problem = f"its content hashes to {got}"
+        except UNREADABLE as e:
+            got, problem = None, f"it does not read as an archive ({e})"
+        if got != id:
+            os.unlink(partial)
+            logger.warning("envship: refused a blob offered as %s: %s", id, problem)
+            raise CorruptArchiveError(
+                manifest.name,
+                f"the {'thin pack' if thin else 'archive'} offered as {id} is not "
+                f"it: {problem}; its sender's bytes were another environment's or "
+                "damaged, and this node keeps nothing of them",
+                "call use_environment again from the client that packed it",
+            )
+        self.adopt(id, partial, manifest)
 
     def discard(self, id: str) -> None:
         """Remove the artifact of ``id``, its manifest and its use stamp."""

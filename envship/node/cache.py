@@ -194,15 +194,16 @@ class EnvCache:
         self,
         id: str,
         partial: str | os.PathLike[str],
-        manifest: Manifest | ThinManifest | None,
+        manifest: Manifest | ThinManifest,
     ) -> None:
-        """Move a complete artifact file from ``tmp/`` into place (a rename).
+        """Move a complete downloaded blob from ``tmp/`` into place (a rename).
 
-        The one way an incoming blob enters the cache. What is held for an id
-        is never replaced: if the archive is here already, ``partial`` is
-        dropped.
+        The one way an incoming blob enters the cache, once it hashes to
+        ``id`` (:meth:`Archives.adopt_received`: an archive is read once for
+        its content id). What is held for an id is never replaced: if the
+        archive is here already, ``partial`` is dropped.
         """
-        self.archives.adopt(id, partial, manifest)
+        self.archives.adopt_received(id, partial, manifest)
 
     def fetch_lock(self, id: str) -> FileLock:
         """The lock one nanny of the node holds while it downloads ``id``.

@@ -54,6 +54,8 @@ class Download:
     received: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    #: The whole was refused as not the id it was offered as (``error`` says why).
+    not_its_id: bool = False
     started: float = field(default_factory=time.time)
 
     def __post_init__(self):
@@ -110,6 +112,7 @@ class Download:
         return WaitAnswer(
             complete=self.done.is_set() and self.error is None,
             error=self.error,
+            not_its_id=self.not_its_id or None,
             have=self.count,
             count=self.table.count,
             received=dict(self.received),

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import dask.utils
 
 from envship import config
-from envship.errors import EnvshipError
+from envship.errors import CorruptArchiveError, EnvshipError
 
 from .choice import Limits, NodeView, PeerView, choose
 from .download import Download, PeerState, disk_error, resume
@@ -160,6 +160,8 @@ class Fetcher:
                 await self._download(download)
         except asyncio.CancelledError:
             download.error = download.error or "cancelled"
+        except CorruptArchiveError as e:  # complete, and not its id
+            download.error, download.not_its_id = e.problem, True
         except EnvshipError as e:
             download.error = e.problem
         except Exception as e:  # a full disk, a bug: report it to whoever waits

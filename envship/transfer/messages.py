@@ -217,7 +217,9 @@ class OfferAnswer:
 class WaitAnswer:
     """What ``envship_wait`` answers: a download's state.
 
-    ``complete`` once the blob is in the node cache; ``error`` if it failed.
+    ``complete`` once the blob is in the node cache; ``error`` if it failed,
+    and ``not_its_id`` if it failed because the blob, complete, was not the id
+    it was offered as (its sender's copy is to check).
     For a download under way (or just ended), also the pieces it holds
     (``have``) of ``count``, bytes ``received`` per source, pieces
     ``rejected`` per source, peers ``dropped`` and why, and the pieces no
@@ -227,7 +229,7 @@ class WaitAnswer:
     Examples
     --------
     >>> WaitAnswer.from_msg({"complete": True, "error": None})
-    WaitAnswer(complete=True, error=None, have=None, count=None, received=None, rejected=None, dropped=None, unavailable=None)
+    WaitAnswer(complete=True, error=None, have=None, count=None, received=None, rejected=None, dropped=None, unavailable=None, not_its_id=None)
     """
 
     complete: bool
@@ -238,10 +240,11 @@ class WaitAnswer:
     rejected: dict[str, int] | None = None
     dropped: dict[str, str] | None = None
     unavailable: tuple[int, ...] | None = None
+    not_its_id: bool | None = None
 
     def to_msg(self) -> dict:
         msg: dict[str, Any] = {"complete": self.complete}
-        for name in ("have", "count", "received", "rejected", "dropped"):
+        for name in ("not_its_id", "have", "count", "received", "rejected", "dropped"):
             if getattr(self, name) is not None:
                 msg[name] = getattr(self, name)
         if self.unavailable is not None:
@@ -256,6 +259,9 @@ class WaitAnswer:
         return cls(
             complete=check_bool(m["complete"], "complete"),
             error=optional(check_error, m.get("error")),
+            not_its_id=optional(
+                lambda b: check_bool(b, "not_its_id"), m.get("not_its_id")
+            ),
             have=optional(lambda n: check_count(n, "pieces held"), m.get("have")),
             count=optional(lambda n: check_count(n, "a piece count"), m.get("count")),
             received=optional(lambda d: _counts(d, "received"), m.get("received")),

@@ -32,6 +32,8 @@ class FailureKind(enum.Enum):
     REFUSED = "refused"
     #: Its download failed: no live source of some pieces, a local error.
     ERROR = "error"
+    #: It got every piece, and the whole was not the id it was offered as.
+    NOT_ITS_ID = "not its id"
 
 
 @dataclass(frozen=True)
@@ -211,9 +213,8 @@ async def broadcast(
                 report.nodes[peer.address] = state.to_msg()
                 return
             if state.error:
-                report.failed[peer.address] = ShipFailure(
-                    FailureKind.ERROR, state.error
-                )
+                kind = FailureKind.NOT_ITS_ID if state.not_its_id else FailureKind.ERROR
+                report.failed[peer.address] = ShipFailure(kind, state.error)
                 return
             missing = [i for i in state.unavailable or () if i < table.count]
             stuck = stuck + 1 if missing and seeding.done() else 0

@@ -4,7 +4,8 @@ Transfer sits below the node side: it never imports the node cache, it takes
 one that has these members (``envship.node.cache.EnvCache`` does) and uses no
 others. Only the cache names files: transfer writes a download to the
 ``partial_path`` the cache gives, and hands it over complete with
-``adopt_archive``.
+``adopt_archive``, which refuses (an ``EnvshipError``, the partial file gone)
+a blob whose bytes are not the id it was offered as.
 """
 
 from __future__ import annotations
