@@ -19,14 +19,17 @@ What is modelled, after the real code:
   of its own site (all nodes with one site), ``PUSH_SLOTS`` at once
   (``seed.py``); once it has pushed all, it asks every node each second for
   the pieces no live peer it knows holds (``Download.unavailable``) and after
-  two such answers in a row pushes them (``seed.follow``).
-- Every node learns its peers from the client's offer (all fetchers, today)
-  and long-polls each peer it polls for its bitmap (``have``: an answer per
-  new piece, or after ``HAVE_WAIT`` without news); ``--peers K`` polls a
-  random K of them only (K of each site, when there are sites), the others
-  stay known (so that every node of a site agrees on the crossers) but are
-  never asked. ``--peers 0`` polls every peer, as the real code does
-  today.
+  two such answers in a row pushes them (``seed.follow``), each piece to one
+  node per ``REPUSH_AFTER`` seconds.
+- Every node learns its peers from the client's offer (all fetchers) and
+  long-polls each peer it polls for its bitmap (``have``: an answer per new
+  piece, or after ``HAVE_WAIT`` without news). Which ones it polls is
+  :func:`envship.transfer.choice.peers_to_poll`'s choice, as in the fetch
+  loop: ``--peers K`` (``envship.transfer.peers-polled``, 24) of each site at
+  random, and K more whenever no new piece came for ``POLL_MORE_AFTER`` and
+  no polled peer holds a piece it lacks; the others stay known (so that
+  every node of a site agrees on the crossers) but are never asked.
+  ``--peers 0`` polls every peer, as the real code did before the bound.
 - A node calls ``choose`` whenever something changed for it (a piece came,
   a request ended, a peer's bitmap changed, a peer was dropped, a piece
   timeout expired) and sends the requests it returns. A peer that dies is
@@ -70,7 +73,9 @@ file (``bench/broadcast.py`` writes its scaling series so)::
               "piece_size": 4194304}}
 
 ``link`` keys other than ``rate`` and ``size`` are optional (defaults as
-here; ``peers`` 0, every peer polled, as the real code does today). It prints both series and the error of each; target within 15%.
+here; ``peers`` as the real run polled, default 24; 0 for a series
+measured before the bound, when every peer was polled). It prints both
+series and the error of each; target within 15%.
 """
 
 from __future__ import annotations
@@ -91,18 +96,23 @@ import dask.utils
 from dask.utils import parse_bytes
 
 from envship import config
-from envship.transfer.choice import Limits, NodeView, PeerView, choose, crosser
-from envship.transfer.fetch import HAVE_WAIT
+from envship.transfer.choice import (
+    PEERS_POLLED,
+    Limits,
+    NodeView,
+    PeerView,
+    choose,
+    crosser,
+    peers_to_poll,
+)
+from envship.transfer.fetch import HAVE_WAIT, POLL_MORE_AFTER
 from envship.transfer.pieces import piece_size as default_piece_size
-from envship.transfer.seed import PUSH_SLOTS
+from envship.transfer.seed import PUSH_SLOTS, REPUSH_AFTER
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import target_line  # noqa: E402
 
 INF = math.inf
-#: Peers of each site a node polls, by default: what a BitTorrent tracker
-#: hands out is of this order (50), and 24 keeps a node's messages flat in N.
-PEERS_POLLED = 24
 #: Seconds between the client's ``wait`` calls (seed.follow) and the checks
 #: of a late node's fetch loop (Fetcher.fetch).
 FOLLOW_EVERY = 1.0
@@ -188,6 +198,7 @@ class Node:
         "known",
         "serving",
         "next_step",
+        "tick_count",
     )
 
     def __init__(self, id: int, site: str | None, rate: float, pieces: int):
@@ -224,6 +235,7 @@ class Node:
         self.known: set[int] | None = None
         self.serving = 0
         self.next_step = 0.0
+        self.tick_count = -1
 
 
 class Simulation:
@@ -252,6 +264,8 @@ class Simulation:
         self.client_bytes = 0
         self.client_lost: set[int] = set()
         self.seeding_done = INF
+        #: When the client last pushed each piece again (seed.follow).
+        self.pushed_at: dict[int, float] = {}
         self.chooses = 0
         self.events = 0
         self.cross_by_crosser = 0
@@ -368,7 +382,9 @@ class Simulation:
             if node.stuck >= 2:
                 node.stuck = 0
                 for index in missing:
-                    self.push(node, index, None)
+                    if self.now - self.pushed_at.get(index, -INF) >= REPUSH_AFTER:
+                        self.pushed_at[index] = self.now
+                        self.push(node, index, None)
         if waiting:
             self.at(self.now + FOLLOW_EVERY, self.follow)
 
@@ -435,6 +451,7 @@ class Simulation:
         node.started = True
         node.sent += 1  # the registry hears that it holds some (hold)
         self.learn(node, [p for p in known if p is not node])
+        self.at(self.now + POLL_MORE_AFTER, self.tick, node)
         self.wake(node)
 
     def learn(self, node: Node, known: list[Node]) -> None:
@@ -443,25 +460,42 @@ class Simulation:
         if node.known is not None:
             node.known.update(p.id for p in known)
         fresh = [p for p in known if p.id not in node.peers and p is not node]
-        if k:
-            by_site: dict[str | None, list[Node]] = {}
-            for p in fresh:
-                by_site.setdefault(p.site, []).append(p)
-            chosen: list[Node] = []
-            for site, ps in by_site.items():
-                polled = sum(
-                    1
-                    for q in node.peers.values()
-                    if not q.dropped and self.nodes[q.id].site == site
-                )
-                want = max(0, k - polled)
-                chosen += ps if len(ps) <= want else self.rng.sample(ps, want)
-        else:
-            chosen = fresh
+        polled: dict[str | None, int] = {}
+        for q in node.peers.values():
+            if not q.dropped:
+                site = self.nodes[q.id].site
+                polled[site] = polled.get(site, 0) + 1
+        self.poll(node, peers_to_poll(fresh, polled, k, self.rng))
+
+    def poll(self, node: Node, chosen: list[Node]) -> None:
         for p in chosen:
             node.peers[p.id] = Peer(p.id)
             self.at(self.now + self.latency(node, p), self.poll_arrives, node, p)
         self.refresh_members(node)
+
+    def tick(self, node: Node) -> None:
+        """``Fetcher._start_polls``: no new piece for a while and none to ask for."""
+        if node.done < INF or not node.alive:
+            return
+        if node.count == node.tick_count and self.unavailable(node):
+            self.grow(node)
+        node.tick_count = node.count
+        self.at(self.now + POLL_MORE_AFTER, self.tick, node)
+
+    def grow(self, node: Node) -> None:
+        """No polled peer holds pieces it lacks: poll ``--peers`` more it knows."""
+        k = self.setup.peers
+        if not k:
+            return
+        known = node.known
+        unpolled = [
+            q
+            for q in self.nodes
+            if q is not node
+            and q.id not in node.peers
+            and (not q.late if known is None else q.id in known)
+        ]
+        self.poll(node, peers_to_poll(unpolled, {}, k, self.rng, more=True))
 
     def refresh_members(self, node: Node) -> None:
         """The own-site peers ``node`` knows and does not poll: never asked.
@@ -946,8 +980,7 @@ def validate(path: Path, base: Setup) -> list[dict[str, Any]]:
         latency=float(link.get("latency", base.latency)),
         size=int(link.get("size", base.size)),
         piece_size=int(link.get("piece_size", base.piece_size)),
-        # The real code polls every peer it knows, today.
-        peers=int(link.get("peers", 0)),
+        peers=int(link.get("peers", PEERS_POLLED)),
     )
     rows = []
     print(
@@ -1004,7 +1037,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--serve-slots",
         type=int,
         default=0,
-        help="pieces a node sends at once, else busy (0: no limit, as today)",
+        help="pieces a node sends at once, else busy (0: no limit, as the real code)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(

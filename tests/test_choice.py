@@ -1,5 +1,6 @@
 """Piece choice (``envship.transfer.choice``) on plain data, no cluster: rarest
-first, the budgets, dropped and busy peers, sites and their crossers."""
+first, the budgets, dropped and busy peers, sites and their crossers, and
+which peers a node polls."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from envship.transfer.choice import (
     Request,
     choose,
     crosser,
+    peers_to_poll,
 )
+from envship.transfer.download import Download
+from envship.transfer.pieces import Offer, Peer, PieceTable
 
 LIMITS = Limits(piece_timeout=30.0)
 
@@ -218,3 +222,36 @@ def test_the_seeded_site_never_crosses_before_a_piece_timeout():
     # A node of another site than the seeded one crosses as usual.
     west = NodeView("w0", bytes(count), site="north", seed_site="east")
     assert len(choose(west, [far], 0.0, random.Random(0), wide).requests) == count
+
+
+# -- which peers a node polls -------------------------------------------------------
+
+
+def test_a_node_polls_a_few_of_each_site_and_more_only_when_asked():
+    rng = random.Random(0)
+    east = [PeerView(f"e{i}", site="east") for i in range(30)]
+    west = [PeerView(f"w{i}", site="west") for i in range(30)]
+    chosen = peers_to_poll(east + west, {}, 4, rng)
+    assert Counter(p.site for p in chosen) == {"east": 4, "west": 4}
+    # Topped up to 4 a site: east polls 3 live ones already.
+    chosen = peers_to_poll(east + west, {"east": 3, "west": 4}, 4, rng)
+    assert [p.site for p in chosen] == ["east"]
+    more = peers_to_poll(east + west, {"east": 4, "west": 4}, 4, rng, more=True)
+    assert Counter(p.site for p in more) == {"east": 4, "west": 4}
+    assert peers_to_poll(east[:2], {}, 4, rng) == east[:2]  # fewer than k: all
+    assert peers_to_poll(east, {"east": 9}, 0, rng) == east  # 0: every one
+
+
+def test_a_download_polls_k_peers_and_replaces_a_dropped_one():
+    table = PieceTable.of_bytes(bytes(4 << 16), piece_size=1 << 16)
+    offer = Offer("a" * 32, "env", None, table)  # type: ignore[arg-type]
+    download = Download(offer, None, None)  # type: ignore[arg-type]
+    download.add_peers([Peer(f"tcp://n{i}:1") for i in range(10)], "tcp://me:1")
+    rng = random.Random(0)
+    assert len(download.poll_more(3, rng)) == 3
+    assert download.poll_more(3, rng) == []  # three polled: none more
+    polled = [p for p in download.peers.values() if p.polled]
+    polled[0].dropped = "gone"
+    assert len(download.poll_more(3, rng)) == 1  # the dropped one replaced
+    assert len(download.poll_more(3, rng, more=True)) == 3
+    assert sum(p.polled for p in download.peers.values()) == 7

@@ -155,9 +155,12 @@ def test_a_broadcast_says_what_kind_of_failure_each_node_met(base):
 # -- broadcast on real clusters -------------------------------------------------
 
 
-def test_six_nodes_get_it_while_the_client_sends_it_about_once(tmp_path, base):
+@pytest.mark.parametrize("polled", [24, 1])
+def test_six_nodes_get_it_while_the_client_sends_it_about_once(tmp_path, base, polled):
+    # 24: every peer polled; 1: one peer polled at first, more when stuck.
     nodes = {f"n{i}": 1 for i in range(6)}
-    with local_cluster(tmp_path / "c", nodes) as (client, caches):
+    polls = {"DASK_ENVSHIP__TRANSFER__PEERS_POLLED": str(polled)}
+    with local_cluster(tmp_path / "c", nodes, node_env=polls) as (client, caches):
         offer = offer_of(base)
         fetchers = [Peer(nanny) for nanny in nannies(client).values()]
         report = ship(client, base, offer, fetchers)
@@ -169,6 +172,10 @@ def test_six_nodes_get_it_while_the_client_sends_it_about_once(tmp_path, base):
             assert state["have"] == state["count"] == offer.table.count
             assert sum(state["received"].values()) == base.size
             assert not state["rejected"] and not state["dropped"]
+            if polled >= 5:
+                assert state["polled"] == 5
+            else:  # one at first, more when no polled peer held what it lacked
+                assert 1 <= state["polled"] <= 5
         from_peers = sum(
             n
             for state in report.nodes.values()

@@ -20,6 +20,11 @@ The rules:
   fetches it from another site; the others wait for it for a piece timeout
   at most. Nodes of the site the client seeds (``seed_site``) never cross
   before that timeout: the client sends them every piece.
+
+Which peers a node polls for their pieces is chosen here too
+(:func:`peers_to_poll`): a random few of each site, as a BitTorrent tracker
+hands out, so that the messages of a node do not grow with the cluster; a
+few more when no peer it polls holds what it lacks.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 #: Requests a fetching node keeps in flight, in all and per peer.
 REQUESTS_IN_FLIGHT = 6
@@ -37,6 +42,10 @@ BUSY_BACKOFF = 0.05
 
 #: One flag per piece, true when the piece is held (``bytes`` or ``bytearray``).
 Bitmap = bytes | bytearray
+#: Peers of each site a node polls at first (``envship.transfer.peers-polled``).
+PEERS_POLLED = 24
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -222,3 +231,42 @@ def _by_site(
     if crossers[index % len(crossers)] == node.address:
         return holders
     return holders if waited else []
+
+
+def peers_to_poll(
+    unpolled: Sequence[P],
+    polled_per_site: Mapping[str | None, int],
+    k: int,
+    rng: random.Random,
+    *,
+    site_of=lambda peer: peer.site,
+    more: bool = False,
+) -> list[P]:
+    """Which of the live peers a node knows and does not poll yet to poll now.
+
+    Enough of each site for ``k`` polled (``polled_per_site`` counts the
+    live ones polled already), chosen at random; with ``more`` (no polled
+    peer holds pieces the node lacks), ``k`` more of each site. ``k`` 0:
+    every one. ``site_of`` gives a peer's site (default: its ``site``).
+
+    Examples
+    --------
+    >>> rng = random.Random(0)
+    >>> peers = [PeerView(f"tcp://n{i}:1") for i in range(10)]
+    >>> len(peers_to_poll(peers, {}, 3, rng))
+    3
+    >>> peers_to_poll(peers, {None: 3}, 3, rng)
+    []
+    >>> len(peers_to_poll(peers, {None: 3}, 3, rng, more=True))
+    3
+    """
+    if not k:
+        return list(unpolled)
+    by_site: dict[str | None, list[P]] = {}
+    for peer in unpolled:
+        by_site.setdefault(site_of(peer), []).append(peer)
+    chosen: list[P] = []
+    for site, peers in by_site.items():
+        want = k if more else max(0, k - polled_per_site.get(site, 0))
+        chosen += peers if len(peers) <= want else rng.sample(peers, want)
+    return chosen

@@ -15,13 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from envship.errors import EnvshipError
 
+from .choice import peers_to_poll
 from .messages import WaitAnswer
 from .pieces import Offer, Peer, PieceTable
 
@@ -38,6 +41,9 @@ class PeerState:
     in_flight: int = 0
     busy_until: float = 0.0
     dropped: str | None = None
+    #: Whether this node asks it what it holds (``have``); the others it
+    #: knows of (so that its site agrees on crossers) but does not ask.
+    polled: bool = False
     poller: asyncio.Task | None = None
 
 
@@ -67,6 +73,8 @@ class Download:
         self.done = asyncio.Event()
         self.in_flight: set[int] = set()
         self.waiting_since: dict[int, float] = {}
+        #: When the fetch loop may next poll more peers (``fetch.POLL_MORE_AFTER``).
+        self.poll_more_at = 0.0
         self.fd: int | None = None
 
     @property
@@ -86,6 +94,25 @@ class Download:
             if peer.address != me and peer.address not in self.peers:
                 self.peers[peer.address] = PeerState(peer)
         self.changed.set()
+
+    def poll_more(self, k: int, rng: random.Random, *, more: bool = False):
+        """Mark the peers to poll now (:func:`.choice.peers_to_poll`); those.
+
+        ``k`` of each site at first (0: all), ``k`` more with ``more``.
+        """
+        live = [p for p in self.peers.values() if not p.dropped]
+        polled = Counter(p.peer.site for p in live if p.polled)
+        chosen = peers_to_poll(
+            [p for p in live if not p.polled],
+            polled,
+            k,
+            rng,
+            site_of=lambda p: p.peer.site,
+            more=more,
+        )
+        for p in chosen:
+            p.polled = True
+        return chosen
 
     def unavailable(self) -> list[int]:
         """Pieces that this node lacks and no live peer it would ask holds.
@@ -119,6 +146,7 @@ class Download:
             rejected=dict(self.rejected),
             dropped={a: p.dropped for a, p in self.peers.items() if p.dropped},
             unavailable=() if self.complete else tuple(self.unavailable()),
+            polled=sum(1 for p in self.peers.values() if p.polled),
         )
 
     def bitmap(self) -> bytes:

@@ -36,6 +36,9 @@ logger = logging.getLogger("envship.transfer")
 
 #: Seconds a ``have`` request waits for news before answering.
 HAVE_WAIT = 1.0
+#: Seconds without a new piece, while no polled peer holds some piece this
+#: node lacks, before it polls ``peers-polled`` more of each site.
+POLL_MORE_AFTER = 1.0
 
 
 class Fetcher:
@@ -66,6 +69,7 @@ class Fetcher:
             config.get("transfer.piece-timeout")
         )
         self.limits = Limits(piece_timeout=self.piece_timeout)
+        self.peers_polled = int(config.get("transfer.peers-polled"))
         self._rng = random.Random()
         #: Called with a download and "started", "complete" or "failed".
         self.on_event: Callable[[Download, str], None] = lambda d, event: None
@@ -233,9 +237,7 @@ class Fetcher:
                         "sending, and no peer has them)",
                         "call use_environment again: the pieces here are kept",
                     )
-                for p in download.peers.values():
-                    if p.poller is None and not p.dropped:
-                        p.poller = asyncio.create_task(self._poll(download, p))
+                self._start_polls(download, count, progress)
                 for index, p in self._choose(download):
                     request = self._request(download, p, index)
                     requests.add(asyncio.create_task(request))
@@ -281,6 +283,22 @@ class Fetcher:
             )
             or "disk",
         )
+
+    def _start_polls(self, download: Download, count: int, since: float) -> None:
+        """Poll the peers :meth:`Download.poll_more` picks; more when stuck.
+
+        Stuck: no new piece for ``POLL_MORE_AFTER`` seconds while no polled
+        peer holds some piece this node lacks (checked once per that time).
+        """
+        now = time.monotonic()
+        more = False
+        if now - since >= POLL_MORE_AFTER and now >= download.poll_more_at:
+            download.poll_more_at = now + POLL_MORE_AFTER
+            more = bool(download.unavailable())
+        download.poll_more(self.peers_polled, self._rng, more=more)
+        for p in download.peers.values():
+            if p.polled and p.poller is None and not p.dropped:
+                p.poller = asyncio.create_task(self._poll(download, p))
 
     def _choose(self, download: Download) -> list[tuple[int, PeerState]]:
         """Requests to make now (:func:`.choice.choose`), counted in flight."""

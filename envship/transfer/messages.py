@@ -229,7 +229,7 @@ class WaitAnswer:
     Examples
     --------
     >>> WaitAnswer.from_msg({"complete": True, "error": None})
-    WaitAnswer(complete=True, error=None, have=None, count=None, received=None, rejected=None, dropped=None, unavailable=None, not_its_id=None)
+    WaitAnswer(complete=True, error=None, have=None, count=None, received=None, rejected=None, dropped=None, unavailable=None, not_its_id=None, polled=None)
     """
 
     complete: bool
@@ -241,10 +241,20 @@ class WaitAnswer:
     dropped: dict[str, str] | None = None
     unavailable: tuple[int, ...] | None = None
     not_its_id: bool | None = None
+    #: Peers it asked what they hold (``envship.transfer.peers-polled``).
+    polled: int | None = None
 
     def to_msg(self) -> dict:
         msg: dict[str, Any] = {"complete": self.complete}
-        for name in ("not_its_id", "have", "count", "received", "rejected", "dropped"):
+        for name in (
+            "not_its_id",
+            "have",
+            "count",
+            "received",
+            "rejected",
+            "dropped",
+            "polled",
+        ):
             if getattr(self, name) is not None:
                 msg[name] = getattr(self, name)
         if self.unavailable is not None:
@@ -262,6 +272,7 @@ class WaitAnswer:
             not_its_id=optional(
                 lambda b: check_bool(b, "not_its_id"), m.get("not_its_id")
             ),
+            polled=optional(lambda n: check_count(n, "peers polled"), m.get("polled")),
             have=optional(lambda n: check_count(n, "pieces held"), m.get("have")),
             count=optional(lambda n: check_count(n, "a piece count"), m.get("count")),
             received=optional(lambda d: _counts(d, "received"), m.get("received")),

@@ -2,7 +2,7 @@
 
 The client pushes each piece once, round robin, to the nodes that fetch, while
 they pass pieces on to each other (see :mod:`envship.transfer.fetch`). A piece
-that no live node holds is pushed again to whoever lacks it.
+that no live node holds is pushed again, to one node that lacks it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,9 @@ from .pieces import Offer, Peer
 
 #: Pieces the client pushes at once (over all nodes).
 PUSH_SLOTS = 6
+#: Seconds before the client pushes a piece again that it pushed again
+#: already: once to one node that lacks it, the others then fetch it there.
+REPUSH_AFTER = 2.0
 
 
 # -- the client side: seeding ------------------------------------------------------
@@ -97,7 +101,9 @@ async def broadcast(
     The client pushes each piece once, round robin over the fetchers (every
     piece to every fetcher when not ``peer_to_peer``, as a plain push would),
     while the fetchers pull the rest from each other and from ``holders``.
-    Pieces that no live node holds are pushed again to whoever lacks them.
+    A piece that a node finds no live peer for, twice a second apart, is
+    pushed again: to one such node every ``REPUSH_AFTER`` seconds, and the
+    others fetch it from there.
 
     Parameters
     ----------
@@ -190,6 +196,7 @@ async def broadcast(
         await asyncio.gather(*(one(p, i) for p, i in plan))
 
     held = {p.address: 0 for p in alive}
+    repushed: dict[int, float] = {}  # piece -> when it was last pushed again
 
     async def follow(peer: Peer, f) -> None:
         """Wait for ``peer`` to complete; push what no live node holds."""
@@ -220,6 +227,10 @@ async def broadcast(
             stuck = stuck + 1 if missing and seeding.done() else 0
             if stuck >= 2:
                 for index in missing:
+                    now = time.monotonic()
+                    if now - repushed.get(index, -REPUSH_AFTER) < REPUSH_AFTER:
+                        continue  # another node got it a moment ago
+                    repushed[index] = now
                     try:
                         await push(peer, index, f)
                     except Exception as e:
