@@ -103,6 +103,7 @@ from envship.transfer.choice import (
     PeerView,
     choose,
     crosser,
+    late_pieces,
     peers_to_poll,
 )
 from envship.transfer.fetch import HAVE_WAIT, POLL_MORE_AFTER
@@ -199,6 +200,8 @@ class Node:
         "serving",
         "next_step",
         "tick_count",
+        "asked",
+        "typical",
     )
 
     def __init__(self, id: int, site: str | None, rate: float, pieces: int):
@@ -236,6 +239,8 @@ class Node:
         self.serving = 0
         self.next_step = 0.0
         self.tick_count = -1
+        self.asked: dict[int, list[tuple[float, str]]] = {}
+        self.typical: float | None = None
 
 
 class Simulation:
@@ -626,6 +631,9 @@ class Simulation:
             views.append(v)
         if node.members:
             views += node.members
+        late, late_at = late_pieces(node.asked, self.now, node.typical, self.limits)
+        if late_at is not None:
+            self.alarm(node, late_at + 1e-6)
         view = NodeView(
             node.address,
             node.have,
@@ -633,6 +641,7 @@ class Simulation:
             seed_site=node.seed_site,
             in_flight=frozenset(node.in_flight),
             waiting_since=node.waiting_since,
+            late=late,
         )
         self.chooses += 1
         choice = choose(view, views, self.now, self.choice_rng, self.limits)
@@ -643,6 +652,7 @@ class Simulation:
             p.in_flight += 1
             node.views.pop(peer.id, None)
             node.in_flight.add(index)
+            node.asked.setdefault(index, []).append((self.now, address))
             if peer.site != node.site:
                 if crosser(view, views, index) == node.address:
                     self.cross_by_crosser += 1
@@ -697,17 +707,29 @@ class Simulation:
             self.at(end - self.latency(node, peer), self.sent_piece, peer)
         self.at(end, self.piece_arrives, node, peer, index, nbytes)
 
-    def ended(self, node: Node, peer: Node, index: int) -> Peer:
+    def ended(self, node: Node, peer: Node, index: int, came: bool = False) -> Peer:
+        """``Download.answered``: the request is over; ``came``: the piece, first."""
         p = node.peers[peer.id]
         p.in_flight -= 1
         node.views.pop(peer.id, None)
-        node.in_flight.discard(index)
+        requests = node.asked.get(index, [])
+        for request in requests:
+            if request[1] == peer.address:
+                requests.remove(request)
+                if came:
+                    took = self.now - request[0]
+                    old = node.typical
+                    node.typical = took if old is None else 0.8 * old + 0.2 * took
+                break
+        if not requests:
+            node.asked.pop(index, None)
+            node.in_flight.discard(index)
         return p
 
     def piece_arrives(self, node: Node, peer: Node, index: int, nbytes: int) -> None:
         if not node.alive:
             return
-        self.ended(node, peer, index)
+        self.ended(node, peer, index, came=not node.have[index])
         if peer.dies < self.now - self.latency(node, peer):
             self.drop(node, peer.id)
             return

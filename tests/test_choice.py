@@ -7,6 +7,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from envship.transfer.choice import (
     Limits,
     NodeView,
@@ -14,6 +16,7 @@ from envship.transfer.choice import (
     Request,
     choose,
     crosser,
+    late_pieces,
     peers_to_poll,
 )
 from envship.transfer.download import Download
@@ -255,3 +258,45 @@ def test_a_download_polls_k_peers_and_replaces_a_dropped_one():
     assert len(download.poll_more(3, rng)) == 1  # the dropped one replaced
     assert len(download.poll_more(3, rng, more=True)) == 3
     assert sum(p.polled for p in download.peers.values()) == 7
+
+
+# -- late requests ----------------------------------------------------------------
+
+
+def test_a_late_piece_is_asked_of_another_peer_of_its_site_once():
+    slow = PeerView("slow", site="east", have=bitmap(0, count=1))
+    fast = PeerView("fast", site="east", have=bitmap(0, count=1))
+    west = PeerView("west", site="west", have=bitmap(0, count=1))
+    asked = {0: [(0.0, "slow")]}
+    waiting = node(count=1, site="east", in_flight=frozenset({0}))
+    # Not late yet: nothing more is asked.
+    late, upcoming = late_pieces(asked, 0.1, 0.1, LIMITS)
+    assert late == {} and upcoming == pytest.approx(0.4)
+    assert requests(waiting, [slow, fast, west]) == ()
+    # Late: asked of the other peer of its site, never again of the slow one
+    # nor across sites.
+    late, _ = late_pieces(asked, 1.0, 0.1, LIMITS)
+    assert late == {0: frozenset({"slow"})}
+    view = node(count=1, site="east", in_flight=frozenset({0}), late=late)
+    assert requests(view, [slow, fast, west]) == (Request(0, "fast"),)
+    assert requests(view, [slow, west]) == ()
+    # Asked twice: never a third time; before any piece came, nothing is late.
+    assert late_pieces({0: [(0.0, "slow"), (1.0, "fast")]}, 9.0, 0.1, LIMITS)[0] == {}
+    assert late_pieces(asked, 9.0, None, LIMITS) == ({}, None)
+
+
+def test_a_download_counts_each_request_and_learns_how_long_a_piece_takes():
+    table = PieceTable.of_bytes(bytes(4 << 16), piece_size=1 << 16)
+    offer = Offer("a" * 32, "env", None, table)  # type: ignore[arg-type]
+    download = Download(offer, None, None)  # type: ignore[arg-type]
+    download.asking(0, "slow", 0.0)
+    download.asking(0, "fast", 1.0)  # late: asked again
+    download.answered(0, "fast", 1.2, came=True)
+    assert download.typical == pytest.approx(0.2)
+    assert 0 in download.in_flight  # the slow request is still out
+    download.answered(0, "slow", 5.0, came=False)  # came second: not counted
+    assert download.typical == pytest.approx(0.2)
+    assert 0 not in download.in_flight and not download.asked
+    download.asking(1, "fast", 2.0)
+    download.answered(1, "fast", 2.4, came=True)
+    assert download.typical == pytest.approx(0.8 * 0.2 + 0.2 * 0.4)

@@ -14,6 +14,10 @@ The rules:
   ``Limits.per_peer`` per peer; each request goes to the candidate with the
   fewest in flight.
 - A dropped peer is never asked; a busy one not before its ``busy_until``.
+- A piece asked of one peer for much longer than a piece takes
+  (:func:`late_pieces`: a slow node, or one whose link is queued up) is asked
+  of another peer of the same site that holds it too; whichever answers
+  first is kept.
 - Sites: a node with a site label asks peers of its own site when any of them
   holds the piece. Else, for each piece, one node of the site (a stable
   choice by the piece's number among the site's live nodes, "the crosser")
@@ -39,6 +43,10 @@ REQUESTS_IN_FLIGHT = 6
 REQUESTS_PER_PEER = 2
 #: Seconds a peer that answered "busy" is left alone.
 BUSY_BACKOFF = 0.05
+#: A request is late after this many times the typical time of a piece, and
+#: at least this many seconds.
+LATE_FACTOR = 4.0
+LATE_MIN = 0.05
 
 #: One flag per piece, true when the piece is held (``bytes`` or ``bytearray``).
 Bitmap = bytes | bytearray
@@ -59,6 +67,10 @@ class Limits:
     per_peer: int = REQUESTS_PER_PEER
     #: Seconds a busy peer is left alone (applied by the caller).
     busy_backoff: float = BUSY_BACKOFF
+    #: A request is late after this many times the typical time of a piece
+    #: (and at least ``late_min`` seconds): see :func:`late_pieces`.
+    late_factor: float = LATE_FACTOR
+    late_min: float = LATE_MIN
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,9 @@ class NodeView:
     in_flight: frozenset[int] = frozenset()
     #: Piece -> when it was first seen only at other sites (from the last Choice).
     waiting_since: Mapping[int, float] = field(default_factory=dict)
+    #: Pieces in flight whose request is late (:func:`late_pieces`) -> the
+    #: peers asked: they are asked of another peer.
+    late: Mapping[int, frozenset[str]] = field(default_factory=dict)
 
 
 class Request(NamedTuple):
@@ -142,8 +157,11 @@ def choose(
     ]
     if not live:
         return Choice((), waiting_since)
+    late = node.late
     needed = [
-        i for i in range(len(node.have)) if not node.have[i] and i not in node.in_flight
+        i
+        for i in range(len(node.have))
+        if not node.have[i] and (i not in node.in_flight or i in late)
     ]
     rng.shuffle(needed)
     holders = {i: [p for p in live if p.holds(i)] for i in needed}
@@ -151,10 +169,14 @@ def choose(
     crossers = _site_nodes(node, peers)
     chosen: list[Request] = []
     for i in needed:
+        asked = late.get(i)
         candidates = [
             p
             for p in _by_site(node, i, holders[i], crossers, waiting_since, now, limits)
             if in_flight[p.address] < limits.per_peer
+            # A late piece: of another peer of its own site only (the link
+            # between sites is slow by nature, not a reason to cross twice).
+            and (asked is None or (p.address not in asked and p.site == node.site))
         ]
         if not candidates:
             continue
@@ -164,6 +186,42 @@ def choose(
         if len(chosen) >= budget:
             break
     return Choice(tuple(chosen), waiting_since)
+
+
+def late_pieces(
+    asked: Mapping[int, Sequence[tuple[float, str]]],
+    now: float,
+    typical: float | None,
+    limits: Limits,
+) -> tuple[dict[int, frozenset[str]], float | None]:
+    """The pieces whose one request is late, and when the next one will be.
+
+    ``asked`` maps each piece in flight to its requests (when sent, to
+    which peer); ``typical`` is how long a piece takes this node lately
+    (None: none came yet, so nothing is late). Late: asked of one peer only,
+    ``late_factor`` times ``typical`` ago (``late_min`` at least). A piece
+    asked twice is never asked a third time.
+
+    Examples
+    --------
+    >>> limits = Limits(piece_timeout=30)
+    >>> late_pieces({0: [(0.0, "slow")], 1: [(0.9, "a")]}, 1.0, 0.1, limits)
+    ({0: frozenset({'slow'})}, 1.3)
+    """
+    if typical is None:
+        return {}, None
+    after = max(limits.late_factor * typical, limits.late_min)
+    late: dict[int, frozenset[str]] = {}
+    upcoming: float | None = None
+    for index, requests in asked.items():
+        if len(requests) != 1:
+            continue
+        sent, peer = requests[0]
+        if now - sent > after:
+            late[index] = frozenset({peer})
+        elif upcoming is None or sent + after < upcoming:
+            upcoming = sent + after
+    return late, upcoming
 
 
 def crosser(node: NodeView, peers: Sequence[PeerView], index: int) -> str | None:

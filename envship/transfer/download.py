@@ -72,6 +72,12 @@ class Download:
         self.opened = asyncio.Event()  # the partial file is ready for pieces
         self.done = asyncio.Event()
         self.in_flight: set[int] = set()
+        #: Piece -> its requests in flight (when sent, to which peer).
+        self.asked: dict[int, list[tuple[float, str]]] = {}
+        #: Seconds a piece took lately (a moving average); None before one came.
+        self.typical: float | None = None
+        #: When the next request in flight becomes late (``choice.late_pieces``).
+        self.late_at: float | None = None
         self.waiting_since: dict[int, float] = {}
         #: When the fetch loop may next poll more peers (``fetch.POLL_MORE_AFTER``).
         self.poll_more_at = 0.0
@@ -94,6 +100,26 @@ class Download:
             if peer.address != me and peer.address not in self.peers:
                 self.peers[peer.address] = PeerState(peer)
         self.changed.set()
+
+    def asking(self, index: int, address: str, now: float) -> None:
+        """A request for piece ``index`` goes to ``address`` now."""
+        self.in_flight.add(index)
+        self.asked.setdefault(index, []).append((now, address))
+
+    def answered(self, index: int, address: str, now: float, *, came: bool) -> None:
+        """The request for ``index`` to ``address`` ended; ``came``: with the piece."""
+        requests = self.asked.get(index, [])
+        for request in requests:
+            if request[1] == address:
+                requests.remove(request)
+                if came:
+                    took = now - request[0]
+                    old = self.typical
+                    self.typical = took if old is None else 0.8 * old + 0.2 * took
+                break
+        if not requests:
+            self.asked.pop(index, None)
+            self.in_flight.discard(index)
 
     def poll_more(self, k: int, rng: random.Random, *, more: bool = False):
         """Mark the peers to poll now (:func:`.choice.peers_to_poll`); those.

@@ -26,7 +26,7 @@ import dask.utils
 from envship import config
 from envship.errors import CorruptArchiveError, EnvshipError
 
-from .choice import Limits, NodeView, PeerView, choose
+from .choice import Limits, NodeView, PeerView, choose, late_pieces
 from .download import Download, PeerState, disk_error, resume
 from .messages import Have, HaveAnswer, PieceAnswer, PieceRequest, WaitAnswer
 from .pieces import Offer, Peer
@@ -243,9 +243,12 @@ class Fetcher:
                     requests.add(asyncio.create_task(request))
                 download.changed.clear()
                 changed = asyncio.create_task(download.changed.wait())
+                wake = 0.2
+                if download.late_at is not None:  # a request becomes late then
+                    wake = min(wake, max(download.late_at - time.monotonic(), 0.005))
                 done, _ = await asyncio.wait(
                     {changed, *requests},
-                    timeout=0.2,
+                    timeout=wake,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 changed.cancel()
@@ -302,6 +305,10 @@ class Fetcher:
 
     def _choose(self, download: Download) -> list[tuple[int, PeerState]]:
         """Requests to make now (:func:`.choice.choose`), counted in flight."""
+        now = time.monotonic()
+        late, download.late_at = late_pieces(
+            download.asked, now, download.typical, self.limits
+        )
         node = NodeView(
             self.address,
             download.have,
@@ -309,6 +316,7 @@ class Fetcher:
             seed_site=download.seed_site,
             in_flight=frozenset(download.in_flight),
             waiting_since=download.waiting_since,
+            late=late,
         )
         peers = [
             PeerView(
@@ -322,19 +330,20 @@ class Fetcher:
             )
             for address, p in download.peers.items()
         ]
-        choice = choose(node, peers, time.monotonic(), self._rng, self.limits)
+        choice = choose(node, peers, now, self._rng, self.limits)
         download.waiting_since = choice.waiting_since
         chosen = []
         for index, address in choice.requests:
             p = download.peers[address]
             p.in_flight += 1
-            download.in_flight.add(index)
+            download.asking(index, address, now)
             chosen.append((index, p))
         return chosen
 
     async def _request(self, download: Download, p: PeerState, index: int) -> None:
         """Ask ``p`` for piece ``index``; a peer's fault drops it, a local one raises."""
         d = download
+        came = False  # the piece, first: its time counts for ``typical``
         try:
             try:
                 msg = await self._ask_piece(d, p, index)
@@ -357,11 +366,15 @@ class Fetcher:
                 if p.have is not None:
                     p.have[index] = 0
                 p.complete = False
-            elif not await d.accept(index, reply.data, p.peer.address):
-                self._drop(d, p, f"sent a bad piece {index}")
+            else:
+                first = not d.have[index]
+                if not await d.accept(index, reply.data, p.peer.address):
+                    self._drop(d, p, f"sent a bad piece {index}")
+                else:
+                    came = first
         finally:
             p.in_flight -= 1
-            d.in_flight.discard(index)
+            d.answered(index, p.peer.address, time.monotonic(), came=came)
             d.changed.set()
 
     async def _ask_piece(self, d: Download, p: PeerState, index: int):
