@@ -103,6 +103,7 @@ from envship.transfer.choice import (
     PeerView,
     choose,
     crosser,
+    end_request,
     late_pieces,
     peers_to_poll,
 )
@@ -712,17 +713,10 @@ class Simulation:
         p = node.peers[peer.id]
         p.in_flight -= 1
         node.views.pop(peer.id, None)
-        requests = node.asked.get(index, [])
-        for request in requests:
-            if request[1] == peer.address:
-                requests.remove(request)
-                if came:
-                    took = self.now - request[0]
-                    old = node.typical
-                    node.typical = took if old is None else 0.8 * old + 0.2 * took
-                break
-        if not requests:
-            node.asked.pop(index, None)
+        none_left, node.typical = end_request(
+            node.asked, index, peer.address, self.now, node.typical, came=came
+        )
+        if none_left:
             node.in_flight.discard(index)
         return p
 

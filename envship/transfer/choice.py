@@ -224,6 +224,42 @@ def late_pieces(
     return late, upcoming
 
 
+def end_request(
+    asked: dict[int, list[tuple[float, str]]],
+    index: int,
+    address: str,
+    now: float,
+    typical: float | None,
+    *,
+    came: bool,
+) -> tuple[bool, float | None]:
+    """Forget the request for ``index`` to ``address`` in ``asked``, as it ended.
+
+    Returns whether no request for ``index`` is left, and ``typical``
+    updated (a moving average) if ``came``: the piece came with it, first.
+
+    Examples
+    --------
+    >>> asked = {0: [(1.0, "a"), (2.0, "b")]}
+    >>> end_request(asked, 0, "b", 2.5, None, came=True)
+    (False, 0.5)
+    >>> end_request(asked, 0, "a", 9.0, 0.5, came=False), asked
+    ((True, 0.5), {})
+    """
+    requests = asked.get(index, [])
+    for request in requests:
+        if request[1] == address:
+            requests.remove(request)
+            if came:
+                took = now - request[0]
+                typical = took if typical is None else 0.8 * typical + 0.2 * took
+            break
+    if requests:
+        return False, typical
+    asked.pop(index, None)
+    return True, typical
+
+
 def crosser(node: NodeView, peers: Sequence[PeerView], index: int) -> str | None:
     """The node of ``node``'s site that fetches piece ``index`` from other sites.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from envship.errors import EnvshipError
 
-from .choice import peers_to_poll
+from .choice import end_request, peers_to_poll
 from .messages import WaitAnswer
 from .pieces import Offer, Peer, PieceTable
 
@@ -108,17 +108,10 @@ class Download:
 
     def answered(self, index: int, address: str, now: float, *, came: bool) -> None:
         """The request for ``index`` to ``address`` ended; ``came``: with the piece."""
-        requests = self.asked.get(index, [])
-        for request in requests:
-            if request[1] == address:
-                requests.remove(request)
-                if came:
-                    took = now - request[0]
-                    old = self.typical
-                    self.typical = took if old is None else 0.8 * old + 0.2 * took
-                break
-        if not requests:
-            self.asked.pop(index, None)
+        none_left, self.typical = end_request(
+            self.asked, index, address, now, self.typical, came=came
+        )
+        if none_left:
             self.in_flight.discard(index)
 
     def poll_more(self, k: int, rng: random.Random, *, more: bool = False):
