@@ -114,10 +114,13 @@ class Download:
         if none_left:
             self.in_flight.discard(index)
 
-    def poll_more(self, k: int, rng: random.Random, *, more: bool = False):
-        """Mark the peers to poll now (:func:`.choice.peers_to_poll`); those.
+    def poll_more(
+        self, k: int, rng: random.Random, *, more: bool = False
+    ) -> list[PeerState]:
+        """Mark more peers to poll (:func:`.choice.peers_to_poll`); return them.
 
-        ``k`` of each site at first (0: all), ``k`` more with ``more``.
+        Live peers up to ``k`` of each site (0: all), so a dropped one is
+        replaced; ``k`` more of each site with ``more``.
         """
         live = [p for p in self.peers.values() if not p.dropped]
         polled = Counter(p.peer.site for p in live if p.polled)
