@@ -6,6 +6,7 @@ round, the two-site run included)::
 
     sudo .venv/bin/python bench/broadcast.py [--size 256MB] [--rounds 3] [--json out.json]
     sudo .venv/bin/python bench/broadcast.py --small
+    sudo .venv/bin/python bench/broadcast.py --series [--sim-json real.json]
 
 Simulated hosts: one network namespace per host, ``esb-client``,
 ``esb-scheduler`` and ``esb-node0`` .. ``esb-node7`` (addresses in
@@ -55,6 +56,43 @@ Targets: the client sends at most 1.1x the artifact whatever the node count;
 scatter(broadcast=True) and than the direct push; across two sites the slow
 link carries at most 1.2x the artifact into each site; scheduler RSS rises by
 under 50 MB during envship runs.
+
+The link-bound series (``--series``)
+------------------------------------
+
+The scaling runs at 2, 8, 16, 32 and 64 nodes (all 64 nannies started once,
+the first N used), with links slow enough that the machine's two cores are
+not what limits them: 250 KB/s host links, a 16 MiB blob in 64 pieces of
+256 KiB (about a second of a link each), two interleaved rounds, and
+``scatter(broadcast=True)`` once, at 64 nodes only (10 minutes; the direct
+push, 64 times the blob through the client's link, is left out). The
+figures it writes with ``--sim-json`` are what ``simulate.py --validate``
+reads. Choices, each for a reason the runs showed:
+
+- Why 250 KB/s, and pieces of a second: every node long-polls every peer it
+  knows (``have``), so 64 nodes exchange about 64 x 63 answers per second
+  whatever the link, one per new piece or per second without news
+  (``HAVE_WAIT``). Pieces much shorter than a second make that many more
+  (one per piece), and at a ``have`` round trip of a few tenths of a
+  millisecond of Python on each side 64 nodes become CPU-bound here.
+- The nannies' ``envship.transfer.piece-timeout`` (and ``idle-timeout``)
+  is 600 s, not 30 s: whoever holds the newest piece is asked for it by
+  every other node at once (rarest first), and its link, shared among up
+  to 63 x 2 requests of a 1-second piece, takes minutes for each; with
+  30 s every one of them times out and drops that peer (``simulate.py
+  --links fair --piece-timeout 30`` shows the client then sending the
+  blob many times over).
+- Lighter nodes: each worker runs with dask's profiler off and no memory
+  limit (so neither it nor its nanny samples anything every 10 ms): 64
+  idle workers profiling kept more than a core busy. A nanny and its
+  worker take about 70 MB each: 64 nodes fit in 24 GB many times over;
+  the two cores are the limit, not memory.
+- The tbf burst is 20 ms of the link's rate, at least 64 KiB (it was at
+  least 2 MiB: 8 s of free traffic at 250 KB/s).
+- Nannies start 8 at a time, each batch registered before the next
+  (64 at once on two cores took minutes and timed out).
+
+SERIES_FIGURES
 """
 
 from __future__ import annotations
@@ -83,6 +121,7 @@ import xxhash
 from dask.utils import parse_bytes
 from distributed import Client
 
+from envship import config
 from envship.manifest import Manifest
 from envship.transfer import Offer, Peer, PieceTable, broadcast, piece_size
 
@@ -103,6 +142,34 @@ CLIENT_SITE = "east"
 ENV = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "30s"}
 RUN_TIMEOUT = 900
 CLONE_NEWNET = 0x40000000
+#: Nannies started at once (each batch registers before the next starts).
+START_BATCH = 8
+#: ``--series``: link-bound, so that the machine's two cores are not what
+#: limits it (see the docstring).
+SERIES = {
+    "nodes": [2, 8, 16, 32, 64],
+    "rate": 250_000,
+    "size": 16 * 2**20,
+    "piece_size": 2**18,
+    "sites": False,
+    "baselines": ["scatter"],
+    "baselines_at": "largest",
+    "baseline_rounds": 1,
+    "rounds": 2,
+    "piece_timeout": "600s",
+}
+#: ``--series``: lighter nannies and workers. 128 idle processes that each
+#: sample their stack every 10 ms (dask's profiler), check their event loop
+#: every 20 ms and their system every 0.5 s kept 1.7 cores busy.
+LIGHT = {
+    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+    "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
+    "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "5s",
+    "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__DISK": "False",
+    "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__GIL__ENABLED": "False",
+}
+#: One-way latency of a host link, s, for the simulator: two veths and a bridge.
+LINK_LATENCY = 0.0002
 
 
 def sh(*argv: str) -> str:
@@ -128,7 +195,10 @@ def tx_bytes(ns: str, dev: str) -> int:
 
 def limit(ns: str, dev: str, rate: int) -> None:
     """Limit what ``dev`` sends to ``rate`` bytes/s."""
-    burst = max(2 * 2**20, rate // 50)  # 20 ms of traffic: far above rate/HZ
+    # 20 ms of traffic (far above rate/HZ), and at least one 64 KiB segment
+    # (GSO). Not a fixed 2 MiB: at a slow link's rate that would carry a good
+    # part of a small blob at no cost (2 s of a 1 MB/s link).
+    burst = max(2**16, rate // 50)
     sh(
         *("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf"),
         *("rate", f"{rate * 8}bit", "burst", str(burst), "latency", "100ms"),
@@ -178,8 +248,15 @@ class Testbed:
     """Namespaces, links and processes of one run; :meth:`close` removes them all."""
 
     def __init__(
-        self, workdir: Path, cache_root: Path, count: int, rate: int, slow_rate: int
+        self,
+        workdir: Path,
+        cache_root: Path,
+        count: int,
+        rate: int,
+        slow_rate: int,
+        nanny_env: dict[str, str] | None = None,
     ):
+        self.nanny_env = nanny_env or {}
         self.workdir = workdir
         self.cache_root = cache_root
         self.count = count
@@ -259,25 +336,39 @@ class Testbed:
             raise RuntimeError("the scheduler is not running")
         return self.scheduler.pid
 
-    def start_nodes(self, sites: bool) -> None:
-        """A nanny per node, west the second half if ``sites`` else all east."""
-        for k in range(self.count):
-            name = f"node{k}"
-            site = SITES[2 * k // self.count] if sites else None
-            self.attach(name, site or "east")
-            self.sites[name] = site
-            self.caches[name] = Path(tempfile.mkdtemp(dir=self.cache_root))
-            scratch = tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir)
-            env = {"DASK_ENVSHIP__CACHE__DIRECTORY": str(self.caches[name])}
-            if site:
-                env["DASK_ENVSHIP__SITE"] = site
-            argv = ["distributed.cli.dask_worker", SCHEDULER, "--nanny"]
-            argv += ["--nthreads", "1", "--host", node_ip(k), "--no-dashboard"]
-            argv += ["--preload-nanny", "envship", "--name", name]
-            argv += ["--local-directory", scratch]
-            self.nannies.append(self._start(name, argv, env))
+    def start_nodes(self, client: Client, sites: bool) -> None:
+        """A nanny per node, west the second half if ``sites`` else all east.
+
+        Started ``START_BATCH`` at a time, each batch registered before the
+        next starts: 64 nannies and their workers importing at once on two
+        cores would take minutes, and the first ones time out meanwhile.
+        """
+        for first in range(0, self.count, START_BATCH):
+            for k in range(first, min(first + START_BATCH, self.count)):
+                self._start_node(k, sites)
+            client.wait_for_workers(len(self.nannies), timeout=120)
+
+    def _start_node(self, k: int, sites: bool) -> None:
+        name = f"node{k}"
+        site = SITES[2 * k // self.count] if sites else None
+        self.attach(name, site or "east")
+        self.sites[name] = site
+        self.caches[name] = Path(tempfile.mkdtemp(dir=self.cache_root))
+        scratch = tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir)
+        env = {**self.nanny_env}
+        env["DASK_ENVSHIP__CACHE__DIRECTORY"] = str(self.caches[name])
+        if site:
+            env["DASK_ENVSHIP__SITE"] = site
+        argv = ["distributed.cli.dask_worker", SCHEDULER, "--nanny"]
+        argv += ["--nthreads", "1", "--host", node_ip(k), "--no-dashboard"]
+        argv += ["--preload-nanny", "envship", "--name", name]
+        argv += ["--local-directory", scratch, "--memory-limit", "0"]
+        self.nannies.append(self._start(name, argv, env))
 
     def stop_nodes(self) -> None:
+        for proc in self.nannies:  # all at once: 64 in turn take minutes
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         while self.nannies:
             stop(self.nannies.pop())
 
@@ -300,6 +391,22 @@ class Testbed:
             *workers,
         ]
 
+    def memory(self) -> dict[str, float]:
+        """RSS, MB: the scheduler, a nanny and a worker (medians), all processes."""
+        nannies = [psutil.Process(p.pid) for p in self.nannies]
+        workers = [w for n in nannies for w in n.children(recursive=True)]
+
+        def rss(ps: list[psutil.Process]) -> list[float]:
+            return sorted(p.memory_info().rss / 1e6 for p in ps)
+
+        n, w = rss(nannies), rss(workers)
+        return {
+            "scheduler": rss([psutil.Process(self.scheduler_pid)])[0],
+            "nanny": n[len(n) // 2],
+            "worker": w[len(w) // 2],
+            "total": sum(rss(self.processes())),
+        }
+
     def close(self) -> None:
         self.stop_nodes()
         if self.scheduler is not None:
@@ -318,13 +425,17 @@ class Testbed:
 
 
 class RssPeak:
-    """The highest RSS of a process while the block runs, sampled every 20 ms."""
+    """The highest RSS of a process while the block runs, sampled every 20 ms.
+
+    Also the least memory the machine had available meanwhile (``low``).
+    """
 
     def __init__(self, pid: int):
         self.process = psutil.Process(pid)
 
     def __enter__(self) -> RssPeak:
         self.before = self.peak = self.process.memory_info().rss
+        self.low = psutil.virtual_memory().available
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -333,6 +444,7 @@ class RssPeak:
     def _sample(self) -> None:
         while not self.done.wait(0.02):
             self.peak = max(self.peak, self.process.memory_info().rss)
+            self.low = min(self.low, psutil.virtual_memory().available)
 
     def __exit__(self, *exc) -> None:
         self.done.set()
@@ -363,6 +475,7 @@ def measuring(bed: Testbed):
     m["cpu"] = psutil.cpu_percent()
     m["own"] = (cpu_seconds(processes) - own) / m["seconds"]
     m["rss_rise"] = rss.peak - rss.before
+    m["available_low"] = rss.low
     after = bed.counters()
     m.update({k: after[k] - before[k] for k in after})
 
@@ -374,11 +487,11 @@ class Blob:
     table: PieceTable
 
 
-def make_blob(path: Path, size: int) -> Blob:
+def make_blob(path: Path, size: int, piece: int) -> Blob:
     with open(path, "wb") as f:
         for offset in range(0, size, 2**24):
             f.write(os.urandom(min(2**24, size - offset)))
-    return Blob(path, size, PieceTable.of_file(path, piece_size()))
+    return Blob(path, size, PieceTable.of_file(path, piece))
 
 
 def ship(client, bed, blob, nodes, label: str, peer_to_peer: bool) -> dict:
@@ -443,12 +556,18 @@ def middle(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda m: m["seconds"])[(len(runs) - 1) // 2]
 
 
-def rounds_of(client, bed, blob: Blob, nodes, kinds: list[str], tag: str, rounds: int):
-    """``rounds`` runs of each of ``kinds`` to ``nodes``, interleaved: kind -> runs."""
+def rounds_of(client, bed, blob: Blob, nodes, plan: dict[str, int], tag: str):
+    """``plan[kind]`` runs of each kind to ``nodes``, interleaved: kind -> runs.
+
+    A kind with fewer rounds than the others runs in the first ones only.
+    """
+    kinds = list(plan)
     by: dict[str, list[dict]] = {kind: [] for kind in kinds}
     data = blob.path.read_bytes() if "scatter" in kinds else b""
-    for r in range(rounds):
+    for r in range(max(plan.values())):
         for kind in rotated(kinds, r):
+            if r >= plan[kind]:
+                continue
             if kind == "scatter":
                 m = scatter(client, bed, data, nodes)
             else:
@@ -458,16 +577,23 @@ def rounds_of(client, bed, blob: Blob, nodes, kinds: list[str], tag: str, rounds
     return by
 
 
-def scaling_runs(
-    client, bed: Testbed, blob: Blob, counts: list[int], rounds: int
-) -> dict:
-    """envship, direct push and scatter to the first N nodes, all on site east."""
+def scaling_runs(client, bed: Testbed, blob: Blob, args: argparse.Namespace) -> dict:
+    """envship and the baselines to the first N nodes, all on site east.
+
+    The baselines (``args.baselines``: direct push, scatter) run at every N,
+    or at the largest only (``--baselines-at largest``), ``args.baseline_rounds``
+    times each (default: as many as envship).
+    """
     results = {}
+    counts = sorted(args.nodes)
     for n in counts:
         print(f"{n} nodes ...", flush=True)
         nodes = bed.nodes(client)[:n]
-        kinds = ["envship", "push", "scatter"]
-        results[n] = rounds_of(client, bed, blob, nodes, kinds, f"n{n}", rounds)
+        plan = {"envship": args.rounds}
+        if args.baselines_at == "all" or n == counts[-1]:
+            for kind in args.baselines:
+                plan[kind] = args.baseline_rounds or args.rounds
+        results[n] = rounds_of(client, bed, blob, nodes, plan, f"n{n}")
     return results
 
 
@@ -477,25 +603,24 @@ def site_runs(client, bed: Testbed, blob: Blob, rounds: int) -> dict:
     bed.stop_nodes()
     while client.scheduler_info(n_workers=-1)["workers"]:
         time.sleep(0.2)
-    bed.start_nodes(sites=True)
-    client.wait_for_workers(bed.count, timeout=120)
+    bed.start_nodes(client, sites=True)
     nodes = bed.nodes(client)
-    return rounds_of(client, bed, blob, nodes, ["envship", "push"], "sites", rounds)
+    plan = {"envship": rounds, "push": rounds}
+    return rounds_of(client, bed, blob, nodes, plan, "sites")
 
 
-def measure_all(
-    bed: Testbed, blob: Blob, counts: list[int], sites: bool, rounds: int
-) -> dict:
+def measure_all(bed: Testbed, blob: Blob, args: argparse.Namespace) -> dict:
     bed.start_scheduler()
-    bed.start_nodes(sites=False)
     enter_netns(PREFIX + "client")
     with Client(SCHEDULER, timeout="120s") as client:
-        client.wait_for_workers(bed.count, timeout=120)
+        bed.start_nodes(client, sites=False)
         rss = psutil.Process(bed.scheduler_pid).memory_info().rss
         results: dict[str, Any] = {"nodes": bed.count, "scheduler_rss_start": rss}
-        results["scaling"] = scaling_runs(client, bed, blob, counts, rounds)
-        if sites:
-            results["sites"] = site_runs(client, bed, blob, rounds)
+        results["memory_start"] = bed.memory()
+        results["scaling"] = scaling_runs(client, bed, blob, args)
+        results["memory_end"] = bed.memory()
+        if args.sites:
+            results["sites"] = site_runs(client, bed, blob, args.rounds)
     return results
 
 
@@ -506,7 +631,9 @@ def seconds(runs: list[dict]) -> Sample:
     return Sample(m["seconds"] for m in runs)
 
 
-def checks(results: dict, size: int) -> list[tuple[str, float, str, float]]:
+def checks(
+    results: dict, size: int, series: bool = False
+) -> list[tuple[str, float, str, float]]:
     """(target, measured value, comparison, bound) for each target, on medians."""
     scaling = results["scaling"]
     low, high = min(scaling), max(scaling)
@@ -518,6 +645,8 @@ def checks(results: dict, size: int) -> list[tuple[str, float, str, float]]:
         (f"time {high} nodes / time {low} nodes (medians)", slower, "<=", 1.3),
     ]
     for kind in ("scatter", "push"):
+        if kind not in scaling[high]:
+            continue
         speedup = seconds(scaling[high][kind]).median / seconds(p2p[high]).median
         rows.append((f"{high} nodes: {kind} / envship (medians)", speedup, ">=", 3))
     if "sites" in results:
@@ -528,11 +657,15 @@ def checks(results: dict, size: int) -> list[tuple[str, float, str, float]]:
             ("slow link into a site / artifact, worst run", worst / size, "<=", 1.2)
         )
     envship_runs = [
-        m for by in scaling.values() for k in ("envship", "push") for m in by[k]
+        m for by in scaling.values() for k in ("envship", "push") for m in by.get(k, ())
     ]
     envship_runs += [m for runs in results.get("sites", {}).values() for m in runs]
     rise = max(m["rss_rise"] for m in envship_runs) / 1e6
     rows.append(("scheduler RSS rise, envship runs, worst (MB)", rise, "<", 50))
+    if series:
+        # Link-bound, not CPU-bound: the cores the benchmark's processes used.
+        own = max(middle(runs)["own"] for runs in p2p.values())
+        rows.append(("own cores, envship median runs, most of any N", own, "<=", 1.0))
     return rows
 
 
@@ -549,8 +682,9 @@ def print_report(
 ) -> None:
     size = blob.size
     print(
-        f"\nblob {size / 1e6:.0f} MB in {blob.table.count} pieces; host links "
-        f"{rates[0] / 1e6:.0f} MB/s, slow link {rates[1] / 1e6:.0f} MB/s; "
+        f"\nblob {size / 1e6:.4g} MB in {blob.table.count} pieces of "
+        f"{blob.table.piece_size / 2**10:.0f} KiB; host links "
+        f"{rates[0] / 1e6:.4g} MB/s, slow link {rates[1] / 1e6:.4g} MB/s; "
         f"{os.cpu_count()} cores; {rounds} round(s), interleaved\n"
         "s: median seconds, spread: min-max; the other columns are of the median run.\n"
         "sent: bytes out of the client's link / blob; cpu: machine busy, %; own:\n"
@@ -577,10 +711,19 @@ def print_report(
                 f"{row(kind, runs, size)}{r['into_west'] / size:7.2f}"
                 f"{r['into_east'] / size:7.2f}{r['crossing'] / size:9.2f}"
             )
-    print(
-        f"\nscheduler RSS at start: {results['scheduler_rss_start'] / 1e6:.0f} MB"
-        "\n\ntargets"
-    )
+    print(f"\nscheduler RSS at start: {results['scheduler_rss_start'] / 1e6:.0f} MB")
+    for when in ("start", "end"):
+        mem = results[f"memory_{when}"]
+        print(
+            f"memory at the {when} of the scaling runs, MB: scheduler "
+            f"{mem['scheduler']:.0f}, a nanny {mem['nanny']:.0f} and its worker "
+            f"{mem['worker']:.0f} (medians), all {results['nodes']} nodes' "
+            f"processes and the rest {mem['total']:.0f}"
+        )
+    runs = [m for by in results["scaling"].values() for rs in by.values() for m in rs]
+    low = min(m["available_low"] for m in runs) / 1e9
+    print(f"least memory available on the machine during a run: {low:.1f} GB")
+    print("\ntargets")
     for target, value, how, bound in results["checks"]:
         print(target_line(target, value, how, bound))
 
@@ -602,10 +745,51 @@ def parse_args() -> argparse.Namespace:
         default="/dev/shm",
         help="where the node caches go; tmpfs, since the simulated hosts share one disk",
     )
+    parser.add_argument(
+        "--piece-size",
+        type=parse_bytes,
+        default=None,
+        help="default: envship.transfer.piece-size (the nannies take the offer's)",
+    )
+    parser.add_argument(
+        "--baselines",
+        default=["push", "scatter"],
+        type=lambda s: [k for k in s.split(",") if k],
+        help="what envship is compared with: push, scatter (comma-separated)",
+    )
+    parser.add_argument(
+        "--baselines-at", choices=["all", "largest"], default="all", help="which N"
+    )
+    parser.add_argument(
+        "--baseline-rounds", type=int, default=0, help="default: --rounds"
+    )
+    parser.add_argument(
+        "--series",
+        action="store_true",
+        help="the link-bound scaling series (2 to 64 nodes, slow links; see above)",
+    )
+    parser.add_argument(
+        "--piece-timeout",
+        default=None,
+        help="the nannies' envship.transfer.piece-timeout (and idle-timeout); "
+        "default: theirs",
+    )
+    parser.add_argument(
+        "--sim-json",
+        type=Path,
+        help="write the envship series here, as simulate.py --validate reads it",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.series:  # its defaults, under what the command line gives
+        parser.set_defaults(**SERIES)
+        args = parser.parse_args()
     if args.small:
         args.size, args.nodes, args.rounds = parse_bytes("8MB"), [2], 1
+        if args.series:
+            args.size, args.piece_size = parse_bytes("2MB"), 2**18
+    if args.piece_size is None:
+        args.piece_size = piece_size()
     return args
 
 
@@ -635,26 +819,65 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix=PREFIX) as tmp,
         tempfile.TemporaryDirectory(prefix=PREFIX, dir=args.cache_root) as caches,
     ):
+        nanny_env = {}
+        if args.series:
+            nanny_env.update(LIGHT)
+        if args.piece_timeout:
+            for key in ("PIECE_TIMEOUT", "IDLE_TIMEOUT"):
+                nanny_env[f"DASK_ENVSHIP__TRANSFER__{key}"] = args.piece_timeout
         bed = Testbed(
-            Path(tmp), Path(caches), max(args.nodes), args.rate, args.slow_rate
+            Path(tmp),
+            Path(caches),
+            max(args.nodes),
+            args.rate,
+            args.slow_rate,
+            nanny_env,
         )
         atexit.register(bed.close)
         try:
             bed.build()
-            blob = make_blob(Path(tmp) / "blob", args.size)
-            results = measure_all(
-                bed, blob, sorted(args.nodes), args.sites, args.rounds
-            )
+            blob = make_blob(Path(tmp) / "blob", args.size, args.piece_size)
+            results = measure_all(bed, blob, args)
         except Exception:
             bed.show_logs()
             raise
         finally:
             bed.close()
-    results["checks"] = checks(results, blob.size)
+    results["checks"] = checks(results, blob.size, args.series)
     print_report(results, blob, (args.rate, args.slow_rate), args.rounds)
     if args.json:
-        config = {k: v for k, v in vars(args).items() if k != "json"}
+        config = {k: str(v) for k, v in vars(args).items() if k != "json"}
         args.json.write_text(json.dumps({"config": config, **results}, indent=1))
+    if args.sim_json:
+        args.sim_json.write_text(json.dumps(sim_series(results, args), indent=1))
+
+
+def sim_series(results: dict, args: argparse.Namespace) -> dict:
+    """The envship series as ``simulate.py --validate`` reads it: medians per N."""
+    scaling = results["scaling"]
+    counts = sorted(scaling)
+    runs = [scaling[n]["envship"] for n in counts]
+    # Bytes on the client's link per byte of the blob, at the fewest nodes
+    # (whose other messages, offers and waits, are fewest): the headers.
+    overhead = min(m["client"] for m in runs[0]) / args.size
+    timeout = args.piece_timeout or config.get("transfer.piece-timeout")
+    return {
+        "nodes": counts,
+        "seconds": [seconds(r).median for r in runs],
+        "spread": [[seconds(r).low, seconds(r).high] for r in runs],
+        "own_cores": [middle(r)["own"] for r in runs],
+        "link": {
+            "rate": args.rate,
+            "latency": LINK_LATENCY,
+            "size": args.size,
+            "piece_size": args.piece_size,
+            # Every node polls every peer it knows, as envship does today.
+            "peers": 0,
+            "wire_overhead": overhead,
+            "piece_timeout": dask.utils.parse_timedelta(timeout),
+            "links": "fair",
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -45,9 +45,18 @@ What is modelled, after the real code:
 - Links: every node has an upload and a download rate (``--rate``, one node
   ``--slow-node-factor`` times slower) and a one-way latency; each pair of
   sites is joined by one link per direction ``--slow-factor`` times slower
-  than a node's, with ``--cross-latency``. A piece is sent at the rate of the
-  slowest of the sender's uplink, the receiver's downlink and the site link,
-  each of which carries one piece at a time (first come, first served).
+  than a node's, with ``--cross-latency``. A piece crosses the sender's
+  uplink, the receiver's downlink and the site link. ``--links fifo`` (the
+  default, fast): each link carries one piece at a time, first come first
+  served, and a piece goes at the rate of the slowest. ``--links fair``: as
+  TCP does, every link carries all the pieces on it at once, its rate
+  shared among them max-min fairly (recomputed whenever a piece starts or
+  ends: some 10x slower to simulate), and a request that the piece timeout
+  ends is no longer sent. ``--wire-overhead``: bytes on the wire per byte
+  of a piece (the links carry ``rate / overhead`` of pieces).
+  ``bench/broadcast.py``'s real series is link-bound only with "fair"
+  links: a node that holds the newest piece is asked for it by every other
+  node at once, and serves them all together, not one after the other.
 - ``--die`` of the nodes die at a uniform time within the first 90% of the
   ideal time (size / rate); ``--late`` join at a uniform time within it,
   learn the holders from the registry (``where``: every node that holds some
@@ -70,7 +79,8 @@ file (``bench/broadcast.py`` writes its scaling series so)::
 
     {"nodes": [2, 8, 16, 32, 64], "seconds": [3.1, 3.4, ...],
      "link": {"rate": 100000000, "latency": 0.0002, "size": 268435456,
-              "piece_size": 4194304}}
+              "piece_size": 4194304, "peers": 0, "links": "fair",
+              "wire_overhead": 1.045, "piece_timeout": 600}}
 
 ``link`` keys other than ``rate`` and ``size`` are optional (defaults as
 here; ``peers`` as the real run polled, default 24; 0 for a series
@@ -148,6 +158,29 @@ class Setup:
     loop_gap: float = 0.002
     piece_timeout: float = 30.0
     stall_timeout: float = 30.0
+    #: How a link carries the pieces that cross it at once: "fifo", one
+    #: after the other at its full rate; "fair", all at once, each link's
+    #: rate shared among them max-min fairly (as TCP connections share a
+    #: bottleneck; each piece is its own request on its own connection).
+    links: str = "fifo"
+    #: Bytes on the wire per byte of a piece (TCP/IP and Ethernet headers,
+    #: dask's framing): the links carry ``rate / wire_overhead`` of pieces.
+    #: ``bench/broadcast.py`` measures it: the client link's bytes over the
+    #: blob's.
+    wire_overhead: float = 1.0
+
+
+class Flow:
+    """One piece crossing its links ("fair" links): bytes left, current rate."""
+
+    __slots__ = ("links", "left", "rate", "done", "state")
+
+    def __init__(self, links: list[tuple[int, float]], nbytes: int, done: tuple):
+        self.links = links  # (link id, capacity in bytes/s)
+        self.left = float(nbytes)
+        self.rate = 0.0
+        self.done = done  # (fn, *args), called when the last byte is sent
+        self.state = "waiting"  # then "active", "finished" or "cancelled"
 
 
 class Peer:
@@ -203,6 +236,7 @@ class Node:
         "tick_count",
         "asked",
         "typical",
+        "repush",
     )
 
     def __init__(self, id: int, site: str | None, rate: float, pieces: int):
@@ -242,6 +276,8 @@ class Node:
         self.tick_count = -1
         self.asked: dict[int, list[tuple[float, str]]] = {}
         self.typical: float | None = None
+        #: Pieces the client pushes again to it, one after the other.
+        self.repush: list[int] = []
 
 
 class Simulation:
@@ -267,11 +303,17 @@ class Simulation:
         self.by_address = {n.address: n for n in self.nodes}
         self.cross_free: dict[tuple[str | None, str | None], float] = {}
         self.client_up_free = 0.0
+        self.flows: set[Flow] = set()
+        self.flows_at = 0.0
+        self.allocating = False
+        self.flows_version = 0
+        self.link_ids: dict[tuple, int] = {}
         self.client_bytes = 0
         self.client_lost: set[int] = set()
         self.seeding_done = INF
         #: When the client last pushed each piece again (seed.follow).
         self.pushed_at: dict[int, float] = {}
+        self.seeding = 0  # pushes of the plan under way
         self.chooses = 0
         self.events = 0
         self.cross_by_crosser = 0
@@ -345,20 +387,32 @@ class Simulation:
 
     # -- the client (seed.broadcast) ----------------------------------------------
 
-    def push_next(self) -> None:
+    def push_next(self, answered: bool = False) -> None:
+        """A push slot is free (``answered``: its last push was answered)."""
+        self.seeding -= answered
         while self.plan:
             node, index = self.plan.pop()
             if node.id not in self.client_lost:
-                self.push(node, index, self.push_next)
+                self.seeding += 1
+                self.push(node, index, self.pushed_seed)
                 return
-        if self.seeding_done == INF:
+        # seed.broadcast: follow() pushes again once seed() is done, i.e.
+        # once every push was answered, not when the last one starts.
+        if not self.seeding and self.seeding_done == INF:
             self.seeding_done = self.now
             self.at(self.now, self.follow)
+
+    def pushed_seed(self) -> None:
+        self.push_next(answered=True)
 
     def push(self, node: Node, index: int, then: Callable[[], None] | None) -> None:
         """The client sends piece ``index`` to ``node``; ``then`` when it answered."""
         nbytes = self.piece_bytes(index)
         lat = self.latency(None, node)
+        if self.setup.links == "fair":
+            arrive = (self.at_latency, lat, self.pushed, node, index, nbytes, then)
+            self.transfer(None, node, nbytes, self.now + lat, arrive)
+            return
         end = self.book(None, node, nbytes, self.now + lat)
         self.at(end, self.pushed, node, index, nbytes, then)
 
@@ -382,17 +436,36 @@ class Simulation:
             if node.id in self.client_lost:
                 continue
             waiting = True
+            if node.repush:
+                continue  # its follow() awaits those pushes, one by one
             node.sent += 1  # its answer to the client's wait
             missing = self.unavailable(node)
             node.stuck = node.stuck + 1 if missing else 0
             if node.stuck >= 2:
                 node.stuck = 0
-                for index in missing:
-                    if self.now - self.pushed_at.get(index, -INF) >= REPUSH_AFTER:
-                        self.pushed_at[index] = self.now
-                        self.push(node, index, None)
+                node.repush = missing
+                self.repush_next(node)
         if waiting:
             self.at(self.now + FOLLOW_EVERY, self.follow)
+
+    def repush_next(self, node: Node) -> None:
+        """seed.follow pushes the missing pieces one after the other, awaiting each.
+
+        A piece pushed again less than ``REPUSH_AFTER`` ago is skipped.
+        """
+        while node.repush and node.alive and node.id not in self.client_lost:
+            index = node.repush[0]
+            if self.now - self.pushed_at.get(index, -INF) < REPUSH_AFTER:
+                node.repush = node.repush[1:]
+                continue
+            self.pushed_at[index] = self.now
+            self.push(node, index, lambda: self.repushed(node))
+            return
+        node.repush = []
+
+    def repushed(self, node: Node) -> None:
+        node.repush = node.repush[1:]
+        self.repush_next(node)
 
     def unavailable(self, node: Node) -> list[int]:
         """``Download.unavailable``: lacked, not asked for, no live peer holds it."""
@@ -425,6 +498,7 @@ class Simulation:
         ``peek``, nothing is reserved.
         """
         s = self.setup
+        nbytes = nbytes * s.wire_overhead  # on the wire
         src_site = self.client_site if src is None else src.site
         up_free = self.client_up_free if src is None else src.up_free
         up = s.rate if src is None else src.up
@@ -447,6 +521,124 @@ class Simulation:
             if cross:
                 self.cross_free[key] = cross_end
         return end + self.latency(src, dst)
+
+    # -- shared links ("fair") --------------------------------------------------------
+
+    def at_latency(self, lat: float, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` one latency from now: the last byte's way to the receiver."""
+        self.at(self.now + lat, fn, *args)
+
+    def link_id(self, key: tuple) -> int:
+        return self.link_ids.setdefault(key, len(self.link_ids))
+
+    def transfer(
+        self, src: Node | None, dst: Node, nbytes: int, start: float, done: tuple
+    ) -> Flow:
+        """Send ``nbytes`` from ``src`` (None: the client) to ``dst`` from ``start``.
+
+        ``done`` (fn, *args) is called once its last byte left the links; the
+        piece crosses the sender's uplink, the receiver's downlink and the
+        link between their sites, if any, sharing each with what else
+        crosses it meanwhile.
+        """
+        s = self.setup
+        over = s.wire_overhead
+        src_site = self.client_site if src is None else src.site
+        up = (s.rate if src is None else src.up) / over
+        links = [
+            (self.link_id(("up", -1 if src is None else src.id)), up),
+            (self.link_id(("down", dst.id)), dst.down / over),
+        ]
+        if src_site != dst.site:
+            cross = s.rate / s.slow_factor / over
+            links.append((self.link_id(("cross", src_site, dst.site)), cross))
+        flow = Flow(links, nbytes, done)
+        self.at(start, self.flow_starts, flow)
+        return flow
+
+    def flow_starts(self, flow: Flow) -> None:
+        if flow.state != "waiting":
+            return
+        self.advance_flows()
+        flow.state = "active"
+        self.flows.add(flow)
+        self.reallocate()
+
+    def flows_end(self, version: int) -> None:
+        """The next flow to end ends now (and any that end with it)."""
+        if version != self.flows_version:
+            return  # the rates changed since: another event is due
+        self.advance_flows()
+        ended = [f for f in self.flows if f.left <= f.rate * 1e-6]
+        for f in ended:
+            f.state = "finished"
+            self.flows.discard(f)
+        self.reallocate()
+        for f in ended:
+            fn, *args = f.done
+            fn(*args)
+
+    def cancel(self, flow: Flow) -> None:
+        """Stop sending ``flow`` (its receiver gave up on it)."""
+        if flow.state == "active":
+            self.advance_flows()
+            self.flows.discard(flow)
+            self.reallocate()
+        if flow.state in ("waiting", "active"):
+            flow.state = "cancelled"
+
+    def advance_flows(self) -> None:
+        dt = self.now - self.flows_at
+        if dt > 0:
+            for f in self.flows:
+                f.left -= f.rate * dt
+        self.flows_at = self.now
+
+    def reallocate(self) -> None:
+        """Share the links anew, once for all the flows that start or end now."""
+        if not self.allocating:
+            self.allocating = True
+            self.at(self.now, self.allocate)
+
+    def allocate(self) -> None:
+        """Max-min fair rates (progressive filling); each flow's end, rescheduled."""
+        self.allocating = False
+        self.advance_flows()
+        cap: dict[int, float] = {}
+        count: dict[int, int] = {}
+        on: dict[int, list[Flow]] = {}
+        for f in self.flows:
+            for link, c in f.links:
+                if link not in cap:
+                    cap[link], count[link], on[link] = c, 0, []
+                count[link] += 1
+                on[link].append(f)
+        heap = [(cap[k] / count[k], k) for k in cap]
+        heapq.heapify(heap)
+        fixed: set[Flow] = set()
+        while heap:
+            share, k = heapq.heappop(heap)
+            if not count[k]:
+                continue
+            fair = cap[k] / count[k]
+            if fair - share > 1e-9 * fair:
+                heapq.heappush(heap, (fair, k))  # grew since: not its turn yet
+                continue
+            for f in on[k]:
+                if f in fixed:
+                    continue
+                fixed.add(f)
+                f.rate = fair
+                for link, _ in f.links:
+                    cap[link] = max(cap[link] - fair, 0.0)  # no rounding below 0
+                    count[link] -= 1
+                    if link != k and count[link]:
+                        heapq.heappush(heap, (cap[link] / count[link], link))
+        # One event, for the flow that ends first: no stale events pile up.
+        self.flows_version += 1
+        if self.flows:
+            first = min(max(f.left, 0.0) / f.rate for f in self.flows)
+            self.at(self.now + first, self.flows_end, self.flows_version)
 
     # -- a node's fetch loop (fetch.Fetcher) --------------------------------------
 
@@ -688,6 +880,9 @@ class Simulation:
             peer.sent += 1
             self.at(arrives + self.latency(node, peer), self.missing, node, peer, index)
             return
+        if self.setup.links == "fair":
+            self.request_fair(node, peer, index, nbytes, sent, arrives)
+            return
         # Would it come within the piece timeout? If not, the peer is dropped
         # then, and the links stay free for others.
         end = self.book(peer, node, nbytes, arrives, peek=True)
@@ -707,6 +902,42 @@ class Simulation:
             peer.serving += 1
             self.at(end - self.latency(node, peer), self.sent_piece, peer)
         self.at(end, self.piece_arrives, node, peer, index, nbytes)
+
+    def request_fair(
+        self, node: Node, peer: Node, index: int, nbytes: int, sent: float, at: float
+    ) -> None:
+        """The piece crosses shared links; past the piece timeout the node gives up."""
+        slots = self.setup.serve_slots
+        if slots and peer.serving >= slots:
+            peer.sent += 1
+            self.at(at + self.latency(node, peer), self.busy, node, peer, index)
+            return
+        peer.sent += 1
+        if slots:
+            peer.serving += 1
+        lat = self.latency(node, peer)
+        flow = self.transfer(
+            peer, node, nbytes, at, (self.served, node, peer, index, nbytes, lat)
+        )
+        self.at(
+            sent + self.limits.piece_timeout, self.piece_late, node, peer, index, flow
+        )
+
+    def served(
+        self, node: Node, peer: Node, index: int, nbytes: int, lat: float
+    ) -> None:
+        peer.served += nbytes
+        if self.setup.serve_slots:
+            peer.serving -= 1
+        self.at(self.now + lat, self.piece_arrives, node, peer, index, nbytes)
+
+    def piece_late(self, node: Node, peer: Node, index: int, flow: Flow) -> None:
+        """``asyncio.wait_for(..., piece_timeout)`` ran out: drop the peer."""
+        if flow.state in ("waiting", "active"):
+            self.cancel(flow)
+            if self.setup.serve_slots:
+                peer.serving -= 1
+            self.failed(node, peer, index)
 
     def ended(self, node: Node, peer: Node, index: int, came: bool = False) -> Peer:
         """``Download.answered``: the request is over; ``came``: the piece, first."""
@@ -997,11 +1228,16 @@ def validate(path: Path, base: Setup) -> list[dict[str, Any]]:
         size=int(link.get("size", base.size)),
         piece_size=int(link.get("piece_size", base.piece_size)),
         peers=int(link.get("peers", PEERS_POLLED)),
+        piece_timeout=float(link.get("piece_timeout", base.piece_timeout)),
+        wire_overhead=float(link.get("wire_overhead", base.wire_overhead)),
+        links=str(link.get("links", base.links)),
     )
     rows = []
     print(
-        f"validation against {path}: {dask.utils.format_bytes(setup.size)}, "
-        f"{setup.rate / 1e6:.0f} MB/s links, latency {setup.latency * 1e3:.2f} ms"
+        f"validation against {path}: {dask.utils.format_bytes(setup.size)} in "
+        f"{dask.utils.format_bytes(setup.piece_size)} pieces, "
+        f"{setup.rate / 1e6:.4g} MB/s links ({setup.links}, wire overhead "
+        f"{setup.wire_overhead:.3f}), latency {setup.latency * 1e3:.2f} ms"
     )
     print(f"{'nodes':>6} {'real s':>8} {'sim s':>8} {'error':>7}")
     for n, measured in zip(real["nodes"], real["seconds"], strict=True):
@@ -1055,6 +1291,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="pieces a node sends at once, else busy (0: no limit, as the real code)",
     )
+    parser.add_argument(
+        "--links",
+        choices=["fifo", "fair"],
+        default="fifo",
+        help="fifo: a link carries one piece at a time; fair: all at once, shared",
+    )
+    parser.add_argument(
+        "--wire-overhead",
+        type=float,
+        default=1.0,
+        help="bytes on the wire per byte of a piece (headers)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--small", action="store_true", help="2, 8 and 64 nodes: seconds, for CI"
@@ -1088,6 +1336,8 @@ def main(argv: list[str] | None = None) -> int:
         slow_node_factor=args.slow_node_factor,
         seed=args.seed,
         serve_slots=args.serve_slots,
+        links=args.links,
+        wire_overhead=args.wire_overhead,
         piece_timeout=dask.utils.parse_timedelta(config.get("transfer.piece-timeout")),
         stall_timeout=dask.utils.parse_timedelta(config.get("transfer.stall-timeout")),
     )

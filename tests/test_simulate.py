@@ -67,3 +67,44 @@ def test_validation_prints_both_series_and_the_error(tmp_path, capsys):
     assert rows[0]["error"] == (rows[0]["simulated"] - 0.2) / 0.2
     out = capsys.readouterr().out
     assert "real s" in out and "sim s" in out and "worst |error|" in out
+
+
+def _drain(sim: simulate.Simulation) -> None:
+    while sim.heap:
+        t, _, fn, args = simulate.heapq.heappop(sim.heap)
+        sim.now = t
+        fn(*args)
+
+
+def test_fair_links_share_their_rate_among_the_pieces_on_them():
+    setup = replace(SMALL, nodes=2, links="fair", wire_overhead=1.0)
+    sim = simulate.Simulation(setup)
+    ends: dict[str, float] = {}
+    a, b = sim.nodes
+    # Two pieces out of the client's link at once: each at half its rate.
+    sim.transfer(None, a, 10**6, 0.0, (lambda: ends.setdefault("a", sim.now),))
+    sim.transfer(None, b, 10**6, 0.0, (lambda: ends.setdefault("b", sim.now),))
+    _drain(sim)
+    assert abs(ends["a"] - 2e6 / setup.rate) < 1e-9
+    assert abs(ends["b"] - 2e6 / setup.rate) < 1e-9
+    # One piece alone: at the full rate, less the headers on the wire.
+    sim = simulate.Simulation(replace(setup, wire_overhead=1.25))
+    sim.transfer(None, sim.nodes[0], 10**6, 1.0, (lambda: ends.update(c=sim.now),))
+    _drain(sim)
+    assert abs(ends["c"] - (1.0 + 1.25e6 / setup.rate)) < 1e-9
+
+
+def test_fair_links_complete_and_the_client_sends_each_piece_once():
+    fig = simulate.simulate(replace(SMALL, links="fair"))
+    assert fig["complete"] == 1.0
+    assert fig["client_bytes_ratio"] == 1.0
+    assert fig["seconds"] >= SMALL.size / SMALL.rate
+
+
+def test_the_client_follows_once_every_push_was_answered():
+    # Slow links, pieces of seconds: had the client asked what is missing
+    # while its last pushes were under way, it would send them twice.
+    slow = replace(SMALL, nodes=2, rate=250e3, piece_size=2**18, peers=0)
+    for links in ("fifo", "fair"):
+        fig = simulate.simulate(replace(slow, links=links))
+        assert fig["client_bytes_ratio"] == 1.0, links
