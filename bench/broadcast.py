@@ -42,7 +42,9 @@ The blob is ``--size`` random bytes. The compared runs interleave: each of
 ``--rounds`` rounds runs envship, the direct push and scatter, in an order that
 rotates every round; rows show the run of median time and the spread
 (min-max) of all. Each envship run ships it under a fresh
-id, and the nodes' archives are deleted after it. Scatter uses ``hash=False``
+id (as a thin pack whose first 16 bytes change: a node keeps a blob only
+under the id its bytes hash to), and the nodes' archives are deleted after
+it. Scatter uses ``hash=False``
 (a fresh key each run) and waits until the workers have released it. Bytes
 sent are read from the client link's counters, so they include protocol
 overhead. The scheduler's RSS is sampled every 20 ms during each run: its peak
@@ -111,7 +113,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +124,8 @@ from dask.utils import parse_bytes
 from distributed import Client
 
 from envship import config
-from envship.manifest import Manifest
+from envship.archive import path_digest
+from envship.manifest import Manifest, ThinManifest
 from envship.transfer import Offer, Peer, PieceTable, broadcast, piece_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -494,18 +497,38 @@ def make_blob(path: Path, size: int, piece: int) -> Blob:
     return Blob(path, size, PieceTable.of_file(path, piece))
 
 
-def ship(client, bed, blob, nodes, label: str, peer_to_peer: bool) -> dict:
-    """One envship broadcast to ``nodes`` under a fresh id."""
-    id = xxhash.xxh3_128_hexdigest(label.encode())
-    manifest = Manifest(
-        id=id,
+def fresh_offer(blob: Blob, label: str) -> Offer:
+    """An offer of ``blob`` under an id of its own for ``label``.
+
+    A node keeps a blob only once its bytes are the id offered (an archive's
+    content id, a thin pack's digest), so the blob goes as a thin pack, and
+    its first bytes change with ``label``: a fresh id for each run.
+    """
+    salt = xxhash.xxh3_128_digest(label.encode())
+    with open(blob.path, "r+b") as f:
+        f.write(salt)
+        f.seek(0)
+        first = f.read(blob.table.piece_size)
+    table = replace(
+        blob.table,
+        digests=(xxhash.xxh3_128_hexdigest(first), *blob.table.digests[1:]),
+    )
+    id = path_digest(blob.path)
+    env = Manifest(
+        id=xxhash.xxh3_128_hexdigest(b"env:" + salt),
         name="bench-blob",
         kind="conda",
         python="3.11.7",
         file_count=1,
         unpacked_size=blob.size,
     )
-    offer = Offer(id, "bench-blob", manifest, blob.table)
+    manifest = ThinManifest(id, env.id, None, env, blob.size, files=1, refs=0)
+    return Offer(id, "bench-blob", manifest, table)
+
+
+def ship(client, bed, blob, nodes, label: str, peer_to_peer: bool) -> dict:
+    """One envship broadcast to ``nodes`` under a fresh id."""
+    offer = fresh_offer(blob, label)
     fetchers = [Peer(n.nanny, n.site) for n in nodes]
     client_site = CLIENT_SITE if nodes[0].site else None
     with measuring(bed) as m:
