@@ -303,7 +303,9 @@ class Simulation:
         self.by_address = {n.address: n for n in self.nodes}
         self.cross_free: dict[tuple[str | None, str | None], float] = {}
         self.client_up_free = 0.0
-        self.flows: set[Flow] = set()
+        #: Flows under way, in the order they started (a dict: a set of
+        #: objects iterates in address order, and the runs would differ).
+        self.flows: dict[Flow, None] = {}
         self.flows_at = 0.0
         self.allocating = False
         self.flows_version = 0
@@ -561,7 +563,7 @@ class Simulation:
             return
         self.advance_flows()
         flow.state = "active"
-        self.flows.add(flow)
+        self.flows[flow] = None
         self.reallocate()
 
     def flows_end(self, version: int) -> None:
@@ -572,7 +574,7 @@ class Simulation:
         ended = [f for f in self.flows if f.left <= f.rate * 1e-6]
         for f in ended:
             f.state = "finished"
-            self.flows.discard(f)
+            del self.flows[f]
         self.reallocate()
         for f in ended:
             fn, *args = f.done
@@ -582,7 +584,7 @@ class Simulation:
         """Stop sending ``flow`` (its receiver gave up on it)."""
         if flow.state == "active":
             self.advance_flows()
-            self.flows.discard(flow)
+            del self.flows[flow]
             self.reallocate()
         if flow.state in ("waiting", "active"):
             flow.state = "cancelled"
