@@ -961,8 +961,8 @@ def sim_series(results: dict, args: argparse.Namespace) -> dict:
             "latency": LINK_LATENCY,
             "size": args.size,
             "piece_size": args.piece_size,
-            # Every node polls every peer it knows, as envship does today.
-            "peers": 0,
+            # The peers a node polls, as the nannies' default config says.
+            "peers": int(config.get("transfer.peers-polled")),
             "wire_overhead": overhead,
             "piece_timeout": dask.utils.parse_timedelta(timeout),
             "links": "fair",
