@@ -124,8 +124,9 @@ rarest first sends every node to the one holder of the newest piece, and
 that holder's link serves all 63 of them at once, each at 1/63 of it, so
 nobody can pass the piece on before about 63 piece-times; the client's last
 pieces are spread that way at the end. Serve slots that cover the send
-(``simulate.py --serve-slots 2``, askers go elsewhere when busy) take the
-simulated 64 nodes from 246 s to 167 s. The simulator is within 5% at 2
+(``--serve-slots 2``: askers go elsewhere while a node sends two) took
+the simulated 64 nodes from 226 s to 167 s (both with a wire overhead of
+1.045, the headers alone; slow to simulate: the busy answers). The simulator is within 5% at 2
 and 16 nodes but 25% slower than the real run at 64: the real nodes, on
 two busy cores, see news of a piece late, by when more nodes hold it, so
 fewer pile onto one holder; the simulation has no CPU to be late on.
