@@ -145,8 +145,7 @@ envship's own count of the client's bytes: 1.00 of the blob at every N
 (the client's link: 1.15, 1.08 and 1.20, with headers, the offers and
 waits to every node, and retransmissions). The bound spares cores (1.69
 against 1.89 at 64) but not time: the hot holder of the newest piece
-stays, and at one-second pieces a late request (four times the typical
-piece) is rarely late enough to be asked again.
+stays (see above).
 """
 
 from __future__ import annotations
