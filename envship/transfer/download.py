@@ -81,6 +81,8 @@ class Download:
         self.waiting_since: dict[int, float] = {}
         #: When the fetch loop may next poll more peers (``fetch.POLL_MORE_AFTER``).
         self.poll_more_at = 0.0
+        #: Peers came or were dropped since the fetch loop chose whom to poll.
+        self.poll_due = True
         self.fd: int | None = None
 
     @property
@@ -99,6 +101,7 @@ class Download:
         for peer in peers:
             if peer.address != me and peer.address not in self.peers:
                 self.peers[peer.address] = PeerState(peer)
+                self.poll_due = True
         self.changed.set()
 
     def asking(self, index: int, address: str, now: float) -> None:

@@ -298,9 +298,9 @@ class Fetcher:
         if now - since >= POLL_MORE_AFTER and now >= download.poll_more_at:
             download.poll_more_at = now + POLL_MORE_AFTER
             more = bool(download.unavailable())
-        download.poll_more(self.peers_polled, self._rng, more=more)
-        for p in download.peers.values():
-            if p.polled and p.poller is None and not p.dropped:
+        if more or download.poll_due:  # stuck, or peers came or were dropped
+            download.poll_due = False
+            for p in download.poll_more(self.peers_polled, self._rng, more=more):
                 p.poller = asyncio.create_task(self._poll(download, p))
 
     def _choose(self, download: Download) -> list[tuple[int, PeerState]]:
@@ -419,6 +419,7 @@ class Fetcher:
     def _drop(self, download: Download, p: PeerState, reason: str) -> None:
         if p.dropped is None:
             p.dropped = reason
+            download.poll_due = True  # another peer may be polled instead
             logger.info(
                 "envship: not fetching %s from %s any more: %s",
                 download.offer.name,
