@@ -38,8 +38,8 @@ What is modelled, after the real code:
   Serving: the real server holds a serve slot only while it reads the piece
   (the comm writes it after), so with no ``max-rate`` it never answers busy;
   neither does the simulated one.
-- Cost: one site, 1,000 nodes take about 12 s and 5,000 about 4 min of one
-  core; two sites 10 to 20 min at 1,000 and hours at 5,000 (each choice
+- Cost: one site, 1,000 nodes take about 12 s and 5,000 about 2 min of one
+  core; two sites 3 min at 1,000 and hours at 5,000 (each choice
   walks every node of the site, to name its crossers); ``--peers 0``
   (every peer) about 25 times as long at 1,000 nodes.
 - Links: every node has an upload and a download rate (``--rate``, one node
