@@ -108,6 +108,7 @@ from dask.utils import parse_bytes
 from envship import config
 from envship.transfer.choice import (
     PEERS_POLLED,
+    Crossers,
     Limits,
     NodeView,
     PeerView,
@@ -214,7 +215,7 @@ class Node:
         "waiting_since",
         "peers",
         "views",
-        "members",
+        "crossers",
         "pollers",
         "up_free",
         "down_free",
@@ -254,7 +255,9 @@ class Node:
         self.waiting_since: dict[int, float] = {}
         self.peers: dict[int, Peer] = {}  # polled (asked) peers
         self.views: dict[int, PeerView] = {}
-        self.members: list[PeerView] = []  # own-site peers known, not polled
+        #: Who of its site crosses for which piece (None: to rank again, as
+        #: peers were polled or dropped).
+        self.crossers: Crossers | None = None
         self.pollers: set[int] = set()
         self.up_free = self.down_free = 0.0
         self.served = 0
@@ -320,7 +323,6 @@ class Simulation:
         self.events = 0
         self.cross_by_crosser = 0
         self.cross_by_others = 0
-        self._stubs: dict[str | None, list[tuple[Node, PeerView]]] = {}
         self._pick_fates()
         #: Nodes yet to complete, die or fail: the run ends at 0.
         self.remaining = setup.nodes
@@ -671,7 +673,7 @@ class Simulation:
         for p in chosen:
             node.peers[p.id] = Peer(p.id)
             self.at(self.now + self.latency(node, p), self.poll_arrives, node, p)
-        self.refresh_members(node)
+        self.forget_crossers(node)
 
     def tick(self, node: Node) -> None:
         """``Fetcher._start_polls``: no new piece for a while and none to ask for."""
@@ -697,36 +699,35 @@ class Simulation:
         ]
         self.poll(node, peers_to_poll(unpolled, {}, k, self.rng, more=True))
 
-    def refresh_members(self, node: Node) -> None:
-        """The own-site peers ``node`` knows and does not poll: never asked.
+    def forget_crossers(self, node: Node) -> None:
+        """``Download.crossers``: ranked again at the next choice."""
+        node.crossers = None
 
-        They are in the views all the same, so that every node of a site
-        agrees on its crossers (``choice.crosser``); ``in_flight`` at the
-        per-peer budget keeps them out of the candidates, as ``have=None``
-        does in the fetch loop.
+    def crossers(self, node: Node) -> Crossers | None:
+        """``Download.crossers``: its site's nodes it knows and has not dropped.
+
+        Polled or not, itself included. None without sites.
         """
-        if node.site is None or not self.setup.peers:
-            node.members = []
-            return
-        known = node.known
-        node.members = [
-            v
-            for q, v in self.stubs(node.site)
-            if q is not node
-            and q.id not in node.peers
-            and (not q.late if known is None else q.id in known)
-        ]
-
-    def stubs(self, site: str | None) -> list[tuple[Node, PeerView]]:
-        cache = self._stubs
-        if site not in cache:
-            limit = self.limits.per_peer
-            cache[site] = [
-                (n, PeerView(n.address, site=n.site, in_flight=limit))
-                for n in self.nodes
-                if n.site == site
-            ]
-        return cache[site]
+        if node.site is None:
+            return None
+        if node.crossers is None:
+            known = node.known
+            peers = node.peers
+            node.crossers = Crossers(
+                node.address,
+                [
+                    q.address
+                    for q in self.nodes
+                    if q.site == node.site
+                    and q is not node
+                    and (
+                        not peers[q.id].dropped
+                        if q.id in peers
+                        else (not q.late if known is None else q.id in known)
+                    )
+                ],
+            )
+        return node.crossers
 
     def poll_arrives(self, node: Node, peer: Node) -> None:
         """``node``'s first ``have`` reaches ``peer``: it answers with its bitmap."""
@@ -809,10 +810,8 @@ class Simulation:
             return  # choose would return nothing: saves the call
         views = []
         for pid, p in node.peers.items():
-            if p.dropped:
-                continue
-            if p.have is None and not p.complete and node.site is None:
-                continue  # holds nothing it knows of: never a candidate
+            if p.dropped or (p.have is None and not p.complete):
+                continue  # never a candidate
             v = node.views.get(pid)
             if v is None:
                 v = node.views[pid] = PeerView(
@@ -824,8 +823,6 @@ class Simulation:
                     busy_until=p.busy_until,
                 )
             views.append(v)
-        if node.members:
-            views += node.members
         late, late_at = late_pieces(node.asked, self.now, node.typical, self.limits)
         if late_at is not None:
             self.alarm(node, late_at + 1e-6)
@@ -837,6 +834,7 @@ class Simulation:
             in_flight=frozenset(node.in_flight),
             waiting_since=node.waiting_since,
             late=late,
+            crossers=self.crossers(node),
         )
         self.chooses += 1
         choice = choose(view, views, self.now, self.choice_rng, self.limits)
@@ -854,9 +852,12 @@ class Simulation:
                 else:
                     self.cross_by_others += 1
             self.request(node, peer, index)
+        # The next piece timeout of a piece held only elsewhere: one more of
+        # its ranking may cross then.
         timeout = self.limits.piece_timeout
         ahead = [
-            w + timeout for w in node.waiting_since.values() if w + timeout >= self.now
+            w + timeout * (1 + (self.now - w) // timeout)
+            for w in node.waiting_since.values()
         ]
         if ahead:
             self.alarm(node, min(ahead) + 1e-6)
@@ -988,6 +989,7 @@ class Simulation:
             return
         p.dropped = True
         node.views.pop(peer_id, None)
+        node.crossers = None
         self.nodes[peer_id].pollers.discard(node.id)
         if self.setup.peers and node.alive and node.done == INF:
             # The bounded set: poll another peer instead.

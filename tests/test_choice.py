@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from envship.transfer.choice import (
+    Crossers,
     Limits,
     NodeView,
     PeerView,
@@ -192,14 +193,49 @@ def test_one_stable_crosser_per_piece_per_site():
     crossers = {crosser(view("e0"), peers_of("e0", **gone), i) for i in range(count)}
     assert crossers == {"e0", "e1"}
 
-    # The others wait for the crosser a piece timeout at most, then cross too.
+    # The others wait for the crosser; a piece timeout later (it may have
+    # died unseen) the second of the piece's ranking crosses too, after two
+    # the third: here all three.
     first = choose(view("e0"), peers_of("e0"), 100.0, random.Random(0), wide)
     mine = {i for i in range(count) if crosser(view("e0"), peers_of("e0"), i) == "e0"}
     assert {r.piece for r in first.requests} == mine
     assert set(first.waiting_since) == set(range(count))
     waited = view("e0", waiting_since=first.waiting_since)
+    ranks = Crossers("e0", east)
+    second = {i for i in range(count) if ranks.among_first(i, 2)}
+    assert mine < second < set(range(count))
     later = choose(waited, peers_of("e0"), 130.5, random.Random(0), wide)
-    assert {r.piece for r in later.requests} == set(range(count))
+    assert {r.piece for r in later.requests} == second
+    last = choose(waited, peers_of("e0"), 160.5, random.Random(0), wide)
+    assert {r.piece for r in last.requests} == set(range(count))
+
+
+def test_a_crosser_that_died_unseen_costs_one_more_crossing_not_the_whole_site():
+    """Nodes that do not poll a dead crosser keep it in their ranking: after a
+    piece timeout only the next one of the piece's ranking crosses for it."""
+    count, timeout = 64, 30.0
+    site = [f"e{i}" for i in range(50)]
+    far = PeerView("far", site="west", complete=True)
+    wide = limits_with(total=1000, per_peer=1000)
+    dead = Crossers(site[0], site).first(7)
+    crossing = []
+    for me in site:
+        if me == dead:
+            continue
+        # It knows every node of its site alive, the dead one too.
+        node = NodeView(
+            me,
+            bytes(count),
+            site="east",
+            waiting_since={i: 0.0 for i in range(count)},
+            crossers=Crossers(me, site),
+        )
+        before = choose(node, [far], timeout - 1, random.Random(0), wide)
+        after = choose(node, [far], timeout + 1, random.Random(0), wide)
+        assert 7 not in {r.piece for r in before.requests}
+        if 7 in {r.piece for r in after.requests}:
+            crossing.append(me)
+    assert len(crossing) == 1  # the second of piece 7's ranking, alone
 
 
 def test_the_seeded_site_never_crosses_before_a_piece_timeout():

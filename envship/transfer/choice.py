@@ -19,11 +19,15 @@ The rules:
   of another peer of the same site that holds it too; whichever answers
   first is kept.
 - Sites: a node with a site label asks peers of its own site when any of them
-  holds the piece. Else, for each piece, one node of the site (a stable
-  choice by the piece's number among the site's live nodes, "the crosser")
-  fetches it from another site; the others wait for it for a piece timeout
-  at most. Nodes of the site the client seeds (``seed_site``) never cross
-  before that timeout: the client sends them every piece.
+  holds the piece. Else, for each piece, one node of the site fetches it
+  from another site, "the crosser": the first of a ranking of the site's
+  live nodes by a hash of the piece and their address, the same on every
+  node (:class:`Crossers`). The others wait for it; if the piece has not
+  reached the site after a piece timeout (the crosser died, and the nodes
+  that do not poll it cannot know), the second of the ranking crosses too,
+  after two the third, and so on. Nodes of the site the client seeds
+  (``seed_site``) never cross before a piece timeout: the client sends them
+  every piece.
 
 Which peers a node polls for their pieces is chosen here too
 (:func:`peers_to_poll`): a random few of each site, as a BitTorrent tracker
@@ -34,9 +38,11 @@ few more when no peer it polls holds what it lacks.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
+
+import xxhash
 
 #: Requests a fetching node keeps in flight, in all and per peer.
 REQUESTS_IN_FLIGHT = 6
@@ -107,6 +113,66 @@ class NodeView:
     #: Pieces in flight whose request is late (:func:`late_pieces`) -> the
     #: peers asked: they are asked of another peer.
     late: Mapping[int, frozenset[str]] = field(default_factory=dict)
+    #: Who of its site crosses for which piece. None: ranked from the peers
+    #: given to :func:`choose`, which then must include every live peer of
+    #: the site it knows (a node of thousands keeps one :class:`Crossers`
+    #: while its peers do not change, and passes only the peers it polls).
+    crossers: Crossers | None = None
+
+
+class Crossers:
+    """Who of a site fetches each piece from other sites: a ranking per piece.
+
+    ``nodes``: the live nodes of ``me``'s site that it knows, itself
+    included. Each piece ranks them by a hash of the piece's index and
+    their address (rendezvous hashing): every node of the site ranks alike,
+    though each knows a different few alive, and a node that dies changes
+    the first of only the pieces it was first for.
+
+    Examples
+    --------
+    >>> east = ["a", "b", "c", "d"]
+    >>> [Crossers("a", east).first(i) for i in range(8)]
+    ['b', 'b', 'c', 'c', 'b', 'd', 'a', 'a']
+    >>> [n for n in east if Crossers(n, east).among_first(5, 2)]  # first two of 5
+    ['b', 'd']
+    >>> Crossers("a", ["a", "b", "c"]).first(5)  # "a" knows that "d" died
+    'b'
+    """
+
+    __slots__ = ("me", "nodes", "_scans")
+
+    def __init__(self, me: str, nodes: Iterable[str]):
+        self.me = me
+        self.nodes = tuple(dict.fromkeys([me, *nodes]))
+        #: Piece -> (nodes scanned, how many of them rank before ``me``).
+        self._scans: dict[int, tuple[int, int]] = {}
+
+    def first(self, index: int) -> str:
+        """The node that crosses for piece ``index``."""
+        return max(self.nodes, key=lambda a: (_rank(a, index), a))
+
+    def among_first(self, index: int, k: int) -> bool:
+        """Whether ``me`` is among the ``k`` first for piece ``index``.
+
+        Scans the nodes only until ``k`` rank before ``me`` (few, for all but
+        the first few of a piece), and goes on from there when asked for a
+        larger ``k``.
+        """
+        mine = (_rank(self.me, index), self.me)
+        scanned, before = self._scans.get(index, (0, 0))
+        nodes = self.nodes
+        while before < k and scanned < len(nodes):
+            a = nodes[scanned]
+            if (_rank(a, index), a) > mine:
+                before += 1
+            scanned += 1
+        self._scans[index] = (scanned, before)
+        return before < k
+
+
+def _rank(address: str, index: int) -> int:
+    return xxhash.xxh3_64_intdigest(f"{index} {address}".encode())
 
 
 class Request(NamedTuple):
@@ -164,9 +230,14 @@ def choose(
         if not node.have[i] and (i not in node.in_flight or i in late)
     ]
     rng.shuffle(needed)
-    holders = {i: [p for p in live if p.holds(i)] for i in needed}
+    # Only peers that said what they hold can be candidates.
+    sources = [p for p in live if p.complete or p.have is not None]
+    holders = {
+        i: [p for p in sources if p.complete or p.have[i]]  # type: ignore[index]
+        for i in needed
+    }
     needed.sort(key=lambda i: len(holders[i]) or 1 << 30)
-    crossers = _site_nodes(node, peers)
+    crossers = _crossers(node, peers)
     chosen: list[Request] = []
     for i in needed:
         asked = late.get(i)
@@ -261,7 +332,7 @@ def end_request(
 
 
 def crosser(node: NodeView, peers: Sequence[PeerView], index: int) -> str | None:
-    """The node of ``node``'s site that fetches piece ``index`` from other sites.
+    """The node of ``node``'s site that fetches piece ``index`` from other sites first.
 
     None when ``node`` has no site. Stable while the site's nodes live: those
     that complete stay in the choice.
@@ -270,32 +341,28 @@ def crosser(node: NodeView, peers: Sequence[PeerView], index: int) -> str | None
     --------
     >>> node = NodeView("b", have=bytes(4), site="east")
     >>> peers = [PeerView("a", site="east"), PeerView("c", site="west")]
-    >>> [crosser(node, peers, i) for i in range(4)]
-    ['a', 'b', 'a', 'b']
+    >>> [crosser(node, peers, i) for i in range(8)]
+    ['b', 'b', 'b', 'b', 'b', 'b', 'a', 'a']
     """
+    crossers = _crossers(node, peers)
+    return None if crossers is None else crossers.first(index)
+
+
+def _crossers(node: NodeView, peers: Sequence[PeerView]) -> Crossers | None:
+    """``node.crossers``, or ranked from the live ``peers`` of its site."""
     if node.site is None:
         return None
-    ours = _site_nodes(node, peers)
-    return ours[index % len(ours)]
-
-
-def _site_nodes(node: NodeView, peers: Sequence[PeerView]) -> list[str]:
-    """The live nodes of ``node``'s site, ``node`` included, in a stable order."""
-    return sorted(
-        [node.address]
-        + [
-            p.address
-            for p in peers
-            if p.site == node.site and not p.dropped and p.address != node.address
-        ]
-    )
+    if node.crossers is not None:
+        return node.crossers
+    ours = [p.address for p in peers if p.site == node.site and not p.dropped]
+    return Crossers(node.address, ours)
 
 
 def _by_site(
     node: NodeView,
     index: int,
     holders: list[PeerView],
-    crossers: list[str],
+    crossers: Crossers | None,
     waiting_since: dict[int, float],
     now: float,
     limits: Limits,
@@ -312,19 +379,19 @@ def _by_site(
         return ours
     if not holders:
         return holders
-    first = waiting_since.setdefault(index, now)
-    waited = now - first > limits.piece_timeout
+    waited = now - waiting_since.setdefault(index, now)
     if node.seed_site == node.site:
         # The client sends our site every piece: a piece seen elsewhere
         # first is only our view of our peers lagging behind.
-        return holders if waited else []
+        return holders if waited > limits.piece_timeout else []
     # Only one node of our site fetches each piece across sites; the others
-    # wait for it while it lives, for a piece timeout at most. A slow link
-    # between sites makes each piece slow to come: not a reason to fetch it
-    # twice.
-    if crossers[index % len(crossers)] == node.address:
+    # wait for it. A slow link between sites makes each piece slow to come:
+    # not a reason to fetch it twice. A piece timeout later the next of the
+    # ranking crosses too (the first may have died unseen), and so on.
+    timeouts = int(waited / limits.piece_timeout) if limits.piece_timeout > 0 else 0
+    if crossers is None or crossers.among_first(index, 1 + timeouts):
         return holders
-    return holders if waited else []
+    return []
 
 
 def peers_to_poll(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from envship.errors import EnvshipError
 
-from .choice import end_request, peers_to_poll
+from .choice import Crossers, end_request, peers_to_poll
 from .messages import WaitAnswer
 from .pieces import Offer, Peer, PieceTable
 
@@ -83,6 +83,7 @@ class Download:
         self.poll_more_at = 0.0
         #: Peers came or were dropped since the fetch loop chose whom to poll.
         self.poll_due = True
+        self._crossers: Crossers | None = None
         self.fd: int | None = None
 
     @property
@@ -102,7 +103,32 @@ class Download:
             if peer.address != me and peer.address not in self.peers:
                 self.peers[peer.address] = PeerState(peer)
                 self.poll_due = True
+                self._crossers = None
         self.changed.set()
+
+    def drop(self, p: PeerState, reason: str) -> bool:
+        """Ask ``p`` nothing more; False if it was dropped already."""
+        if p.dropped is not None:
+            return False
+        p.dropped = reason
+        self.poll_due = True  # another peer may be polled instead
+        self._crossers = None
+        return True
+
+    def crossers(self, me: str) -> Crossers:
+        """Who of ``me``'s site crosses for which piece (kept until peers change).
+
+        Every live peer of the site counts, polled or not, so that the site
+        agrees (:class:`.choice.Crossers`).
+        """
+        if self._crossers is None:
+            ours = [
+                a
+                for a, p in self.peers.items()
+                if p.peer.site == self.node_site and p.dropped is None
+            ]
+            self._crossers = Crossers(me, ours)
+        return self._crossers
 
     def asking(self, index: int, address: str, now: float) -> None:
         """A request for piece ``index`` goes to ``address`` now."""

@@ -317,7 +317,13 @@ class Fetcher:
             in_flight=frozenset(download.in_flight),
             waiting_since=download.waiting_since,
             late=late,
+            crossers=(
+                download.crossers(self.address)
+                if download.node_site is not None
+                else None
+            ),
         )
+        # Peers that said nothing of what they hold are never candidates.
         peers = [
             PeerView(
                 address,
@@ -326,9 +332,9 @@ class Fetcher:
                 complete=p.complete,
                 in_flight=p.in_flight,
                 busy_until=p.busy_until,
-                dropped=p.dropped is not None,
             )
             for address, p in download.peers.items()
+            if p.dropped is None and (p.complete or p.have is not None)
         ]
         choice = choose(node, peers, now, self._rng, self.limits)
         download.waiting_since = choice.waiting_since
@@ -417,9 +423,7 @@ class Fetcher:
             d.changed.set()
 
     def _drop(self, download: Download, p: PeerState, reason: str) -> None:
-        if p.dropped is None:
-            p.dropped = reason
-            download.poll_due = True  # another peer may be polled instead
+        if download.drop(p, reason):
             logger.info(
                 "envship: not fetching %s from %s any more: %s",
                 download.offer.name,
