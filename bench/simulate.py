@@ -35,9 +35,11 @@ What is modelled, after the real code:
   timeout expired) and sends the requests it returns. A peer that dies is
   dropped when its connection breaks (one round trip); a piece that would
   take longer than ``envship.transfer.piece-timeout`` drops its peer then.
-  Serving: the real server holds a serve slot only while it reads the piece
-  (the comm writes it after), so with no ``max-rate`` it never answers busy;
-  neither does the simulated one.
+  Serving: a node sends ``--serve-slots`` pieces at once
+  (``envship.transfer.serve-slots``: the real server holds a slot until the
+  comm wrote the piece) and answers more askers "busy"; they leave it alone
+  for half the time a piece takes them lately (``Limits.busy_until``). A node
+  asks for ``--in-flight`` bytes of pieces at once (``Limits.for_pieces``).
 - Cost: one site, 1,000 nodes take about 12 s and 5,000 about 2 min of one
   core; two sites 3 min at 1,000 and hours at 5,000 (each choice
   walks every node of the site, to name its crossers); ``--peers 0``
@@ -107,6 +109,7 @@ from dask.utils import parse_bytes
 
 from envship import config
 from envship.transfer.choice import (
+    IN_FLIGHT_BYTES,
     PEERS_POLLED,
     Crossers,
     Limits,
@@ -150,9 +153,11 @@ class Setup:
     #: One node this many times slower (up and down); 0 or 1: none.
     slow_node_factor: float = 10.0
     seed: int = 0
-    #: Pieces a node sends at once before it answers "busy"; 0: no limit,
-    #: as the real server (its slots cover reading a piece, not sending it).
-    serve_slots: int = 0
+    #: Pieces a node sends at once before it answers "busy"
+    #: (``envship.transfer.serve-slots``); 0: no limit.
+    serve_slots: int = 12
+    #: Bytes of pieces a node asks for at once (``envship.transfer.in-flight``).
+    in_flight: int = IN_FLIGHT_BYTES
     #: Seconds one turn of a node's fetch loop takes: what changes meanwhile
     #: is seen at the next turn (a choice among 48 peers of 64 pieces takes
     #: about 2 ms of Python).
@@ -290,7 +295,7 @@ class Simulation:
         s = self.setup = setup
         self.rng = random.Random(s.seed)
         self.choice_rng = random.Random(s.seed + 1)
-        self.limits = Limits(piece_timeout=s.piece_timeout)
+        self.limits = Limits.for_pieces(s.piece_timeout, s.piece_size, s.in_flight)
         self.pieces = -(-s.size // s.piece_size)
         self.last = s.size - (self.pieces - 1) * s.piece_size
         self.sites = [f"s{k}" for k in range(s.sites)] if s.sites > 1 else [None]
@@ -969,7 +974,7 @@ class Simulation:
 
     def busy(self, node: Node, peer: Node, index: int) -> None:
         p = self.ended(node, peer, index)
-        p.busy_until = self.now + self.limits.busy_backoff
+        p.busy_until = self.limits.busy_until(self.now, node.typical)
         self.alarm(node, p.busy_until)
 
     def missing(self, node: Node, peer: Node, index: int) -> None:
@@ -1292,8 +1297,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--serve-slots",
         type=int,
-        default=0,
-        help="pieces a node sends at once, else busy (0: no limit, as the real code)",
+        default=int(config.get("transfer.serve-slots")),
+        help="pieces a node sends at once, else busy (default: the real config's; "
+        "0: no limit)",
+    )
+    parser.add_argument(
+        "--in-flight",
+        type=parse_bytes,
+        default=config.get("transfer.in-flight"),
+        help="bytes of pieces a node asks for at once (default: the real config's)",
     )
     parser.add_argument(
         "--links",
@@ -1340,6 +1352,7 @@ def main(argv: list[str] | None = None) -> int:
         slow_node_factor=args.slow_node_factor,
         seed=args.seed,
         serve_slots=args.serve_slots,
+        in_flight=int(args.in_flight),
         links=args.links,
         wire_overhead=args.wire_overhead,
         piece_timeout=dask.utils.parse_timedelta(config.get("transfer.piece-timeout")),

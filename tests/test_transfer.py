@@ -15,7 +15,8 @@ import cloudpickle
 import dask.config
 import pytest
 import xxhash
-from distributed.core import ConnectionPool
+from distributed.comm import connect
+from distributed.core import ConnectionPool, Server
 
 import envship
 from envship.archive import path_digest
@@ -32,6 +33,7 @@ from envship.transfer import (
     PieceTable,
     broadcast,
 )
+from envship.transfer.messages import PieceAnswer, PieceRequest
 from envship.transfer.pieces import MIN_PIECE_SIZE
 from envship.transfer.server import MAX_TABLES
 from fixtures.cluster import local_cluster, wait_until
@@ -530,9 +532,7 @@ def test_a_node_serves_while_it_hands_the_archive_to_its_cache(tmp_path, base):
     cache = EnvCache(tmp_path / "cache")
 
     async def scenario():
-        async with ConnectionPool() as rpc:
-            server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
-            call = server.handlers()  # as the nanny installs them
+        async with blob_server(cache) as (server, call):
             await call["envship_offer"](offer=offer.to_msg(), peers=[])
             # Another process installing this id holds its lock: the hand-over
             # of the finished download (adopt_archive) waits for it.
@@ -561,7 +561,7 @@ def test_a_node_serves_while_it_hands_the_archive_to_its_cache(tmp_path, base):
                     piece_size=table.piece_size,
                     index=0,
                 )
-                assert table.verify(0, reply["data"].data)
+                assert table.verify(0, PieceAnswer.from_msg(reply).data)
             finally:
                 lock.release()
             state = await call["envship_wait"](
@@ -571,7 +571,7 @@ def test_a_node_serves_while_it_hands_the_archive_to_its_cache(tmp_path, base):
             reply = await call["envship_piece"](
                 id=base.id, digest=table.digest, piece_size=table.piece_size, index=1
             )
-            assert table.verify(1, reply["data"].data)
+            assert table.verify(1, PieceAnswer.from_msg(reply).data)
 
     asyncio.run(scenario())
 
@@ -670,10 +670,19 @@ def test_registry_handlers_refuse_lies(tmp_path, base):
 
 @contextlib.asynccontextmanager
 async def blob_server(cache: EnvCache):
-    """A nanny's transfer side on ``cache`` and its handlers, as a nanny installs them."""
+    """A nanny's transfer side on ``cache``, its handlers served on 127.0.0.1.
+
+    Yields the :class:`BlobServer` (its address in ``served_at``) and its
+    handlers by name, each called over a comm as peers call them.
+    """
     async with ConnectionPool() as rpc:
-        server = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
-        yield server, server.handlers()
+        blobs = BlobServer(cache, rpc, "tcp://127.0.0.1:1")
+        handlers = blobs.handlers()
+        async with Server(handlers) as server:
+            await server.listen("tcp://127.0.0.1:0")
+            remote = rpc(server.address)
+            blobs.served_at = server.address  # type: ignore[attr-defined]
+            yield blobs, {name: getattr(remote, name) for name in handlers}
 
 
 def test_a_peer_asking_for_every_piece_size_gets_a_bounded_table_cache(tmp_path, base):
@@ -703,6 +712,45 @@ def test_a_peer_asking_for_every_piece_size_gets_a_bounded_table_cache(tmp_path,
             assert have["complete"]
 
     asyncio.run(scenario())
+
+
+def test_a_nanny_sending_all_its_serve_slots_answers_busy_until_a_send_ends(
+    tmp_path, base
+):
+    """The serve slot covers the send, not only the read: while a peer has not
+    taken its piece, the next asker hears "busy" and asks another holder."""
+    cache = EnvCache(tmp_path / "cache")
+    cache.add_archive(base.id, base.path, base.manifest)
+    table = offer_of(base, "32 MiB").table  # more than the socket buffers hold
+    ask = PieceRequest(base.id, table.digest, table.piece_size, 0).to_msg()
+
+    async def scenario():
+        async with blob_server(cache) as (server, call):
+            slow = await connect(server.served_at)
+            try:
+                # A peer asks, and does not read the answer yet.
+                await slow.write({"op": "envship_piece", **ask})
+                await wait_until_async(lambda: server._serving == 1)
+                busy = PieceAnswer.from_msg(await call["envship_piece"](**ask))
+                assert busy.busy
+                piece = PieceAnswer.from_msg(await slow.read())
+                assert table.verify(0, piece.data)
+            finally:
+                await slow.close()
+            # Its send done, the slot serves the next asker.
+            again = PieceAnswer.from_msg(await call["envship_piece"](**ask))
+            assert table.verify(0, again.data)
+            assert server._serving == 0
+
+    with dask.config.set({"envship.transfer.serve-slots": 1}):
+        asyncio.run(scenario())
+
+
+async def wait_until_async(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 def test_an_offer_nobody_follows_up_ends_and_frees_the_fetch_lock(tmp_path, base):

@@ -44,10 +44,17 @@ from typing import NamedTuple, TypeVar
 
 import xxhash
 
-#: Requests a fetching node keeps in flight, in all and per peer.
+#: Requests a fetching node keeps in flight, in all and per peer (the least
+#: :meth:`Limits.for_pieces` gives; at most MAX_REQUESTS in all).
 REQUESTS_IN_FLIGHT = 6
 REQUESTS_PER_PEER = 2
-#: Seconds a peer that answered "busy" is left alone.
+MAX_REQUESTS = 24
+#: Bytes of pieces a fetching node asks for at once
+#: (``envship.transfer.in-flight``).
+IN_FLIGHT_BYTES = 32 * 2**20
+#: A peer that answered "busy" is left alone for this share of the time a
+#: piece takes the node lately, and at least BUSY_BACKOFF seconds.
+BUSY_FACTOR = 0.5
 BUSY_BACKOFF = 0.05
 #: A request is late after this many times the typical time of a piece, and
 #: at least this many seconds.
@@ -71,12 +78,50 @@ class Limits:
     piece_timeout: float
     total: int = REQUESTS_IN_FLIGHT
     per_peer: int = REQUESTS_PER_PEER
-    #: Seconds a busy peer is left alone (applied by the caller).
+    #: How long a busy peer is left alone: see :meth:`busy_until`.
     busy_backoff: float = BUSY_BACKOFF
+    busy_factor: float = BUSY_FACTOR
     #: A request is late after this many times the typical time of a piece
     #: (and at least ``late_min`` seconds): see :func:`late_pieces`.
     late_factor: float = LATE_FACTOR
     late_min: float = LATE_MIN
+
+    @classmethod
+    def for_pieces(
+        cls, piece_timeout: float, piece_size: int, in_flight: int = IN_FLIGHT_BYTES
+    ) -> Limits:
+        """The budgets for pieces of ``piece_size``: ``in_flight`` bytes at once.
+
+        Within REQUESTS_IN_FLIGHT and MAX_REQUESTS requests, a sixth of them
+        (REQUESTS_PER_PEER at least) to any one peer. Small pieces from
+        peers whose links are shared by many askers come slowly each: a node
+        asks for more of them at once, of more peers, to fill its own link.
+
+        Examples
+        --------
+        >>> limits = Limits.for_pieces(30, 256 * 2**10)
+        >>> limits.total, limits.per_peer
+        (24, 4)
+        >>> limits = Limits.for_pieces(30, 4 * 2**20)
+        >>> limits.total, limits.per_peer
+        (8, 2)
+        """
+        total = min(MAX_REQUESTS, max(REQUESTS_IN_FLIGHT, in_flight // piece_size))
+        per_peer = max(REQUESTS_PER_PEER, total // 6)
+        return cls(piece_timeout, total=total, per_peer=per_peer)
+
+    def busy_until(self, now: float, typical: float | None) -> float:
+        """Until when to leave alone a peer that answered "busy" at ``now``.
+
+        A share of the time a piece takes lately (``typical``): its serve
+        slots free up at about that pace.
+
+        Examples
+        --------
+        >>> Limits(30).busy_until(10.0, 2.0), Limits(30).busy_until(10.0, None)
+        (11.0, 10.05)
+        """
+        return now + max(self.busy_backoff, self.busy_factor * (typical or 0.0))
 
 
 @dataclass(frozen=True)

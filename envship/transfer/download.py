@@ -24,7 +24,7 @@ from pathlib import Path
 
 from envship.errors import EnvshipError
 
-from .choice import Crossers, end_request, peers_to_poll
+from .choice import Crossers, Limits, end_request, peers_to_poll
 from .messages import WaitAnswer
 from .pieces import Offer, Peer, PieceTable
 
@@ -84,6 +84,8 @@ class Download:
         #: Peers came or were dropped since the fetch loop chose whom to poll.
         self.poll_due = True
         self._crossers: Crossers | None = None
+        #: Its request budgets (the fetch loop sets them for its piece size).
+        self.limits = Limits(piece_timeout=30.0)
         self.fd: int | None = None
 
     @property

@@ -68,7 +68,7 @@ class Fetcher:
         self.piece_timeout = dask.utils.parse_timedelta(
             config.get("transfer.piece-timeout")
         )
-        self.limits = Limits(piece_timeout=self.piece_timeout)
+        self.in_flight = int(dask.utils.parse_bytes(config.get("transfer.in-flight")))
         self.peers_polled = int(config.get("transfer.peers-polled"))
         self._rng = random.Random()
         #: Called with a download and "started", "complete" or "failed".
@@ -81,6 +81,9 @@ class Fetcher:
         if download is None or download.done.is_set():  # none, or one that ended
             path = self.cache.partial_path(offer.id, offer.table.digest)
             download = self.downloads[key] = Download(offer, path, self.site)
+            download.limits = Limits.for_pieces(
+                self.piece_timeout, offer.table.piece_size, self.in_flight
+            )
             task = self._tasks[key] = asyncio.create_task(self._run(download))
             # Also when it is cancelled before it ever ran (no `finally` then).
             task.add_done_callback(lambda _: _ended(download))
@@ -307,7 +310,7 @@ class Fetcher:
         """Requests to make now (:func:`.choice.choose`), counted in flight."""
         now = time.monotonic()
         late, download.late_at = late_pieces(
-            download.asked, now, download.typical, self.limits
+            download.asked, now, download.typical, download.limits
         )
         node = NodeView(
             self.address,
@@ -336,7 +339,7 @@ class Fetcher:
             for address, p in download.peers.items()
             if p.dropped is None and (p.complete or p.have is not None)
         ]
-        choice = choose(node, peers, now, self._rng, self.limits)
+        choice = choose(node, peers, now, self._rng, download.limits)
         download.waiting_since = choice.waiting_since
         chosen = []
         for index, address in choice.requests:
@@ -367,7 +370,7 @@ class Fetcher:
                 self._drop(d, p, "answered nonsense")
                 return
             if reply.busy:
-                p.busy_until = time.monotonic() + self.limits.busy_backoff
+                p.busy_until = d.limits.busy_until(time.monotonic(), d.typical)
             elif reply.missing or reply.data is None:
                 if p.have is not None:
                     p.have[index] = 0

@@ -4,7 +4,8 @@
 and peers call, installed on the nanny as ``envship_<name>``: ``offer``,
 ``put``, ``wait``, ``piece`` and ``have``. A piece is served as soon as it is
 verified, from a download under way or from the complete archive in the node
-cache, at most ``SERVE_SLOTS`` at once and within ``envship.transfer.max-rate``.
+cache, at most ``envship.transfer.serve-slots`` at once and within
+``envship.transfer.max-rate``.
 
 Every handler takes ids, digests, indices and bytes from other processes, as a
 typed request of :mod:`.messages` whose every value was checked for type and
@@ -24,6 +25,8 @@ from typing import Any
 
 import dask.utils
 from dask.utils import format_bytes
+from distributed.comm import Comm
+from distributed.core import Status as CommStatus
 
 from envship import config, policy
 from envship.errors import EnvshipError
@@ -46,8 +49,6 @@ from .messages import (
 from .pieces import Offer, PieceTable, check_index
 from .store import BlobStore
 
-#: Pieces a nanny serves at once; more requests are answered "busy".
-SERVE_SLOTS = 6
 #: Piece tables of held archives a nanny keeps (one per archive and piece size).
 MAX_TABLES = 8
 
@@ -70,6 +71,8 @@ class BlobServer(Fetcher):
         self._tables: OrderedDict[tuple[str, int, int], PieceTable] = OrderedDict()
         self._hashing: dict[tuple[str, int, int], asyncio.Future[PieceTable]] = {}
         self._serving = 0
+        #: Pieces it sends at once; more requests are answered "busy".
+        self.serve_slots = max(1, int(config.get("transfer.serve-slots")))
         self._limit = _RateLimit(_parse_rate(config.get("transfer.max-rate")))
 
     # -- handlers ----------------------------------------------------------------
@@ -80,13 +83,14 @@ class BlobServer(Fetcher):
             (self.offer, OfferRequest),
             (self.put, Put),
             (self.wait, Wait),
-            (self.piece, PieceRequest),
             (self.have, Have),
         ]
-        return {
+        handlers = {
             f"envship_{method.__name__}": serve(method, request)
             for method, request in requests
         }
+        handlers["envship_piece"] = self.piece
+        return handlers
 
     async def offer(self, request: OfferRequest) -> OfferAnswer:
         """Start (or resume, or join) fetching a blob; answer at once.
@@ -130,20 +134,29 @@ class BlobServer(Fetcher):
             pass
         return download.state()
 
-    async def piece(self, request: PieceRequest) -> PieceAnswer:
-        """One verified piece of a blob this nanny holds, for a peer."""
+    async def piece(self, comm: Comm, **msg: Any) -> Any:
+        """``envship_piece``: one verified piece of a blob this nanny holds, for a peer.
+
+        It writes the piece to ``comm`` itself, so that its serve slot covers
+        the send and not only the read: a nanny sends ``serve-slots`` pieces
+        at once at most, each at a fair share of its link, and answers more
+        askers "busy", who ask another holder meanwhile. (Serving all at
+        once, the one holder of a new piece would send it to every asker
+        together, and none would have it to pass on until all had it.)
+        """
+        request = PieceRequest.from_msg(msg)
         key, index = (request.id, request.digest), request.index
         source = await self._source(key, request.piece_size)
         if source is None:
-            return _MISSING
+            return _MISSING.to_msg()
         path, table = source
         check_index(index, table)
         download = self.downloads.get(key)
         if download is not None and path == download.path:
             if not download.have[index]:
-                return _MISSING
-        if self._serving >= SERVE_SLOTS:
-            return _BUSY
+                return _MISSING.to_msg()
+        if self._serving >= self.serve_slots:
+            return _BUSY.to_msg()
         self._serving += 1
         try:
             offset, length = table.span(index)
@@ -154,9 +167,10 @@ class BlobServer(Fetcher):
                 # A download handed to the cache this very moment: same bytes.
                 archive = self.cache.archive_path(key[0])
                 data = await asyncio.to_thread(_pread, archive, offset, length)
+            await comm.write(PieceAnswer(data).to_msg())
         finally:
             self._serving -= 1
-        return PieceAnswer(data)
+        return CommStatus.dont_reply
 
     async def have(self, request: Have) -> HaveAnswer:
         """Which pieces this nanny holds; waits a little for news beyond ``known``."""
