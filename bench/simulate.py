@@ -10,7 +10,7 @@ the same :class:`NodeView` and :class:`PeerView` the fetch loop builds
     python bench/simulate.py --nodes 1000 [--sites 2] [--slow-factor 10]
         [--die 0.01] [--late 0.1] [--size 256MB] [--peers 24] [--json out.json]
     python bench/simulate.py --small           # 2, 8 and 64 nodes, seconds (CI)
-    python bench/simulate.py --full            # 200, 1,000, 5,000 nodes (hours)
+    python bench/simulate.py --full            # 200, 1,000, 5,000 nodes (15 min)
     python bench/simulate.py --validate real.json
 
 What is modelled, after the real code:
@@ -40,10 +40,10 @@ What is modelled, after the real code:
   comm wrote the piece) and answers more askers "busy"; they leave it alone
   for half the time a piece takes them lately (``Limits.busy_until``). A node
   asks for ``--in-flight`` bytes of pieces at once (``Limits.for_pieces``).
-- Cost: one site, 1,000 nodes take about 12 s and 5,000 about 2 min of one
-  core; two sites 3 min at 1,000 and hours at 5,000 (each choice
-  walks every node of the site, to name its crossers); ``--peers 0``
-  (every peer) about 25 times as long at 1,000 nodes.
+- Cost: one site, 1,000 nodes take about 18 s and 5,000 about 2 min of one
+  core; two sites 1.5 min at 1,000 and 10 min at 5,000 (a node keeps its
+  ranking of crossers while its peers do not change, as the fetch loop
+  does); ``--peers 0`` (every peer) about 25 times as long at 1,000 nodes.
 - Links: every node has an upload and a download rate (``--rate``, one node
   ``--slow-node-factor`` times slower) and a one-way latency; each pair of
   sites is joined by one link per direction ``--slow-factor`` times slower
