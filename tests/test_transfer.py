@@ -36,7 +36,7 @@ from envship.transfer import (
 from envship.transfer.messages import PieceAnswer, PieceRequest
 from envship.transfer.pieces import MIN_PIECE_SIZE
 from envship.transfer.server import MAX_TABLES
-from fixtures.cluster import local_cluster, wait_until
+from fixtures.cluster import local_cluster, wait_until, wait_until_async
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -744,13 +744,6 @@ def test_a_nanny_sending_all_its_serve_slots_answers_busy_until_a_send_ends(
 
     with dask.config.set({"envship.transfer.serve-slots": 1}):
         asyncio.run(scenario())
-
-
-async def wait_until_async(condition, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def test_an_offer_nobody_follows_up_ends_and_frees_the_fetch_lock(tmp_path, base):

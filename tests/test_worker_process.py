@@ -29,6 +29,7 @@ from envship.node import worker_environ, worker_process
 from envship.node.worker_environ import TargetEnvironment, child_environ
 from envship.node.worker_process import EnvWorkerProcess, switch
 from envship.node.worker_subprocess import WorkerSubprocess
+from fixtures.cluster import wait_until_async
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -177,13 +178,6 @@ async def restart_worker(client: Client, nanny: Nanny) -> str:
     old = nanny.worker_address
     await client.restart_workers([old])
     return await wait_for_new_worker(nanny, old)
-
-
-async def wait_until(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
 
 
 def pid_gone(pid: int) -> bool:
@@ -454,7 +448,7 @@ def test_worker_closes_when_its_nanny_dies(env_target, tmp_path):
                 seconds = await wait_pid_gone(worker_pid, timeout=30)
                 _record("worker exit after nanny SIGKILL", seconds)
                 # It closed and said so, rather than being dropped on timeout.
-                await wait_until(lambda: not scheduler.workers, timeout=5)
+                await wait_until_async(lambda: not scheduler.workers, timeout=5)
             finally:
                 if nanny.poll() is None:
                     nanny.kill()
