@@ -994,7 +994,7 @@ class Simulation:
             return
         p.dropped = True
         node.views.pop(peer_id, None)
-        node.crossers = None
+        self.forget_crossers(node)
         self.nodes[peer_id].pollers.discard(node.id)
         if self.setup.peers and node.alive and node.done == INF:
             # The bounded set: poll another peer instead.
